@@ -1,0 +1,1 @@
+"""Superlinear attention: pure-PyTorch reference and Triton kernels behind one dispatch."""

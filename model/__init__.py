@@ -1,0 +1,1 @@
+"""The vendored hybrid model (Mamba-2 + Superlinear attention + MoE) in plain PyTorch."""

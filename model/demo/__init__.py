@@ -1,0 +1,1 @@
+"""The embedded tiny demo model (built deterministically, signed with a demo key)."""

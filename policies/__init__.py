@@ -1,0 +1,1 @@
+"""Licence and guardrail policies: schema, licence catalogue, guardrails, evaluation, audit log."""

@@ -1,0 +1,52 @@
+"""Entry point of the ``secure-run`` console script.
+
+Errors derived from :class:`secure_run.errors.SecureRunError` are caught once here and rendered
+(text on stderr, or a JSON document on stdout under ``--json``); their ``exit_code`` decides the
+process status: 0 ok, 1 refused (verification or policy), 2 usage or environment error.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from secure_run import __version__
+from secure_run.errors import SecureRunError
+from secure_run.runner.output import emit_json
+
+
+class _Group(click.Group):
+    """click group that turns SecureRunError into the documented exit codes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SecureRunError as err:
+            as_json = "--json" in sys.argv[1:] or bool(ctx.meta.get("secure_run.json"))
+            if as_json:
+                emit_json({"ok": False, "error": err.to_json()})
+            else:
+                click.secho(f"secure-run: {err.kind}: ", fg="red", bold=True, err=True, nl=False)
+                click.echo(err.diagnostics(), err=True)
+            ctx.exit(err.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="secure-run")
+def cli() -> None:
+    """Verify, sign, inspect and run open-weights models without trusting their files."""
+
+
+# Each command family lives in its own module and registers itself here.
+# (one line per module; keep the list sorted)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="secure-run")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""Sandbox policy and launch backends (docker, namespace) plus the in-sandbox worker."""
