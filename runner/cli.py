@@ -41,6 +41,9 @@ def cli() -> None:
 
 # Each command family lives in its own module runner/cmd_<family>.py exposing
 # ``register(group: click.Group) -> None``; one import + call per module, kept sorted.
+from secure_run.runner.cmd_policy import register as _register_policy  # noqa: E402
+
+_register_policy(cli)
 
 
 def main() -> None:
