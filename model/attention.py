@@ -1,0 +1,117 @@
+"""Attention layers of the ``*`` blocks: Superlinear (``superlinear-exp``) and plain causal GQA (``nemotron_h``).
+
+Both project ``x`` to queries [B, Hq, L, D] and keys/values [B, Hkv, L, D] (no bias, no RoPE: the
+model uses no positional encoding), write K/V into the static cache at the absolute
+``positions``, attend, and project back with ``o_proj``.
+
+* :class:`SuperlinearAttention` has two queries: Q1 (``q_search_proj``, the search/routing query)
+  and Q2 (``q_proj``, the attention query). Prefill, chunked prefill and decode are all ONE call to
+  :func:`secure_run.kernels.superlinear_attention` with the full cache buffers (spec/model.md 3.9).
+* :class:`CausalAttention` is NemotronH's dense causal GQA (used for the parity test against
+  transformers, and equal to Superlinear attention whenever the window covers the sequence).
+
+Axis legend: ``B`` batch, ``L`` new tokens, ``S`` cached positions read, ``Hq``/``Hkv`` query / KV
+heads, ``D`` head dim, ``d`` hidden.
+
+    >>> import torch
+    >>> q = torch.randn(1, 4, 3, 8); k = torch.randn(1, 2, 3, 8); v = torch.randn(1, 2, 3, 8)
+    >>> tuple(causal_gqa(q, k, v, torch.arange(3)).shape)
+    (1, 4, 3, 8)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from secure_run.errors import KernelUnavailable
+from secure_run.model.cache import KVState
+from secure_run.model.config import ModelConfig
+
+__all__ = ["CausalAttention", "SuperlinearAttention", "causal_gqa"]
+
+
+def causal_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Dense causal GQA: q [B, Hq, L, D] at absolute ``positions`` [L]; k, v [B, Hkv, S, D] at 0..S-1.
+
+    Query l sees keys ``0..positions[l]``. Softmax in fp32; returns [B, Hq, L, D] in q's dtype.
+    """
+    s = k.shape[2]
+    allowed = torch.arange(s, device=q.device)[None, :] <= positions[:, None]  # [L, S]
+    r = q.shape[1] // k.shape[1]
+    kr, vr = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)  # [B, Hq, S, D]
+    logits = torch.matmul(q.float(), kr.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])  # [B, Hq, L, S]
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    return torch.matmul(probs, vr.float()).to(q.dtype)
+
+
+class _Projections(nn.Module):
+    """q/k/v/o projections shared by both attention kinds (checkpoint names ``mixer.*_proj``)."""
+
+    def __init__(self, cfg: ModelConfig, *, device: torch.device | str | None, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        kw: dict[str, Any] = {"bias": False, "device": device, "dtype": dtype}
+        self.n_q, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_q * self.head_dim, **kw)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, **kw)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, **kw)
+        self.o_proj = nn.Linear(self.n_q * self.head_dim, cfg.hidden_size, **kw)
+
+    def _heads(self, t: torch.Tensor, n: int) -> torch.Tensor:  # [B, L, n*D] -> [B, n, L, D]
+        b, length, _ = t.shape
+        return t.view(b, length, n, self.head_dim).transpose(1, 2)
+
+    def _out(self, o: torch.Tensor) -> torch.Tensor:  # [B, Hq, L, D] -> [B, L, d]
+        b, _, length, _ = o.shape
+        out: torch.Tensor = self.o_proj(o.transpose(1, 2).reshape(b, length, self.n_q * self.head_dim))
+        return out
+
+
+class CausalAttention(_Projections):
+    """NemotronH attention: dense causal GQA over the cache (no positional encoding)."""
+
+    def forward(self, x: torch.Tensor, kv: KVState, positions: torch.Tensor) -> torch.Tensor:
+        """x: [B, L, d] (normed), positions: [L] absolute -> [B, L, d]."""
+        q = self._heads(self.q_proj(x), self.n_q)  # [B, Hq, L, D]
+        kv.write(self._heads(self.k_proj(x), self.n_kv), self._heads(self.v_proj(x), self.n_kv), positions)
+        end = int(positions[-1]) + 1
+        o = causal_gqa(q, kv.k[:, :, :end], kv.v[:, :, :end], positions)
+        return self._out(o)
+
+
+def _kernel() -> Callable[..., torch.Tensor]:
+    try:
+        from secure_run.kernels import superlinear_attention
+    except ImportError as err:  # pragma: no cover - depends on the kernels package being present
+        raise KernelUnavailable(
+            "secure_run.kernels.superlinear_attention is not available",
+            details=(str(err),),
+            hint="install secure-run completely (the kernels package provides the attention core)",
+            rule="kernel.missing",
+        ) from err
+    fn: Callable[..., torch.Tensor] = superlinear_attention
+    return fn
+
+
+class SuperlinearAttention(_Projections):
+    """Superlinear attention layer: Q1 (``q_search_proj``) searches spans, Q2 (``q_proj``) attends."""
+
+    def __init__(self, cfg: ModelConfig, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(cfg, device=device, dtype=dtype)
+        self.q_search_proj = nn.Linear(cfg.hidden_size, self.n_q * self.head_dim, bias=False,
+                                       device=device, dtype=dtype)
+        self.params = cfg.span_params()
+
+    def forward(self, x: torch.Tensor, kv: KVState, positions: torch.Tensor) -> torch.Tensor:
+        """x: [B, L, d] (normed), positions: [L] absolute, contiguous -> [B, L, d]."""
+        q1 = self._heads(self.q_search_proj(x), self.n_q)  # [B, Hq, L, D] search query
+        q2 = self._heads(self.q_proj(x), self.n_q)  # [B, Hq, L, D] attention query
+        kv.write(self._heads(self.k_proj(x), self.n_kv), self._heads(self.v_proj(x), self.n_kv), positions)
+        # one call for prefill, chunked prefill and decode: K/V are the full static buffers
+        o = _kernel()(q1, q2, kv.k, kv.v, positions, self.params, attention_mask=None)  # [B, Hq, L, D]
+        return self._out(o.to(x.dtype))

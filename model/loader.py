@@ -1,0 +1,369 @@
+"""Strict weight loader: safetensors only, exact tensor table, meta-device build, shard by shard.
+
+Loading is a checklist; each step refuses with a :class:`~secure_run.errors.ModelError` that
+names the file, the rule (``loader.*``) and the tensors concerned:
+
+1. read and validate ``config.json`` (:mod:`secure_run.model.config`);
+2. find the shards: ``model.safetensors.index.json`` (its ``weight_map`` names plain
+   ``*.safetensors`` files in the folder) or a single ``model.safetensors``;
+3. open every shard once (``O_NOFOLLOW``), ``fstat`` the descriptor and, when the caller passes the
+   verified file identities (st_dev, st_ino, st_size, st_mtime_ns), require them to match;
+4. read every shard header from that same descriptor; the index's ``weight_map`` must list exactly
+   the tensors each shard holds; when the caller passes verified tensor tables (from
+   :mod:`secure_run.manifests`), the headers must equal them;
+5. compare the checkpoint's tensors with :func:`~secure_run.model.checkpoint.expected_tensors`:
+   missing, extra, unmapped attention tensors, wrong shape, wrong dtype are all refused, listing
+   the names;
+6. build the model on the ``meta`` device (no memory), then per shard read its tensors
+   (``safetensors.safe_open`` on the open descriptor; never pickle, never ``torch.load``), cast
+   each to the dtype of its parameter and move it to ``device``, and ``load_state_dict(assign=True)``
+   so no second copy of the weights is ever held;
+7. ``fstat`` each descriptor again after reading: any change of identity, size or mtime refuses.
+
+    >>> from secure_run.model.demo import demo_model_dir
+    >>> model = load_model(demo_model_dir(), device="cpu")
+    >>> model.config.model_type, str(model.dtype)
+    ('superlinear-exp', 'torch.float32')
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from secure_run.errors import ModelError
+from secure_run.model.checkpoint import (
+    AttentionNameMap,
+    TensorSpec,
+    checkpoint_to_internal,
+    expected_tensors,
+    name_map_for,
+)
+from secure_run.model.config import ModelConfig, load_config
+from secure_run.model.model import HybridLM
+
+__all__ = [
+    "INDEX_FILE",
+    "SINGLE_FILE",
+    "FileIdentity",
+    "HeaderEntry",
+    "load_model",
+    "read_checkpoint_table",
+]
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_MAX_LISTED = 20
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What a verified file must still be when it is read (compared with ``fstat``)."""
+
+    st_dev: int
+    st_ino: int
+    st_size: int
+    st_mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileIdentity:
+        """The identity of a ``stat`` / ``fstat`` result."""
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    """One tensor of a shard header: its shard file, safetensors dtype string and shape."""
+
+    shard: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def _refuse(message: str, *, rule: str, names: list[str] | None = None, path: str | None = None,
+            hint: str | None = None, details: tuple[str, ...] = ()) -> ModelError:
+    listed = list(details)
+    if names:
+        shown = sorted(names)[:_MAX_LISTED]
+        listed.extend(shown)
+        if len(names) > _MAX_LISTED:
+            listed.append(f"... and {len(names) - _MAX_LISTED} more")
+    return ModelError(message, details=tuple(listed), hint=hint, path=path, rule=rule)
+
+
+# --- step 2: shards ----------------------------------------------------------------------------
+
+
+def _plain_shard_name(name: object) -> str:
+    if (not isinstance(name, str) or not name.endswith(".safetensors") or "/" in name or "\\" in name
+            or name.startswith(".") or "\x00" in name):
+        raise _refuse(f"{INDEX_FILE} names an unacceptable shard file {name!r}", rule="loader.index",
+                      path=INDEX_FILE, hint="shards must be plain *.safetensors files in the model folder")
+    return name
+
+
+def _read_index(model_dir: Path) -> dict[str, str] | None:
+    """tensor name -> shard file from the index, or None when the folder has a single file."""
+    p = model_dir / INDEX_FILE
+    if not p.exists():
+        return None
+
+    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for k, v in items:
+            if k in out:
+                raise _refuse(f"{INDEX_FILE} repeats the key {k!r}", rule="loader.index", path=INDEX_FILE)
+            out[k] = v
+        return out
+
+    try:
+        raw = json.loads(p.read_bytes(), object_pairs_hook=pairs)
+    except json.JSONDecodeError as err:
+        raise _refuse(f"{INDEX_FILE} is not valid JSON: {err}", rule="loader.index", path=INDEX_FILE) from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("weight_map"), dict) or set(raw) - {"metadata", "weight_map"}:
+        raise _refuse(f"{INDEX_FILE} must be an object with 'weight_map' (and optional 'metadata') only",
+                      rule="loader.index", path=INDEX_FILE)
+    return {str(k): _plain_shard_name(v) for k, v in raw["weight_map"].items()}
+
+
+# --- steps 3-4: open, fstat, headers ---------------------------------------------------------
+
+
+class _OpenShard:
+    """A shard opened once; every later read goes through this descriptor."""
+
+    def __init__(self, model_dir: Path, name: str, expected: FileIdentity | None) -> None:
+        self.name = name
+        self._fallback = str(model_dir / name)
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            self.fd = os.open(model_dir / name, flags)
+        except FileNotFoundError:
+            raise _refuse(f"shard {name} is missing", rule="loader.shard-missing", path=name,
+                          hint=f"every file named in {INDEX_FILE} must be present") from None
+        except OSError as err:
+            raise _refuse(f"cannot open shard {name}: {err.strerror}", rule="loader.shard-open", path=name,
+                          hint="shards must be regular files, not symbolic links") from None
+        st = os.fstat(self.fd)
+        if not stat.S_ISREG(st.st_mode):
+            self.close()
+            raise _refuse(f"shard {name} is not a regular file", rule="loader.shard-open", path=name)
+        self.identity = FileIdentity.of(st)
+        if expected is not None and self.identity != expected:
+            self.close()
+            raise _refuse(
+                f"shard {name} is not the file that was verified",
+                rule="loader.identity", path=name,
+                details=(f"verified: {expected}", f"opened:   {self.identity}"),
+                hint="the folder changed after verification; verify it again",
+            )
+
+    @property
+    def path(self) -> str:
+        """A name of the open descriptor (so the library reads the very file we fstat'ed)."""
+        proc = f"/proc/self/fd/{self.fd}"
+        return proc if os.path.exists(proc) else self._fallback  # elsewhere: fstat checks still apply
+
+    def header(self) -> dict[str, HeaderEntry]:
+        """Tensor name -> (dtype, shape) from the shard header (via the safetensors metadata API)."""
+        out: dict[str, HeaderEntry] = {}
+        try:
+            with safe_open(self.path, framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    out[key] = HeaderEntry(self.name, str(sl.get_dtype()), tuple(int(d) for d in sl.get_shape()))
+        except Exception as err:  # the library's own header validation failed
+            raise _refuse(f"shard {self.name} has an invalid safetensors header: {err}", rule="loader.header",
+                          path=self.name, hint="re-download the shard; it is corrupt or not safetensors") from None
+        return out
+
+    def check_unchanged(self) -> None:
+        """Refuse if the open file changed (identity, size, mtime) since it was opened."""
+        now = FileIdentity.of(os.fstat(self.fd))
+        if now != self.identity:
+            raise _refuse(f"shard {self.name} changed while it was being read", rule="loader.changed",
+                          path=self.name, details=(f"before: {self.identity}", f"after:  {now}"),
+                          hint="something is writing to the model folder; stop it and verify again")
+
+    def close(self) -> None:
+        """Close the descriptor (idempotent)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def read_checkpoint_table(shards: list[_OpenShard], index: dict[str, str] | None) -> dict[str, HeaderEntry]:
+    """Union of the shard headers; cross-checked against the index's weight_map."""
+    table: dict[str, HeaderEntry] = {}
+    dup: list[str] = []
+    for sh in shards:
+        for name, entry in sh.header().items():
+            if name in table:
+                dup.append(f"{name} (in {table[name].shard} and {sh.name})")
+            table[name] = entry
+    if dup:
+        raise _refuse("tensors appear in more than one shard", rule="loader.duplicate", names=dup)
+    if index is not None:
+        wrong = [f"{n}: index says {s}, found in {table[n].shard if n in table else 'no shard'}"
+                 for n, s in index.items() if n not in table or table[n].shard != s]
+        unlisted = [f"{n} (in {e.shard})" for n, e in table.items() if n not in index]
+        if wrong or unlisted:
+            raise _refuse(f"{INDEX_FILE} does not match the shard headers", rule="loader.index", path=INDEX_FILE,
+                          names=wrong + unlisted, hint="the index must list every tensor of every shard exactly")
+    return table
+
+
+# --- step 5: compare with the architecture ------------------------------------------------------
+
+
+def check_table(config: ModelConfig, names: AttentionNameMap, found: Mapping[str, HeaderEntry]) -> None:
+    """Refuse unless ``found`` equals the expected table exactly (names, shapes, dtypes)."""
+    expected: dict[str, TensorSpec] = expected_tensors(config, names)
+    attn_prefixes = tuple(f"backbone.layers.{i}.mixer." for i in config.attention_layers)
+    extra = sorted(set(found) - set(expected))
+    unmapped = [n for n in extra if n.startswith(attn_prefixes)]
+    others = [n for n in extra if not n.startswith(attn_prefixes)]
+    missing = sorted(set(expected) - set(found))
+    if unmapped:
+        raise _refuse(
+            f"{len(unmapped)} attention tensor(s) are not in the attention name map",
+            rule="loader.unmapped", names=unmapped,
+            details=(f"name map: {names}",),
+            hint="the real checkpoint's search-projection name is unverified (spec/model.md 2.6); pass "
+            "AttentionNameMap(search_query=...) or set secure_run_search_proj in config.json once confirmed",
+        )
+    if missing:
+        raise _refuse(f"{len(missing)} tensor(s) the config requires are missing from the checkpoint",
+                      rule="loader.missing", names=missing,
+                      hint="the checkpoint does not match config.json; use the matching files")
+    if others:
+        raise _refuse(f"{len(others)} tensor(s) in the checkpoint are not part of the architecture",
+                      rule="loader.extra", names=others,
+                      hint="unknown tensors are refused; remove them or use the matching config.json")
+    bad_shape = [f"{n}: got {list(found[n].shape)}, expected {list(s.shape)}"
+                 for n, s in expected.items() if found[n].shape != s.shape]
+    if bad_shape:
+        raise _refuse(f"{len(bad_shape)} tensor(s) have a shape that config.json does not imply",
+                      rule="loader.shape", names=bad_shape,
+                      hint="config.json and the weights disagree; use the config that belongs to these weights")
+    bad_dtype = [f"{n}: got {found[n].dtype}, expected {' or '.join(sorted(s.dtypes))}"
+                 for n, s in expected.items() if found[n].dtype not in s.dtypes]
+    if bad_dtype:
+        raise _refuse(f"{len(bad_dtype)} tensor(s) have a dtype other than the declared {config.checkpoint_dtype}",
+                      rule="loader.dtype", names=bad_dtype,
+                      hint="torch_dtype in config.json must match the stored tensors")
+
+
+def _check_verified_tables(found: Mapping[str, HeaderEntry],
+                           verified: Mapping[str, Mapping[str, tuple[str, tuple[int, ...]]]]) -> None:
+    """The headers read now must equal the tables verified earlier (shard -> name -> (dtype, shape))."""
+    now: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
+    for name, e in found.items():
+        now.setdefault(e.shard, {})[name] = (e.dtype, tuple(e.shape))
+    want = {s: {n: (d, tuple(sh)) for n, (d, sh) in t.items()} for s, t in verified.items()}
+    if now != want:
+        diff = sorted(set(now) ^ set(want)) + sorted(s for s in set(now) & set(want) if now[s] != want[s])
+        raise _refuse("shard headers differ from the verified tensor tables", rule="loader.verified-table",
+                      names=diff, hint="the folder changed after verification; verify it again")
+
+
+# --- steps 6-7: build and fill -------------------------------------------------------------------
+
+
+def _fill(model: HybridLM, shard: _OpenShard, entries: list[str], config: ModelConfig, names: AttentionNameMap,
+          device: torch.device) -> None:
+    targets = dict(model.named_parameters()) | dict(model.named_buffers())
+    dev = "cpu" if device.type == "cpu" else str(device)
+    state: dict[str, torch.Tensor] = {}
+    with safe_open(shard.path, framework="pt", device=dev) as f:
+        for name in entries:
+            internal = checkpoint_to_internal(config, names, name)
+            t = f.get_tensor(name)
+            state[internal] = t.to(device=device, dtype=targets[internal].dtype)
+            del t
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:  # cannot happen after check_table; kept as a guard
+        raise _refuse("internal name mismatch while loading", rule="loader.internal", names=result.unexpected_keys)
+
+
+def load_model(
+    model_dir: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    config: ModelConfig | None = None,
+    name_map: AttentionNameMap | None = None,
+    file_identities: Mapping[str, FileIdentity | os.stat_result] | None = None,
+    verified_tables: Mapping[str, Mapping[str, tuple[str, tuple[int, ...]]]] | None = None,
+) -> HybridLM:
+    """Load a model folder into a :class:`~secure_run.model.model.HybridLM` (eval mode, no grads).
+
+    Args:
+        model_dir: the (verified) model folder.
+        device: where the weights go.
+        dtype: activation / weight dtype (default: the checkpoint dtype). The router's
+            correction bias and the Mamba per-head vectors stay fp32.
+        config: an already-validated config (default: read ``config.json``).
+        name_map: checkpoint names of the attention projections (default: from the config).
+        file_identities: shard file name -> verified identity; each shard must still match.
+        verified_tables: shard file name -> {tensor: (dtype, shape)} as verified by manifests.
+
+    Raises:
+        ModelError: any step of the checklist in the module docstring fails.
+    """
+    model_dir = Path(model_dir)
+    device = torch.device(device)
+    # 1. config
+    cfg = config if config is not None else load_config(model_dir)
+    names = name_map_for(cfg, name_map)
+    # 2. shards
+    index = _read_index(model_dir)
+    if index is not None:
+        shard_names = sorted(set(index.values()))
+    elif (model_dir / SINGLE_FILE).exists():
+        shard_names = [SINGLE_FILE]
+    else:
+        raise _refuse("no weights: neither model.safetensors nor model.safetensors.index.json", rule="loader.no-weights",
+                      path=str(model_dir), hint="a model folder needs safetensors weights")
+    idents = {k: (v if isinstance(v, FileIdentity) else FileIdentity.of(v)) for k, v in (file_identities or {}).items()}
+    if file_identities is not None:
+        unverified = [s for s in shard_names if s not in idents]
+        if unverified:
+            raise _refuse("shards without a verified identity", rule="loader.identity", names=unverified,
+                          hint="pass the identity of every shard that was verified")
+    shards: list[_OpenShard] = []
+    try:
+        # 3. open + fstat
+        for s in shard_names:
+            shards.append(_OpenShard(model_dir, s, idents.get(s)))
+        # 4. headers
+        found = read_checkpoint_table(shards, index)
+        if verified_tables is not None:
+            _check_verified_tables(found, verified_tables)
+        # 5. exact table
+        check_table(cfg, names, found)
+        # 6. meta build, then shard by shard
+        target = dtype if dtype is not None else _TORCH_DTYPES[cfg.checkpoint_dtype]
+        with torch.device("meta"):
+            model = HybridLM(cfg, dtype=target)
+        for sh in shards:
+            _fill(model, sh, sorted(n for n, e in found.items() if e.shard == sh.name), cfg, names, device)
+            # 7. unchanged while read
+            sh.check_unchanged()
+    finally:
+        for sh in shards:
+            sh.close()
+    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if left:
+        raise _refuse("tensors were not loaded", rule="loader.internal", names=left)
+    model.eval()
+    model.requires_grad_(False)
+    return model
