@@ -5,7 +5,7 @@ Axis legend: ``...`` any leading axes, ``D`` the normalised width, ``G`` groups,
     >>> import torch
     >>> norm = RMSNorm(8, eps=1e-5)
     >>> y = norm(torch.ones(2, 3, 8))
-    >>> tuple(y.shape), round(float(y[0, 0, 0]), 4)
+    >>> tuple(y.shape), round(float(y.detach()[0, 0, 0]), 4)
     ((2, 3, 8), 1.0)
 """
 

@@ -1,0 +1,271 @@
+"""Strict loader: exact tensor table, refusals that list names, file identity and TOCTOU checks."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from model_helpers import TINY, TINY_SL, random_state, tiny_config
+from safetensors.torch import load_file, save_file
+
+from secure_run.errors import ModelError
+from secure_run.model import loader as loader_mod
+from secure_run.model.checkpoint import AttentionNameMap, checkpoint_to_internal, name_map_for
+from secure_run.model.loader import FileIdentity, load_model
+
+Factory = Callable[..., Path]
+
+
+def _refused(path: Path, **kw: object) -> ModelError:
+    with pytest.raises(ModelError) as info:
+        load_model(path, **kw)  # type: ignore[arg-type]
+    return info.value
+
+
+def _state(cfg: dict[str, object] = TINY, seed: int = 0) -> dict[str, torch.Tensor]:
+    return random_state(tiny_config(cfg), seed)
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_loads_every_tensor_exactly(folder_factory: Factory, shards: int) -> None:
+    state = _state(TINY_SL)
+    model = load_model(folder_factory(TINY_SL, state, shards=shards))
+    cfg = model.config
+    names = name_map_for(cfg)
+    loaded = model.state_dict()
+    assert len(loaded) == len(state)
+    for name, t in state.items():
+        torch.testing.assert_close(loaded[checkpoint_to_internal(cfg, names, name)], t, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_missing_tensor(folder_factory: Factory) -> None:
+    state = _state()
+    del state["backbone.layers.3.mixer.experts.5.up_proj.weight"]
+    err = _refused(folder_factory(TINY, state))
+    assert err.rule == "loader.missing"
+    assert "backbone.layers.3.mixer.experts.5.up_proj.weight" in err.details
+
+
+def test_extra_tensor(folder_factory: Factory) -> None:
+    state = _state()
+    state["backbone.layers.0.mixer.backdoor"] = torch.zeros(3)
+    state["lm_head.bias"] = torch.zeros(TINY["vocab_size"])  # type: ignore[arg-type]
+    err = _refused(folder_factory(TINY, state))
+    assert err.rule == "loader.extra"
+    assert {"backbone.layers.0.mixer.backdoor", "lm_head.bias"} <= set(err.details)
+
+
+def test_unmapped_attention_tensor_without_a_name_map(folder_factory: Factory) -> None:
+    # a superlinear checkpoint whose config does not say what the search projection is called
+    cfg = TINY_SL | {"secure_run_search_proj": None}
+    path = folder_factory(cfg, _state(TINY_SL))
+    err = _refused(path)
+    assert err.rule == "loader.unmapped"
+    assert err.details[1:] == ("backbone.layers.1.mixer.q_search_proj.weight",
+                               "backbone.layers.6.mixer.q_search_proj.weight")
+    assert "spec/model.md 2.6" in (err.hint or "")
+    model = load_model(path, name_map=AttentionNameMap(search_query="q_search_proj"))  # explicit map: loads
+    assert model.config.superlinear
+
+
+def test_unknown_search_projection_name_is_mapped_explicitly(folder_factory: Factory) -> None:
+    state = {k.replace("q_search_proj", "q1_proj"): v for k, v in _state(TINY_SL).items()}
+    path = folder_factory(TINY_SL, state)
+    err = _refused(path)
+    assert err.rule == "loader.unmapped" and "backbone.layers.6.mixer.q1_proj.weight" in err.details
+    model = load_model(path, name_map=AttentionNameMap(search_query="q1_proj"))
+    torch.testing.assert_close(model.backbone.layers[6].mixer.q_search_proj.weight,
+                               state["backbone.layers.6.mixer.q1_proj.weight"])
+
+
+def test_missing_search_projection(folder_factory: Factory) -> None:
+    state = {k: v for k, v in _state(TINY_SL).items() if "q_search_proj" not in k}
+    err = _refused(folder_factory(TINY_SL, state))
+    assert err.rule == "loader.missing"
+    assert "backbone.layers.1.mixer.q_search_proj.weight" in err.details
+
+
+def test_wrong_shape(folder_factory: Factory) -> None:
+    state = _state()
+    state["backbone.layers.0.mixer.conv1d.weight"] = torch.zeros(128, 1, 3)
+    err = _refused(folder_factory(TINY, state))
+    assert err.rule == "loader.shape"
+    assert err.details == ("backbone.layers.0.mixer.conv1d.weight: got [128, 1, 3], expected [128, 1, 4]",)
+
+
+def test_wrong_dtype(folder_factory: Factory) -> None:
+    state = _state()
+    state["backbone.layers.2.mixer.in_proj.weight"] = state["backbone.layers.2.mixer.in_proj.weight"].bfloat16()
+    state["backbone.layers.3.mixer.gate.e_score_correction_bias"] = torch.zeros(8, dtype=torch.float16)
+    err = _refused(folder_factory(TINY, state))
+    assert err.rule == "loader.dtype"
+    assert "backbone.layers.2.mixer.in_proj.weight: got BF16, expected F32" in err.details
+    assert "backbone.layers.3.mixer.gate.e_score_correction_bias: got F16, expected F32" in err.details
+
+
+def test_bf16_checkpoint_may_keep_small_vectors_in_fp32(folder_factory: Factory) -> None:
+    cfg = TINY | {"torch_dtype": "bfloat16"}
+    state = random_state(tiny_config(cfg), 0, dtype=torch.bfloat16)
+    state["backbone.layers.0.mixer.A_log"] = state["backbone.layers.0.mixer.A_log"].float()
+    state["backbone.layers.3.mixer.gate.weight"] = state["backbone.layers.3.mixer.gate.weight"].float()
+    model = load_model(folder_factory(cfg, state))
+    assert model.dtype == torch.bfloat16
+    state["backbone.layers.0.mixer.in_proj.weight"] = state["backbone.layers.0.mixer.in_proj.weight"].float()
+    assert _refused(folder_factory(cfg, state)).rule == "loader.dtype"
+
+
+def test_config_and_weights_disagree(folder_factory: Factory) -> None:
+    path = folder_factory(TINY, _state())
+    (path / "config.json").write_text(json.dumps(TINY | {"vocab_size": 100}))
+    err = _refused(path)
+    assert err.rule == "loader.shape" and "config.json and the weights disagree" in (err.hint or "")
+    assert set(err.details) == {"backbone.embeddings.weight: got [96, 64], expected [100, 64]",
+                                "lm_head.weight: got [96, 64], expected [100, 64]"}
+    (path / "config.json").write_text(json.dumps(TINY | {"hybrid_override_pattern": "M*ME-M*M"}))
+    err = _refused(path)  # layer 7 is MoE in the weights, Mamba in the config
+    assert err.rule == "loader.unmapped" or err.rule == "loader.missing"
+    assert any("backbone.layers.7.mixer" in d for d in err.details)
+
+
+def test_index_must_match_headers(folder_factory: Factory) -> None:
+    path = folder_factory(TINY, _state(), shards=2)
+    idx = json.loads((path / "model.safetensors.index.json").read_text())
+    first = sorted(idx["weight_map"])[0]
+    other = {"model-00001-of-00002.safetensors": "model-00002-of-00002.safetensors",
+             "model-00002-of-00002.safetensors": "model-00001-of-00002.safetensors"}
+    idx["weight_map"][first] = other[idx["weight_map"][first]]
+    (path / "model.safetensors.index.json").write_text(json.dumps(idx))
+    err = _refused(path)
+    assert err.rule == "loader.index" and any(first in d for d in err.details)
+
+
+@pytest.mark.parametrize("shard", ["../escape.safetensors", "sub/x.safetensors", "x.bin", ".hidden.safetensors"])
+def test_index_names_plain_safetensors_files_only(folder_factory: Factory, shard: str) -> None:
+    path = folder_factory(TINY, _state(), shards=2)
+    idx = json.loads((path / "model.safetensors.index.json").read_text())
+    idx["weight_map"][sorted(idx["weight_map"])[0]] = shard
+    (path / "model.safetensors.index.json").write_text(json.dumps(idx))
+    assert _refused(path).rule == "loader.index"
+
+
+def test_index_with_repeated_keys_refused(folder_factory: Factory) -> None:
+    path = folder_factory(TINY, _state(), shards=2)
+    text = (path / "model.safetensors.index.json").read_text()
+    (path / "model.safetensors.index.json").write_text(text.replace('"weight_map": {', '"weight_map": {"a": "b.safetensors", "a": "c.safetensors", ', 1))
+    assert _refused(path).rule == "loader.index"
+
+
+def test_missing_shard(folder_factory: Factory) -> None:
+    path = folder_factory(TINY, _state(), shards=2)
+    (path / "model-00002-of-00002.safetensors").unlink()
+    err = _refused(path)
+    assert err.rule == "loader.shard-missing" and err.path == "model-00002-of-00002.safetensors"
+
+
+def test_tensor_in_two_shards(folder_factory: Factory) -> None:
+    path = folder_factory(TINY, _state(), shards=2)
+    a = load_file(str(path / "model-00001-of-00002.safetensors"))
+    b = load_file(str(path / "model-00002-of-00002.safetensors"))
+    name = sorted(a)[0]
+    save_file(b | {name: a[name]}, str(path / "model-00002-of-00002.safetensors"))
+    err = _refused(path)
+    assert err.rule == "loader.duplicate" and name in err.details[0]
+
+
+def test_symlinked_shard_refused(folder_factory: Factory, tmp_path: Path) -> None:
+    path = folder_factory(TINY, _state())
+    real = tmp_path / "elsewhere.safetensors"
+    (path / "model.safetensors").rename(real)
+    (path / "model.safetensors").symlink_to(real)
+    assert _refused(path).rule == "loader.shard-open"
+
+
+def test_no_weights_and_corrupt_header(folder_factory: Factory) -> None:
+    path = folder_factory(TINY, _state())
+    (path / "model.safetensors").unlink()
+    assert _refused(path).rule == "loader.no-weights"
+    (path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    assert _refused(path).rule == "loader.header"
+
+
+def test_file_identities(folder_factory: Factory) -> None:
+    path = folder_factory(TINY, _state(), shards=2)
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    ids = {s: os.stat(path / s) for s in shards}
+    load_model(path, file_identities=ids)  # stat results are accepted and match
+    good = {s: FileIdentity.of(st) for s, st in ids.items()}
+    load_model(path, file_identities=good)
+    wrong = dict(good)
+    g = good[shards[1]]
+    wrong[shards[1]] = FileIdentity(g.st_dev, g.st_ino, g.st_size + 1, g.st_mtime_ns)
+    err = _refused(path, file_identities=wrong)
+    assert err.rule == "loader.identity" and err.path == shards[1]
+    err = _refused(path, file_identities={shards[0]: good[shards[0]]})
+    assert err.rule == "loader.identity" and shards[1] in err.details
+
+
+def test_shard_replaced_after_verification(folder_factory: Factory) -> None:
+    path = folder_factory(TINY, _state())
+    ident = {"model.safetensors": os.stat(path / "model.safetensors")}
+    other = path.parent / "other.safetensors"
+    save_file({k: v + 1 for k, v in _state().items()}, str(other))
+    os.replace(other, path / "model.safetensors")  # same name, different file
+    assert _refused(path, file_identities=ident).rule == "loader.identity"
+
+
+def test_file_changed_while_reading(folder_factory: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = folder_factory(TINY, _state())
+    real_fill = loader_mod._fill
+
+    def fill_then_touch(*args: object, **kw: object) -> None:
+        real_fill(*args, **kw)  # type: ignore[arg-type]
+        st = os.stat(path / "model.safetensors")
+        os.utime(path / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+    monkeypatch.setattr(loader_mod, "_fill", fill_then_touch)
+    assert _refused(path).rule == "loader.changed"
+
+
+def test_reads_the_opened_file_even_if_the_name_is_swapped(folder_factory: Factory,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # swap the directory entry after the headers were checked: the loader keeps reading the file it
+    # opened and fstat'ed (through its descriptor), never the new one
+    state = _state()
+    path = folder_factory(TINY, state)
+    real_fill = loader_mod._fill
+
+    def swap_then_fill(*args: object, **kw: object) -> None:
+        other = path.parent / "evil.safetensors"
+        save_file({k: torch.full_like(v, 7.0) for k, v in state.items()}, str(other))
+        os.replace(other, path / "model.safetensors")
+        real_fill(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loader_mod, "_fill", swap_then_fill)
+    model = load_model(path)
+    torch.testing.assert_close(model.lm_head.weight, state["lm_head.weight"], rtol=0, atol=0)
+
+
+def test_verified_tables_must_match(folder_factory: Factory) -> None:
+    state = _state()
+    path = folder_factory(TINY, state)
+    table = {"model.safetensors": {n: ("F32", tuple(t.shape)) for n, t in state.items()}}
+    load_model(path, verified_tables=table)
+    table["model.safetensors"]["lm_head.weight"] = ("F32", (1, 1))
+    assert _refused(path, verified_tables=table).rule == "loader.verified-table"
+
+
+def test_never_unpickles(folder_factory: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    def boom(*a: object, **k: object) -> None:
+        raise AssertionError("pickle / torch.load must never be used")
+
+    monkeypatch.setattr(torch, "load", boom)
+    monkeypatch.setattr(pickle, "load", boom)
+    monkeypatch.setattr(pickle, "loads", boom)
+    load_model(folder_factory(TINY_SL, _state(TINY_SL)))
