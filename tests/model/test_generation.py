@@ -15,7 +15,6 @@ from secure_run.model.inference import InferenceModel, load_for_inference
 
 @pytest.fixture(scope="module")
 def demo() -> InferenceModel:
-    torch.set_num_threads(1)
     return load_for_inference(demo_model_dir(), device="cpu", dtype="float32")
 
 

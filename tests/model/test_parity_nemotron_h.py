@@ -113,7 +113,6 @@ def _compare(hf: Any, ours: HybridLM) -> None:
 
 @pytest.fixture(scope="module")
 def hf_parity(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
-    torch.set_num_threads(1)
     hf = _hf_model(patch_clamp=True)
     return hf, _save_nvidia_layout(hf, tmp_path_factory.mktemp("hf"), TINY)
 
