@@ -1,9 +1,10 @@
 """Licence and guardrail policies: schema, licence catalogue, guardrails, evaluation, audit log.
 
+    >>> import tempfile
     >>> from pathlib import Path
     >>> from secure_run.policies import RunFacts, default_policy, evaluate
     >>> policy = default_policy("demo")                  # or load_policy("my.policy.yaml")
-    >>> decision = evaluate(policy, RunFacts(model_dir=Path(".")), stage="check")
+    >>> decision = evaluate(policy, RunFacts(model_dir=Path(tempfile.mkdtemp())), stage="check")
     >>> decision.allowed, decision.policy_sha256 == policy.sha256
     (False, True)
     >>> guard = policy.output_guard()                    # streaming output filter

@@ -49,6 +49,9 @@ def as_list(value: object) -> list[str]:
 
 def sentences_with(text: str, word: str, *, limit: int = 5) -> list[str]:
     """Sentences of ``text`` that mention ``word`` (case-insensitive), whitespace collapsed."""
-    flat = re.sub(r"\s+", " ", text)
-    out = [s.strip() for s in re.split(r"(?<=[.!?])\s+", flat) if word.lower() in s.lower()]
+    out: list[str] = []
+    for block in re.split(r"\n\s*\n", text):
+        lines = [ln for ln in block.splitlines() if not ln.lstrip().startswith(("#", "---", "|"))]
+        flat = re.sub(r"\s+", " ", " ".join(lines)).strip()
+        out += [s.strip() for s in re.split(r"(?<=[.!?])\s+", flat) if word.lower() in s.lower()]
     return [s[:300] for s in out[:limit]]

@@ -1,8 +1,9 @@
 """Pre-run policy evaluation: a numbered checklist over the policy, the folder and the run facts.
 
+    >>> import tempfile
     >>> from pathlib import Path
     >>> from secure_run.policies import RunFacts, default_policy, evaluate
-    >>> decision = evaluate(default_policy("demo"), RunFacts(model_dir=Path(".")), stage="check")
+    >>> decision = evaluate(default_policy("demo"), RunFacts(model_dir=Path(tempfile.mkdtemp())), stage="check")
     >>> decision.allowed
     False
 
@@ -185,8 +186,7 @@ def _check_folder(ctx: _Ctx) -> None:
     for entry in entries:
         probe = entry.path + "/_" if entry.kind == "dir" else entry.path
         if any(_files.glob_match(p, probe) for p in FLOOR_DENY):
-            if entry.kind != "dir" or entry.path.split("/")[-1] == "__pycache__":
-                floor_hits.append(entry.path)
+            floor_hits.append(entry.path + "/" if entry.kind == "dir" else entry.path)
             continue
         if entry.kind in ("symlink", "other"):
             links.append(f"{entry.path} ({entry.kind})")
@@ -195,7 +195,9 @@ def _check_folder(ctx: _Ctx) -> None:
                 extra_deny.append(entry.path)
             elif not any(_files.glob_match(p, entry.path) for p in files.allow):
                 not_allowed.append(entry.path)
-    floor_hits = sorted(set(floor_hits))
+    # a code folder (__pycache__/) is listed only when it holds nothing that is listed itself
+    hits = set(floor_hits)
+    floor_hits = sorted(h for h in hits if not (h.endswith("/") and any(o.startswith(h) and o != h for o in hits)))
     if floor_hits:
         ctx.add("S4", "deny", f"code or pickle-capable files present: {_listed(floor_hits)}", files=floor_hits,
                 hint="re-import the upstream snapshot with `secure-run import` (it drops them); never run them")
@@ -237,7 +239,7 @@ def _check_pinned_files(ctx: _Ctx) -> None:
     bad = _check_pins(ctx, pins)
     if bad:
         ctx.add("S7", "deny", f"pinned files differ: {_listed(bad)}", mismatches=bad,
-                hint="the files changed since review: restore them or re-review and re-pin")
+                hint="restore the reviewed files; on first review, pin the sha256 values shown in spec.artifact.files.pinned")
     else:
         ctx.add("S7", "pass", f"{len(pins)} pinned file(s) match", files=sorted(pins))
 
@@ -398,6 +400,7 @@ def _check_patent(ctx: _Ctx) -> None:
                 hint="restore the model card")
         return
     if normalise_notice_text(want.text) in normalise_notice_text(content):
+        ctx.patent = [want.text]
         ctx.add("A5", "info", f"patent notice: {want.text}", notice=want.text, file=want.file)
     else:
         ctx.add("A5", "warn", f"{want.file} lacks the expected patent notice {want.text!r}", file=want.file,
@@ -460,7 +463,8 @@ def _check_integrity(ctx: _Ctx) -> None:
         bad.append(f"forbidden run-time overrides in effect: {overrides}")
     if bad:
         ctx.add("G1", "deny", f"guardrail integrity broken: {_listed(bad)}", problems=bad,
-                hint="restore the reviewed chat template / generation config / tokenizer files; drop the overrides")
+                hint="restore the reviewed chat template / generation config / tokenizer files and drop forbidden "
+                "overrides; on first review, pin the sha256 values shown in spec.guardrails.pinned_integrity")
     else:
         allowed = sorted(set(ctx.facts.guardrails.overrides) - set(rails.forbid_overrides))
         ctx.add("G1", "pass", f"{len(rails.pinned_integrity)} guardrail file(s) match their pins; no forbidden override",

@@ -10,9 +10,13 @@ it. Normalisation ("normalised-v1"), in order:
 4. per line: strip, casefold; drop the line if it is a date line (``last modified:``,
    ``version release date:``) or a copyright notice (``copyright (c)`` / ``copyright ©`` /
    ``copyright <year>`` / ``copyright [yyyy]``);
-5. per line: drop a leading list marker (``1.``, ``1.1``, ``(a)``, ``a.``, ``(iv)``, ``-``, ``*``,
-   ``•``) or Markdown heading marker (``#``);
-6. join the lines with spaces and collapse every run of whitespace to one space.
+5. join the lines with spaces; drop standalone bullet / heading tokens (``-``, ``*``, ``•``,
+   ``·``, ``#`` ... ``######``) and the trailing dot of section numbers (``1.1.`` -> ``1.1``), so
+   numbering styles and re-wrapping do not matter;
+6. collapse every run of whitespace to one space.
+
+Numbers, words and all other punctuation are kept: changing "30 days" to "90 days" changes the
+fingerprint.
 
 Classification of a text against the catalogue (:func:`classify_license`):
 
@@ -130,7 +134,8 @@ _PUNCT = str.maketrans(
     }
 )
 _DROP_LINE = re.compile(r"^(?:last modified\s*:|version release date\s*:|copyright\s+(?:\(c\)|©|\d{4}|\[yyyy\]))")
-_LIST_MARKER = re.compile(r"^(?:#{1,6}|[-*•·]|\d+(?:\.\d+)*\.?|\([a-z0-9]{1,4}\)|[a-z]\.|[ivx]{1,5}\.)\s+")
+_MARKER_TOKEN = re.compile(r"(?<!\S)(?:#{1,6}|[-*•·])(?!\S)")
+_SECTION_DOT = re.compile(r"(?<!\S)(\d+(?:\.\d+)*)\.(?!\S)")
 
 
 def normalise_license_text(text: str) -> str:
@@ -142,8 +147,9 @@ def normalise_license_text(text: str) -> str:
         line = raw.strip().casefold()
         if not line or _DROP_LINE.match(line):
             continue
-        kept.append(_LIST_MARKER.sub("", line))
-    return re.sub(r"\s+", " ", " ".join(kept)).strip()
+        kept.append(line)
+    joined = _SECTION_DOT.sub(r"\1", _MARKER_TOKEN.sub(" ", " ".join(kept)))
+    return re.sub(r"\s+", " ", joined).strip()
 
 
 def license_fingerprint(text: str) -> str:

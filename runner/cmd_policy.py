@@ -36,6 +36,12 @@ policy_option = click.option(
 )
 
 
+def _json_errors(as_json: bool) -> None:
+    """Tell the CLI's error handler to render errors as JSON for this invocation."""
+    if as_json:
+        click.get_current_context().find_root().meta["secure_run.json"] = True
+
+
 @click.group("policy")
 def policy_group() -> None:
     """Licence and guardrail policy: check a folder, fingerprint a licence, record acceptance."""
@@ -63,6 +69,7 @@ def check_cmd(
     Facts established only at run time (signature, sandbox) are reported as info here;
     `secure-run generate` evaluates them.
     """
+    _json_errors(as_json)
     policy = load_policy(policy_path)
     store = AcceptanceStore(Path(store_path)) if store_path else None
     facts = RunFacts(model_dir=Path(model_dir), declared_use=declared_use, operator=operator)
@@ -81,6 +88,7 @@ def check_cmd(
 @json_option
 def fingerprint_cmd(license_file: str, policy_path: str | None, as_json: bool) -> None:
     """Print the normalised fingerprint of LICENSE_FILE and what it is identified as."""
+    _json_errors(as_json)
     path = Path(license_file)
     if path.is_symlink():
         raise UsageError(f"{path} is a symlink", hint="point at the file itself", path=str(path))
@@ -122,6 +130,7 @@ def accept_cmd(
     as_json: bool,
 ) -> None:
     """Record that you accept LICENSE_ID as shipped in MODEL_DIR, under the given policy."""
+    _json_errors(as_json)
     policy = load_policy(policy_path)
     store = AcceptanceStore(Path(store_path) if store_path else policy.acceptance_store_path())
     who = operator or getpass.getuser()

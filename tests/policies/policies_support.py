@@ -173,3 +173,35 @@ def upstream_superlinear_files() -> dict[str, str | bytes]:
 
 
 PolicyFactory = Callable[..., Policy]
+
+
+def good_facts(model_dir: Path, **changes: Any) -> Any:
+    """Facts of a run where everything the runner establishes is in order."""
+    from secure_run.policies import GuardrailFacts, RunFacts, SandboxFacts, SignatureFacts
+
+    base: dict[str, Any] = {
+        "model_dir": model_dir,
+        "signature": SignatureFacts(verified=True, signer="demo-key", digests_matched=True, root_digest="ab" * 32,
+                                    lock_matched=True),
+        "code_files": (),
+        "sandbox": SandboxFacts(enabled=True, backend="docker", network_enabled=False, read_only_model=True),
+        "guardrails": GuardrailFacts(),
+        "declared_use": "research",
+        "operator": "alice",
+        "prompt": "Summarise the Apache licence.",
+        "prompt_tokens": 12,
+        "max_new_tokens": 64,
+    }
+    base.update(changes)
+    return RunFacts(**base)
+
+
+def results(decision: Any, check: str) -> list[tuple[str, str]]:
+    """(result, message) of every finding of one check."""
+    return [(f.result, f.message) for f in decision.findings if f.check == check]
+
+
+def result(decision: Any, check: str) -> str:
+    found = results(decision, check)
+    assert len(found) == 1, found
+    return found[0][0]
