@@ -1,0 +1,437 @@
+"""``secure-run import SRC DEST``: a clean copy of an upstream snapshot, allowlisted files only.
+
+    >>> import pathlib, tempfile
+    >>> src = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (src / "config.json").write_text('{"model_type": "m", "auto_map": {"AutoModel": "x.M"}}')
+    >>> _ = (src / "modeling_x.py").write_text("import os")
+    >>> report = import_snapshot(src, src.parent / (src.name + "-clean"))
+    >>> [k.name for k in report.kept], [(d.name, d.rule) for d in report.dropped]
+    (['config.json'], [('modeling_x.py', 'INV-CODE')])
+    >>> [(s.file, s.pointer) for s in report.stripped]
+    [('config.json', '/auto_map')]
+
+What it does (nothing is executed or unpickled, links are not followed):
+
+* refuses a DEST that exists and is not an empty folder (``IMP-DEST``);
+* walks SRC; drops (and reports) every file the inventory would refuse by name -- code,
+  ``__pycache__``, ``.pyc``, native code, pickle-capable formats, unknown kinds, ``.git``,
+  ``.github``, the ``.cache`` folder of download tools, git attribute files, an upstream
+  ``model.sig`` / ``import-report.json``;
+* copies the allowlisted files with mode 0644, checking their content on the way (magic bytes,
+  strict JSON, clean UTF-8 text, strict safetensors headers); a content failure in a file that
+  would be kept refuses the whole import, because dropping it would silently change the model;
+* strips remote-code pointers from JSON files (``auto_map``, ``trust_remote_code``, ...;
+  :mod:`secure_run.manifests._jsoncheck`): top-level members are removed byte-for-byte, leaving
+  every other byte (including ``Infinity``) untouched; nested ones make the file be re-written with
+  2-space indentation, key order kept, ``Infinity`` kept;
+* cross-checks the shard index, writes ``import-report.json`` (schema ``secure-run/import-report/v1``)
+  and re-runs the full inventory on DEST, which must be clean.
+
+On any refusal the files and folders it created are removed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from secure_run import __version__
+
+from ._jsoncheck import JsonProblem, loads_strict, remote_code_pointers, scans_for_remote_code
+from ._jsonedit import dump_like_hf, remove_top_level_keys
+from ._names import MAX_DEPTH, component_problem, sort_key
+from ._sniff import HEAD_BYTES, sniff
+from .findings import Finding, FindingsError
+from .hashing import ProgressSink
+from .inventory import FileKind, classify, open_root, take_inventory
+from .tensors import SafetensorsHeader, check_shard_index, parse_safetensors_header, parse_shard_index
+
+REPORT_NAME = "import-report.json"
+REPORT_SCHEMA = "secure-run/import-report/v1"
+_COPY_CHUNK = 4 << 20
+_DROP_DIRS = {"__pycache__": ("INV-PYCACHE", "compiled-Python cache folder"), ".git": ("INV-GIT", "version-control folder")}
+
+
+@dataclass(frozen=True)
+class KeptFile:
+    """A file copied into DEST.
+
+    Attributes:
+        name: relative path.
+        kind: allowlisted kind.
+        size: bytes written.
+        sha256: digest of the bytes written.
+        source_sha256: digest of the upstream bytes (differs when keys were stripped).
+        modified: True when remote-code keys were stripped.
+        mode_normalized: True when the upstream file had execute or other special mode bits.
+    """
+
+    name: str
+    kind: str
+    size: int
+    sha256: str
+    source_sha256: str
+    modified: bool = False
+    mode_normalized: bool = False
+
+
+@dataclass(frozen=True)
+class DroppedFile:
+    """A file or folder not copied, and why (rule id + reason)."""
+
+    name: str
+    rule: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class StrippedKey:
+    """A remote-code pointer removed from a kept JSON file."""
+
+    file: str
+    pointer: str
+    reason: str
+    value: Any
+    byte_preserving: bool
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    """Everything ``import`` did; also written to ``DEST/import-report.json``."""
+
+    source: str
+    dest: Path
+    kept: tuple[KeptFile, ...]
+    dropped: tuple[DroppedFile, ...]
+    stripped: tuple[StrippedKey, ...]
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``import-report.json`` document (no absolute paths: the source is named by its basename)."""
+        return {
+            "schema": REPORT_SCHEMA,
+            "tool": f"secure-run {__version__}",
+            "source": self.source,
+            "kept": [k.__dict__ for k in self.kept],
+            "dropped": [d.__dict__ for d in self.dropped],
+            "stripped_keys": [
+                {"file": s.file, "pointer": s.pointer, "reason": s.reason, "value": s.value, "byte_preserving": s.byte_preserving}
+                for s in self.stripped
+            ],
+            "notes": list(self.notes),
+        }
+
+
+class _Refused(Exception):
+    def __init__(self, findings: list[Finding]) -> None:
+        super().__init__("import refused")
+        self.findings = findings
+
+
+class _Importer:
+    def __init__(self, src: Path, dest: Path, dereference: bool, progress: ProgressSink | None) -> None:
+        self.src = src
+        self.dest = dest
+        self.dereference = dereference
+        self.progress = progress
+        self.kept: list[KeptFile] = []
+        self.dropped: list[DroppedFile] = []
+        self.stripped: list[StrippedKey] = []
+        self.notes: list[str] = []
+        self.refusals: list[Finding] = []
+        self.headers: dict[str, SafetensorsHeader] = {}
+        self.index_names: list[str] = []
+        self.created: list[Path] = []
+
+    # -- walking ---------------------------------------------------------------------------
+    def walk(self, dfd: int, prefix: str, depth: int) -> None:
+        with os.scandir(dfd) as it:
+            names = sorted(e.name for e in it)
+        for name in names:
+            rel = prefix + name
+            problem = component_problem(name)
+            if problem:
+                self.drop(rel.encode("utf-8", "backslashreplace").decode(), "INV-NAME", problem)
+                continue
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                self.directory(dfd, rel, name, depth)
+            elif stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+                self.file(dfd, rel, name, st)
+            else:
+                self.drop(rel, "INV-SPECIAL", "not a regular file")
+
+    def directory(self, dfd: int, rel: str, name: str, depth: int) -> None:
+        if name in _DROP_DIRS:
+            rule, why = _DROP_DIRS[name]
+            self.drop(rel + "/", rule, why)
+            return
+        if depth == 0 and name == ".github":
+            self.drop(rel + "/", "INV-GIT", "repository automation folder")
+            return
+        if depth == 0 and name == ".cache":
+            self.drop(rel + "/", "IMP-CACHE", "download-tool cache (e.g. huggingface-cli --local-dir)")
+            return
+        if depth + 1 >= MAX_DEPTH:
+            self.drop(rel + "/", "INV-LIMIT", f"nested deeper than {MAX_DEPTH} levels")
+            return
+        child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            self.walk(child, rel + "/", depth + 1)
+        finally:
+            os.close(child)
+
+    def drop(self, rel: str, rule: str, reason: str) -> None:
+        self.dropped.append(DroppedFile(rel, rule, reason))
+
+    def file(self, dfd: int, rel: str, name: str, st: os.stat_result) -> None:
+        top = "/" not in rel
+        if top and name in (".gitattributes", ".gitignore"):
+            self.drop(rel, "INV-GIT", "git metadata, not needed by the model")
+            return
+        if top and name in ("model.sig", REPORT_NAME):
+            self.drop(rel, "IMP-STALE", "upstream signature/report; the cleaned copy is signed by you after review")
+            return
+        kind, refusal = classify(rel)
+        if refusal is not None or kind is None:
+            assert refusal is not None
+            link = " (symbolic link)" if stat.S_ISLNK(st.st_mode) else ""
+            self.drop(rel, refusal.rule, refusal.message + link)
+            return
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
+        if stat.S_ISLNK(st.st_mode):
+            if not self.dereference:
+                self.refusals.append(
+                    Finding(rel, "INV-SYMLINK", "is a symbolic link", "pass --dereference to copy the files that links point to (e.g. a Hugging Face cache snapshot), or download with --local-dir")
+                )
+                return
+            self.notes.append(f"{rel}: copied from the target of a symbolic link (--dereference)")
+        else:
+            flags |= os.O_NOFOLLOW
+        fd = os.open(name, flags, dir_fd=dfd)
+        with io.FileIO(fd, "rb", closefd=True) as f:
+            fst = os.fstat(fd)
+            if not stat.S_ISREG(fst.st_mode):
+                self.refusals.append(Finding(rel, "INV-SPECIAL", "does not lead to a regular file"))
+                return
+            special = bool(fst.st_mode & 0o7111)
+            self.copy(f, rel, kind, fst.st_size, special)
+
+    # -- copying ---------------------------------------------------------------------------
+    def copy(self, f: io.FileIO, rel: str, kind: FileKind, size: int, special: bool) -> None:
+        try:
+            if kind is FileKind.SAFETENSORS:
+                self.headers[rel] = parse_safetensors_header(f, size, rel)
+                f.seek(0)
+                self.stream(f, rel, kind, size, special)
+                return
+            head = f.read(HEAD_BYTES)
+            found = sniff(head)
+            if found:
+                raise _Refused([Finding(rel, "INV-MAGIC", f"content is a {found} although the name says {kind.value}")])
+            if kind is FileKind.TOKENIZER_MODEL:
+                f.seek(0)
+                self.stream(f, rel, kind, size, special)
+                return
+            limit = 256 << 20 if kind in (FileKind.JSON, FileKind.SHARD_INDEX) else 16 << 20
+            if size > limit:
+                raise _Refused([Finding(rel, "INV-LIMIT", f"{size} bytes exceeds the {limit}-byte limit")])
+            data = head + f.read(limit + 1 - len(head))
+            if kind is FileKind.SHARD_INDEX:
+                parse_shard_index(rel, data)
+                self.index_names.append(rel)
+                self.write(rel, kind, data, data, special)
+            elif kind is FileKind.JSON:
+                self.json_file(rel, data, special)
+            else:
+                self.text_file(rel, kind, data, special)
+        except FindingsError as exc:
+            self.refusals.extend(exc.findings)
+        except _Refused as exc:
+            self.refusals.extend(exc.findings)
+
+    def json_file(self, rel: str, data: bytes, special: bool) -> None:
+        try:
+            doc = loads_strict(data)
+        except JsonProblem as exc:
+            raise _Refused([Finding(rel, exc.rule, exc.message)]) from None
+        hits = list(remote_code_pointers(doc, rel.rsplit("/", 1)[-1])) if scans_for_remote_code(rel) else []
+        if not hits:
+            self.write(rel, FileKind.JSON, data, data, special)
+            return
+        top = [h.key for h in hits if h.pointer.count("/") == 1]
+        nested = [h for h in hits if h.pointer.count("/") != 1]
+        text = data.decode("utf-8")
+        if nested or not isinstance(doc, dict):
+            new_doc = _strip(doc, {h.pointer for h in hits})
+            new_text, preserving = dump_like_hf(new_doc), False
+        else:
+            new_text, preserving = remove_top_level_keys(text, top)
+        for h in hits:
+            self.stripped.append(StrippedKey(rel, h.pointer, h.reason, h.value, preserving))
+        self.write(rel, FileKind.JSON, data, new_text.encode("utf-8"), special, modified=True)
+
+    def text_file(self, rel: str, kind: FileKind, data: bytes, special: bool) -> None:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _Refused([Finding(rel, "INV-TEXT", f"not UTF-8 ({exc.reason} at byte {exc.start})")]) from None
+        if any(ord(c) < 32 and c not in "\t\n\r\f" or c == "\x7f" for c in text):
+            raise _Refused([Finding(rel, "INV-TEXT", "contains control characters")])
+        self.write(rel, kind, data, data, special)
+
+    def _open_dest(self, rel: str) -> int:
+        target = self.dest / rel
+        for parent in reversed(target.relative_to(self.dest).parents[:-1]):
+            d = self.dest / parent
+            if not d.exists():
+                d.mkdir(mode=0o755)
+                self.created.append(d)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        self.created.append(target)
+        return fd
+
+    def write(self, rel: str, kind: FileKind, original: bytes, data: bytes, special: bool, *, modified: bool = False) -> None:
+        fd = self._open_dest(rel)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.chmod(self.dest / rel, 0o644)
+        self.kept.append(
+            KeptFile(rel, kind.value, len(data), hashlib.sha256(data).hexdigest(), hashlib.sha256(original).hexdigest(), modified, special)
+        )
+
+    def stream(self, f: io.FileIO, rel: str, kind: FileKind, size: int, special: bool) -> None:
+        fd = self._open_dest(rel)
+        h = hashlib.sha256()
+        buf = bytearray(_COPY_CHUNK)
+        view = memoryview(buf)
+        written = 0
+        with os.fdopen(fd, "wb") as out:
+            while True:
+                n = f.readinto(view)
+                if not n:
+                    break
+                h.update(view[:n])
+                out.write(view[:n])
+                written += n
+                if self.progress is not None:
+                    self.progress.advance(n)
+        if written != size:
+            raise _Refused([Finding(rel, "INV-IO", f"file changed while it was copied ({written} of {size} bytes)")])
+        os.chmod(self.dest / rel, 0o644)
+        digest = h.hexdigest()
+        self.kept.append(KeptFile(rel, kind.value, written, digest, digest, False, special))
+
+    def cleanup(self, created_dest: bool) -> None:
+        for p in reversed(self.created):
+            try:
+                p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
+            except OSError:
+                pass
+        if created_dest:
+            try:
+                self.dest.rmdir()
+            except OSError:
+                pass
+
+
+def _strip(doc: Any, pointers: set[str], here: str = "") -> Any:
+    if isinstance(doc, dict):
+        return {
+            k: _strip(v, pointers, f"{here}/{k.replace('~', '~0').replace('/', '~1')}")
+            for k, v in doc.items()
+            if f"{here}/{k.replace('~', '~0').replace('/', '~1')}" not in pointers
+        }
+    if isinstance(doc, list):
+        return [_strip(v, pointers, f"{here}/{i}") for i, v in enumerate(doc)]
+    return doc
+
+
+def _prepare_dest(dest: Path) -> bool:
+    """Check DEST; return True when it was created here."""
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        dest.mkdir(parents=True, mode=0o755)
+        return True
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise FindingsError([Finding(str(dest), "IMP-DEST", "exists and is not a folder")], what="import refused", root=str(dest))
+    if any(os.scandir(dest)):
+        raise FindingsError([Finding(str(dest), "IMP-DEST", "exists and is not empty")], what="import refused", root=str(dest))
+    return False
+
+
+def import_snapshot(
+    src: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    *,
+    dereference: bool = False,
+    progress: ProgressSink | None = None,
+) -> ImportReport:
+    """Copy the allowlisted files of ``src`` into ``dest`` (see the module docstring).
+
+    Args:
+        src: upstream snapshot folder.
+        dest: new or empty destination folder.
+        dereference: copy the targets of symbolic links to allowlisted files (Hugging Face cache
+            snapshots are link farms); each is noted in the report. Default: refuse such links.
+        progress: optional sink (bytes copied for large files).
+
+    Returns:
+        The :class:`ImportReport` (also written to ``dest/import-report.json``).
+
+    Raises:
+        FindingsError: ``IMP-DEST``, or content failures of files that would be kept; nothing
+            is left behind in ``dest``.
+        UsageError: ``src`` is not a folder.
+    """
+    src_path, sfd = open_root(src)
+    dest_path = Path(dest)
+    if dest_path.resolve() == src_path.resolve() or src_path.resolve() in dest_path.resolve().parents:
+        os.close(sfd)
+        raise FindingsError([Finding(str(dest_path), "IMP-DEST", "must not be SRC or inside it")], what="import refused")
+    try:
+        created_dest = _prepare_dest(dest_path)
+    except BaseException:
+        os.close(sfd)
+        raise
+    imp = _Importer(src_path, dest_path, dereference, progress)
+    if progress is not None:
+        progress.start(0, 0)  # total unknown up front: the sink shows bytes copied so far
+    try:
+        try:
+            imp.walk(sfd, "", 0)
+        finally:
+            os.close(sfd)
+            if progress is not None:
+                progress.finish()
+        if not imp.refusals:
+            for index_name in imp.index_names:
+                data = (dest_path / index_name).read_bytes()
+                present = {k.name for k in imp.kept}
+                imp.refusals.extend(check_shard_index(parse_shard_index(index_name, data), imp.headers, present=present))
+        if imp.refusals:
+            raise FindingsError(imp.refusals, what="import refused", root=str(src_path))
+        report = ImportReport(
+            src_path.resolve().name,
+            dest_path,
+            tuple(sorted(imp.kept, key=lambda k: sort_key(k.name))),
+            tuple(sorted(imp.dropped, key=lambda d: sort_key(d.name.rstrip("/")))),
+            tuple(imp.stripped),
+            tuple(imp.notes),
+        )
+        body = (json.dumps(report.to_json(), indent=2, ensure_ascii=False, allow_nan=True) + "\n").encode("utf-8")
+        fd = imp._open_dest(REPORT_NAME)
+        with os.fdopen(fd, "wb") as out:
+            out.write(body)
+        take_inventory(dest_path).raise_for_findings()  # self-check: DEST must be a clean model folder
+        return report
+    except BaseException:
+        imp.cleanup(created_dest)
+        raise

@@ -1,0 +1,249 @@
+"""``secure-run keygen | sign | verify | inspect | import``: signed, verified, clean model folders.
+
+    $ secure-run keygen --out KEY.pem
+    $ secure-run import SRC DEST [--dereference] [--json]
+    $ secure-run inspect DIR [--json]
+    $ secure-run sign DIR --key KEY.pem [--cert LEAF.pem --chain CHAIN.pem] [--signature DIR/model.sig]
+    $ secure-run verify DIR (--public-key PUB.pem | --cert-root ROOT.pem --identity ID
+                             | --sigstore --identity ID --issuer URL [--trusted-root FILE] | --lock FILE)
+                            [--signature FILE] [--lock FILE] [--json]
+
+Each command body is one library call (:mod:`secure_run.manifests`) plus rendering. A progress bar
+(rich, on stderr) is shown only when stderr is a terminal and ``--json`` is off. The ``--json``
+documents are described in ``manifests/README.md``.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from secure_run.runner.options import json_option
+from secure_run.runner.output import emit_json
+
+
+class _RichProgress:
+    """Hashing/copy progress rendered with rich on stderr (implements manifests.ProgressSink)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._lock = threading.Lock()
+        self._progress: Any = None
+        self._task: Any = None
+
+    def start(self, total_bytes: int, total_files: int) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
+        self._progress = Progress(*columns, console=Console(stderr=True), transient=True)
+        what = f"{self.label} {total_files} files" if total_files else self.label
+        self._task = self._progress.add_task(what, total=total_bytes or None)
+        self._progress.start()
+
+    def advance(self, nbytes: int) -> None:
+        if self._progress is not None:
+            with self._lock:
+                self._progress.advance(self._task, nbytes)
+
+    def finish(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def _progress(as_json: bool, label: str) -> _RichProgress | None:
+    return None if as_json or not sys.stderr.isatty() else _RichProgress(label)
+
+
+def _json_mode(as_json: bool) -> None:
+    click.get_current_context().meta["secure_run.json"] = as_json
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n} bytes"
+
+
+@click.command("keygen")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), metavar="KEY.pem", help="Private key file to create (0600); KEY.pub.pem is written beside it.")
+@json_option
+def keygen_cmd(out: str, as_json: bool) -> None:
+    """Create an EC P-256 signing key pair (never overwrites)."""
+    _json_mode(as_json)
+    from secure_run.manifests import generate_key
+
+    keys = generate_key(out)
+    if as_json:
+        emit_json({"ok": True, "command": "keygen", "private_key": str(keys.private), "public_key": str(keys.public), "key_sha256": keys.fingerprint})
+        return
+    click.echo(f"private key: {keys.private} (mode 0600; keep it secret)")
+    click.echo(f"public key:  {keys.public}")
+    click.echo(f"key sha256:  {keys.fingerprint}")
+
+
+@click.command("sign")
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.option("--key", "key", required=True, type=click.Path(dir_okay=False), metavar="KEY.pem", help="EC private key (PEM).")
+@click.option("--cert", "cert", type=click.Path(dir_okay=False), metavar="LEAF.pem", help="Signing certificate (certificate method).")
+@click.option("--chain", "chain", type=click.Path(dir_okay=False), metavar="CHAIN.pem", help="Intermediate certificate(s), without the root.")
+@click.option("--signature", "signature", type=click.Path(dir_okay=False), metavar="FILE", help="Output (default DIR/model.sig).")
+@json_option
+def sign_cmd(model_dir: str, key: str, cert: str | None, chain: str | None, signature: str | None, as_json: bool) -> None:
+    """Sign a reviewed model folder (OpenSSF Model Signing v1.0, key or certificate method)."""
+    _json_mode(as_json)
+    from secure_run.manifests import sign_model
+
+    result = sign_model(model_dir, key, certificate=cert, chain=chain, signature=signature, progress=_progress(as_json, "hashing"))
+    if as_json:
+        emit_json({"ok": True, "command": "sign", **result.to_json()})
+        return
+    click.echo(f"signed {result.files} files ({_gb(result.total_bytes)}) -> {result.signature}")
+    click.echo(f"root digest: sha256:{result.root_digest}")
+    click.echo(f"method: {result.signer.method}, key sha256: {result.signer.key_sha256}")
+
+
+@click.command("verify")
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.option("--public-key", "public_key", type=click.Path(dir_okay=False), metavar="PUB.pem", help="Pinned signer public key.")
+@click.option("--cert-root", "cert_root", type=click.Path(dir_okay=False), metavar="ROOT.pem", help="Pinned root certificate(s).")
+@click.option("--identity", "identity", metavar="ID", help="Signer identity: certificate SAN (or sha256:LEAF) / keyless identity.")
+@click.option("--sigstore", "sigstore", is_flag=True, help="Keyless Sigstore bundle, verified offline.")
+@click.option("--issuer", "issuer", metavar="URL", help="OIDC issuer of the keyless identity.")
+@click.option("--trusted-root", "trusted_root", type=click.Path(dir_okay=False), metavar="FILE", help="Sigstore trusted_root.json (default: the pinned production root).")
+@click.option("--signature", "signature", type=click.Path(dir_okay=False), metavar="FILE", help="Signature bundle (default DIR/model.sig).")
+@click.option("--lock", "lock", type=click.Path(dir_okay=False), metavar="FILE", help="Lock file: the root digest and signer must equal the pinned entry.")
+@json_option
+def verify_cmd(
+    model_dir: str,
+    public_key: str | None,
+    cert_root: str | None,
+    identity: str | None,
+    sigstore: bool,
+    issuer: str | None,
+    trusted_root: str | None,
+    signature: str | None,
+    lock: str | None,
+    as_json: bool,
+) -> None:
+    """Verify a model folder: inventory, signature, manifest, lock, every file's sha256."""
+    _json_mode(as_json)
+    from secure_run.manifests import Lock, load_trust, verify_model
+
+    trust = load_trust(public_key=public_key, cert_root=cert_root, identity=identity, sigstore=sigstore, issuer=issuer, trusted_root=trusted_root)
+    lock_obj = Lock.load(lock) if lock else None
+    if trust is None and lock_obj is None:
+        from secure_run.errors import UsageError
+
+        raise UsageError(
+            "no trust given: pass --public-key, --cert-root + --identity, --sigstore + --identity + --issuer, or --lock",
+            hint="verification needs pinned trust material",
+        )
+    result = verify_model(model_dir, trust, signature=signature, lock=lock_obj, progress=_progress(as_json, "verifying"))
+    if as_json:
+        emit_json({"ok": True, "command": "verify", **result.to_json()})
+        return
+    speed = f", {result.total_bytes / result.hash_seconds / 1e9:.2f} GB/s" if result.hash_seconds > 0 and result.total_bytes > 1e8 else ""
+    click.echo(f"verified {result.root}: {len(result.files)} files, {_gb(result.total_bytes)} hashed in {result.hash_seconds:.2f} s{speed}")
+    signer = result.signer
+    who = signer.key_sha256 if signer.method == "key" else f"{signer.identity}" + (f" ({signer.issuer})" if signer.issuer else "")
+    click.echo(f"signer: {signer.method} {who}")
+    click.echo(f"root digest: sha256:{result.root_digest}" + (f" (matches lock entry {result.lock_name!r})" if result.lock_name else ""))
+
+
+def _render_inspect(doc: dict[str, Any]) -> None:
+    click.echo(f"{doc['path']}: {len(doc['files'])} files, {_gb(doc['total_bytes'])}")
+    for f in doc["files"]:
+        mark = "REFUSED" if f["refused"] else f["kind"]
+        click.echo(f"  {f['size']:>15,d}  {mark:<18} {f['name']}")
+    t = doc["tensors"]
+    if t["count"]:
+        click.echo(f"tensors: {t['count']} ({_gb(t['bytes'])})")
+        for dtype, v in t["by_dtype"].items():
+            click.echo(f"  {dtype:<8} {v['count']:>7} tensors {v['elements']:>16,d} elements {_gb(v['bytes']):>12}")
+    for section in ("config", "tokenizer"):
+        data = doc[section]
+        if data:
+            summary = ", ".join(f"{k}={v!r}" for k, v in data.items() if k != "remote_code")
+            click.echo(f"{section}: {summary}")
+            for p in data["remote_code"]:
+                click.echo(f"  remote-code pointer {p['file']}#{p['pointer']}: {p['reason']}")
+    if doc["licence_files"]:
+        click.echo(f"licence files: {', '.join(doc['licence_files'])}")
+    sig = doc["signature"]
+    if sig:
+        detail = sig.get("error") or f"{sig['method']} method, subject {sig['subject_name']!r}, {sig['root_digest']}, {sig['resources']} files"
+        click.echo(f"signature (not verified by inspect): {detail}")
+    click.echo(f"findings: {len(doc['findings'])}")
+
+
+@click.command("inspect")
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@json_option
+def inspect_cmd(model_dir: str, as_json: bool) -> None:
+    """Show files, sizes, kinds, tensors by dtype, config, licence files and findings (exit 1 if any finding)."""
+    _json_mode(as_json)
+    from secure_run.manifests import FindingsError, inspect_model
+
+    report = inspect_model(model_dir)
+    doc = report.to_json()
+    error = FindingsError(report.findings, root=str(report.root)) if report.findings else None
+    if as_json:
+        out: dict[str, Any] = {"ok": error is None, "command": "inspect", "report": doc}
+        if error is not None:
+            out["error"] = error.to_json()
+        emit_json(out)
+        if error is not None:
+            click.get_current_context().exit(error.exit_code)
+        return
+    _render_inspect(doc)
+    if error is not None:
+        raise error
+
+
+@click.command("import")
+@click.argument("src", type=click.Path(file_okay=False))
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--dereference", is_flag=True, help="Copy the targets of symbolic links (Hugging Face cache snapshots).")
+@json_option
+def import_cmd(src: str, dest: str, dereference: bool, as_json: bool) -> None:
+    """Clean copy of an upstream snapshot: allowlisted files only, remote-code keys stripped."""
+    _json_mode(as_json)
+    from secure_run.manifests import import_snapshot
+
+    report = import_snapshot(src, dest, dereference=dereference, progress=_progress(as_json, "copying"))
+    steps = [
+        f"secure-run inspect {dest}",
+        f"review {Path(dest) / 'import-report.json'} and the files (licence, config, chat template)",
+        f"secure-run sign {dest} --key KEY.pem",
+        f"secure-run verify {dest} --public-key KEY.pub.pem",
+    ]
+    if as_json:
+        emit_json({"ok": True, "command": "import", "dest": str(report.dest), "report": report.to_json(), "next_steps": steps})
+        return
+    click.echo(f"imported {len(report.kept)} files into {dest}")
+    for d in report.dropped:
+        click.echo(f"  dropped {d.name}: [{d.rule}] {d.reason}")
+    for s in report.stripped:
+        click.echo(f"  stripped {s.file}#{s.pointer}: {s.reason}")
+    for note in report.notes:
+        click.echo(f"  note: {note}")
+    click.echo("next steps:")
+    for i, step in enumerate(steps, 1):
+        click.echo(f"  {i}. {step}")
+
+
+def register(group: click.Group) -> None:
+    """Add keygen, sign, verify, inspect and import to the ``secure-run`` group."""
+    for command in (keygen_cmd, sign_cmd, verify_cmd, inspect_cmd, import_cmd):
+        group.add_command(command)
