@@ -193,3 +193,14 @@ def test_hash_is_canonical(make_policy: PolicyFactory, tmp_path: Path) -> None:
     assert a.sha256 == b.sha256 == policy_sha256(b.document)
     c = make_policy({"spec": {"guardrails": {"limits": {"max_new_tokens": 255}}}})
     assert c.sha256 != a.sha256
+
+
+def test_yaml_attacks_are_refused_for_policy_files(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("apiVersion: secure-run/v1alpha1\nkind: RunPolicy\nspec: {mode: enforce}\nspec: {mode: audit}\n")
+    with pytest.raises(PolicyFileError, match="duplicate key 'spec' at line 4") as info:
+        load_policy(path)
+    assert info.value.rule == "yaml.safe"
+    path.write_text("a: &x [1, 2]\nb: [*x, *x, *x]\n")
+    with pytest.raises(PolicyFileError, match="anchors are refused"):
+        load_policy(path)

@@ -6,6 +6,7 @@ Run with ``-s`` to see both decisions as the operator would (the closing note qu
 from __future__ import annotations
 
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -25,12 +26,14 @@ from secure_run.policies.licenses import license_fingerprint
 OML = "LicenseRef-NVIDIA-OML-2025-10-24"
 ACKS = ["no_ip_litigation", "export_compliance", "revocable_terms", "research_only_model", "trustworthy_ai_terms"]
 UNSIGNED = SignatureFacts(verified=False, digests_matched=False)
+#: inside the default policy's validity period (metadata.expires: 2026-12-31), whatever the clock says
+NOW = datetime(2026, 6, 1, tzinfo=UTC)
 
 
 def test_upstream_snapshot_is_denied_with_actionable_findings(tmp_path: Path, state: Path) -> None:
     folder = write_files(tmp_path / "superlinear-exp-v0.1", upstream_superlinear_files())
     policy = default_policy("superlinear-exp-v0.1")
-    decision = evaluate(policy, good_facts(folder, signature=UNSIGNED))
+    decision = evaluate(policy, good_facts(folder, signature=UNSIGNED), now=NOW)
     print("\n" + decision.render_text())
     assert not decision.allowed
     denied = {f.check: f for f in decision.denials()}
@@ -75,13 +78,23 @@ def test_reviewed_signed_snapshot_is_allowed_after_acceptance(tmp_path: Path, st
     facts = good_facts(folder, signature=signed)
     store = AcceptanceStore(policy.acceptance_store_path())
     assert store.path == state / "secure-run" / "licenses.jsonl"
-    assert [f.check for f in evaluate(policy, facts).denials()] == ["L1", "L2"]
+    assert [f.check for f in evaluate(policy, facts, now=NOW).denials()] == ["L1", "L2"]
     accept_license(policy, folder, license_id=OML, operator="alice", acknowledgements=ACKS, store=store)
-    decision = evaluate(policy, facts)
+    decision = evaluate(policy, facts, now=NOW)
     print("\n" + decision.render_text())
     assert decision.allowed, decision.render_text()
     assert decision.license is not None and decision.license["kind"] == "exact"
     # a tampered chat template after review is caught (G1, non-waivable)
     (folder / "chat_template.jinja").write_text("{{ messages[-1]['content'] }}")
-    tampered = evaluate(policy, facts)
+    tampered = evaluate(policy, facts, now=NOW)
     assert [f.check for f in tampered.denials()] == ["G1"]
+
+
+def test_notice_without_the_oml_attribution_is_denied(tmp_path: Path, state: Path) -> None:
+    files = upstream_superlinear_files()
+    files["NOTICE"] = "Superlinear-Exp-v0.1\n\nA derivative of NVIDIA Nemotron-3-Nano-30B-A3B, modified by Concavity AI.\n"
+    folder = write_files(tmp_path / "snap", files)
+    decision = evaluate(default_policy("superlinear-exp-v0.1"), good_facts(folder, signature=UNSIGNED), now=NOW)
+    (a2,) = [f for f in decision.findings if f.check == "A2"]
+    assert a2.result == "deny"
+    assert a2.message == "NOTICE lacks 'Licensed by NVIDIA Corporation under the NVIDIA Open Model License'"
