@@ -20,13 +20,13 @@ Public surface: :func:`load_policy` / :func:`default_policy` -> :class:`Policy`;
 :class:`AcceptanceStore` + :func:`accept_license`; :func:`license_fingerprint`.
 """
 
-from secure_run.policies.acceptance import AcceptanceRecord, AcceptanceStore, accept_license
-from secure_run.policies.audit import AuditLog, audit_record
-from secure_run.policies.errors import PolicyFileError, StateFileError
-from secure_run.policies.evaluate import FLOOR_CHECKS, evaluate
-from secure_run.policies.facts import GuardrailFacts, RunFacts, SandboxFacts, SignatureFacts
-from secure_run.policies.findings import Decision, Finding
-from secure_run.policies.guardrails import (
+from .acceptance import AcceptanceRecord, AcceptanceStore, accept_license
+from .audit import AuditLog, audit_record
+from .errors import PolicyFileError, StateFileError
+from .evaluate import FLOOR_CHECKS, evaluate
+from .facts import GuardrailFacts, RunFacts, SandboxFacts, SignatureFacts
+from .findings import Decision, Finding
+from .guardrails import (
     GuardrailEvent,
     InputGuard,
     InputVerdict,
@@ -35,8 +35,8 @@ from secure_run.policies.guardrails import (
     RailVerdict,
     StreamGuard,
 )
-from secure_run.policies.licenses import LicenseMatch, classify_license, license_fingerprint
-from secure_run.policies.policy import Policy, default_policy, default_policy_path, load_policy, parse_policy
+from .licenses import LicenseMatch, classify_license, license_fingerprint
+from .policy import Policy, default_policy, default_policy_path, load_policy, parse_policy
 
 __all__ = [
     "FLOOR_CHECKS",

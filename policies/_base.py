@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
 
-from secure_run.policies._files import check_relative_name
+from ._files import check_relative_name
 
 
 class Strict(BaseModel):

@@ -10,7 +10,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from secure_run.policies.errors import StateFileError
+from .errors import StateFileError
 
 #: one record may not be larger than this (keeps every append a single bounded write)
 MAX_RECORD_BYTES = 1024 * 1024

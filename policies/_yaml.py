@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from yaml.nodes import MappingNode, Node
 
-from secure_run.policies.errors import PolicyFileError
+from .errors import PolicyFileError
 
 MAX_BYTES = 256 * 1024
 MAX_DEPTH = 32

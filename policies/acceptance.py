@@ -18,13 +18,14 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from secure_run.errors import PolicyViolation, UsageError
-from secure_run.policies import _files
-from secure_run.policies._base import LicenseId, Name, Sha256, Strict
-from secure_run.policies._state import append_json_line, read_json_lines
-from secure_run.policies.errors import StateFileError
-from secure_run.policies.licenses import LicenseEntry, LicenseMatch, classify_license
-from secure_run.policies.policy import Policy
-from secure_run.policies.schema import Acknowledgement
+
+from . import _files
+from ._base import LicenseId, Name, Sha256, Strict
+from ._state import append_json_line, read_json_lines
+from .errors import StateFileError
+from .licenses import LicenseEntry, LicenseMatch, classify_license
+from .policy import Policy
+from .schema import Acknowledgement
 
 
 class AcceptanceRecord(Strict):

@@ -18,9 +18,9 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
-from secure_run.policies._state import append_json_line, read_json_lines
-from secure_run.policies.findings import Decision
-from secure_run.policies.guardrails import GuardrailEvent
+from ._state import append_json_line, read_json_lines
+from .findings import Decision
+from .guardrails import GuardrailEvent
 
 AUDIT_SCHEMA = 1
 

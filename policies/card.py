@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from secure_run.policies._yaml import load_yaml
-from secure_run.policies.errors import PolicyFileError
+from ._yaml import load_yaml
+from .errors import PolicyFileError
 
 _FENCE = re.compile(r"^---[ \t]*$", re.MULTILINE)
 

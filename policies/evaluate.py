@@ -52,15 +52,15 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from secure_run.policies import _files
-from secure_run.policies.acceptance import AcceptanceStore, classify_model_license, incorporated_ids
-from secure_run.policies.card import CardError, as_list, front_matter, sentences_with
-from secure_run.policies.errors import StateFileError
-from secure_run.policies.facts import RunFacts
-from secure_run.policies.findings import Decision, Finding, Result, Stage
-from secure_run.policies.licenses import LicenseEntry, LicenseMatch, normalise_notice_text
-from secure_run.policies.policy import Policy
-from secure_run.policies.schema import FLOOR_DENY, ClassifierFilter, KeywordFilter, NemoFilter
+from . import _files
+from .acceptance import AcceptanceStore, classify_model_license, incorporated_ids
+from .card import CardError, as_list, front_matter, sentences_with
+from .errors import StateFileError
+from .facts import RunFacts
+from .findings import Decision, Finding, Result, Stage
+from .licenses import LicenseEntry, LicenseMatch, normalise_notice_text
+from .policy import Policy
+from .schema import FLOOR_DENY, ClassifierFilter, KeywordFilter, NemoFilter
 
 FLOOR_CHECKS = frozenset({"S1", "S2", "S3", "S4", "S5", "S7", "G1", "G3", "G6"})
 PRODUCTION_USES = frozenset({"production", "commercial_production", "prod"})

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 from secure_run.errors import PolicyViolation
-from secure_run.policies._patterns import (
+
+from ._patterns import (
     MAX_PATTERNS,
     CompiledPattern,
     PatternError,

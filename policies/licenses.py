@@ -50,9 +50,9 @@ from typing import Literal
 
 from pydantic import ValidationError
 
-from secure_run.policies._base import LicenseId, Name, Sha256, Strict, Text
-from secure_run.policies._yaml import load_yaml
-from secure_run.policies.errors import PolicyFileError
+from ._base import LicenseId, Name, Sha256, Strict, Text
+from ._yaml import load_yaml
+from .errors import PolicyFileError
 
 Obligation = Literal[
     "attribution_on_redistribution",

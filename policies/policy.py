@@ -17,13 +17,13 @@ from typing import Literal
 
 from pydantic import ValidationError
 
-from secure_run.policies import _files
-from secure_run.policies._patterns import PatternError, parse_blocklist
-from secure_run.policies._state import resolve_state_path
-from secure_run.policies._yaml import load_yaml
-from secure_run.policies.errors import PolicyFileError, StateFileError
-from secure_run.policies.guardrails import InputGuard, Limits, PatternSet, StreamGuard
-from secure_run.policies.schema import Filter, KeywordFilter, RunPolicy, Spec
+from . import _files
+from ._patterns import PatternError, parse_blocklist
+from ._state import resolve_state_path
+from ._yaml import load_yaml
+from .errors import PolicyFileError, StateFileError
+from .guardrails import InputGuard, Limits, PatternSet, StreamGuard
+from .schema import Filter, KeywordFilter, RunPolicy, Spec
 
 DefaultName = Literal["demo", "superlinear-exp-v0.1"]
 DEFAULT_POLICIES: dict[str, str] = {

@@ -27,11 +27,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from secure_run.policies._base import GitSha, HfRepo, Ident, LicenseId, Name, RelPath, Sha256, Strict, Text
-from secure_run.policies._files import glob_match
-from secure_run.policies._patterns import PatternError, compile_literal, compile_regex
-from secure_run.policies._spdx import SpdxError, license_symbols
-from secure_run.policies.licenses import LicenseEntry, builtin_catalog
+from ._base import GitSha, HfRepo, Ident, LicenseId, Name, RelPath, Sha256, Strict, Text
+from ._files import glob_match
+from ._patterns import PatternError, compile_literal, compile_regex
+from ._spdx import SpdxError, license_symbols
+from .licenses import LicenseEntry, builtin_catalog
 
 API_VERSION = "secure-run/v1alpha1"
 
