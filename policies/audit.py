@@ -1,6 +1,6 @@
 """The audit log (check G7): one JSON line per decision / run, appended safely.
 
-Each record holds: timestamp, event, decision (allowed, mode, findings), policy hash, model root
+Each record holds: timestamp, host, event, decision (allowed, mode, findings), policy hash, model root
 digest, licence fingerprint, operator, declared use, run statistics and guardrail events. The file
 is append-only (O_APPEND, one write per record under flock, fsync), private (0600) and never written
 through a symlink. Default location: ``$XDG_STATE_HOME/secure-run/audit.jsonl``.
@@ -14,6 +14,7 @@ through a symlink. Default location: ``$XDG_STATE_HOME/secure-run/audit.jsonl``.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,6 +69,7 @@ def audit_record(
         "license_id": license_info.get("license_id"),
         "license_fingerprint": license_info.get("fingerprint"),
         "operator": decision.operator,
+        "host": socket.gethostname(),
         "declared_use": decision.declared_use,
         "findings": [f.to_json() for f in decision.findings],
         "run_stats": dict(run_stats) if run_stats is not None else None,

@@ -135,13 +135,15 @@ class StreamGuard:
 
     patterns: PatternSet | None
     stage: Stage = "output"
-    events: list[GuardrailEvent] = field(default_factory=list)
-    blocked: bool = False
-    _pending: str = ""
-    _ctx: str = ""
-    _released_norm: int = 0
-    _flagged: set[tuple[int, str]] = field(default_factory=set)
-    _finished: bool = False
+    #: one event per match (read by the runner for the audit record)
+    events: list[GuardrailEvent] = field(default_factory=list, init=False)
+    #: True once a ``refuse`` filter matched: stop generating, nothing more is released
+    blocked: bool = field(default=False, init=False)
+    _pending: str = field(default="", init=False, repr=False)
+    _ctx: str = field(default="", init=False, repr=False)
+    _released_norm: int = field(default=0, init=False, repr=False)
+    _flagged: set[tuple[int, str]] = field(default_factory=set, init=False, repr=False)
+    _finished: bool = field(default=False, init=False, repr=False)
 
     def feed(self, piece: str) -> str:
         """Add one streamed piece; return the text that can be released now (maybe empty)."""

@@ -37,7 +37,7 @@ def test_audit_record_of_a_decision_and_run(make_policy: PolicyFactory, model_di
     (rec,) = log.read()
     assert rec["policy_sha256"] == policy.sha256 and rec["model_root_digest"] == "ab" * 32
     assert rec["license_id"] == "Apache-2.0" and rec["license_fingerprint"] == decision.license["fingerprint"]  # type: ignore[index]
-    assert rec["allowed"] is True and rec["event"] == "run" and rec["run_stats"] == {"tokens": 3, "tokens_per_s": 1.5}
+    assert rec["host"] and rec["allowed"] is True and rec["event"] == "run" and rec["run_stats"] == {"tokens": 3, "tokens_per_s": 1.5}
     assert rec["guardrail_events"] == [{"stage": "output", "action": "refuse", "rule": "literal:pipe bomb", "offset": 2}]
     assert len(rec["findings"]) == 23  # type: ignore[arg-type]
     assert stat.S_IMODE(os.stat(state / "audit.jsonl").st_mode) == 0o600
