@@ -8,16 +8,17 @@ names the file, the rule (``loader.*``) and the tensors concerned:
    ``*.safetensors`` files in the folder) or a single ``model.safetensors``;
 3. open every shard once (``O_NOFOLLOW``), ``fstat`` the descriptor and, when the caller passes the
    verified file identities (st_dev, st_ino, st_size, st_mtime_ns), require them to match;
-4. read every shard header from that same descriptor; the index's ``weight_map`` must list exactly
-   the tensors each shard holds; when the caller passes verified tensor tables (from
-   :mod:`secure_run.manifests`), the headers must equal them;
+4. read and validate every shard header from that same descriptor with the strict header check of
+   :func:`secure_run.manifests.parse_safetensors_header` (rules ``ST-H1``..``ST-H14``); the index's
+   ``weight_map`` must list exactly the tensors each shard holds; when the caller passes the
+   verified headers (``VerificationResult.headers``), the headers read now must equal them;
 5. compare the checkpoint's tensors with :func:`~secure_run.model.checkpoint.expected_tensors`:
    missing, extra, unmapped attention tensors, wrong shape, wrong dtype are all refused, listing
    the names;
-6. build the model on the ``meta`` device (no memory), then per shard read its tensors
-   (``safetensors.safe_open`` on the open descriptor; never pickle, never ``torch.load``), cast
-   each to the dtype of its parameter and move it to ``device``, and ``load_state_dict(assign=True)``
-   so no second copy of the weights is ever held;
+6. build the model on the ``meta`` device (no memory), then per shard read each tensor's bytes
+   with ``pread`` on the open descriptor at the offsets of the validated header (never pickle,
+   never ``torch.load``, no second parser), cast it to the dtype of its parameter, move it to
+   ``device``, and ``load_state_dict(assign=True)`` so no second copy of the weights is ever held;
 7. ``fstat`` each descriptor again after reading: any change of identity, size or mtime refuses.
 
     >>> from secure_run.model.demo import demo_model_dir
@@ -28,17 +29,21 @@ names the file, the rule (``loader.*``) and the tensors concerned:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 import torch
-from safetensors import safe_open
 
 from secure_run.errors import ModelError
+from secure_run.manifests.findings import FindingsError
+from secure_run.manifests.tensors import SafetensorsHeader, TensorInfo, parse_safetensors_header
 from secure_run.model.checkpoint import (
     AttentionNameMap,
     TensorSpec,
@@ -61,6 +66,7 @@ __all__ = [
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_ST_TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 _MAX_LISTED = 20
 
 
@@ -81,11 +87,12 @@ class FileIdentity:
 
 @dataclass(frozen=True)
 class HeaderEntry:
-    """One tensor of a shard header: its shard file, safetensors dtype string and shape."""
+    """One tensor of a validated shard header: its shard file, dtype string, shape and byte range."""
 
     shard: str
     dtype: str
     shape: tuple[int, ...]
+    info: TensorInfo
 
 
 def _refuse(message: str, *, rule: str, names: list[str] | None = None, path: str | None = None,
@@ -142,7 +149,7 @@ class _OpenShard:
 
     def __init__(self, model_dir: Path, name: str, expected: FileIdentity | None) -> None:
         self.name = name
-        self._fallback = str(model_dir / name)
+        self.validated: SafetensorsHeader | None = None
         flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         try:
             self.fd = os.open(model_dir / name, flags)
@@ -166,24 +173,30 @@ class _OpenShard:
                 hint="the folder changed after verification; verify it again",
             )
 
-    @property
-    def path(self) -> str:
-        """A name of the open descriptor (so the library reads the very file we fstat'ed)."""
-        proc = f"/proc/self/fd/{self.fd}"
-        return proc if os.path.exists(proc) else self._fallback  # elsewhere: fstat checks still apply
-
-    def header(self) -> dict[str, HeaderEntry]:
-        """Tensor name -> (dtype, shape) from the shard header (via the safetensors metadata API)."""
-        out: dict[str, HeaderEntry] = {}
+    def header(self) -> SafetensorsHeader:
+        """The strictly validated header, read through this descriptor."""
         try:
-            with safe_open(self.path, framework="pt") as f:
-                for key in f.keys():
-                    sl = f.get_slice(key)
-                    out[key] = HeaderEntry(self.name, str(sl.get_dtype()), tuple(int(d) for d in sl.get_shape()))
-        except Exception as err:  # the library's own header validation failed
-            raise _refuse(f"shard {self.name} has an invalid safetensors header: {err}", rule="loader.header",
-                          path=self.name, hint="re-download the shard; it is corrupt or not safetensors") from None
-        return out
+            with io.FileIO(self.fd, "rb", closefd=False) as f:
+                self.validated = parse_safetensors_header(f, self.identity.st_size, self.name)
+                return self.validated
+        except FindingsError as err:
+            raise _refuse(f"shard {self.name} has an invalid safetensors header", rule="loader.header",
+                          path=self.name, details=tuple(f.render() for f in err.findings),
+                          hint="re-download the shard; it is corrupt or not safetensors") from None
+
+    def read(self, info: TensorInfo) -> torch.Tensor:
+        """The bytes of one validated tensor entry, as a CPU tensor (one copy, straight from the file)."""
+        buf = bytearray(info.nbytes)
+        view, got = memoryview(buf), 0
+        while got < info.nbytes:
+            n = os.preadv(self.fd, [view[got:]], info.start + got)
+            if n <= 0:
+                raise _refuse(f"shard {self.name} ended inside tensor {info.name}", rule="loader.changed",
+                              path=self.name, hint="the file was truncated while loading; verify it again")
+            got += n
+        dtype = _ST_TORCH[info.dtype]
+        flat = torch.frombuffer(buf, dtype=dtype) if info.nbytes else torch.empty(0, dtype=dtype)
+        return flat.reshape(info.shape)
 
     def check_unchanged(self) -> None:
         """Refuse if the open file changed (identity, size, mtime) since it was opened."""
@@ -205,10 +218,10 @@ def read_checkpoint_table(shards: list[_OpenShard], index: dict[str, str] | None
     table: dict[str, HeaderEntry] = {}
     dup: list[str] = []
     for sh in shards:
-        for name, entry in sh.header().items():
+        for name, info in sh.header().tensors.items():
             if name in table:
                 dup.append(f"{name} (in {table[name].shard} and {sh.name})")
-            table[name] = entry
+            table[name] = HeaderEntry(sh.name, info.dtype, tuple(info.shape), info)
     if dup:
         raise _refuse("tensors appear in more than one shard", rule="loader.duplicate", names=dup)
     if index is not None:
@@ -262,13 +275,29 @@ def check_table(config: ModelConfig, names: AttentionNameMap, found: Mapping[str
                       hint="torch_dtype in config.json must match the stored tensors")
 
 
-def _check_verified_tables(found: Mapping[str, HeaderEntry],
-                           verified: Mapping[str, Mapping[str, tuple[str, tuple[int, ...]]]]) -> None:
-    """The headers read now must equal the tables verified earlier (shard -> name -> (dtype, shape))."""
-    now: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
-    for name, e in found.items():
-        now.setdefault(e.shard, {})[name] = (e.dtype, tuple(e.shape))
-    want = {s: {n: (d, tuple(sh)) for n, (d, sh) in t.items()} for s, t in verified.items()}
+VerifiedTable: TypeAlias = "SafetensorsHeader | Mapping[str, tuple[str, tuple[int, ...]]]"
+
+
+def _as_table(table: VerifiedTable) -> dict[str, tuple[object, ...]]:
+    if isinstance(table, SafetensorsHeader):
+        out: dict[str, tuple[object, ...]] = {
+            n: (i.dtype, tuple(i.shape), i.begin, i.end, i.start) for n, i in table.tensors.items()
+        }
+        out["__metadata__"] = tuple(sorted(table.metadata.items()))
+        return out
+    return {n: (d, tuple(sh)) for n, (d, sh) in table.items()}
+
+
+def _check_verified_tables(shards: list[_OpenShard], verified: Mapping[str, VerifiedTable]) -> None:
+    """The headers read now must equal the verified ones (shard -> header, or -> {name: (dtype, shape)})."""
+    now: dict[str, dict[str, tuple[object, ...]]] = {}
+    for sh in shards:
+        assert sh.validated is not None
+        full = _as_table(sh.validated)
+        if not isinstance(verified.get(sh.name), SafetensorsHeader):  # the simple form: names, dtypes, shapes
+            full = {n: v[:2] for n, v in full.items() if n != "__metadata__"}
+        now[sh.name] = full
+    want = {s: _as_table(t) for s, t in verified.items()}
     if now != want:
         diff = sorted(set(now) ^ set(want)) + sorted(s for s in set(now) & set(want) if now[s] != want[s])
         raise _refuse("shard headers differ from the verified tensor tables", rule="loader.verified-table",
@@ -278,17 +307,13 @@ def _check_verified_tables(found: Mapping[str, HeaderEntry],
 # --- steps 6-7: build and fill -------------------------------------------------------------------
 
 
-def _fill(model: HybridLM, shard: _OpenShard, entries: list[str], config: ModelConfig, names: AttentionNameMap,
-          device: torch.device) -> None:
+def _fill(model: HybridLM, shard: _OpenShard, entries: list[HeaderEntry], config: ModelConfig,
+          names: AttentionNameMap, device: torch.device) -> None:
     targets = dict(model.named_parameters()) | dict(model.named_buffers())
-    dev = "cpu" if device.type == "cpu" else str(device)
     state: dict[str, torch.Tensor] = {}
-    with safe_open(shard.path, framework="pt", device=dev) as f:
-        for name in entries:
-            internal = checkpoint_to_internal(config, names, name)
-            t = f.get_tensor(name)
-            state[internal] = t.to(device=device, dtype=targets[internal].dtype)
-            del t
+    for e in entries:
+        internal = checkpoint_to_internal(config, names, e.info.name)
+        state[internal] = shard.read(e.info).to(device=device, dtype=targets[internal].dtype)
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:  # cannot happen after check_table; kept as a guard
         raise _refuse("internal name mismatch while loading", rule="loader.internal", names=result.unexpected_keys)
@@ -302,7 +327,7 @@ def load_model(
     config: ModelConfig | None = None,
     name_map: AttentionNameMap | None = None,
     file_identities: Mapping[str, FileIdentity | os.stat_result] | None = None,
-    verified_tables: Mapping[str, Mapping[str, tuple[str, tuple[int, ...]]]] | None = None,
+    verified_tables: Mapping[str, VerifiedTable] | None = None,
 ) -> HybridLM:
     """Load a model folder into a :class:`~secure_run.model.model.HybridLM` (eval mode, no grads).
 
@@ -314,13 +339,16 @@ def load_model(
         config: an already-validated config (default: read ``config.json``).
         name_map: checkpoint names of the attention projections (default: from the config).
         file_identities: shard file name -> verified identity; each shard must still match.
-        verified_tables: shard file name -> {tensor: (dtype, shape)} as verified by manifests.
+        verified_tables: shard file name -> the header verified by manifests
+            (``VerificationResult.headers``), or -> {tensor: (dtype, shape)}.
 
     Raises:
         ModelError: any step of the checklist in the module docstring fails.
     """
     model_dir = Path(model_dir)
     device = torch.device(device)
+    if sys.byteorder != "little":  # safetensors data is little-endian; we read raw bytes
+        raise ModelError("loading needs a little-endian host", rule="loader.byteorder")
     # 1. config
     cfg = config if config is not None else load_config(model_dir)
     names = name_map_for(cfg, name_map)
@@ -347,7 +375,7 @@ def load_model(
         # 4. headers
         found = read_checkpoint_table(shards, index)
         if verified_tables is not None:
-            _check_verified_tables(found, verified_tables)
+            _check_verified_tables(shards, verified_tables)
         # 5. exact table
         check_table(cfg, names, found)
         # 6. meta build, then shard by shard
@@ -355,7 +383,7 @@ def load_model(
         with torch.device("meta"):
             model = HybridLM(cfg, dtype=target)
         for sh in shards:
-            _fill(model, sh, sorted(n for n, e in found.items() if e.shard == sh.name), cfg, names, device)
+            _fill(model, sh, [e for _, e in sorted(found.items()) if e.shard == sh.name], cfg, names, device)
             # 7. unchanged while read
             sh.check_unchanged()
     finally:

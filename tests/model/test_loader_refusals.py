@@ -190,7 +190,42 @@ def test_no_weights_and_corrupt_header(folder_factory: Factory) -> None:
     (path / "model.safetensors").unlink()
     assert _refused(path).rule == "loader.no-weights"
     (path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
-    assert _refused(path).rule == "loader.header"
+    err = _refused(path)
+    assert err.rule == "loader.header" and any("[ST-H2]" in d for d in err.details), err.details
+
+
+def _raw_shard(header: dict[str, object], data: bytes) -> bytes:
+    head = json.dumps(header).encode()
+    return len(head).to_bytes(8, "little") + head + data
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "rule"),
+    [
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+          "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12), "ST-H10"),  # overlap
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(8) + b"PK\x05\x06", "ST-H13"),
+        ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8), "ST-H11"),
+    ],
+)
+def test_malformed_headers_use_the_strict_manifests_check(folder_factory: Factory, header: dict[str, object],
+                                                          data: bytes, rule: str) -> None:
+    path = folder_factory(TINY, _state())
+    (path / "model.safetensors").write_bytes(_raw_shard(header, data))
+    err = _refused(path)
+    assert err.rule == "loader.header" and any(f"[{rule}]" in d for d in err.details), err.details
+
+
+def test_truncated_while_reading(folder_factory: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = folder_factory(TINY, _state())
+    real_fill = loader_mod._fill
+
+    def truncate_then_fill(*args: object, **kw: object) -> None:
+        os.truncate(path / "model.safetensors", 4096)
+        real_fill(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loader_mod, "_fill", truncate_then_fill)
+    assert _refused(path).rule == "loader.changed"
 
 
 def test_file_identities(folder_factory: Factory) -> None:
@@ -257,6 +292,21 @@ def test_verified_tables_must_match(folder_factory: Factory) -> None:
     load_model(path, verified_tables=table)
     table["model.safetensors"]["lm_head.weight"] = ("F32", (1, 1))
     assert _refused(path, verified_tables=table).rule == "loader.verified-table"
+
+
+def test_verified_headers_from_manifests(folder_factory: Factory) -> None:
+    from secure_run.manifests import read_safetensors_header
+
+    state = _state()
+    path = folder_factory(TINY, state, shards=2)
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    verified = {s: read_safetensors_header(path / s, s) for s in shards}
+    load_model(path, verified_tables=verified)
+    # same names, dtypes, shapes and data, but other header metadata (and so other offsets)
+    a = load_file(str(path / shards[0]))
+    save_file(a, str(path / shards[0]), metadata={"format": "pt", "note": "rewritten"})
+    err = _refused(path, verified_tables=verified)
+    assert err.rule == "loader.verified-table" and shards[0] in err.details
 
 
 def test_never_unpickles(folder_factory: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
