@@ -61,7 +61,7 @@ def load_for_inference(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
-    file_identities: Mapping[str, FileIdentity | os.stat_result] | None = None,
+    file_identities: Mapping[str, FileIdentity | os.stat_result | object] | None = None,
     name_map: AttentionNameMap | None = None,
 ) -> InferenceModel:
     """Load a (verified) model folder and its tokenizer.

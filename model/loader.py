@@ -72,17 +72,40 @@ _MAX_LISTED = 20
 
 @dataclass(frozen=True)
 class FileIdentity:
-    """What a verified file must still be when it is read (compared with ``fstat``)."""
+    """What a verified file must still be when it is read (compared with ``fstat``).
+
+    ``st_ctime_ns`` is optional: when known it is compared too (it changes on any write and
+    cannot be set back, so it catches an in-place edit whose mtime was restored).
+    """
 
     st_dev: int
     st_ino: int
     st_size: int
     st_mtime_ns: int
+    st_ctime_ns: int | None = None
 
     @classmethod
     def of(cls, st: os.stat_result) -> FileIdentity:
         """The identity of a ``stat`` / ``fstat`` result."""
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    @classmethod
+    def coerce(cls, value: object) -> FileIdentity:
+        """Accept a FileIdentity, an ``os.stat_result`` or a ``secure_run.manifests.FileIdentity``."""
+        if isinstance(value, FileIdentity):
+            return value
+        if isinstance(value, os.stat_result):
+            return cls.of(value)
+        fields = ("dev", "ino", "size", "mtime_ns", "ctime_ns")
+        if all(isinstance(getattr(value, f, None), int) for f in fields):
+            return cls(*(int(getattr(value, f)) for f in fields))
+        raise ModelError(f"not a file identity: {type(value).__name__}", rule="loader.identity")
+
+    def matches(self, opened: FileIdentity) -> bool:
+        """True when ``opened`` (a full fstat identity) is this file version."""
+        same = (self.st_dev, self.st_ino, self.st_size, self.st_mtime_ns) == (
+            opened.st_dev, opened.st_ino, opened.st_size, opened.st_mtime_ns)
+        return same and (self.st_ctime_ns is None or self.st_ctime_ns == opened.st_ctime_ns)
 
 
 @dataclass(frozen=True)
@@ -164,7 +187,7 @@ class _OpenShard:
             self.close()
             raise _refuse(f"shard {name} is not a regular file", rule="loader.shard-open", path=name)
         self.identity = FileIdentity.of(st)
-        if expected is not None and self.identity != expected:
+        if expected is not None and not expected.matches(self.identity):
             self.close()
             raise _refuse(
                 f"shard {name} is not the file that was verified",
@@ -326,7 +349,7 @@ def load_model(
     dtype: torch.dtype | None = None,
     config: ModelConfig | None = None,
     name_map: AttentionNameMap | None = None,
-    file_identities: Mapping[str, FileIdentity | os.stat_result] | None = None,
+    file_identities: Mapping[str, object] | None = None,
     verified_tables: Mapping[str, VerifiedTable] | None = None,
 ) -> HybridLM:
     """Load a model folder into a :class:`~secure_run.model.model.HybridLM` (eval mode, no grads).
@@ -338,7 +361,8 @@ def load_model(
             correction bias and the Mamba per-head vectors stay fp32.
         config: an already-validated config (default: read ``config.json``).
         name_map: checkpoint names of the attention projections (default: from the config).
-        file_identities: shard file name -> verified identity; each shard must still match.
+        file_identities: shard file name -> verified identity (:class:`FileIdentity`,
+            ``os.stat_result`` or ``secure_run.manifests.FileIdentity``); each shard must still match.
         verified_tables: shard file name -> the header verified by manifests
             (``VerificationResult.headers``), or -> {tensor: (dtype, shape)}.
 
@@ -361,7 +385,7 @@ def load_model(
     else:
         raise _refuse("no weights: neither model.safetensors nor model.safetensors.index.json", rule="loader.no-weights",
                       path=str(model_dir), hint="a model folder needs safetensors weights")
-    idents = {k: (v if isinstance(v, FileIdentity) else FileIdentity.of(v)) for k, v in (file_identities or {}).items()}
+    idents = {k: FileIdentity.coerce(v) for k, v in (file_identities or {}).items()}
     if file_identities is not None:
         unverified = [s for s in shard_names if s not in idents]
         if unverified:

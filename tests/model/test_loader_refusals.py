@@ -244,6 +244,30 @@ def test_file_identities(folder_factory: Factory) -> None:
     assert err.rule == "loader.identity" and shards[1] in err.details
 
 
+def test_manifests_identities_and_ctime(folder_factory: Factory) -> None:
+    from secure_run.manifests import FileIdentity as VerifiedIdentity
+
+    path = folder_factory(TINY, _state())
+    shard = path / "model.safetensors"
+    verified = {"model.safetensors": VerifiedIdentity.from_stat(os.stat(shard))}
+    load_model(path, file_identities=verified)  # the manifests' identity type is accepted
+    # edit the file in place and restore its mtime: dev, ino, size and mtime match, ctime does not
+    st = os.stat(shard)
+    with open(shard, "r+b") as f:
+        f.seek(st.st_size - 4)
+        f.write(b"\x00\x00\x80\x7f")  # the last float becomes +inf
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    now = os.stat(shard)
+    assert (now.st_size, now.st_mtime_ns, now.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+    err = _refused(path, file_identities=verified)
+    assert err.rule == "loader.identity"
+    four = {"model.safetensors": FileIdentity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)}
+    load_model(path, file_identities=four)  # without ctime the edit cannot be seen (documented)
+    with pytest.raises(ModelError) as info:
+        FileIdentity.coerce("not an identity")
+    assert info.value.rule == "loader.identity"
+
+
 def test_shard_replaced_after_verification(folder_factory: Factory) -> None:
     path = folder_factory(TINY, _state())
     ident = {"model.safetensors": os.stat(path / "model.safetensors")}
@@ -266,23 +290,25 @@ def test_file_changed_while_reading(folder_factory: Factory, monkeypatch: pytest
     assert _refused(path).rule == "loader.changed"
 
 
-def test_reads_the_opened_file_even_if_the_name_is_swapped(folder_factory: Factory,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    # swap the directory entry after the headers were checked: the loader keeps reading the file it
-    # opened and fstat'ed (through its descriptor), never the new one
+def test_swapping_the_name_mid_load_is_refused(folder_factory: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # replace the directory entry after the headers were checked: the loader reads through the
+    # descriptor it opened (never the new file) and the unlink of the verified file changes its
+    # ctime, so the load is refused instead of mixing two files
     state = _state()
     path = folder_factory(TINY, state)
     real_fill = loader_mod._fill
+    seen: list[torch.Tensor] = []
 
-    def swap_then_fill(*args: object, **kw: object) -> None:
+    def swap_then_fill(model: torch.nn.Module, *args: object, **kw: object) -> None:
         other = path.parent / "evil.safetensors"
         save_file({k: torch.full_like(v, 7.0) for k, v in state.items()}, str(other))
         os.replace(other, path / "model.safetensors")
-        real_fill(*args, **kw)  # type: ignore[arg-type]
+        real_fill(model, *args, **kw)  # type: ignore[arg-type]
+        seen.append(model.lm_head.weight.detach().clone())  # type: ignore[union-attr]
 
     monkeypatch.setattr(loader_mod, "_fill", swap_then_fill)
-    model = load_model(path)
-    torch.testing.assert_close(model.lm_head.weight, state["lm_head.weight"], rtol=0, atol=0)
+    assert _refused(path).rule == "loader.changed"
+    torch.testing.assert_close(seen[0], state["lm_head.weight"], rtol=0, atol=0)  # the bytes read were the verified ones
 
 
 def test_verified_tables_must_match(folder_factory: Factory) -> None:
