@@ -9,8 +9,21 @@ import click
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+def _remember_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    # ctx.meta is shared by the whole context chain: the group's error handler reads it to render
+    # refusals as JSON too.
+    if value:
+        ctx.meta["secure_run.json"] = True
+    return value
+
+
 json_option = click.option(
-    "--json", "as_json", is_flag=True, default=False, help="Print one JSON document (stable schema) instead of text."
+    "--json",
+    "as_json",
+    is_flag=True,
+    default=False,
+    callback=_remember_json,
+    help="Print one JSON document (stable schema) instead of text.",
 )
 
 
