@@ -161,7 +161,26 @@ def parse_bundle(data: bytes, source: str) -> Bundle:
     if keyid is not None and not isinstance(keyid, str):
         raise _bad(source, "OMS-SIGNATURES", "signatures[0].keyid must be a string, empty or absent")
     signature = _b64(source, sigs[0].get("sig"), "signatures[0].sig")
+    _refuse_legacy(source, payload)
     return Bundle(source, data, method, hint, raw_key, chain, payload, payload_type, signature)
+
+
+def _refuse_legacy(source: str, payload: bytes) -> None:
+    """Name the deprecated v0.2 format up front (its PAE bug would otherwise read as a bad signature).
+
+    Only a refusal is derived from the unverified payload, never trust.
+    """
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        return
+    if isinstance(doc, dict) and doc.get("predicateType") == LEGACY_PREDICATE_TYPE:
+        raise _bad(
+            source,
+            "OMS-PREDICATE-TYPE",
+            f"predicateType {LEGACY_PREDICATE_TYPE!r} is the deprecated v0.2 format (OMS v1.0 section 11.2: "
+            "verifiers MAY, secure-run does not accept it); re-sign with a current signer",
+        )
 
 
 @dataclass(frozen=True)

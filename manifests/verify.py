@@ -294,13 +294,14 @@ def verify_model(
                 "no trust given: pass --public-key, --cert-root + --identity, --sigstore, or --lock",
                 hint="verification needs pinned trust material",
             )
+        if not isinstance(lock, Lock):
+            raise UsageError("pass the whole Lock (its folder resolves the pinned files) or explicit trust with a LockEntry")
+        # The unverified subject name only selects the pin; the entry is looked up again from the
+        # verified statement in step 5 (same payload bytes, so the same entry).
+        entry = lock.find(base, _unverified_subject(bundle))
         if entry is None:
-            assert isinstance(lock, Lock)
-            # The unverified subject name only selects the pin; it is re-checked after step 3.
-            entry = lock.find(base, _unverified_subject(bundle))
-            if entry is None:
-                raise lock_refusal(str(base), _unverified_subject(bundle), lock)
-        trust = entry.signer.trust(lock.base if isinstance(lock, Lock) else Path("."))
+            raise lock_refusal(str(base), _unverified_subject(bundle), lock)
+        trust = entry.signer.trust(lock.base)
 
     # 3. signature with the pinned trust.
     payload, signer = verify_signature(bundle, trust)
