@@ -118,9 +118,6 @@ def superlinear_attention(
         check_positions(cache_position, k.shape[2])  # host sync: skipped for CUDA decode / graphs
     if which == "reference":
         return superlinear_attention_reference(q1, q2, k, v, cache_position, params, attention_mask)
-    raise KernelUnavailable(
-        "the Triton backend is not built yet",
-        hint="use backend='reference'",
-        path="backend",
-        rule="kernels.triton-unavailable",
-    )
+    from secure_run.kernels.span_triton import superlinear_attention_triton
+
+    return superlinear_attention_triton(q1, q2, k, v, cache_position, params, attention_mask)

@@ -1,0 +1,87 @@
+"""Triton helpers shared by the search, prefill and decode kernels, and per-device constants.
+
+Rules every kernel here follows (spec/environment.md section 3):
+* plain pointer arithmetic (no block pointers / tensor descriptors), int64 offsets;
+* every load is masked, so the unfilled tail of a static cache is never read;
+* under the CPU interpreter bf16 arithmetic is wrong, so launchers set ``UPCAST`` there and the
+  kernels convert right after ``tl.load``;
+* span extents use the float64 snap rule of :func:`secure_run.kernels._schedule.span_extent`, with
+  the float64 constants loaded from a tensor (a Python float argument would arrive as fp32).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from secure_run.kernels._schedule import stripe_offsets
+from secure_run.kernels.params import SpanParams
+
+NEG_INF = float("-inf")
+
+
+def interpreting() -> bool:
+    """True when kernels run under the Triton CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=32)
+def _consts_cached(params: SpanParams, device: str) -> torch.Tensor:
+    vals = [params.backward_factor, params.forward_factor, params.span_power, 0.0]
+    return torch.tensor(vals, dtype=torch.float64, device=device)
+
+
+def span_consts(params: SpanParams, device: torch.device) -> torch.Tensor:
+    """[backward_factor, forward_factor, span_power, 0] as a float64 device tensor (cached)."""
+    return _consts_cached(params, str(device))
+
+
+@functools.lru_cache(maxsize=32)
+def _offsets_cached(params: SpanParams, max_t: int, device: str) -> torch.Tensor:
+    return stripe_offsets(params, max_t).to(device=device, dtype=torch.int64)
+
+
+def device_offsets(params: SpanParams, max_t: int, device: torch.device) -> torch.Tensor:
+    """Stripe offset table F(i) on ``device`` (cached per params, length and device)."""
+    return _offsets_cached(params, int(max_t), str(device))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs must not silently drop to tf32 (the fp32 tolerance is 1e-4)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def span_bounds(a, pos, s0, Lkv, W, CONSTS, FWD: tl.constexpr, HAS_W: tl.constexpr):
+    """(qstart, qend) of the spans around anchors ``a`` (any shape; -1, -1 where a < 0): model.md 3.5.
+
+    The extents ceil(factor * t ** span_power), t = pos + 1 - s0, follow the float64 snap rule of
+    ``_schedule.span_extent`` (kept inline: nested jit calls are slow under the interpreter).
+    """
+    t = tl.maximum(pos + 1 - s0, 0).to(tl.float64)
+    power = tl.load(CONSTS + 2)
+    tp = tl.where(t > 0, tl.exp(power * tl.log(tl.maximum(t, 1.0))), 0.0)
+    xb = tp * tl.load(CONSTS + 0)
+    rb = tl.floor(xb + 0.5)
+    lb = tl.where(tl.abs(xb - rb) <= 1e-9 * tl.maximum(xb, 1.0), rb, tl.ceil(xb)).to(tl.int64)
+    qs = tl.maximum(tl.maximum(a - lb, s0), 0)
+    if FWD:
+        xf = tp * tl.load(CONSTS + 1)
+        rf = tl.floor(xf + 0.5)
+        lf = tl.where(tl.abs(xf - rf) <= 1e-9 * tl.maximum(xf, 1.0), rf, tl.ceil(xf)).to(tl.int64)
+        qe = tl.minimum(tl.minimum(a + lf, pos), Lkv - 1)
+        if HAS_W:
+            qe = tl.minimum(qe, tl.maximum(pos - W + 1, 0) - 1)
+    else:
+        qe = a
+    qs = tl.where(a < 0, -1, qs)
+    qe = tl.where(a < 0, -1, qe)
+    return qs, qe

@@ -1,0 +1,213 @@
+"""Triton backend of Superlinear attention: tunables table, search, prefill and decode entry points.
+
+    >>> import os, torch
+    >>> from secure_run.kernels.params import SpanParams
+    >>> p = SpanParams(sw_index=2, num_spans=2, backward_factor=2.0, forward_factor=1.0,
+    ...                span_power=0.5, inv_search_power_int=2)
+    >>> cfg = config_for(torch.device("cuda"), head_dim=128, dtype=torch.float16)
+    >>> (cfg.pair_block_p, cfg.pair_block_n, cfg.decode_chunk)
+    (128, 64, 1024)
+
+Tunables come from a deterministic table keyed by device type, head_dim and dtype (no autotune
+sweep at run time, so a decode step can be captured in a CUDA graph). Decode (Lq == 1) never
+synchronises with the host; prefill splits long chunks into segments to bound scratch memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from secure_run.errors import KernelUnavailable
+from secure_run.kernels._schedule import first_valid_key, span_extent
+from secure_run.kernels._triton_common import device_offsets, dot_precision, interpreting, span_consts
+from secure_run.kernels._triton_decode import launch_decode
+from secure_run.kernels._triton_prefill import launch_prefill_attention
+from secure_run.kernels._triton_search import launch_search
+from secure_run.kernels.params import SpanParams
+from secure_run.kernels.reference import SpanSearch
+
+MAX_SPANS = 4
+MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    """Block sizes and launch settings of every kernel for one (device, head_dim, dtype)."""
+
+    search_block_s: int
+    search_warps: int
+    pair_block_p: int
+    pair_block_n: int
+    pair_warps: int
+    pair_stages: int
+    merge_block_m: int
+    decode_split: int
+    decode_chunk: int
+    decode_wchunk: int
+    decode_block_n: int
+    decode_block_nw: int
+    decode_warps: int
+    prefill_segment: int
+
+
+_CPU_INTERPRETER = TritonConfig(
+    search_block_s=16, search_warps=4, pair_block_p=16, pair_block_n=16, pair_warps=4, pair_stages=1,
+    merge_block_m=16, decode_split=32, decode_chunk=32, decode_wchunk=16, decode_block_n=16, decode_block_nw=16,
+    decode_warps=4, prefill_segment=1 << 15,
+)
+
+
+def config_for(device: torch.device, head_dim: int, dtype: torch.dtype) -> TritonConfig:
+    """The tunables for this device type, head_dim and dtype (a fixed table; no autotuning)."""
+    if device.type != "cuda":
+        return _CPU_INTERPRETER
+    wide = dtype == torch.float32 or head_dim > 128
+    return TritonConfig(
+        search_block_s=32 if wide else 64,
+        search_warps=4,
+        pair_block_p=64 if wide else 128,
+        pair_block_n=32 if wide else 64,
+        pair_warps=8,
+        pair_stages=2 if wide else 3,
+        merge_block_m=16,
+        decode_split=256,
+        decode_chunk=1024,
+        decode_wchunk=512,
+        decode_block_n=64 if head_dim <= 128 else 32,
+        decode_block_nw=32 if wide else 64,
+        decode_warps=4,
+        prefill_segment=1 << 15,
+    )
+
+
+def _check_supported(q2: torch.Tensor, params: SpanParams) -> None:
+    D = q2.shape[-1]
+    if params.num_spans > MAX_SPANS or D > MAX_HEAD_DIM or q2.dtype == torch.float64:
+        raise KernelUnavailable(
+            "the Triton kernels do not support these arguments",
+            details=(f"got num_spans={params.num_spans}, head_dim={D}, dtype={q2.dtype}",
+                     f"expected num_spans <= {MAX_SPANS}, head_dim <= {MAX_HEAD_DIM}, fp16/bf16/fp32"),
+            hint="use backend='reference' for these arguments",
+            path="params",
+            rule="kernels.triton-unsupported",
+        )
+
+
+def _kernel_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype == torch.bool:
+        return attention_mask.contiguous().view(torch.uint8)
+    if attention_mask.dtype.is_floating_point:
+        return (attention_mask != 0).to(torch.uint8)
+    return attention_mask.contiguous()
+
+
+def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def span_search_triton(
+    q1: torch.Tensor,
+    k: torch.Tensor,
+    cache_position: torch.Tensor,
+    params: SpanParams,
+    attention_mask: torch.Tensor | None = None,
+) -> SpanSearch:
+    """Triton span search for a contiguous chunk of queries (same result as the reference).
+
+    Returns:
+        SpanSearch with values fp32 and anchors/qstart/qend int64, each [B, Hq, Lq, k].
+    """
+    _check_supported(q1, params)
+    q1, k = _lastdim_contiguous(q1), _lastdim_contiguous(k)
+    cfg = config_for(q1.device, q1.shape[-1], q1.dtype)
+    Lkv = k.shape[2]
+    pos = cache_position.to(device=q1.device, dtype=torch.int64).contiguous()
+    offs = device_offsets(params, Lkv, q1.device)
+    ns = torch.searchsorted(offs, pos + 1, right=True).to(torch.int32)
+    mask = _kernel_mask(attention_mask)
+    s0 = first_valid_key(attention_mask, q1.shape[0], q1.device) if mask is not None else None
+    v, a, qs, qe = launch_search(
+        q1, k, pos, offs, ns, mask, s0, span_consts(params, q1.device), num_spans=params.num_spans,
+        window=params.window_len, forward=params.forward_factor > 0, n_splits=1, final=True,
+        split_len=max(1, offs.numel()), block_s=cfg.search_block_s, upcast=_upcast(q1),
+        precision=dot_precision(q1.dtype), num_warps=cfg.search_warps,
+    )
+    return SpanSearch(v, a, qs, qe)
+
+
+def _upcast(x: torch.Tensor) -> bool:
+    return interpreting() and x.dtype == torch.bfloat16
+
+
+def max_span_len(params: SpanParams, kv_len: int) -> int:
+    """Upper bound on one span's key count for any query of a cache of ``kv_len`` slots."""
+    t = torch.tensor([kv_len])
+    n = int(span_extent(t, params.backward_factor, params.span_power)[0]) + 1
+    if params.forward_factor > 0:
+        n += int(span_extent(t, params.forward_factor, params.span_power)[0])
+    return n
+
+
+def superlinear_attention_triton(
+    q1: torch.Tensor,
+    q2: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_position: torch.Tensor,
+    params: SpanParams,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton Superlinear attention; arguments as :func:`secure_run.kernels.superlinear_attention`.
+
+    ``out`` ([B, Hq, Lq, D], q2's dtype) receives the result when given (a static buffer for CUDA
+    graphs; tests pass a NaN-poisoned one to prove every element is written).
+    """
+    _check_supported(q2, params)
+    q1, q2 = _lastdim_contiguous(q1), _lastdim_contiguous(q2)
+    k, v = _lastdim_contiguous(k), _lastdim_contiguous(v)
+    B, Hq, Lq, D = q2.shape
+    Lkv = k.shape[2]
+    dev = q2.device
+    cfg = config_for(dev, D, q2.dtype)
+    if out is None:
+        out = torch.empty(B, Hq, Lq, D, dtype=q2.dtype, device=dev)
+    if Lq == 0:
+        return out
+    pos = cache_position.to(device=dev, dtype=torch.int64).contiguous()
+    offs = device_offsets(params, Lkv, dev)
+    consts = span_consts(params, dev)
+    mask = _kernel_mask(attention_mask)
+    s0 = first_valid_key(attention_mask, B, dev) if mask is not None else None
+    W = params.window_len
+    fwd = params.forward_factor > 0
+    upcast = _upcast(q2)
+    prec = dot_precision(q2.dtype)
+    if Lq == 1:
+        launch_decode(
+            q1, q2, k, v, pos, offs, mask, s0, consts, out, num_spans=params.num_spans, window=W, forward=fwd,
+            max_span=max_span_len(params, Lkv), split_len=cfg.decode_split, block_s=cfg.search_block_s,
+            chunk=cfg.decode_chunk, wchunk=cfg.decode_wchunk, block_n=cfg.decode_block_n,
+            block_nw=cfg.decode_block_nw, upcast=upcast, precision=prec, num_warps=cfg.decode_warps,
+        )
+        return out
+    ns = torch.searchsorted(offs, pos + 1, right=True).to(torch.int32)
+    for a in range(0, Lq, cfg.prefill_segment):
+        b = min(Lq, a + cfg.prefill_segment)
+        pa = pos[a:b]
+        val, anc, qs, qe = launch_search(
+            q1[:, :, a:b], k, pa, offs, ns[a:b], mask, s0, consts, num_spans=params.num_spans, window=W,
+            forward=fwd, n_splits=1, final=True, split_len=max(1, offs.numel()), block_s=cfg.search_block_s,
+            upcast=upcast, precision=prec, num_warps=cfg.search_warps,
+        )
+        launch_prefill_attention(
+            q2[:, :, a:b], k, v, pa, mask, val, anc, qs, qe, out[:, :, a:b], window=W,
+            block_p=cfg.pair_block_p, block_n=cfg.pair_block_n, block_m=cfg.merge_block_m, upcast=upcast,
+            precision=prec, num_warps=cfg.pair_warps, num_stages=cfg.pair_stages,
+        )
+    return out
