@@ -1,0 +1,1 @@
+"""Internals of the sandbox package: backends, image builder, seccomp compiler, namespace init."""

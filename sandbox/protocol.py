@@ -1,0 +1,370 @@
+"""The worker protocol: one JSON request on stdin, JSON lines out, validated by the host.
+
+The worker inside the sandbox reads one :data:`Request` (``selftest`` or ``generate``) from stdin
+and writes one JSON object per line on stdout: ``token`` and ``text`` events while it runs, one
+``stats`` event at the end, or an ``error`` event. The host treats every byte as hostile: lines are
+length-capped, the number of lines and the total size are capped, each line must be strict JSON
+(no NaN, no duplicate keys) and a known event type with no extra fields, and all text is stripped
+of escape sequences and control characters before anything can reach a terminal.
+
+    >>> req = SelftestRequest(task="selftest", seed=7, steps=3)
+    >>> parse_request(encode_request(req)).seed
+    7
+    >>> reader = EventReader(StreamLimits(max_line_bytes=256))
+    >>> ev = reader.parse_line(b'{"type": "text", "text": "hi \\u001b[31mred\\u001b[0m"}')
+    >>> ev.text
+    'hi red'
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+
+from secure_run.errors import SandboxError
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "ChatMessage",
+    "ErrorEvent",
+    "Event",
+    "EventReader",
+    "FileIdentityModel",
+    "GenerateRequest",
+    "ProtocolError",
+    "Request",
+    "SelftestRequest",
+    "StatsEvent",
+    "StreamLimits",
+    "TextEvent",
+    "TokenEvent",
+    "encode_event",
+    "encode_request",
+    "parse_request",
+    "terminal_safe",
+]
+
+PROTOCOL_VERSION = 1
+#: Largest request the worker accepts on stdin.
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+
+# --- text sanitation ---------------------------------------------------------------------------
+
+# CSI (ESC [ ... final), OSC (ESC ] ... BEL or ST), DCS/SOS/PM/APC (ESC P|X|^|_ ... ST), two-byte ESC x.
+_ESCAPES = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]?"
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"
+    r"|\x1b[PX^_][^\x1b]*(?:\x1b\\)?"
+    r"|\x1b[ -~]?"
+    r"|\x9b[0-?]*[ -/]*[@-~]?"
+    r"|\x9d[^\x07\x1b\x9c]*(?:\x07|\x9c)?"
+)
+# Bidirectional overrides and isolates ("Trojan Source"), zero-width joiners are left alone.
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` without escape sequences, control characters (except newline and tab), bidi overrides or surrogates.
+
+    >>> terminal_safe("a\\x1b]0;title\\x07b\\rc\\x00d\\u202e")
+    'abcd'
+    """
+    text = _ESCAPES.sub("", text)
+    out = []
+    for ch in text:
+        if ch in "\n\t":
+            out.append(ch)
+            continue
+        cat = unicodedata.category(ch)
+        if cat in ("Cc", "Cs") or ch in _BIDI:
+            continue
+        out.append(ch)
+    return "".join(out)
+
+
+SafeText = Annotated[str, AfterValidator(terminal_safe)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+
+# --- requests (host -> worker) -------------------------------------------------------------------
+
+
+class FileIdentityModel(_Frozen):
+    """The identity a verified file must still have when the worker opens it (``fstat``)."""
+
+    st_dev: int = Field(ge=0)
+    st_ino: int = Field(ge=0)
+    st_size: int = Field(ge=0)
+    st_mtime_ns: int = Field(ge=0)
+
+
+class ChatMessage(_Frozen):
+    """One chat message."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=1 << 20)
+
+
+_FileName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")]
+
+
+class SelftestRequest(_Frozen):
+    """Run the tiny deterministic model built from ``seed`` (used by the sandbox tests).
+
+    ``weights_file`` (a file name in the model mount) loads the weights with safetensors instead of
+    generating them; ``triton`` also compiles and runs a tiny Triton kernel (CUDA only);
+    ``matmul_size`` > 0 also checks an N x N matmul on the device against float64 on the CPU.
+    """
+
+    task: Literal["selftest"]
+    version: Literal[1] = 1
+    device: Literal["cpu", "cuda"] = "cpu"
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    steps: int = Field(default=8, ge=1, le=256)
+    weights_file: _FileName | None = None
+    triton: bool = False
+    matmul_size: int = Field(default=0, ge=0, le=16384)
+
+
+class GenerateRequest(_Frozen):
+    """Generate text with the verified model mounted at the model mount point."""
+
+    task: Literal["generate"]
+    version: Literal[1] = 1
+    device: Annotated[str, Field(pattern=r"^(cpu|cuda(:[0-9]{1,2})?)$")] = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    messages: tuple[ChatMessage, ...] | None = Field(default=None, max_length=1024)
+    prompt: str | None = Field(default=None, max_length=1 << 22)
+    max_new_tokens: int = Field(default=64, ge=1, le=1 << 20)
+    temperature: float = Field(default=0.0, ge=0.0, le=100.0)
+    top_k: int = Field(default=0, ge=0, le=1 << 20)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
+    file_identities: dict[_FileName, FileIdentityModel] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("exactly one of messages and prompt must be given")
+        return self
+
+
+Request = Annotated[SelftestRequest | GenerateRequest, Field(discriminator="task")]
+_REQUEST = TypeAdapter[SelftestRequest | GenerateRequest](Request)
+
+
+def encode_request(request: SelftestRequest | GenerateRequest) -> bytes:
+    """The request as one JSON line (what the host writes to the worker's stdin)."""
+    return (json.dumps(request.model_dump(mode="json"), ensure_ascii=True, allow_nan=False) + "\n").encode()
+
+
+def parse_request(data: bytes) -> SelftestRequest | GenerateRequest:
+    """Parse and validate a request (worker side).
+
+    Raises:
+        ProtocolError: rule ``sandbox.protocol.bad_request``.
+    """
+    if len(data) > MAX_REQUEST_BYTES:
+        raise ProtocolError(f"request is {len(data)} bytes, more than {MAX_REQUEST_BYTES}", what="bad_request")
+    try:
+        _strict_json(data)  # no NaN/Infinity, no duplicate keys
+        return _REQUEST.validate_json(data, strict=True)
+    except (ValueError, ValidationError, RecursionError) as err:
+        raise ProtocolError(f"invalid request: {_short(err)}", what="bad_request") from None
+
+
+# --- events (worker -> host) ---------------------------------------------------------------------
+
+
+class TokenEvent(_Frozen):
+    """One generated token id (its text arrives in ``text`` events, whole characters only)."""
+
+    type: Literal["token"]
+    index: int = Field(ge=0)
+    token_id: int = Field(ge=0, le=2**31 - 1)
+
+
+class TextEvent(_Frozen):
+    """A piece of generated text, already safe to print."""
+
+    type: Literal["text"]
+    text: SafeText = Field(max_length=16384)
+
+
+_DetailValue = Annotated[str, AfterValidator(terminal_safe), Field(max_length=512)] | int | float | bool
+
+
+class StatsEvent(_Frozen):
+    """The final summary of a run."""
+
+    type: Literal["stats"]
+    prompt_tokens: int = Field(ge=0)
+    generated_tokens: int = Field(ge=0)
+    seconds: float = Field(ge=0.0)
+    first_token_seconds: float | None = Field(default=None, ge=0.0)
+    tokens_per_second: float = Field(ge=0.0)
+    device: SafeText = Field(max_length=128)
+    detail: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.]{0,63}$")], _DetailValue] = Field(
+        default_factory=dict, max_length=64
+    )
+
+
+class ErrorEvent(_Frozen):
+    """The worker could not do what was asked.
+
+    ``code``: ``bad_request`` (the request was refused), ``model_refused`` (the model files failed a
+    check), ``unavailable`` (e.g. CUDA asked for but absent), ``internal`` (anything else).
+    """
+
+    type: Literal["error"]
+    code: Literal["bad_request", "model_refused", "unavailable", "internal"]
+    message: SafeText = Field(max_length=4096)
+    rule: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.-]{0,127}$")] | None = None
+
+
+Event = Annotated[TokenEvent | TextEvent | StatsEvent | ErrorEvent, Field(discriminator="type")]
+_EVENT = TypeAdapter[TokenEvent | TextEvent | StatsEvent | ErrorEvent](Event)
+_EVENT_TYPES = frozenset({"token", "text", "stats", "error"})
+
+
+def encode_event(event: TokenEvent | TextEvent | StatsEvent | ErrorEvent) -> bytes:
+    """One event as a JSON line (ASCII only; what the worker writes)."""
+    return (json.dumps(event.model_dump(mode="json"), ensure_ascii=True, allow_nan=False) + "\n").encode()
+
+
+# --- host-side reading ---------------------------------------------------------------------------
+
+
+class ProtocolError(SandboxError):
+    """The worker's output broke the protocol; the run is stopped (rule ``sandbox.protocol.*``)."""
+
+    kind = "sandbox"
+
+    def __init__(self, message: str, *, what: str, details: tuple[str, ...] = ()) -> None:
+        super().__init__(
+            message,
+            details=details,
+            rule=f"sandbox.protocol.{what}",
+            hint="the sandboxed worker misbehaved; nothing it printed was trusted. Re-run, and report "
+            "the model folder if it happens again",
+        )
+        self.what = what
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """Caps on what the host accepts from the worker's stdout."""
+
+    max_line_bytes: int = 64 * 1024
+    max_lines: int = 1_000_000
+    max_total_bytes: int = 64 * 1024 * 1024
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"JSON constant {name} is not allowed")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _strict_json(data: bytes) -> Any:
+    text = data.decode("utf-8")  # UnicodeDecodeError is a ValueError
+    return json.loads(text, parse_constant=_no_constants, object_pairs_hook=_no_duplicates)
+
+
+def _short(err: BaseException) -> str:
+    if isinstance(err, ValidationError):
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(root)"
+        return terminal_safe(f"{loc}: {first['msg']}")[:300]
+    return terminal_safe(str(err))[:300]
+
+
+class EventReader:
+    """Splits the worker's stdout into lines and validates each into an event.
+
+    Feed raw chunks with :meth:`feed` (yields events as lines complete) and call :meth:`close` at
+    end of stream. Any violation raises :class:`ProtocolError`; the caller stops the sandbox.
+    """
+
+    def __init__(self, limits: StreamLimits | None = None) -> None:
+        self.limits = limits or StreamLimits()
+        self._buf = bytearray()
+        self.lines = 0
+        self.total_bytes = 0
+
+    def feed(self, chunk: bytes) -> Iterator[TokenEvent | TextEvent | StatsEvent | ErrorEvent]:
+        """Add raw bytes; yield every event completed by them."""
+        self.total_bytes += len(chunk)
+        if self.total_bytes > self.limits.max_total_bytes:
+            raise ProtocolError(
+                f"worker wrote more than {self.limits.max_total_bytes} bytes", what="output_too_large"
+            )
+        self._buf.extend(chunk)
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl < 0:
+                if len(self._buf) > self.limits.max_line_bytes:
+                    raise ProtocolError(
+                        f"worker line longer than {self.limits.max_line_bytes} bytes", what="line_too_long"
+                    )
+                return
+            line = bytes(self._buf[:nl])
+            del self._buf[: nl + 1]
+            yield self.parse_line(line)
+
+    def close(self) -> None:
+        """End of stream: a trailing partial line is an error."""
+        if self._buf:
+            raise ProtocolError("worker output ends with an incomplete line", what="truncated_line")
+
+    def parse_line(self, line: bytes) -> TokenEvent | TextEvent | StatsEvent | ErrorEvent:
+        """Validate one line (without its newline) into an event."""
+        if len(line) > self.limits.max_line_bytes:
+            raise ProtocolError(f"worker line longer than {self.limits.max_line_bytes} bytes", what="line_too_long")
+        self.lines += 1
+        if self.lines > self.limits.max_lines:
+            raise ProtocolError(f"worker wrote more than {self.limits.max_lines} lines", what="too_many_lines")
+        try:
+            obj = _strict_json(line)
+        except (ValueError, RecursionError) as err:
+            raise ProtocolError(f"worker line {self.lines} is not valid JSON: {_short(err)}", what="bad_json") from None
+        if not isinstance(obj, dict):
+            raise ProtocolError(f"worker line {self.lines} is not a JSON object", what="bad_json")
+        kind = obj.get("type")
+        if kind not in _EVENT_TYPES:
+            shown = terminal_safe(str(kind))[:40]
+            raise ProtocolError(
+                f"worker line {self.lines} has unknown event type {shown!r}",
+                what="unknown_event",
+                details=(f"known types: {', '.join(sorted(_EVENT_TYPES))}",),
+            )
+        try:
+            return _EVENT.validate_json(line, strict=True)
+        except ValidationError as err:
+            raise ProtocolError(
+                f"worker line {self.lines} is not a valid {kind} event: {_short(err)}", what="invalid_event"
+            ) from None
