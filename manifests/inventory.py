@@ -147,6 +147,10 @@ class Inventory:
     findings: tuple[Finding, ...]
     headers: Mapping[str, SafetensorsHeader] = field(default_factory=dict)
     indexes: tuple[ShardIndex, ...] = ()
+    _by_name: Mapping[str, InventoryFile] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {f.name: f for f in self.files})
 
     @property
     def ok(self) -> bool:
@@ -160,7 +164,7 @@ class Inventory:
 
     def file(self, name: str) -> InventoryFile | None:
         """The entry for ``name`` or None."""
-        return next((f for f in self.files if f.name == name), None)
+        return self._by_name.get(name)
 
     def raise_for_findings(self) -> None:
         """Raise one :class:`FindingsError` listing every finding (no-op when :attr:`ok`)."""

@@ -179,10 +179,10 @@ def sign_model(
     inv.raise_for_findings()
     base = inv.root
     sig_path = _signature_path(base, signature)
-    key = load_private_key(read_trust_file(private_key, "private key"), str(private_key))
-    chain_der = _load_chain(certificate, chain, key) if certificate else ()
     if chain and not certificate:
         raise UsageError("--chain needs --cert", hint="pass the leaf certificate with --cert")
+    key = load_private_key(read_trust_file(private_key, "private key"), str(private_key))
+    chain_der = _load_chain(certificate, chain, key) if certificate else ()
 
     signable = sorted((f for f in inv.files if not f.ignorable), key=lambda f: sort_key(f.name))
     if not signable:

@@ -329,7 +329,7 @@ def verify_model(
         root_digest=statement.root_digest,
         signer=signer,
         files=tuple(files),
-        headers={n: h for n, h in inv.headers.items() if n in {f.name for f in files}},
+        headers={f.name: inv.headers[f.name] for f in files if f.name in inv.headers},
         total_bytes=sum(f.size for f in files),
         hash_seconds=seconds,
         lock_name=entry.name if entry is not None else None,

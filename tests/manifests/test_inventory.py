@@ -314,3 +314,11 @@ def test_write_model_helper_is_what_tests_assume(tmp_path: Path) -> None:
     root = write_model(tmp_path / "m", shards=3)
     inv = take_inventory(root)
     assert inv.ok and len(inv.headers) == 3
+
+
+def test_every_rule_is_documented() -> None:
+    from secure_run.manifests import RULES
+
+    readme = (Path(__file__).parents[2] / "manifests" / "README.md").read_text()
+    missing = [rule for rule in RULES if f"`{rule}`" not in readme]
+    assert missing == []
