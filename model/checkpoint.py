@@ -25,10 +25,11 @@ demo, tests) call it ``q_search_proj`` and record that in ``config.json`` under
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from secure_run.errors import ModelError
+from secure_run.manifests.tensors import TensorInfo
 from secure_run.model.config import ModelConfig
 
 __all__ = [
@@ -197,3 +198,67 @@ def checkpoint_to_internal(config: ModelConfig, name_map: AttentionNameMap, name
             raise ModelError(f"tensor {name} is not in the attention name map", rule="loader.unmapped")
         return f"backbone.layers.{m.group(1)}.mixer.{internal}.weight"
     return name
+
+
+# --- comparing a checkpoint's tensor table with the architecture (no torch) -------------------
+
+MAX_LISTED = 20
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    """One tensor of a validated shard header: its shard file, dtype string, shape and byte range."""
+
+    shard: str
+    dtype: str
+    shape: tuple[int, ...]
+    info: TensorInfo
+
+
+def refusal(message: str, *, rule: str, names: list[str] | None = None, path: str | None = None,
+            hint: str | None = None, details: tuple[str, ...] = ()) -> ModelError:
+    listed = list(details)
+    if names:
+        shown = sorted(names)[:MAX_LISTED]
+        listed.extend(shown)
+        if len(names) > MAX_LISTED:
+            listed.append(f"... and {len(names) - MAX_LISTED} more")
+    return ModelError(message, details=tuple(listed), hint=hint, path=path, rule=rule)
+
+
+def check_table(config: ModelConfig, names: AttentionNameMap, found: Mapping[str, HeaderEntry]) -> None:
+    """Refuse unless ``found`` equals the expected table exactly (names, shapes, dtypes)."""
+    expected: dict[str, TensorSpec] = expected_tensors(config, names)
+    attn_prefixes = tuple(f"backbone.layers.{i}.mixer." for i in config.attention_layers)
+    extra = sorted(set(found) - set(expected))
+    unmapped = [n for n in extra if n.startswith(attn_prefixes)]
+    others = [n for n in extra if not n.startswith(attn_prefixes)]
+    missing = sorted(set(expected) - set(found))
+    if unmapped:
+        raise refusal(
+            f"{len(unmapped)} attention tensor(s) are not in the attention name map",
+            rule="loader.unmapped", names=unmapped,
+            details=(f"name map: {names}",),
+            hint="the real checkpoint's search-projection name is unverified (spec/model.md 2.6); pass "
+            "AttentionNameMap(search_query=...) or set secure_run_search_proj in config.json once confirmed",
+        )
+    if missing:
+        raise refusal(f"{len(missing)} tensor(s) the config requires are missing from the checkpoint",
+                      rule="loader.missing", names=missing,
+                      hint="the checkpoint does not match config.json; use the matching files")
+    if others:
+        raise refusal(f"{len(others)} tensor(s) in the checkpoint are not part of the architecture",
+                      rule="loader.extra", names=others,
+                      hint="unknown tensors are refused; remove them or use the matching config.json")
+    bad_shape = [f"{n}: got {list(found[n].shape)}, expected {list(s.shape)}"
+                 for n, s in expected.items() if found[n].shape != s.shape]
+    if bad_shape:
+        raise refusal(f"{len(bad_shape)} tensor(s) have a shape that config.json does not imply",
+                      rule="loader.shape", names=bad_shape,
+                      hint="config.json and the weights disagree; use the config that belongs to these weights")
+    bad_dtype = [f"{n}: got {found[n].dtype}, expected {' or '.join(sorted(s.dtypes))}"
+                 for n, s in expected.items() if found[n].dtype not in s.dtypes]
+    if bad_dtype:
+        raise refusal(f"{len(bad_dtype)} tensor(s) have a dtype other than the declared {config.checkpoint_dtype}",
+                      rule="loader.dtype", names=bad_dtype,
+                      hint="torch_dtype in config.json must match the stored tensors")

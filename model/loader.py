@@ -46,11 +46,12 @@ from secure_run.manifests.findings import FindingsError
 from secure_run.manifests.tensors import SafetensorsHeader, TensorInfo, parse_safetensors_header
 from secure_run.model.checkpoint import (
     AttentionNameMap,
-    TensorSpec,
+    HeaderEntry,
+    check_table,
     checkpoint_to_internal,
-    expected_tensors,
     name_map_for,
 )
+from secure_run.model.checkpoint import refusal as _refuse
 from secure_run.model.config import ModelConfig, load_config
 from secure_run.model.model import HybridLM
 
@@ -67,7 +68,6 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _ST_TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-_MAX_LISTED = 20
 
 
 @dataclass(frozen=True)
@@ -106,27 +106,6 @@ class FileIdentity:
         same = (self.st_dev, self.st_ino, self.st_size, self.st_mtime_ns) == (
             opened.st_dev, opened.st_ino, opened.st_size, opened.st_mtime_ns)
         return same and (self.st_ctime_ns is None or self.st_ctime_ns == opened.st_ctime_ns)
-
-
-@dataclass(frozen=True)
-class HeaderEntry:
-    """One tensor of a validated shard header: its shard file, dtype string, shape and byte range."""
-
-    shard: str
-    dtype: str
-    shape: tuple[int, ...]
-    info: TensorInfo
-
-
-def _refuse(message: str, *, rule: str, names: list[str] | None = None, path: str | None = None,
-            hint: str | None = None, details: tuple[str, ...] = ()) -> ModelError:
-    listed = list(details)
-    if names:
-        shown = sorted(names)[:_MAX_LISTED]
-        listed.extend(shown)
-        if len(names) > _MAX_LISTED:
-            listed.append(f"... and {len(names) - _MAX_LISTED} more")
-    return ModelError(message, details=tuple(listed), hint=hint, path=path, rule=rule)
 
 
 # --- step 2: shards ----------------------------------------------------------------------------
@@ -258,44 +237,6 @@ def read_checkpoint_table(shards: list[_OpenShard], index: dict[str, str] | None
 
 
 # --- step 5: compare with the architecture ------------------------------------------------------
-
-
-def check_table(config: ModelConfig, names: AttentionNameMap, found: Mapping[str, HeaderEntry]) -> None:
-    """Refuse unless ``found`` equals the expected table exactly (names, shapes, dtypes)."""
-    expected: dict[str, TensorSpec] = expected_tensors(config, names)
-    attn_prefixes = tuple(f"backbone.layers.{i}.mixer." for i in config.attention_layers)
-    extra = sorted(set(found) - set(expected))
-    unmapped = [n for n in extra if n.startswith(attn_prefixes)]
-    others = [n for n in extra if not n.startswith(attn_prefixes)]
-    missing = sorted(set(expected) - set(found))
-    if unmapped:
-        raise _refuse(
-            f"{len(unmapped)} attention tensor(s) are not in the attention name map",
-            rule="loader.unmapped", names=unmapped,
-            details=(f"name map: {names}",),
-            hint="the real checkpoint's search-projection name is unverified (spec/model.md 2.6); pass "
-            "AttentionNameMap(search_query=...) or set secure_run_search_proj in config.json once confirmed",
-        )
-    if missing:
-        raise _refuse(f"{len(missing)} tensor(s) the config requires are missing from the checkpoint",
-                      rule="loader.missing", names=missing,
-                      hint="the checkpoint does not match config.json; use the matching files")
-    if others:
-        raise _refuse(f"{len(others)} tensor(s) in the checkpoint are not part of the architecture",
-                      rule="loader.extra", names=others,
-                      hint="unknown tensors are refused; remove them or use the matching config.json")
-    bad_shape = [f"{n}: got {list(found[n].shape)}, expected {list(s.shape)}"
-                 for n, s in expected.items() if found[n].shape != s.shape]
-    if bad_shape:
-        raise _refuse(f"{len(bad_shape)} tensor(s) have a shape that config.json does not imply",
-                      rule="loader.shape", names=bad_shape,
-                      hint="config.json and the weights disagree; use the config that belongs to these weights")
-    bad_dtype = [f"{n}: got {found[n].dtype}, expected {' or '.join(sorted(s.dtypes))}"
-                 for n, s in expected.items() if found[n].dtype not in s.dtypes]
-    if bad_dtype:
-        raise _refuse(f"{len(bad_dtype)} tensor(s) have a dtype other than the declared {config.checkpoint_dtype}",
-                      rule="loader.dtype", names=bad_dtype,
-                      hint="torch_dtype in config.json must match the stored tensors")
 
 
 VerifiedTable: TypeAlias = "SafetensorsHeader | Mapping[str, tuple[str, tuple[int, ...]]]"
