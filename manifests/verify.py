@@ -263,8 +263,10 @@ def verify_model(
         trust: pinned trust material. May be None when ``lock`` provides it (the entry's signer
             pin names the public key / root / trusted root).
         signature: the bundle (default ``root/model.sig``).
-        lock: a :class:`Lock` (the entry is found by path, then by signed subject name) or one
-            :class:`LockEntry`; the verified root digest and signer must equal the pin.
+        lock: a :class:`Lock` (the entry is found by path, then by signed subject name -- which
+            proves only that the folder is *one of* the locked models) or the one
+            :class:`LockEntry` the caller expects (then ``trust`` is required, e.g.
+            ``entry.signer.trust(lock.base)``); the verified root digest and signer must equal the pin.
         rules: inventory rules (tests only).
         workers: hashing threads (default min(files, cores, 8)).
         progress: optional hashing progress sink.
