@@ -52,6 +52,7 @@ WORKER_DISTRIBUTIONS = (
     "torch", "numpy", "safetensors", "tokenizers", "jinja2", "MarkupSafe",
     "pydantic", "pydantic_core", "annotated-types", "typing-inspection", "typing_extensions",
     "filelock", "fsspec", "sympy", "mpmath",  # torch's own run-time imports (sympy lazily)
+    "cryptography", "cffi",  # imported by secure_run.manifests (the model loader's strict header check)
 )
 #: Parts of those distributions the worker never uses.
 _DIST_EXCLUDE = re.compile(r"^(torch/(include|test|share)/|torch/bin/(?!torch_shm_manager$)|.*\.a$|.*\.pyi$|.*/tests?/)")

@@ -62,8 +62,12 @@ def code_files() -> list[tuple[Path, str]]:
 
 
 def sandbox_env(policy: SandboxPolicy, pythonpath: list[str], *, docker_gpu: bool = False,
-                host_env: dict[str, str] | None = None) -> dict[str, str]:
-    """The complete environment of the sandboxed program (nothing else leaks in from the host)."""
+                host_env: dict[str, str] | None = None, backend_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The complete environment of the sandboxed program (nothing else leaks in from the host).
+
+    ``backend_env`` carries values the backend itself determined (e.g. where the GPU driver's
+    libraries are); the policy cannot set those names.
+    """
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "HOME": SCRATCH_MOUNT,
@@ -81,6 +85,7 @@ def sandbox_env(policy: SandboxPolicy, pythonpath: list[str], *, docker_gpu: boo
         env["TRITON_CACHE_DIR"] = f"{JIT_CACHE_MOUNT}/triton"
     if policy.gpu and docker_gpu:
         env["NVIDIA_DRIVER_CAPABILITIES"] = "compute,utility"
+    env.update(backend_env or {})
     env.update(policy.env)
     env.update(policy.passthrough_env(host_env))
     return env

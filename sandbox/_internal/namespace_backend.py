@@ -64,6 +64,21 @@ def _gpu_nodes() -> list[str]:
     return nodes
 
 
+_DRIVER_DIRS = ("/usr/local/nvidia/lib64", "/usr/local/nvidia/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib64",
+                "/usr/lib")
+
+
+def _gpu_library_dirs() -> list[str]:
+    """Directories holding the NVIDIA driver's libcuda (host LD_LIBRARY_PATH first, then the usual places)."""
+    out: list[str] = []
+    for d in [*os.environ.get("LD_LIBRARY_PATH", "").split(":"), *_DRIVER_DIRS]:
+        if d and os.path.isdir(d) and any(Path(d).glob("libcuda.so*")):
+            real = os.path.realpath(d)
+            if real not in out:
+                out.append(real)
+    return out
+
+
 def _site_dirs() -> list[str]:
     """Host directories of third-party packages: this interpreter's site-packages plus PYTHONPATH entries."""
     import site
@@ -137,11 +152,19 @@ class NamespaceBackend(Backend):
             tmpfs.append({"dst": JIT_CACHE_MOUNT, "size_mib": policy.jit_cache_mib, "exec": True, "mode": "1777",
                           "control": "jit_cache"})
         devices = list(_DEVICES)
+        backend_env: dict[str, str] = {}
         if policy.gpu:
             gpu = _gpu_nodes()
             if not any(n.startswith("/dev/nvidia") and n[11:].isdigit() for n in gpu):
                 raise GpuUnavailable("no /dev/nvidia<N> device node on this host", backend="namespace")
             devices += gpu
+            libdirs = _gpu_library_dirs()
+            if not libdirs:
+                raise GpuUnavailable("the NVIDIA driver library libcuda.so was not found", backend="namespace")
+            for d in libdirs:
+                if not d.startswith(("/usr/", self.base_prefix + "/")):
+                    binds.append({"src": d, "dst": d, "exec": True, "control": "gpu"})
+            backend_env = {"LD_LIBRARY_PATH": ":".join(libdirs), "TRITON_LIBCUDA_PATH": libdirs[0]}
         copy_trees = [{"src": str(p.src), "dst": p.dst, "suffixes": [".py"]} for p in code_packages()]
         return {
             "root": root,
@@ -163,7 +186,7 @@ class NamespaceBackend(Backend):
             "python": self.python,
             "seccomp_exec": SECCOMP_EXEC,
             "seccomp_filter": SECCOMP_FILTER,
-            "env": sandbox_env(policy, site_paths),
+            "env": sandbox_env(policy, site_paths, backend_env=backend_env),
         }
 
     def start(self, argv: Sequence[str], policy: SandboxPolicy, *, stdin: bytes = b"") -> SandboxRun:

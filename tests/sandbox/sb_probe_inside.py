@@ -60,7 +60,7 @@ out["write_root"] = attempt(lambda: open("/secure-run-probe", "w").close())
 out["write_etc"] = attempt(lambda: open("/etc/secure-run-probe", "w").close())
 out["write_usr"] = attempt(lambda: open("/usr/secure-run-probe", "w").close())
 out["mkdir_root"] = attempt(lambda: os.mkdir("/secure-run-probe-dir"))
-if os.path.isdir("/model"):
+if os.path.exists("/model/weights.bin"):
     out["model_files"] = sorted(os.listdir("/model"))
     out["write_model_new"] = attempt(lambda: open("/model/new-file", "w").close())
     out["write_model_existing"] = attempt(lambda: open("/model/weights.bin", "r+b").close())

@@ -18,6 +18,7 @@ from sb_helpers import Listener, host_processes_with, probe, py
 
 from secure_run.errors import ModelError, SandboxError
 from secure_run.sandbox import (
+    GenerateRequest,
     ProtocolError,
     SandboxPolicy,
     SelftestRequest,
@@ -28,6 +29,7 @@ from secure_run.sandbox import (
 )
 from secure_run.sandbox._internal import selftest
 from secure_run.sandbox.backends import Backend
+from secure_run.sandbox.protocol import ChatMessage, FileIdentityModel
 
 ZERO_CAPS = "0000000000000000"
 
@@ -208,3 +210,46 @@ def test_protocol_violation_stops_the_sandbox(backend: Backend, policy: SandboxP
     assert info.value.rule == f"sandbox.protocol.{what}"
     assert time.monotonic() - t0 < 20
     assert host_processes_with(marker) == []
+
+
+def _identities(d: Path) -> dict[str, FileIdentityModel]:
+    out = {}
+    for p in sorted(d.glob("*.safetensors")):
+        st = p.stat()
+        out[p.name] = FileIdentityModel(st_dev=st.st_dev, st_ino=st.st_ino, st_size=st.st_size,
+                                        st_mtime_ns=st.st_mtime_ns)
+    return out
+
+
+def test_generate_runs_the_demo_model_inside_the_sandbox(backend: Backend, policy: SandboxPolicy) -> None:
+    """The worker's generate task: the verified (demo) model read from the read-only mount, tokens streamed."""
+    from secure_run.model import GenerationConfig, load_for_inference
+    from secure_run.model.demo import demo_model_dir
+
+    d = Path(demo_model_dir())
+    pol = policy.with_overrides(memory_mib=2048, model_dir=d)
+    messages = (ChatMessage(role="user", content="Hello, sandbox!"),)
+    req = GenerateRequest(task="generate", messages=messages, max_new_tokens=6, file_identities=_identities(d))
+    events = list(run_worker(backend, pol, req))
+    tokens = [e.token_id for e in events if isinstance(e, TokenEvent)]
+    # the same model and prompt on the host, outside any sandbox, greedy: the same tokens
+    m = load_for_inference(d, device="cpu")
+    prompt = m.tokenizer.encode(m.render_chat([{"role": "user", "content": "Hello, sandbox!"}]))
+    assert tokens == list(m.generate(prompt, GenerationConfig(max_new_tokens=6)))
+    stats = events[-1]
+    assert isinstance(stats, StatsEvent) and stats.generated_tokens == len(tokens) and stats.prompt_tokens == len(prompt)
+    assert stats.detail["uid"] == 65534
+
+
+def test_generate_refuses_a_shard_whose_identity_changed(backend: Backend, policy: SandboxPolicy) -> None:
+    from secure_run.model.demo import demo_model_dir
+
+    d = Path(demo_model_dir())
+    ids = _identities(d)
+    first = sorted(ids)[0]
+    ids[first] = ids[first].model_copy(update={"st_ino": ids[first].st_ino + 1})
+    req = GenerateRequest(task="generate", prompt="hi", max_new_tokens=2, file_identities=ids)
+    with pytest.raises(ModelError) as info:
+        list(run_worker(backend, policy.with_overrides(memory_mib=2048, model_dir=d), req))
+    assert info.value.exit_code == 1
+    assert first in info.value.message
