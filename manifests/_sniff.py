@@ -75,7 +75,7 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
-def zip_directory_at_end(tail: bytes, file_size: int) -> bool:
+def zip_directory_at_end(tail: bytes) -> bool:
     """True when ``tail`` (the last bytes of a file) ends with a well-formed ZIP end-of-directory.
 
     A ZIP reader finds an archive by its end-of-central-directory record (``PK\\x05\\x06``, 22
@@ -89,7 +89,7 @@ def zip_directory_at_end(tail: bytes, file_size: int) -> bool:
         if at < 0:
             return False
         comment_len = int.from_bytes(tail[at + 20 : at + 22], "little")
-        if at + 22 + comment_len == len(tail) and len(tail) <= file_size:
+        if at + 22 + comment_len == len(tail):
             return True
         start = at - 1
     return False

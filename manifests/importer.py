@@ -49,7 +49,7 @@ from ._names import MAX_DEPTH, component_problem, sort_key
 from ._sniff import HEAD_BYTES, sniff
 from .findings import Finding, FindingsError
 from .hashing import ProgressSink
-from .inventory import FileKind, classify, open_root, take_inventory
+from .inventory import DEFAULT_RULES, FileKind, classify, open_root, take_inventory, text_problem
 from .tensors import SafetensorsHeader, check_shard_index, parse_safetensors_header, parse_shard_index
 
 REPORT_NAME = "import-report.json"
@@ -239,7 +239,7 @@ class _Importer:
                 f.seek(0)
                 self.stream(f, rel, kind, size, special)
                 return
-            limit = 256 << 20 if kind in (FileKind.JSON, FileKind.SHARD_INDEX) else 16 << 20
+            limit = DEFAULT_RULES.max_json_bytes if kind in (FileKind.JSON, FileKind.SHARD_INDEX) else DEFAULT_RULES.max_text_bytes
             if size > limit:
                 raise _Refused([Finding(rel, "INV-LIMIT", f"{size} bytes exceeds the {limit}-byte limit")])
             data = head + f.read(limit + 1 - len(head))
@@ -278,12 +278,9 @@ class _Importer:
         self.write(rel, FileKind.JSON, data, new_text.encode("utf-8"), special, modified=True)
 
     def text_file(self, rel: str, kind: FileKind, data: bytes, special: bool) -> None:
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise _Refused([Finding(rel, "INV-TEXT", f"not UTF-8 ({exc.reason} at byte {exc.start})")]) from None
-        if any(ord(c) < 32 and c not in "\t\n\r\f" or c == "\x7f" for c in text):
-            raise _Refused([Finding(rel, "INV-TEXT", "contains control characters")])
+        problem = text_problem(data)
+        if problem:
+            raise _Refused([Finding(rel, "INV-TEXT", problem)])
         self.write(rel, kind, data, data, special)
 
     def _open_dest(self, rel: str) -> int:

@@ -360,14 +360,9 @@ class _Walker:
         data = self._read_all(f, rel, size, head, self.rules.max_text_bytes)
         if data is None:
             return
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            self.add(rel, "INV-TEXT", f"not UTF-8 ({exc.reason} at byte {exc.start})")
-            return
-        bad = _TEXT_CONTROL.search(text)
-        if bad:
-            self.add(rel, "INV-TEXT", f"control character U+{ord(bad.group()):04X} at offset {bad.start()}")
+        problem = text_problem(data)
+        if problem:
+            self.add(rel, "INV-TEXT", problem)
 
     def finish(self) -> Inventory:
         for index in self.indexes:
@@ -375,6 +370,18 @@ class _Walker:
         files = tuple(sorted(self.files, key=lambda e: sort_key(e.name)))
         findings = tuple(sorted(self.findings, key=lambda x: (sort_key(x.path), x.rule, x.message)))
         return Inventory(self.root, files, findings, dict(self.headers), tuple(self.indexes))
+
+
+def text_problem(data: bytes) -> str | None:
+    """Why ``data`` is not clean text (UTF-8, no control characters but tab/newline/CR/FF), or None."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 ({exc.reason} at byte {exc.start})"
+    bad = _TEXT_CONTROL.search(text)
+    if bad:
+        return f"control character U+{ord(bad.group()):04X} at offset {bad.start()}"
+    return None
 
 
 def _special_kind(mode: int) -> str:

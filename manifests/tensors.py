@@ -74,6 +74,7 @@ DTYPE_BITS: Mapping[str, int] = {
 }
 
 _TAIL_BYTES = 65_536 + 22  # a ZIP end-of-directory record with the largest comment
+HEAD_PEEK = 56  # bytes read after a bad length, to name what the file really is
 
 
 @dataclass(frozen=True)
@@ -295,12 +296,10 @@ def parse_safetensors_header(f: BinaryIO, file_size: int, name: str) -> Safetens
     if cursor:
         tail_len = min(_TAIL_BYTES, cursor)
         f.seek(file_size - tail_len)
-        if zip_directory_at_end(f.read(tail_len), file_size):
+        if zip_directory_at_end(f.read(tail_len)):
             raise _fail(name, "ST-POLYGLOT", "the last tensor's bytes end with a ZIP end-of-central-directory record")
     return SafetensorsHeader(name, file_size, n, data_start, tensors, metadata)
 
-
-HEAD_PEEK = 56
 
 
 def read_safetensors_header(path: str | os.PathLike[str], name: str | None = None) -> SafetensorsHeader:
