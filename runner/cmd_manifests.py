@@ -15,56 +15,14 @@ documents are described in ``manifests/README.md``.
 
 from __future__ import annotations
 
-import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 import click
 
-from secure_run.runner.options import json_option
+from secure_run.runner.options import json_option, trust_options
 from secure_run.runner.output import emit_json
-
-
-class _RichProgress:
-    """Hashing/copy progress rendered with rich on stderr (implements manifests.ProgressSink)."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self._lock = threading.Lock()
-        self._progress: Any = None
-        self._task: Any = None
-
-    def start(self, total_bytes: int, total_files: int) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
-        self._progress = Progress(*columns, console=Console(stderr=True), transient=True)
-        what = f"{self.label} {total_files} files" if total_files else self.label
-        self._task = self._progress.add_task(what, total=total_bytes or None)
-        self._progress.start()
-
-    def advance(self, nbytes: int) -> None:
-        if self._progress is not None:
-            with self._lock:
-                self._progress.advance(self._task, nbytes)
-
-    def finish(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
-
-
-def _progress(as_json: bool, label: str) -> _RichProgress | None:
-    return None if as_json or not sys.stderr.isatty() else _RichProgress(label)
+from secure_run.runner.progress import hashing_progress
 
 
 def _json_mode(as_json: bool) -> None:
@@ -104,7 +62,7 @@ def sign_cmd(model_dir: str, key: str, cert: str | None, chain: str | None, sign
     _json_mode(as_json)
     from secure_run.manifests import sign_model
 
-    result = sign_model(model_dir, key, certificate=cert, chain=chain, signature=signature, progress=_progress(as_json, "hashing"))
+    result = sign_model(model_dir, key, certificate=cert, chain=chain, signature=signature, progress=hashing_progress(as_json, "hashing"))
     if as_json:
         emit_json({"ok": True, "command": "sign", **result.to_json()})
         return
@@ -115,14 +73,7 @@ def sign_cmd(model_dir: str, key: str, cert: str | None, chain: str | None, sign
 
 @click.command("verify")
 @click.argument("model_dir", type=click.Path(file_okay=False))
-@click.option("--public-key", "public_key", type=click.Path(dir_okay=False), metavar="PUB.pem", help="Pinned signer public key.")
-@click.option("--cert-root", "cert_root", type=click.Path(dir_okay=False), metavar="ROOT.pem", help="Pinned root certificate(s).")
-@click.option("--identity", "identity", metavar="ID", help="Signer identity: certificate SAN (or sha256:LEAF) / keyless identity.")
-@click.option("--sigstore", "sigstore", is_flag=True, help="Keyless Sigstore bundle, verified offline.")
-@click.option("--issuer", "issuer", metavar="URL", help="OIDC issuer of the keyless identity.")
-@click.option("--trusted-root", "trusted_root", type=click.Path(dir_okay=False), metavar="FILE", help="Sigstore trusted_root.json (default: the pinned production root).")
-@click.option("--signature", "signature", type=click.Path(dir_okay=False), metavar="FILE", help="Signature bundle (default DIR/model.sig).")
-@click.option("--lock", "lock", type=click.Path(dir_okay=False), metavar="FILE", help="Lock file: the root digest and signer must equal the pinned entry.")
+@trust_options
 @json_option
 def verify_cmd(
     model_dir: str,
@@ -149,7 +100,7 @@ def verify_cmd(
             "no trust given: pass --public-key, --cert-root + --identity, --sigstore + --identity + --issuer, or --lock",
             hint="verification needs pinned trust material",
         )
-    result = verify_model(model_dir, trust, signature=signature, lock=lock_obj, progress=_progress(as_json, "verifying"))
+    result = verify_model(model_dir, trust, signature=signature, lock=lock_obj, progress=hashing_progress(as_json, "verifying"))
     if as_json:
         emit_json({"ok": True, "command": "verify", **result.to_json()})
         return
@@ -221,7 +172,7 @@ def import_cmd(src: str, dest: str, dereference: bool, as_json: bool) -> None:
     _json_mode(as_json)
     from secure_run.manifests import import_snapshot
 
-    report = import_snapshot(src, dest, dereference=dereference, progress=_progress(as_json, "copying"))
+    report = import_snapshot(src, dest, dereference=dereference, progress=hashing_progress(as_json, "copying"))
     steps = [
         f"secure-run inspect {dest}",
         f"review {Path(dest) / 'import-report.json'} and the files (licence, config, chat template)",

@@ -30,3 +30,26 @@ json_option = click.option(
 def existing_dir(name: str, **kwargs: Any) -> Callable[[F], F]:
     """A positional argument that must be an existing directory (not followed if a symlink is refused later)."""
     return click.argument(name, type=click.Path(exists=True, file_okay=False, dir_okay=True), **kwargs)
+
+
+def trust_options(func: F) -> F:
+    """The pinned-trust options shared by ``verify``, ``generate`` and ``ci-check``."""
+    options = [
+        click.option("--public-key", "public_key", type=click.Path(dir_okay=False), metavar="PUB.pem",
+                     help="Pinned signer public key."),
+        click.option("--cert-root", "cert_root", type=click.Path(dir_okay=False), metavar="ROOT.pem",
+                     help="Pinned root certificate(s)."),
+        click.option("--identity", "identity", metavar="ID",
+                     help="Signer identity: certificate SAN (or sha256:LEAF) / keyless identity."),
+        click.option("--sigstore", "sigstore", is_flag=True, help="Keyless Sigstore bundle, verified offline."),
+        click.option("--issuer", "issuer", metavar="URL", help="OIDC issuer of the keyless identity."),
+        click.option("--trusted-root", "trusted_root", type=click.Path(dir_okay=False), metavar="FILE",
+                     help="Sigstore trusted_root.json (default: the pinned production root)."),
+        click.option("--signature", "signature", type=click.Path(dir_okay=False), metavar="FILE",
+                     help="Signature bundle (default DIR/model.sig)."),
+        click.option("--lock", "lock", type=click.Path(dir_okay=False), metavar="FILE",
+                     help="Lock file: the root digest and signer must equal the pinned entry."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func

@@ -1,0 +1,156 @@
+"""``secure-run generate``: verify -> policy -> sandbox -> worker -> streamed tokens.
+
+    $ secure-run generate --prompt "hello"                 # the embedded demo, Docker sandbox
+    $ secure-run generate --model DIR --policy FILE --gpu --sandbox namespace --chat
+
+Text mode streams the completion on stdout and status lines on stderr, ending with a line of
+statistics (tokens/s). ``--json`` prints JSON lines on stdout: ``{"type": "status"|"text"|"final"
+|"error", ...}`` (schema in the README, "JSON output").
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from secure_run.runner.options import json_option, trust_options
+from secure_run.runner.output import emit_line
+from secure_run.runner.progress import hashing_progress
+
+
+@click.command("generate")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Model folder (default: the embedded demo model).")
+@click.option("--policy", "policy", metavar="FILE",
+              help="Policy file or builtin:NAME (default for the demo: builtin:demo; required otherwise).")
+@click.option("--prompt", "prompt", metavar="TEXT", help="One user message; prints the completion and exits.")
+@click.option("--system", "system", metavar="TEXT", help="Optional system message.")
+@click.option("--chat", is_flag=True, help="Interactive chat on the terminal (one fresh sandbox per turn).")
+@click.option("--max-new-tokens", "max_new_tokens", type=click.IntRange(1), metavar="N",
+              help="Most tokens to generate (default: min(64, the policy limit)).")
+@click.option("--temperature", type=click.FloatRange(0.0, 100.0), default=0.0, show_default=True,
+              help="0 = greedy.")
+@click.option("--top-p", "top_p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True)
+@click.option("--top-k", "top_k", type=click.IntRange(0), default=0, show_default=True, help="0 = off.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--sandbox", "sandbox", type=click.Choice(["docker", "namespace"]), default="docker", show_default=True)
+@click.option("--gpu", is_flag=True, help="Run on the GPU (NVIDIA), Triton kernels.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Compute dtype (default: the checkpoint's).")
+@click.option("--memory-mib", "memory_mib", type=click.IntRange(64), help="Sandbox memory limit.")
+@click.option("--no-build", "no_build", is_flag=True, help="Refuse instead of building a missing sandbox image.")
+@click.option("--use", "declared_use", metavar="USE", help="Declared use, checked against the policy.")
+@click.option("--operator", metavar="ID", help="Operator id for licence acceptance and audit (default: $USER).")
+@click.option("--accept-license", "accept_license", metavar="ID",
+              help="Accept the model's licence (its exact text, under this policy) before the run.")
+@click.option("--acknowledge", "acknowledgements", multiple=True, metavar="ITEM",
+              help="Acknowledgement required by the policy for --accept-license (repeatable).")
+@click.option("--audit-log", "audit_log", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Audit log (default: the policy's, under $XDG_STATE_HOME/secure-run).")
+@trust_options
+@json_option
+def generate_cmd(**kw: Any) -> None:
+    """Run a verified, policy-approved model inside the sandbox and stream its tokens."""
+    from secure_run.errors import UsageError
+    from secure_run.manifests import load_trust
+    from secure_run.runner.pipeline import Final, GenerateOptions, Status, Text, prepare
+
+    as_json: bool = kw["as_json"]
+    if kw["chat"] == (kw["prompt"] is not None):
+        raise UsageError("give exactly one of --prompt TEXT and --chat")
+    if kw["chat"] and (as_json or not sys.stdin.isatty()):
+        raise UsageError("--chat needs an interactive terminal and no --json", hint="use --prompt TEXT instead")
+    trust = load_trust(public_key=kw["public_key"], cert_root=kw["cert_root"], identity=kw["identity"],
+                       sigstore=kw["sigstore"], issuer=kw["issuer"], trusted_root=kw["trusted_root"])
+    options = GenerateOptions(
+        model_dir=Path(kw["model_dir"]) if kw["model_dir"] else None, policy=kw["policy"],
+        lock=Path(kw["lock"]) if kw["lock"] else None, trust=trust,
+        signature=Path(kw["signature"]) if kw["signature"] else None, max_new_tokens=kw["max_new_tokens"],
+        temperature=kw["temperature"], top_p=kw["top_p"], top_k=kw["top_k"], seed=kw["seed"],
+        sandbox=kw["sandbox"], gpu=kw["gpu"], dtype=kw["dtype"], memory_mib=kw["memory_mib"],
+        build_image=not kw["no_build"], declared_use=kw["declared_use"], operator=kw["operator"],
+        accept_license=kw["accept_license"], acknowledgements=tuple(kw["acknowledgements"]),
+        audit_log=Path(kw["audit_log"]) if kw["audit_log"] else None,
+    )
+
+    def status(stage: str, message: str) -> None:
+        if as_json:
+            emit_line({"type": "status", "stage": stage, "message": message})
+        else:
+            click.secho(f"[{stage}] {message}", err=True, dim=True)
+
+    interactive = sys.stdin.isatty() and not as_json
+    status("verify", "verifying the model folder (inventory, signature, sha256 of every file, lock)")
+    session = prepare(options, progress=hashing_progress(as_json, "verifying"),
+                      confirm_license=_confirm if interactive else None)
+    v = session.verification
+    status("verify", f"verified {v.root}: {len(v.files)} files, root sha256:{v.root_digest}"
+           + (f" = lock entry {v.lock_name!r}" if v.lock_name else ""))
+    status("policy", f"policy {session.policy.name} ({session.policy.mode}): allowed")
+    for note in session.notices:
+        status("policy", note)
+    if session.decision.banner:
+        status("licence", session.decision.banner)
+
+    def one_turn(messages: list[dict[str, str]]) -> str:
+        reply: list[str] = []
+        for ev in session.run_turn(messages):
+            if isinstance(ev, Status):
+                status(ev.stage, ev.message)
+            elif isinstance(ev, Text):
+                reply.append(ev.text)
+                if as_json:
+                    emit_line({"type": "text", "text": ev.text})
+                else:
+                    click.echo(ev.text, nl=False)
+            elif isinstance(ev, Final):
+                _final(ev, as_json)
+        return "".join(reply)
+
+    history: list[dict[str, str]] = [{"role": "system", "content": kw["system"]}] if kw["system"] else []
+    if not kw["chat"]:
+        one_turn([*history, {"role": "user", "content": kw["prompt"]}])
+        return
+    click.echo("chat: empty line or Ctrl-D ends the session", err=True)
+    while True:
+        try:
+            line = click.prompt("you", prompt_suffix="> ", default="", show_default=False, err=True)
+        except (EOFError, click.Abort):
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        reply = one_turn(history)
+        history.append({"role": "assistant", "content": reply})
+
+
+def _confirm(text: str) -> bool:
+    click.echo(text, err=True)
+    return click.confirm("Accept?", default=False, err=True)
+
+
+def _final(ev: Any, as_json: bool) -> None:
+    s = ev.stats
+    if as_json:
+        emit_line({"type": "final", "blocked": ev.blocked, "audit_log": ev.audit_path, "stats": s})
+        return
+    click.echo("")
+    if ev.blocked:
+        click.secho("[guardrail] the rest of the completion was blocked by the output guardrail", err=True, fg="yellow")
+    tps = s.get("tokens_per_second")
+    first = s.get("first_token_seconds")
+    click.secho(
+        f"[done] {s['generated_tokens']} tokens"
+        + (f", {tps:.1f} tokens/s" if tps else "")
+        + (f", first token after {first:.2f} s" if first is not None else "")
+        + f", {s['seconds']:.2f} s in the {s['backend']} sandbox; audit: {ev.audit_path}",
+        err=True,
+    )
+
+
+def register(group: click.Group) -> None:
+    """Add ``generate`` to the CLI."""
+    group.add_command(generate_cmd)
