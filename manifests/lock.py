@@ -162,6 +162,8 @@ class LockEntry:
         signer: the pinned signer.
         path: optional folder of the model, relative to the lock file's folder (for ``ci-check``).
         note: optional free text (e.g. who reviewed it).
+        policy: optional policy of the model for ``ci-check``: ``builtin:NAME`` or a policy file
+            relative to the lock file's folder.
     """
 
     name: str
@@ -169,6 +171,7 @@ class LockEntry:
     signer: SignerPin
     path: str | None = None
     note: str | None = None
+    policy: str | None = None
 
     def __post_init__(self) -> None:
         if not _MODEL_NAME.match(self.name):
@@ -189,6 +192,8 @@ class LockEntry:
         doc["signer"] = self.signer.to_json()
         if self.note is not None:
             doc["note"] = self.note
+        if self.policy is not None:
+            doc["policy"] = self.policy
         return doc
 
     def check(self, root_digest_hex: str, signer: SignerInfo, source: str) -> None:
@@ -249,15 +254,19 @@ class Lock:
             raise _lock_error(source, f"unknown top-level fields {sorted(set(doc) - {'schema', 'models', 'comment'})}")
         entries: dict[str, LockEntry] = {}
         for name, item in doc["models"].items():
-            if not isinstance(item, dict) or set(item) - {"root_digest", "path", "signer", "note"}:
-                raise _lock_error(source, f"models.{name} must be an object with root_digest, signer, path?, note?")
-            for key in ("root_digest", "path", "note"):
+            if not isinstance(item, dict) or set(item) - {"root_digest", "path", "signer", "note", "policy"}:
+                raise _lock_error(
+                    source, f"models.{name} must be an object with root_digest, signer, path?, note?, policy?"
+                )
+            for key in ("root_digest", "path", "note", "policy"):
                 if key in item and not isinstance(item[key], str):
                     raise _lock_error(source, f"models.{name}.{key} must be a string")
             if "root_digest" not in item or "signer" not in item:
                 raise _lock_error(source, f"models.{name} needs root_digest and signer")
             signer = SignerPin.from_json(item["signer"], f"{source}: models.{name}.signer")
-            entries[name] = LockEntry(name, item["root_digest"], signer, item.get("path"), item.get("note"))
+            entries[name] = LockEntry(
+                name, item["root_digest"], signer, item.get("path"), item.get("note"), item.get("policy")
+            )
         return cls(entries, base, source)
 
     def dumps(self) -> bytes:
@@ -312,6 +321,7 @@ def pin_model(
     trusted_root: str | None = None,
     path: str | None = None,
     note: str | None = None,
+    policy: str | None = None,
 ) -> LockEntry:
     """Add or update the entry ``name`` in the lock file at ``lock_path`` (created if missing).
 
@@ -330,6 +340,7 @@ def pin_model(
         trusted_root: sigstore method: optional trusted_root.json path relative to the lock folder.
         path: optional model folder relative to the lock folder.
         note: optional free text.
+        policy: optional ``builtin:NAME`` or policy file relative to the lock folder (``ci-check``).
 
     Returns:
         The entry written.
@@ -343,7 +354,7 @@ def pin_model(
         pin = SignerPin("certificate", identity=signer.identity, root=root, root_sha256=signer.root_sha256)
     else:
         pin = SignerPin("sigstore", identity=signer.identity, issuer=signer.issuer, trusted_root=trusted_root)
-    entry = LockEntry(name, digest, pin, path, note)
+    entry = LockEntry(name, digest, pin, path, note, policy)
     lock.with_entry(entry).save(p)
     return entry
 

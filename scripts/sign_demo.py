@@ -44,6 +44,7 @@ def main() -> None:
         public_key=os.path.relpath(PUB, TRUSTED),
         path=os.path.relpath(DEMO, TRUSTED),
         note="DEMO trust only (embedded demo model, random weights); not for production",
+        policy="builtin:demo",
     )
     print(f"signed {DEMO.relative_to(ROOT)}: root sha256:{result.root_digest}")
 

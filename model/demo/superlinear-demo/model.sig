@@ -2,7 +2,7 @@
   "mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
   "verificationMaterial": {
     "publicKey": {
-      "hint": "d1f0ffa0c36875ac944de0eaef5a898f04645879c957b62ddd0cafb0700e4bab"
+      "hint": "44373fff2112837db0f8826126f044bf8a447d3aac5c66fd4b7a6f2b732524bc"
     },
     "tlogEntries": []
   },
@@ -11,7 +11,7 @@
     "payloadType": "application/vnd.in-toto+json",
     "signatures": [
       {
-        "sig": "MEQCIG51z5bCa3JQVzpEP42i+8ha+qSWku5KZZfoJLvdW1U8AiAr/C+7tZj0wOx8Uo4CgsJvQbqX8LEaLPTUC5Z4fpu2mQ==",
+        "sig": "MEYCIQDkCN9KjvmuH4+DBolVbgVhsh39JQn0GChYFQAF7y9ZDwIhAJGhuEugs1Y0Xe0o7iJWe3ZmDpjEqkFsltwczF+4Paei",
         "keyid": ""
       }
     ]
