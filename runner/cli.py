@@ -14,7 +14,7 @@ import click
 
 from secure_run import __version__
 from secure_run.errors import SecureRunError
-from secure_run.runner.output import emit_json
+from secure_run.runner.output import SCHEMA_VERSION, emit_line
 
 
 class _Group(click.Group):
@@ -26,7 +26,8 @@ class _Group(click.Group):
         except SecureRunError as err:
             as_json = "--json" in sys.argv[1:] or bool(ctx.meta.get("secure_run.json"))
             if as_json:
-                emit_json({"ok": False, "error": err.to_json()})
+                # one line, so that it also ends a JSON-lines stream (generate --json)
+                emit_line({"schema_version": SCHEMA_VERSION, "ok": False, "error": err.to_json()})
             else:
                 click.secho(f"secure-run: {err.kind}: ", fg="red", bold=True, err=True, nl=False)
                 click.echo(err.diagnostics(), err=True)
@@ -45,11 +46,13 @@ from secure_run.runner.cmd_ci import register as _register_ci  # noqa: E402
 from secure_run.runner.cmd_generate import register as _register_generate  # noqa: E402
 from secure_run.runner.cmd_manifests import register as _register_manifests  # noqa: E402
 from secure_run.runner.cmd_policy import register as _register_policy  # noqa: E402
+from secure_run.runner.cmd_sandbox import register as _register_sandbox  # noqa: E402
 
 _register_ci(cli)
 _register_generate(cli)
 _register_manifests(cli)
 _register_policy(cli)
+_register_sandbox(cli)
 
 
 def main() -> None:
