@@ -136,8 +136,11 @@ class Backend(ABC):
                 if len(data) > room:
                     trunc[stream] = True
                 buf.extend(data[: max(room, 0)])
-        finally:
-            outcome = sandbox.finish()
+        except BaseException:
+            sandbox.kill()
+            sandbox.finish()
+            raise
+        outcome = sandbox.finish()
         return RunResult(backend=self.name, exit_code=outcome.exit_code, stdout=bytes(out), stderr=bytes(err),
                          timed_out=outcome.timed_out, oom_killed=outcome.oom_killed,
                          duration_s=time.monotonic() - sandbox.started, stdout_truncated=trunc[STDOUT],

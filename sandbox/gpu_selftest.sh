@@ -40,7 +40,7 @@ if [ -f /sys/fs/cgroup/cgroup.controllers ]; then echo "cgroup v2: $(cat /sys/fs
 command -v setpriv unshare
 
 echo "== one sandboxed selftest (the record)"
-"$PY" - "$MODE" <<'EOF'
+"$PY" -P - "$MODE" <<'EOF'
 import json, sys, time
 from secure_run.sandbox import SandboxPolicy, SelftestRequest, get_backend, run_worker
 gpu = sys.argv[1] == "gpu"
@@ -56,5 +56,5 @@ print(f"wall {time.monotonic() - t0:.1f} s")
 EOF
 
 echo "== pytest: GPU + namespace sandbox tests"
-"$PY" -m pytest -p no:cacheprovider tests/sandbox -m "gpu or namespace" -k "not generate" -q -rs --no-header \
+"$PY" -P -m pytest -p no:cacheprovider tests/sandbox -m "gpu or namespace" -k "not generate" -q -rs --no-header \
   -o addopts="" -s 2>&1 | grep -v "^$" | tail -40

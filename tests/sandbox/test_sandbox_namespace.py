@@ -134,6 +134,9 @@ def test_only_the_runtime_is_visible(namespace_backend: NamespaceBackend, policy
                               "tmp", "usr", python_top}
     assert r["etc"] == sorted(["alternatives", "group", "hosts", "ld.so.cache", "nsswitch.conf", "passwd"]) or \
         r["etc"] == sorted(["group", "hosts", "ld.so.cache", "nsswitch.conf", "passwd"])
-    assert r["hidden_site"] in (None, [])
+    from secure_run.sandbox._internal.namespace_backend import _site_dirs
+
+    if site not in _site_dirs():  # the base interpreter's own site-packages is hidden unless it is the runtime
+        assert r["hidden_site"] in (None, [])
     assert r["repo_visible"] is False
     assert r["dev"] == ["fd", "full", "null", "random", "shm", "stderr", "stdin", "stdout", "urandom", "zero"]
