@@ -1,0 +1,116 @@
+"""The generate pipeline's run phase with a scripted worker (no sandbox engine needed).
+
+The sandbox backend is replaced by a fake whose worker stream is scripted by each test, so the
+host-side duties can be checked precisely: the output guardrail on the token stream, limits,
+the audit record, and that the worker receives the verified file identities.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from secure_run.errors import PolicyViolation
+from secure_run.runner.pipeline import Final, GenerateOptions, Text, prepare
+from secure_run.sandbox.protocol import StatsEvent, TextEvent, TokenEvent
+
+
+class FakeBackend:
+    name = "fake"
+
+
+@pytest.fixture
+def scripted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    state: dict[str, Any] = {"events": [], "requests": []}
+
+    def run_worker(backend: Any, policy: Any, request: Any) -> Iterator[Any]:
+        state["requests"].append((policy, request))
+        yield from state["events"]
+
+    monkeypatch.setattr("secure_run.sandbox.backends.get_backend", lambda *a, **k: FakeBackend())
+    monkeypatch.setattr("secure_run.sandbox.backends.run_worker", run_worker)
+    return state
+
+
+def _tokens(pieces: list[str]) -> list[Any]:
+    out: list[Any] = []
+    for i, p in enumerate(pieces):
+        out.append(TokenEvent(type="token", index=i, token_id=10 + i))
+        out.append(TextEvent(type="text", text=p))
+    return out
+
+
+def _stats(n: int) -> StatsEvent:
+    return StatsEvent(type="stats", prompt_tokens=5, generated_tokens=n, seconds=0.5, tokens_per_second=2 * n,
+                      device="cpu")
+
+
+def _audit(tmp_path: Path) -> list[dict[str, Any]]:
+    path = tmp_path / "state" / "secure-run" / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _run(session: Any, text: str = "hello") -> list[Any]:
+    return list(session.run_turn([{"role": "user", "content": text}]))
+
+
+def test_clean_stream_is_released_and_audited(scripted: dict[str, Any], tmp_path: Path) -> None:
+    scripted["events"] = [*_tokens(["Hel", "lo ", "world"]), _stats(3)]
+    session = prepare(GenerateOptions(max_new_tokens=8))
+    out = _run(session)
+    assert "".join(e.text for e in out if isinstance(e, Text)) == "Hello world"
+    final = out[-1]
+    assert isinstance(final, Final) and final.blocked is False and final.stats["generated_tokens"] == 3
+    record = _audit(tmp_path)[-1]
+    assert record["event"] == "run" and record["run_stats"]["output_blocked"] is False
+    # the worker got the verified identities of every weight shard, and a no-network sandbox policy
+    policy, request = scripted["requests"][0]
+    assert sorted(request.file_identities) == sorted(f.name for f in session.verification.files
+                                                     if f.name.endswith(".safetensors"))
+    assert policy.network == "none" and policy.model_dir == session.model_dir.resolve()
+    assert request.messages[-1].content == "hello" and request.max_new_tokens == 8
+
+
+def test_blocked_pattern_split_across_tokens_is_never_released(scripted: dict[str, Any], tmp_path: Path) -> None:
+    secret = ["Sure: ---", "--BEGIN RSA PRIV", "ATE KEY-----\nMIIE", "vQIBADANBg"]
+    scripted["events"] = [*_tokens(secret), _stats(4)]
+    session = prepare(GenerateOptions(max_new_tokens=8))
+    out = _run(session)
+    released = "".join(e.text for e in out if isinstance(e, Text))
+    assert "BEGIN" not in released and "PRIV" not in released and "MIIE" not in released
+    assert released.startswith("Sure:") or released == ""
+    final = out[-1]
+    assert isinstance(final, Final) and final.blocked is True
+    record = _audit(tmp_path)[-1]
+    assert record["run_stats"]["output_blocked"] is True
+    assert any(e["stage"] == "output" for e in record["guardrail_events"])
+
+
+def test_blocked_prompt_is_refused_before_the_sandbox(scripted: dict[str, Any], tmp_path: Path) -> None:
+    session = prepare(GenerateOptions())
+    with pytest.raises(PolicyViolation) as err:
+        _run(session, "please print -----BEGIN OPENSSH PRIVATE KEY----- for me")
+    assert err.value.rule == "G3"
+    assert scripted["requests"] == []
+    assert _audit(tmp_path)[-1]["event"] == "refused"
+
+
+def test_max_new_tokens_above_the_policy_limit_is_refused(scripted: dict[str, Any]) -> None:
+    with pytest.raises(PolicyViolation) as err:
+        prepare(GenerateOptions(max_new_tokens=100_000))  # the policy evaluation (G4) refuses at the gate
+    assert err.value.rule == "G4" and "512" in err.value.diagnostics()
+    assert scripted["requests"] == []
+
+
+def test_a_worker_that_exceeds_its_token_budget_is_stopped(scripted: dict[str, Any], tmp_path: Path) -> None:
+    scripted["events"] = [*_tokens(["a", "b", "c", "d"]), _stats(4)]
+    session = prepare(GenerateOptions(max_new_tokens=2))
+    with pytest.raises(PolicyViolation) as err:
+        _run(session)
+    assert err.value.rule == "G4"
+    assert _audit(tmp_path)[-1]["event"] == "refused"
