@@ -25,6 +25,325 @@ from secure_run.kernels._triton_search import select_topk
 
 
 @triton.jit
+def _decode_span_part(
+    pid, pos, Q2, K, V, MASK, S0, CONSTS, CV, CA, O_SPAN, L_SPAN,
+    Lkv, W, Hq, n_cand, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
+    R: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, K_VAL: tl.constexpr, NC: tl.constexpr,
+    NCH: tl.constexpr, CHUNK: tl.constexpr, BN: tl.constexpr, HAS_MASK: tl.constexpr, FWD: tl.constexpr,
+    HAS_W: tl.constexpr,
+):
+    """Chunk c of the span of slot j of head h: fp32 online softmax over at most CHUNK keys."""
+    d = tl.arange(0, BD)
+    dmask = d < D
+    c = pid % NCH
+    rest = pid // NCH
+    j = rest % K_VAL
+    bh = (rest // K_VAL).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    g = h // R
+    s0 = 0
+    if HAS_MASK:
+        s0 = tl.load(S0 + b)
+    _, a = select_topk(CV, CA, bh * n_cand, j, NC, n_cand, K_VAL)
+    qs, qe = span_bounds(a, pos, s0, Lkv, W, CONSTS, FWD, HAS_W)
+    lo = tl.maximum(qs, 0) + c * CHUNK
+    hi = tl.minimum(qe, lo + CHUNK - 1)
+    hi = tl.where(a >= 0, hi, -1)
+    q = tl.load(Q2 + b * s_qb + h * s_qh + d, mask=dmask, other=0.0).to(tl.float32) * sm_scale
+    m_i = tl.full([], float("-inf"), tl.float32)
+    l_i = tl.full([], 0.0, tl.float32)
+    acc = tl.full([BD], 0.0, tl.float32)
+    cols = tl.arange(0, BN)
+    k_base = K + b * s_kb + g * s_kh
+    v_base = V + b * s_vb + g * s_vh
+    for k0 in range(lo, hi + 1, BN):
+        kk = k0 + cols
+        km = kk <= hi
+        if HAS_MASK:
+            km = km & (tl.load(MASK + b * Lkv + kk, mask=km, other=0) != 0)
+        kt = tl.load(k_base + kk[:, None] * s_kl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
+        s = tl.sum(kt.to(tl.float32) * q[None, :], axis=1)
+        s = tl.where(km, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_use)
+        p = tl.exp(s - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        vt = tl.load(v_base + kk[:, None] * s_vl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
+        acc = acc * alpha + tl.sum(p[:, None] * vt.to(tl.float32), axis=0)
+        m_i = m_new
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    row = (bh * K_VAL + j) * NCH + c
+    tl.store(O_SPAN + row * D + d, o, mask=dmask)
+    tl.store(L_SPAN + row, lse)
+
+
+@triton.jit
+def _decode_window_part(
+    wid, pos, Q2, K, V, MASK, O_WIN, L_WIN,
+    Lkv, W, G, Hq, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
+    R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, NWCH: tl.constexpr,
+    WCHUNK: tl.constexpr, BNW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_W: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Window chunk c for the R query heads of one KV head: shared K/V blocks via tl.dot."""
+    d = tl.arange(0, BD)
+    dmask = d < D
+    c = wid % NWCH
+    bg = (wid // NWCH).to(tl.int64)
+    b = bg // G
+    g = bg % G
+    rows = tl.arange(0, RP)
+    rmask = rows < R
+    heads = g * R + rows
+    q = tl.load(Q2 + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    lo = tl.maximum(pos - W + 1, 0) + c * WCHUNK
+    hi = tl.minimum(pos, lo + WCHUNK - 1)
+    if not HAS_W:
+        hi = lo - 1
+    m_w = tl.full([RP], float("-inf"), tl.float32)
+    l_w = tl.full([RP], 0.0, tl.float32)
+    acc_w = tl.full([RP, BD], 0.0, tl.float32)
+    cols = tl.arange(0, BNW)
+    k_base = K + b * s_kb + g * s_kh
+    v_base = V + b * s_vb + g * s_vh
+    for k0 in range(lo, hi + 1, BNW):
+        kk = k0 + cols
+        km = kk <= hi
+        if HAS_MASK:
+            km = km & (tl.load(MASK + b * Lkv + kk, mask=km, other=0) != 0)
+        kt = tl.load(k_base + kk[:, None] * s_kl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
+        vt = tl.load(v_base + kk[:, None] * s_vl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * sm_scale
+        s = tl.where(km[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_w, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_w - m_use)
+        p = tl.exp(s - m_use[:, None])
+        l_w = l_w * alpha + tl.sum(p, axis=1)
+        acc_w = acc_w * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
+        m_w = m_new
+    has = l_w > 0
+    o = acc_w / tl.where(has, l_w, 1.0)[:, None]
+    lse = tl.where(has, m_w + tl.log(tl.where(has, l_w, 1.0)), float("-inf"))
+    row = (b * Hq + heads) * NWCH + c
+    tl.store(O_WIN + row[:, None] * D + d[None, :], o, mask=rmask[:, None] & dmask[None, :])
+    tl.store(L_WIN + row, lse, mask=rmask)
+
+
+@triton.jit
+def _decode_finalize_kernel(
+    CV, CA, POS, S0, CONSTS, VALS, ANCS, QS, QE,
+    n_cand, Lkv, W, Hq,
+    NC: tl.constexpr, K_VAL: tl.constexpr, KP: tl.constexpr, HAS_MASK: tl.constexpr, FWD: tl.constexpr,
+    HAS_W: tl.constexpr,
+):
+    """Per (b, h): merge the split candidates into the sorted top-K and bound their spans."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // Hq
+    pos = tl.load(POS).to(tl.int64)
+    idx = tl.arange(0, NC)
+    cm = idx < n_cand
+    cv = tl.load(CV + bh * n_cand + idx, mask=cm, other=float("-inf"))
+    ca = tl.load(CA + bh * n_cand + idx, mask=cm, other=-1)
+    kc = tl.arange(0, KP)
+    sv = tl.full([KP], float("-inf"), tl.float32)
+    sa = tl.full([KP], -1, tl.int64)
+    for jj in tl.static_range(K_VAL):
+        mv, am = tl.max(cv, axis=0, return_indices=True)
+        ma = tl.sum(tl.where(idx == am, ca, 0), axis=0)
+        ma = tl.where(mv > float("-inf"), ma, -1)
+        sv = tl.where(kc == jj, mv, sv)
+        sa = tl.where(kc == jj, ma, sa)
+        cv = tl.where(idx == am, float("-inf"), cv)
+    s0 = 0
+    if HAS_MASK:
+        s0 = tl.load(S0 + b)
+    qs, qe = span_bounds(sa, pos, s0, Lkv, W, CONSTS, FWD, HAS_W)
+    km = kc < K_VAL
+    tl.store(VALS + bh * K_VAL + kc, sv, mask=km)
+    tl.store(ANCS + bh * K_VAL + kc, sa, mask=km)
+    tl.store(QS + bh * K_VAL + kc, qs, mask=km)
+    tl.store(QE + bh * K_VAL + kc, qe, mask=km)
+
+
+@triton.jit
+def _decode_union_part(
+    p, Q2, K, V, MASK, QS, QE, PO, PL, NPIECES,
+    Lkv, G, Hq, MAXP, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
+    R: tl.constexpr, RK: tl.constexpr, RKP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    K_VAL: tl.constexpr, CH: tl.constexpr, BN: tl.constexpr, HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Piece ``p`` of the union of the R*K spans of one KV head (each key read once).
+
+    Every program re-derives the same plan from the K*R span bounds: sort by start, merge
+    overlapping/touching spans into disjoint segments, cut each segment into CH-key pieces. The
+    piece's keys are scored for all R*K (head, slot) rows at once (``tl.dot``), each row masked to
+    its own span, and each row's partial (o, lse) is written for the merge.
+    """
+    d = tl.arange(0, BD)
+    dmask = d < D
+    piece = p % MAXP
+    bg = (p // MAXP).to(tl.int64)
+    b = bg // G
+    g = bg % G
+    r = tl.arange(0, RKP)
+    rm = r < RK
+    h = g * R + r // K_VAL
+    j = r % K_VAL
+    qs = tl.load(QS + (b * Hq + h) * K_VAL + j, mask=rm, other=-1)
+    qe = tl.load(QE + (b * Hq + h) * K_VAL + j, mask=rm, other=-1)
+    ok = rm & (qs >= 0) & (qe >= qs)
+    # --- plan: disjoint segments of the union, in key order
+    SH: tl.constexpr = 1 << 26
+    BIG: tl.constexpr = 1 << 62
+    ks = tl.sort(tl.where(ok, qs * SH + qe, BIG))
+    sv = ks < BIG
+    ss = ks // SH
+    se = ks % SH
+    prev = tl.max(tl.where((r[None, :] < r[:, None]) & sv[None, :], se[None, :], -2), axis=1)
+    new = sv & (ss > prev + 1)
+    seg = tl.sum(tl.where(r[None, :] <= r[:, None], new[None, :].to(tl.int32), 0), axis=1) - 1
+    nseg = tl.sum(new.to(tl.int32), axis=0)
+    in_seg = (seg[None, :] == r[:, None]) & sv[None, :]  # [segment, sorted span]
+    seg_lo = tl.min(tl.where(in_seg, ss[None, :], BIG), axis=1)
+    seg_hi = tl.max(tl.where(in_seg, se[None, :], -1), axis=1)
+    npc = tl.where(r < nseg, (seg_hi - seg_lo + CH) // CH, 0)
+    pend = tl.sum(tl.where(r[None, :] <= r[:, None], npc[None, :], 0), axis=1)  # inclusive prefix
+    total = tl.sum(npc, axis=0)
+    tl.store(NPIECES + bg, total, mask=piece == 0)
+    if piece < total:
+        sig = tl.sum((pend <= piece).to(tl.int32), axis=0)
+        at = r == sig
+        lo = tl.sum(tl.where(at, seg_lo, 0), axis=0) + (piece - tl.sum(tl.where(at, pend - npc, 0), axis=0)) * CH
+        hi = tl.minimum(tl.sum(tl.where(at, seg_hi, 0), axis=0), lo + CH - 1)
+        q = tl.load(Q2 + b * s_qb + h[:, None] * s_qh + d[None, :], mask=rm[:, None] & dmask[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        m_i = tl.full([RKP], float("-inf"), tl.float32)
+        l_i = tl.full([RKP], 0.0, tl.float32)
+        acc = tl.full([RKP, BD], 0.0, tl.float32)
+        cols = tl.arange(0, BN)
+        k_base = K + b * s_kb + g * s_kh
+        v_base = V + b * s_vb + g * s_vh
+        for k0 in range(lo, hi + 1, BN):
+            kk = k0 + cols
+            km = kk <= hi
+            if HAS_MASK:
+                km = km & (tl.load(MASK + b * Lkv + kk, mask=km, other=0) != 0)
+            kt = tl.load(k_base + kk[:, None] * s_kl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
+            vt = tl.load(v_base + kk[:, None] * s_vl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
+            if UPCAST:
+                kt = kt.to(tl.float32)
+                vt = vt.to(tl.float32)
+            sc = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * sm_scale
+            inside = (kk[None, :] >= qs[:, None]) & (kk[None, :] <= qe[:, None]) & ok[:, None] & km[None, :]
+            sc = tl.where(inside, sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_use)
+            pr = tl.exp(sc - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(pr, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(pr.to(vt.dtype), vt, input_precision=PRECISION)
+            m_i = m_new
+        has = l_i > 0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+        row = (bg * MAXP + piece) * RK + r
+        tl.store(PL + row, lse, mask=rm)
+        tl.store(PO + row[:, None] * D + d[None, :], o, mask=(rm & has)[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _decode_union_kernel(
+    Q2, K, V, POS, MASK, QS, QE, PO, PL, NPIECES, O_WIN, L_WIN,
+    Lkv, W, G, Hq, MAXP, n_union_progs, sm_scale,
+    s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
+    R: tl.constexpr, RP: tl.constexpr, RK: tl.constexpr, RKP: tl.constexpr, D: tl.constexpr,
+    BD: tl.constexpr, K_VAL: tl.constexpr, CH: tl.constexpr, BN: tl.constexpr, NWCH: tl.constexpr,
+    WCHUNK: tl.constexpr, BNW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_W: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid < n_union_progs:
+        _decode_union_part(pid, Q2, K, V, MASK, QS, QE, PO, PL, NPIECES,
+                           Lkv, G, Hq, MAXP, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
+                           R, RK, RKP, D, BD, K_VAL, CH, BN, HAS_MASK, UPCAST, PRECISION)
+    else:
+        pos = tl.load(POS).to(tl.int64)
+        _decode_window_part(pid - n_union_progs, pos, Q2, K, V, MASK, O_WIN, L_WIN,
+                            Lkv, W, G, Hq, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
+                            R, RP, D, BD, NWCH, WCHUNK, BNW, HAS_MASK, HAS_W, UPCAST, PRECISION)
+
+
+@triton.jit
+def _decode_union_merge_kernel(
+    VALS, ANCS, PO, PL, NPIECES, O_WIN, L_WIN, OUT,
+    Hq, G, MAXP, s_ob, s_oh,
+    R: tl.constexpr, RK: tl.constexpr, K_VAL: tl.constexpr, KP: tl.constexpr, NWCH: tl.constexpr,
+    NWCHP: tl.constexpr, PB: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+):
+    """Per (b, h): LSE-merge the window parts with every piece part of each slot, then gate."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    bg = b * G + h // R
+    rr = h % R
+    d = tl.arange(0, BD)
+    dmask = d < D
+    total = tl.load(NPIECES + bg)
+    wc = tl.arange(0, NWCHP)
+    wm = wc < NWCH
+    lw = tl.load(L_WIN + bh * NWCH + wc, mask=wm, other=float("-inf"))
+    ow = tl.load(O_WIN + (bh * NWCH + wc)[:, None] * D + d[None, :], mask=wm[:, None] & dmask[None, :], other=0.0)
+    mw = tl.max(lw, axis=0)
+    mw_use = tl.where(mw == float("-inf"), 0.0, mw)
+    ew = tl.exp(lw - mw_use)
+    lw_sum = tl.sum(ew, axis=0)
+    accw = tl.sum(ew[:, None] * ow, axis=0)
+    kc = tl.arange(0, KP)
+    km = kc < K_VAL
+    anc = tl.load(ANCS + bh * K_VAL + kc, mask=km, other=-1)
+    gv = tl.where(anc >= 0, tl.load(VALS + bh * K_VAL + kc, mask=km, other=0.0), -1e9)
+    gv = tl.where(km, gv, float("-inf"))
+    gmax = tl.max(gv, axis=0)
+    gsum = tl.sum(tl.exp(gv - gmax), axis=0)
+    out = tl.full([BD], 0.0, tl.float32)
+    pc = tl.arange(0, PB)
+    for j in tl.static_range(K_VAL):
+        gj = tl.sum(tl.where(kc == j, tl.exp(gv - gmax), 0.0), axis=0) / gsum
+        m_i = mw
+        l_i = lw_sum
+        acc = accw
+        row = rr * K_VAL + j
+        for p0 in range(0, total, PB):
+            pp = p0 + pc
+            lp = tl.load(PL + (bg * MAXP + pp) * RK + row, mask=pp < total, other=float("-inf"))
+            hp = lp > float("-inf")
+            op = tl.load(PO + ((bg * MAXP + pp) * RK + row)[:, None] * D + d[None, :], mask=hp[:, None] & dmask[None, :],
+                         other=0.0)
+            m_new = tl.maximum(m_i, tl.max(lp, axis=0))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            old_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+            alpha = tl.where(m_i == float("-inf"), 0.0, tl.exp(old_use - m_use))
+            e = tl.exp(lp - m_use)
+            l_i = l_i * alpha + tl.sum(e, axis=0)
+            acc = acc * alpha + tl.sum(e[:, None] * op, axis=0)
+            m_i = m_new
+        out += gj * (acc / tl.where(l_i > 0, l_i, 1.0))
+    tl.store(OUT + b * s_ob + h * s_oh + d, out.to(OUT.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
 def _decode_attn_kernel(
     Q2, K, V, POS, MASK, S0, CONSTS, CV, CA, O_SPAN, L_SPAN, O_WIN, L_WIN,
     Lkv, W, G, Hq, n_cand, n_span_progs, sm_scale,
@@ -36,101 +355,14 @@ def _decode_attn_kernel(
 ):
     pid = tl.program_id(0)
     pos = tl.load(POS).to(tl.int64)
-    d = tl.arange(0, BD)
-    dmask = d < D
     if pid < n_span_progs:
-        c = pid % NCH
-        rest = pid // NCH
-        j = rest % K_VAL
-        bh = (rest // K_VAL).to(tl.int64)
-        b = bh // Hq
-        h = bh % Hq
-        g = h // R
-        s0 = 0
-        if HAS_MASK:
-            s0 = tl.load(S0 + b)
-        _, a = select_topk(CV, CA, bh * n_cand, j, NC, n_cand, K_VAL)
-        qs, qe = span_bounds(a, pos, s0, Lkv, W, CONSTS, FWD, HAS_W)
-        lo = tl.maximum(qs, 0) + c * CHUNK
-        hi = tl.minimum(qe, lo + CHUNK - 1)
-        hi = tl.where(a >= 0, hi, -1)
-        q = tl.load(Q2 + b * s_qb + h * s_qh + d, mask=dmask, other=0.0).to(tl.float32) * sm_scale
-        m_i = tl.full([], float("-inf"), tl.float32)
-        l_i = tl.full([], 0.0, tl.float32)
-        acc = tl.full([BD], 0.0, tl.float32)
-        cols = tl.arange(0, BN)
-        k_base = K + b * s_kb + g * s_kh
-        v_base = V + b * s_vb + g * s_vh
-        for k0 in range(lo, hi + 1, BN):
-            kk = k0 + cols
-            km = kk <= hi
-            if HAS_MASK:
-                km = km & (tl.load(MASK + b * Lkv + kk, mask=km, other=0) != 0)
-            kt = tl.load(k_base + kk[:, None] * s_kl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
-            s = tl.sum(kt.to(tl.float32) * q[None, :], axis=1)
-            s = tl.where(km, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_use)
-            p = tl.exp(s - m_use)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            vt = tl.load(v_base + kk[:, None] * s_vl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
-            acc = acc * alpha + tl.sum(p[:, None] * vt.to(tl.float32), axis=0)
-            m_i = m_new
-        has = l_i > 0
-        o = acc / tl.where(has, l_i, 1.0)
-        lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-        row = (bh * K_VAL + j) * NCH + c
-        tl.store(O_SPAN + row * D + d, o, mask=dmask)
-        tl.store(L_SPAN + row, lse)
+        _decode_span_part(pid, pos, Q2, K, V, MASK, S0, CONSTS, CV, CA, O_SPAN, L_SPAN,
+                          Lkv, W, Hq, n_cand, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
+                          R, D, BD, K_VAL, NC, NCH, CHUNK, BN, HAS_MASK, FWD, HAS_W)
     else:
-        wid = pid - n_span_progs
-        c = wid % NWCH
-        bg = (wid // NWCH).to(tl.int64)
-        b = bg // G
-        g = bg % G
-        rows = tl.arange(0, RP)
-        rmask = rows < R
-        heads = g * R + rows
-        q = tl.load(Q2 + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=rmask[:, None] & dmask[None, :],
-                    other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-        lo = tl.maximum(pos - W + 1, 0) + c * WCHUNK
-        hi = tl.minimum(pos, lo + WCHUNK - 1)
-        if not HAS_W:
-            hi = lo - 1
-        m_w = tl.full([RP], float("-inf"), tl.float32)
-        l_w = tl.full([RP], 0.0, tl.float32)
-        acc_w = tl.full([RP, BD], 0.0, tl.float32)
-        cols_w = tl.arange(0, BNW)
-        k_base = K + b * s_kb + g * s_kh
-        v_base = V + b * s_vb + g * s_vh
-        for k0 in range(lo, hi + 1, BNW):
-            kk = k0 + cols_w
-            km = kk <= hi
-            if HAS_MASK:
-                km = km & (tl.load(MASK + b * Lkv + kk, mask=km, other=0) != 0)
-            kt = tl.load(k_base + kk[:, None] * s_kl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
-            vt = tl.load(v_base + kk[:, None] * s_vl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
-            if UPCAST:
-                kt = kt.to(tl.float32)
-                vt = vt.to(tl.float32)
-            s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * sm_scale
-            s = tl.where(km[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_w, tl.max(s, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_w - m_use)
-            p = tl.exp(s - m_use[:, None])
-            l_w = l_w * alpha + tl.sum(p, axis=1)
-            acc_w = acc_w * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
-            m_w = m_new
-        has = l_w > 0
-        o = acc_w / tl.where(has, l_w, 1.0)[:, None]
-        lse = tl.where(has, m_w + tl.log(tl.where(has, l_w, 1.0)), float("-inf"))
-        row = (b * Hq + heads) * NWCH + c
-        tl.store(O_WIN + row[:, None] * D + d[None, :], o, mask=rmask[:, None] & dmask[None, :])
-        tl.store(L_WIN + row, lse, mask=rmask)
+        _decode_window_part(pid - n_span_progs, pos, Q2, K, V, MASK, O_WIN, L_WIN,
+                            Lkv, W, G, Hq, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
+                            R, RP, D, BD, NWCH, WCHUNK, BNW, HAS_MASK, HAS_W, UPCAST, PRECISION)
 
 
 @triton.jit
@@ -192,6 +424,7 @@ def launch_decode(
     window: int,
     forward: bool,
     max_span: int,
+    mode: str,
     split_len: int,
     block_s: int,
     chunk: int,
@@ -202,7 +435,11 @@ def launch_decode(
     precision: str,
     num_warps: int,
 ) -> None:
-    """One decode step for queries [B, Hq, 1, D] against the full cache; writes ``out``."""
+    """One decode step for queries [B, Hq, 1, D] against the full cache; writes ``out``.
+
+    ``mode``: "union" (spans of the R query heads of a KV head deduplicated, each key read once)
+    or "split" (every (head, slot) span streamed on its own).
+    """
     from secure_run.kernels._triton_search import launch_search
 
     B, Hq, _, D = q2.shape
@@ -216,23 +453,52 @@ def launch_decode(
         precision=precision, num_warps=4,
     )
     n_cand = cv.shape[3] * cv.shape[4]
-    nch = max(1, triton.cdiv(max_span, chunk))
     nwch = max(1, triton.cdiv(window, wchunk))
     dev = q2.device
-    o_span = torch.empty(B * Hq * num_spans * nch, D, dtype=torch.float32, device=dev)
-    l_span = torch.empty(B * Hq * num_spans * nch, dtype=torch.float32, device=dev)
     o_win = torch.empty(B * Hq * nwch, D, dtype=torch.float32, device=dev)
     l_win = torch.empty(B * Hq * nwch, dtype=torch.float32, device=dev)
-    n_span_progs = B * Hq * num_spans * nch
     BD = max(16, triton.next_power_of_2(D))
     NC = max(16, triton.next_power_of_2(n_cand))
+    RP = max(16, triton.next_power_of_2(R))
     dummy = pos
+    m_arg = mask if mask is not None else dummy
+    strides = (q2.stride(0), q2.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
+    if mode == "union":
+        KP = triton.next_power_of_2(num_spans)
+        vals = torch.empty(B, Hq, num_spans, dtype=torch.float32, device=dev)
+        ancs, qs, qe = (torch.empty(B, Hq, num_spans, dtype=torch.int64, device=dev) for _ in range(3))
+        _decode_finalize_kernel[(B * Hq,)](
+            cv, ca, pos, s0 if s0 is not None else dummy, consts, vals, ancs, qs, qe, n_cand, Lkv, window, Hq,
+            NC=NC, K_VAL=num_spans, KP=KP, HAS_MASK=mask is not None, FWD=forward, HAS_W=window > 0, num_warps=4,
+        )
+        RK = R * num_spans
+        maxp = triton.cdiv(RK * max_span, chunk) + RK
+        po = torch.empty(B * G * maxp * RK, D, dtype=torch.float32, device=dev)
+        pl = torch.empty(B * G * maxp * RK, dtype=torch.float32, device=dev)
+        npieces = torch.empty(B * G, dtype=torch.int64, device=dev)
+        n_union = B * G * maxp
+        _decode_union_kernel[(n_union + B * G * nwch,)](
+            q2, k, v, pos, m_arg, qs, qe, po, pl, npieces, o_win, l_win,
+            Lkv, window, G, Hq, maxp, n_union, 1.0 / (D**0.5), *strides,
+            R=R, RP=RP, RK=RK, RKP=max(16, triton.next_power_of_2(RK)), D=D, BD=BD, K_VAL=num_spans, CH=chunk,
+            BN=block_n, NWCH=nwch, WCHUNK=wchunk, BNW=block_nw, HAS_MASK=mask is not None, HAS_W=window > 0,
+            UPCAST=upcast, PRECISION=precision, num_warps=num_warps,
+        )
+        _decode_union_merge_kernel[(B * Hq,)](
+            vals, ancs, po, pl, npieces, o_win, l_win, out, Hq, G, maxp, out.stride(0), out.stride(1),
+            R=R, RK=RK, K_VAL=num_spans, KP=KP, NWCH=nwch, NWCHP=max(2, triton.next_power_of_2(nwch)), PB=32,
+            D=D, BD=BD, num_warps=4,
+        )
+        return
+    nch = max(1, triton.cdiv(max_span, chunk))
+    o_span = torch.empty(B * Hq * num_spans * nch, D, dtype=torch.float32, device=dev)
+    l_span = torch.empty(B * Hq * num_spans * nch, dtype=torch.float32, device=dev)
+    n_span_progs = B * Hq * num_spans * nch
     _decode_attn_kernel[(n_span_progs + B * G * nwch,)](
-        q2, k, v, pos, mask if mask is not None else dummy, s0 if s0 is not None else dummy, consts, cv, ca,
+        q2, k, v, pos, m_arg, s0 if s0 is not None else dummy, consts, cv, ca,
         o_span, l_span, o_win, l_win,
-        Lkv, window, G, Hq, n_cand, n_span_progs, 1.0 / (D**0.5),
-        q2.stride(0), q2.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        R=R, RP=max(16, triton.next_power_of_2(R)), D=D, BD=BD, K_VAL=num_spans, NC=NC, NCH=nch, NWCH=nwch,
+        Lkv, window, G, Hq, n_cand, n_span_progs, 1.0 / (D**0.5), *strides,
+        R=R, RP=RP, D=D, BD=BD, K_VAL=num_spans, NC=NC, NCH=nch, NWCH=nwch,
         CHUNK=chunk, WCHUNK=wchunk, BN=block_n, BNW=block_nw, HAS_MASK=mask is not None, FWD=forward,
         HAS_W=window > 0, UPCAST=upcast, PRECISION=precision, num_warps=num_warps,
     )

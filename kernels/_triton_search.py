@@ -5,7 +5,7 @@ row is loaded once and scored for the R heads with one ``tl.dot`` ([R, D] x [D, 
 be split over several programs (decode: one query, thousands of stripes); each split then writes
 its own top-K candidates, merged later by :func:`select_topk` inside the consumer kernels.
 
-Grid: (B * Hkv, Lq, n_splits). Output (FINAL): values fp32, anchors / qstart / qend int64, each
+Grid: (Lq, B * Hkv, n_splits). Output (FINAL): values fp32, anchors / qstart / qend int64, each
 [B, Hq, Lq, K]; (not FINAL): candidate values / anchors [B, Hq, Lq, n_splits, KP] (KP = next pow2 of K).
 """
 
@@ -29,8 +29,8 @@ def _search_kernel(
     HAS_MASK: tl.constexpr, FWD: tl.constexpr, HAS_W: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    bg = tl.program_id(0)
-    x = tl.program_id(1)
+    x = tl.program_id(0)
+    bg = tl.program_id(1)
     sp = tl.program_id(2)
     b = (bg // G).to(tl.int64)
     g = (bg % G).to(tl.int64)
@@ -157,7 +157,7 @@ def launch_search(
     ov, oa = outs[0], outs[1]
     oqs, oqe = (outs[2], outs[3]) if final else (oa, oa)
     dummy_i = pos
-    _search_kernel[(B * G, Lq, n_splits)](
+    _search_kernel[(Lq, B * G, n_splits)](
         q1, k, pos, offs, ns if ns is not None else dummy_i, mask if mask is not None else dummy_i,
         s0 if s0 is not None else dummy_i, consts,
         ov, oa, oqs, oqe,

@@ -15,6 +15,7 @@ synchronises with the host; prefill splits long chunks into segments to bound sc
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,7 @@ class TritonConfig:
     pair_warps: int
     pair_stages: int
     merge_block_m: int
+    decode_mode: str
     decode_split: int
     decode_chunk: int
     decode_wchunk: int
@@ -54,7 +56,7 @@ class TritonConfig:
 
 _CPU_INTERPRETER = TritonConfig(
     search_block_s=16, search_warps=4, pair_block_p=16, pair_block_n=16, pair_warps=4, pair_stages=1,
-    merge_block_m=16, decode_split=32, decode_chunk=32, decode_wchunk=16, decode_block_n=16, decode_block_nw=16,
+    merge_block_m=16, decode_mode="union", decode_split=32, decode_chunk=32, decode_wchunk=16, decode_block_n=16, decode_block_nw=16,
     decode_warps=4, prefill_segment=1 << 15,
 )
 
@@ -72,12 +74,13 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype) -> Trito
         pair_warps=8,
         pair_stages=2 if wide else 3,
         merge_block_m=16,
-        decode_split=256,
+        decode_mode=os.environ.get("SECURE_RUN_DECODE_MODE", "union"),
+        decode_split=64,
         decode_chunk=1024,
         decode_wchunk=512,
         decode_block_n=64 if head_dim <= 128 else 32,
         decode_block_nw=32 if wide else 64,
-        decode_warps=4,
+        decode_warps=8,
         prefill_segment=1 << 15,
     )
 
@@ -191,7 +194,7 @@ def superlinear_attention_triton(
     if Lq == 1:
         launch_decode(
             q1, q2, k, v, pos, offs, mask, s0, consts, out, num_spans=params.num_spans, window=W, forward=fwd,
-            max_span=max_span_len(params, Lkv), split_len=cfg.decode_split, block_s=cfg.search_block_s,
+            max_span=max_span_len(params, Lkv), mode=cfg.decode_mode, split_len=cfg.decode_split, block_s=cfg.search_block_s,
             chunk=cfg.decode_chunk, wchunk=cfg.decode_wchunk, block_n=cfg.decode_block_n,
             block_nw=cfg.decode_block_nw, upcast=upcast, precision=prec, num_warps=cfg.decode_warps,
         )

@@ -89,9 +89,29 @@ def test_chunked_prefill_and_decode_match_one_shot_with_poisoned_tail() -> None:
     torch.testing.assert_close(step, one[:, :, -1:], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", list(SMALL))
-@pytest.mark.parametrize("with_mask", [False, True], ids=["nomask", "leftpad"])
-def test_decode_equals_reference(name: str, with_mask: bool) -> None:
+def _use_decode_mode(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    import dataclasses
+
+    from secure_run.kernels import span_triton
+
+    base = span_triton.config_for
+    monkeypatch.setattr(span_triton, "config_for", lambda *a, **kw: dataclasses.replace(base(*a, **kw), decode_mode=mode))
+
+
+@pytest.fixture(params=["union", "split"])
+def decode_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a decode test with both decode designs (deduplicated union pieces / per-span split-K)."""
+    _use_decode_mode(monkeypatch, str(request.param))
+    return str(request.param)
+
+
+_DECODE_CASES = [(n, m, "union") for n in SMALL for m in (False, True)] + [
+    ("int2", True, "split"), ("f0.55", False, "split"), ("int3-nofwd", False, "split"), ("f0.6-nowindow", False, "split")]
+
+
+@pytest.mark.parametrize(("name", "with_mask", "mode"), _DECODE_CASES)
+def test_decode_equals_reference(name: str, with_mask: bool, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _use_decode_mode(monkeypatch, mode)
     params = SMALL[name]
     B, Lkv = (2 if with_mask else 1), 70
     q1, q2, k, v = make_inputs(B, 4, 2, 1, Lkv, 32, torch.float32, seed=14)
@@ -104,6 +124,19 @@ def test_decode_equals_reference(name: str, with_mask: bool) -> None:
         ref = superlinear_attention_reference(q1, q2, k, v, pos, params, mask)
         err = row_rel_err(out, ref)
         assert err.max() <= 1e-4, f"position {p}: {err.max():.2e}"
+
+
+def test_decode_union_merges_overlapping_spans_of_many_heads(decode_mode: str) -> None:
+    # 8 query heads on one KV head, 3 slots: 24 spans of ~45 keys in a 200-key context overlap
+    # heavily, so the union plan merges them into few segments cut into several 32-key pieces
+    q1, q2, k, v = make_inputs(1, 8, 1, 1, 200, 16, torch.float32, seed=17)
+    pos = torch.tensor([199])
+    out = torch.full((1, 8, 1, 16), float("nan"))
+    superlinear_attention_triton(q1, q2, k, v, pos, P_INT2, out=out)
+    ref = superlinear_attention_reference(q1, q2, k, v, pos, P_INT2)
+    s = span_search_reference(q1, k, pos, P_INT2)
+    assert ((s.qend - s.qstart + 1) > 32).any()  # spans longer than one piece
+    assert row_rel_err(out, ref).max() <= 1e-4
 
 
 def test_decode_fp16_and_bf16() -> None:

@@ -1,0 +1,303 @@
+"""Superlinear attention kernels: ours vs upstream ``superlinear`` 0.1.0 vs dense SDPA, one layer.
+
+Released shapes (32 query heads, 2 KV heads, head_dim 128, sw_index 65, 3 spans, backward 3,
+forward 1, search_power = span_power = 0.55), batch 1, fp16, random (never zero) data, on one GPU:
+
+* decode at 128K / 1M / 4M context: ours eager and under CUDA graph, upstream
+  ``decode_span_attention_staged_gqa`` plain and under CUDA graph, SDPA(enable_gqa=True);
+* one-shot prefill 8K / 32K / 128K: ours, upstream ``fused_prefill_with_swtriton_bucketed_gqa``,
+  causal SDPA;
+* a 32K-token chunk at the end of a 1M context: ours, upstream bucketed, SDPA (non-causal, same
+  FLOPs within a few %).
+
+Timing: ``triton.testing.do_bench`` median (CUDA events) after warm-up; decode rotates several
+query sets (the caches are far larger than L2), small prefills rotate input sets. Besides times it
+reports, for ours, the bytes (decode) or useful FLOPs (prefill) of the work actually selected and the
+implied rate, to compare with the floors of performance.md section 2. Prints a table last and
+writes JSON to ``$OUT/kernels_bench.json`` (or ``--out``).
+
+Run: ``python bench/kernels.py [--quick] [--skip-upstream]`` with ``secure_run`` importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from secure_run.kernels import SpanParams, superlinear_attention
+from secure_run.kernels.reference import span_search_reference
+
+P = SpanParams(sw_index=65, num_spans=3, backward_factor=3.0, forward_factor=1.0, span_power=0.55,
+               search_power=0.55)
+HQ, HKV, D = 32, 2, 128
+DT = torch.float16
+DEV = "cuda"
+UP_KW = dict(sw_index=P.sw_index, backward_factor=P.backward_factor, forward_factor=P.forward_factor,
+             span_power=P.span_power, search_power=P.search_power, inv_search_power_int=None)
+
+
+def _rand(*shape: int, seed: int) -> torch.Tensor:
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    return torch.randn(*shape, generator=g, device=DEV, dtype=torch.float32).to(DT)
+
+
+def _ms(fn: Callable[[], Any], rep: int) -> float:
+    return float(do_bench(fn, warmup=max(25, rep // 10), rep=rep, return_mode="median"))
+
+
+def _rotating(fns: list[Callable[[], Any]]) -> Callable[[], Any]:
+    state = {"i": 0}
+
+    def run() -> Any:
+        state["i"] = (state["i"] + 1) % len(fns)
+        return fns[state["i"]]()
+
+    return run
+
+
+def _graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
+    fn()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def _kernel_profile(fn: Callable[[], Any], iters: int = 20) -> dict[str, float]:
+    """Average device time per call of each kernel name (µs), from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+        if t > 0:
+            out[ev.key[:48]] = round(t / iters, 1)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:8])
+
+
+def _decode_bytes(q1: torch.Tensor, k: torch.Tensor, pos: torch.Tensor) -> tuple[float, float]:
+    """(bytes read without cross-head dedup, bytes with perfect per-KV-head dedup) for one step."""
+    s = span_search_reference(q1, k, pos, P)
+    qs, qe = s.qstart[0, :, 0], s.qend[0, :, 0]  # [Hq, k]
+    lens = (qe - qs + 1).clamp(min=0) * (qs >= 0)
+    row = 2 * D * 2  # K + V of one key, fp16
+    t = int(pos[0]) + 1
+    n_anchor = P.max_stripe_index(t) - P.sw_index
+    base = HKV * (min(t, P.window_len) * row + n_anchor * D * 2)
+    per_head = float(lens.sum()) * row
+    uniq = 0
+    for g in range(HKV):
+        cover = torch.zeros(t, dtype=torch.bool, device=DEV)
+        for h in range(g * HQ // HKV, (g + 1) * HQ // HKV):
+            for j in range(P.num_spans):
+                if qs[h, j] >= 0:
+                    cover[int(qs[h, j]) : int(qe[h, j]) + 1] = True
+        uniq += int(cover.sum()) * row
+    return base + per_head, base + uniq
+
+
+def bench_decode(Lkv: int, upstream: Any, rows: list[dict[str, Any]], rep: int) -> None:
+    k, v = _rand(1, HKV, Lkv, D, seed=1), _rand(1, HKV, Lkv, D, seed=2)
+    pos = torch.tensor([Lkv - 1], device=DEV)
+    qs = [(_rand(1, HQ, 1, D, seed=10 + i), _rand(1, HQ, 1, D, seed=20 + i)) for i in range(4)]
+    r: dict[str, Any] = {"work": f"decode @{Lkv // 1024}K", "kind": "decode", "context": Lkv}
+
+    def ours(q1: torch.Tensor, q2: torch.Tensor) -> Callable[[], Any]:
+        return lambda: superlinear_attention(q1, q2, k, v, pos, P)
+
+    r["ours_ms"] = _ms(_rotating([ours(a, b) for a, b in qs]), rep)
+    r["ours_graph_ms"] = _ms(_rotating([_graphed(ours(a, b)) for a, b in qs]), rep)
+    os.environ["SECURE_RUN_DECODE_MODE"] = "split"  # the non-deduplicated design, for comparison
+    try:
+        r["ours_split_graph_ms"] = _ms(_rotating([_graphed(ours(a, b)) for a, b in qs]), rep)
+        r["ours_split_kernels_us"] = _kernel_profile(_graphed(ours(*qs[0])))
+    finally:
+        del os.environ["SECURE_RUN_DECODE_MODE"]
+    r["sdpa_ms"] = _ms(_rotating([(lambda a=a, b=b: F.scaled_dot_product_attention(b, k, v, enable_gqa=True))
+                                  for a, b in qs]), rep)
+    if upstream is not None:
+        def up(q1: torch.Tensor, q2: torch.Tensor) -> Callable[[], Any]:
+            return lambda: upstream.decode_span_attention_staged_gqa(q1, q2, k, v, pos, topk=3, enable_gqa=True,
+                                                                     **UP_KW)
+        r["upstream_ms"] = _ms(_rotating([up(a, b) for a, b in qs]), rep)
+        try:
+            r["upstream_graph_ms"] = _ms(_rotating([_graphed(up(a, b)) for a, b in qs]), rep)
+        except Exception as e:  # report, do not hide
+            r["upstream_graph_error"] = repr(e)[:200]
+    r["ours_kernels_us"] = _kernel_profile(_graphed(ours(*qs[0])))
+    nbytes, uniq = _decode_bytes(qs[0][0], k, pos)
+    r["bytes"], r["bytes_dedup"] = nbytes, uniq
+    r["ours_graph_GBps_dedup"] = uniq / (r["ours_graph_ms"] * 1e-3) / 1e9
+    rows.append(r)
+    torch.cuda.empty_cache()
+
+
+def _prefill_flops(q1: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, sample: int = 512) -> float:
+    """Useful FLOPs of span + window attention (4*D per query-key pair), from a row sample."""
+    L = pos.numel()
+    idx = torch.linspace(0, L - 1, min(sample, L), device=DEV).long()
+    s = span_search_reference(q1[:, :, idx], k, pos[idx], P)
+    lens = ((s.qend - s.qstart + 1).clamp(min=0) * (s.qstart >= 0)).sum(-1).double()  # [1, Hq, n]
+    win = torch.minimum(pos[idx] + 1, torch.tensor(P.window_len, device=DEV)).double()
+    per_row = (lens + win[None, None, :]).mean()  # keys per (head, query): spans + window once
+    anchors = (pos[idx].double() + 1).pow(P.search_power).mean() - P.sw_index
+    return float(L * HQ * (per_row * 4 * D + max(float(anchors), 0.0) * 2 * D))
+
+
+def bench_prefill(L: int, Lkv: int, start: int, upstream: Any, rows: list[dict[str, Any]], rep: int) -> None:
+    n_sets = 3 if L <= 8192 else 1
+    sets = [(_rand(1, HQ, L, D, seed=30 + i), _rand(1, HQ, L, D, seed=40 + i), _rand(1, HKV, Lkv, D, seed=50 + i),
+             _rand(1, HKV, Lkv, D, seed=60 + i)) for i in range(n_sets)]
+    pos = torch.arange(start, start + L, device=DEV)
+    chunk = start > 0
+    name = f"chunk {L // 1024}K @{Lkv // 1024}K" if chunk else f"prefill {L // 1024}K"
+    r: dict[str, Any] = {"work": name, "kind": "prefill", "context": Lkv, "chunk": L}
+    r["ours_ms"] = _ms(_rotating([(lambda s=s: superlinear_attention(s[0], s[1], s[2], s[3], pos, P)) for s in sets]),
+                       rep)
+    if chunk:  # dense: the chunk against every cached key, non-causal (FLOPs within a few % of causal-at-end)
+        r["sdpa_ms"] = _ms(_rotating([(lambda s=s: F.scaled_dot_product_attention(s[1], s[2], s[3], enable_gqa=True))
+                                      for s in sets]), rep)
+    else:
+        r["sdpa_ms"] = _ms(_rotating([(lambda s=s: F.scaled_dot_product_attention(s[1], s[2], s[3], is_causal=True,
+                                                                                enable_gqa=True)) for s in sets]), rep)
+    if upstream is not None:
+        r["upstream_ms"] = _ms(_rotating([(lambda s=s: upstream.fused_prefill_with_swtriton_bucketed_gqa(
+            s[0], s[1], s[2], s[3], pos, num_spans=3, **UP_KW)) for s in sets]), rep)
+    from secure_run.kernels.span_triton import span_search_triton
+
+    s0 = sets[0]
+    r["ours_search_ms"] = _ms(lambda: span_search_triton(s0[0], s0[2], pos, P), rep)
+    r["ours_kernels_us"] = _kernel_profile(lambda: superlinear_attention(s0[0], s0[1], s0[2], s0[3], pos, P), 2)
+    flops = _prefill_flops(sets[0][0], sets[0][2], pos)
+    r["useful_tflop"] = flops / 1e12
+    r["ours_TFLOPs"] = flops / (r["ours_ms"] * 1e-3) / 1e12
+    rows.append(r)
+    torch.cuda.empty_cache()
+
+
+def upstream_odd_length_check(upstream: Any, rows: list[dict[str, Any]]) -> None:
+    """Upstream prefill on L mod 16 != 0: row errors of the trailing rows vs our kernels."""
+    from secure_run.kernels.reference import superlinear_attention_reference
+
+    L = 4100
+    q1, q2, k, v = (_rand(1, HQ, L, D, seed=70), _rand(1, HQ, L, D, seed=71), _rand(1, HKV, L, D, seed=72),
+                    _rand(1, HKV, L, D, seed=73))
+    pos = torch.arange(L, device=DEV)
+    rows_ix = torch.arange(L - 20, L, device=DEV)
+    ref = superlinear_attention_reference(q1[:, :, rows_ix], q2[:, :, rows_ix], k, v, pos[rows_ix], P).double()
+    def err(o: torch.Tensor) -> list[float]:
+        o = o[:, :, rows_ix].double()
+        e = (o - ref).norm(dim=-1) / ref.norm(dim=-1)
+        return [round(float(x), 5) for x in e.amax(dim=(0, 1))]
+    rows.append({"work": "odd-length check L=4100 (last 20 rows, max over heads)", "kind": "check",
+                 "ours_row_err": err(superlinear_attention(q1, q2, k, v, pos, P)),
+                 "upstream_row_err": err(upstream.fused_prefill_with_swtriton_bucketed_gqa(
+                     q1, q2, k, v, pos, num_spans=3, **UP_KW))})
+
+
+def _fmt(x: Any, unit: str = "") -> str:
+    if x is None:
+        return "-"
+    if x >= 100:
+        return f"{x:.0f}{unit}"
+    return f"{x:.3g}{unit}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
+    ap.add_argument("--skip-upstream", action="store_true")
+    ap.add_argument("--only", default="", help="comma list: decode,prefill,chunk,check")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
+    a = ap.parse_args()
+    upstream = None
+    if not a.skip_upstream and importlib.util.find_spec("superlinear") is not None:
+        from superlinear.kernels.superlinear.attention import api as upstream  # bench/parity only
+    only = set(filter(None, a.only.split(",")))
+    card = torch.cuda.get_device_name()
+    rows: list[dict[str, Any]] = []
+    t0 = time.time()
+    rep = 200 if a.quick else 500
+    def guarded(label: str, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+            print(json.dumps(rows[-1]), flush=True)
+        except Exception as e:  # keep going: one failing case must not hide the others
+            import traceback
+
+            print(f"FAILED {label}: {e!r}", flush=True)
+            traceback.print_exc(limit=3)
+            rows.append({"work": label, "kind": "error", "error": repr(e)[:300]})
+            torch.cuda.empty_cache()
+
+    if not only or "decode" in only:
+        for Lkv in ([1 << 20] if a.quick else [1 << 17, 1 << 20, 1 << 22]):
+            guarded(f"decode {Lkv}", lambda Lkv=Lkv: bench_decode(Lkv, upstream, rows, rep))
+    if not only or "prefill" in only:
+        for L in ([8192] if a.quick else [8192, 32768, 131072]):
+            guarded(f"prefill {L}", lambda L=L: bench_prefill(L, L, 0, upstream, rows, rep))
+    if not only or "chunk" in only:
+        guarded("chunk", lambda: bench_prefill(32768, 1 << 20, (1 << 20) - 32768, upstream, rows, rep))
+    if upstream is not None and (not only or "check" in only):
+        guarded("odd-length check", lambda: upstream_odd_length_check(upstream, rows))
+    meta = {"card": card, "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+            "upstream": "superlinear 0.1.0" if upstream is not None else None, "dtype": str(DT),
+            "seconds": round(time.time() - t0, 1), "date": time.strftime("%Y-%m-%d")}
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "kernels_bench.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print(f"\n== Superlinear attention, one layer, released shapes, {DT}, card: {card} "
+          f"(torch {torch.__version__}, triton {triton.__version__}) ==")
+    hdr = f"{'work':<22}{'ours':>10}{'ours+graph':>12}{'upstream':>10}{'up+graph':>10}{'SDPA':>10}" \
+          f"{'up/ours':>9}{'SDPA/ours':>10}  rate"
+    print(hdr)
+    for r in rows:
+        if r["kind"] == "error":
+            print(f"{r['work']:<22} ERROR {r['error'][:80]}")
+            continue
+        if r["kind"] == "check":
+            print(f"{r['work']}: ours {max(r['ours_row_err']):.2e}, upstream {max(r['upstream_row_err']):.2e}")
+            continue
+        best = r.get("ours_graph_ms", r["ours_ms"])
+        up = r.get("upstream_graph_ms", r.get("upstream_ms"))
+        unit = "ms"
+        scale = 1.0
+        if r["kind"] == "decode":
+            unit, scale = "us", 1000.0
+        def f(key: str, r: dict[str, Any] = r, scale: float = scale, unit: str = unit) -> str:
+            return _fmt(r[key] * scale, unit) if key in r else "-"
+        rate = (f"{r['bytes_dedup'] / (best * 1e-3) / 1e9:.0f} GB/s of {r['bytes_dedup'] / 1e6:.0f} MB dedup "
+                f"({r['bytes'] / 1e6:.0f} MB undeduplicated; split mode {r.get('ours_split_graph_ms', 0) * 1e3:.0f} us)"
+                if r["kind"] == "decode" else f"{r['ours_TFLOPs']:.0f} TFLOP/s useful")
+        print(f"{r['work']:<22}{f('ours_ms'):>10}{f('ours_graph_ms'):>12}{f('upstream_ms'):>10}"
+              f"{f('upstream_graph_ms'):>10}{f('sdpa_ms'):>10}"
+              f"{(_fmt(up / best) if up else '-'):>9}{_fmt(r['sdpa_ms'] / best):>10}  {rate}")
+    print(f"total {meta['seconds']} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
