@@ -14,7 +14,6 @@ as ``not_checked`` and make the run fail unless ``--allow-unlocated`` is given.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import click
@@ -47,9 +46,8 @@ class EntryReport:
 
 def check_entry(lock: Any, entry: Any) -> EntryReport:
     """Verify one lock entry (signature, digests, lock pin, tensor table, policy)."""
-    from secure_run import manifests, policies
-    from secure_run.model import checkpoint
-    from secure_run.model.config import load_config
+    from secure_run import manifests
+    from secure_run.runner.pipeline import check_architecture, policy_check
 
     folder = lock.model_path(entry)
     report = EntryReport(entry.name, "not_checked", policy=entry.policy,
@@ -62,22 +60,10 @@ def check_entry(lock: Any, entry: Any) -> EntryReport:
                           rule="CI-MISSING", hint="restore the folder or remove the entry from the lock")
         result = manifests.verify_model(folder, entry.signer.trust(lock.base), lock=entry)
         report.root_digest = f"sha256:{result.root_digest}"
-        config = load_config(folder)
-        found = {name: checkpoint.HeaderEntry(shard, info.dtype, tuple(info.shape), info)
-                 for shard, header in result.headers.items() for name, info in header.tensors.items()}
-        checkpoint.check_table(config, checkpoint.name_map_for(config), found)
+        check_architecture(result)
         if entry.policy is not None:
             ref = entry.policy if entry.policy.startswith("builtin:") else str(lock.base / entry.policy)
-            policy = policies.load_policy(ref)
-            signer = result.signer
-            facts = policies.RunFacts(
-                model_dir=Path(result.root),
-                signature=policies.SignatureFacts(
-                    verified=True, digests_matched=True, root_digest=report.root_digest, lock_matched=True,
-                    signer=signer.key_sha256 if signer.method == "key" else signer.identity),
-                code_files=(),
-            )
-            decision = policies.evaluate(policy, facts, stage="check")
+            decision = policy_check(ref, result)
             report.policy_allowed = decision.allowed
             report.findings = [f.to_json() for f in decision.findings if f.result in ("deny", "warn")]
             decision.raise_if_denied()

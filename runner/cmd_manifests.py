@@ -74,6 +74,8 @@ def sign_cmd(model_dir: str, key: str, cert: str | None, chain: str | None, sign
 @click.command("verify")
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @trust_options
+@click.option("--policy", "policy", metavar="FILE",
+              help="Also evaluate this licence/guardrail policy (file or builtin:NAME) for the verified folder.")
 @json_option
 def verify_cmd(
     model_dir: str,
@@ -85,9 +87,10 @@ def verify_cmd(
     trusted_root: str | None,
     signature: str | None,
     lock: str | None,
+    policy: str | None,
     as_json: bool,
 ) -> None:
-    """Verify a model folder: inventory, signature, manifest, lock, every file's sha256."""
+    """Verify a model folder: inventory, signature, manifest, lock, every file's sha256 (and a policy)."""
     _json_mode(as_json)
     from secure_run.manifests import Lock, load_trust, verify_model
 
@@ -101,8 +104,18 @@ def verify_cmd(
             hint="verification needs pinned trust material",
         )
     result = verify_model(model_dir, trust, signature=signature, lock=lock_obj, progress=hashing_progress(as_json, "verifying"))
+    decision = None
+    if policy is not None:
+        from secure_run.runner.pipeline import policy_check
+
+        decision = policy_check(policy, result)
     if as_json:
-        emit_json({"ok": True, "command": "verify", **result.to_json()})
+        doc = {"ok": decision is None or decision.allowed, "command": "verify", **result.to_json()}
+        if decision is not None:
+            doc["policy"] = decision.to_json()
+        emit_json(doc)
+        if decision is not None and not decision.allowed:
+            click.get_current_context().exit(1)
         return
     speed = f", {result.total_bytes / result.hash_seconds / 1e9:.2f} GB/s" if result.hash_seconds > 0 and result.total_bytes > 1e8 else ""
     click.echo(f"verified {result.root}: {len(result.files)} files, {_gb(result.total_bytes)} hashed in {result.hash_seconds:.2f} s{speed}")
@@ -110,6 +123,9 @@ def verify_cmd(
     who = signer.key_sha256 if signer.method == "key" else f"{signer.identity}" + (f" ({signer.issuer})" if signer.issuer else "")
     click.echo(f"signer: {signer.method} {who}")
     click.echo(f"root digest: sha256:{result.root_digest}" + (f" (matches lock entry {result.lock_name!r})" if result.lock_name else ""))
+    if decision is not None:
+        click.echo(decision.render_text())
+        decision.raise_if_denied()
 
 
 def _render_inspect(doc: dict[str, Any]) -> None:

@@ -225,6 +225,51 @@ class Session:
         self.audit.append(audit_record(self.decision, event="refused", run_stats=stats, guardrail_events=events))
 
 
+# --- shared by generate, verify --policy and ci-check ----------------------------------------------
+
+
+def verified_facts(verification: Any, *, sandbox: Any = None, declared_use: str | None = None,
+                   operator: str | None = None, max_new_tokens: int | None = None) -> Any:
+    """The policy facts a successful verification establishes (``secure_run.policies.RunFacts``)."""
+    from secure_run import policies
+
+    signer = verification.signer
+    return policies.RunFacts(
+        model_dir=Path(verification.root),
+        signature=policies.SignatureFacts(
+            verified=True, digests_matched=True, root_digest=f"sha256:{verification.root_digest}",
+            signer=signer.key_sha256 if signer.method == "key" else signer.identity,
+            lock_matched=True if verification.lock_name is not None else None,  # None: no lock compared
+        ),
+        code_files=(),  # verification's inventory refuses every code or pickle-capable file
+        sandbox=sandbox,
+        declared_use=declared_use,
+        operator=operator,
+        max_new_tokens=max_new_tokens,
+    )
+
+
+def check_architecture(verification: Any) -> None:
+    """Refuse unless the verified tensor tables equal the vendored architecture's (no torch)."""
+    from secure_run.model import checkpoint
+    from secure_run.model.config import load_config
+
+    config = load_config(verification.root)
+    found = {
+        name: checkpoint.HeaderEntry(shard, info.dtype, tuple(info.shape), info)
+        for shard, header in verification.headers.items()
+        for name, info in header.tensors.items()
+    }
+    checkpoint.check_table(config, checkpoint.name_map_for(config), found)
+
+
+def policy_check(policy_ref: str, verification: Any) -> Any:
+    """Evaluate a policy at stage ``check`` for a verified folder; returns the Decision."""
+    from secure_run import policies
+
+    return policies.evaluate(policies.load_policy(policy_ref), verified_facts(verification), stage="check")
+
+
 # --- the gate ------------------------------------------------------------------------------------
 
 
@@ -242,8 +287,6 @@ def prepare(options: GenerateOptions, *, progress: Any = None,
         SecureRunError: any refusal (exit 1) or usage/environment problem (exit 2).
     """
     from secure_run import manifests, policies
-    from secure_run.model import checkpoint
-    from secure_run.model.config import load_config
     from secure_run.model.tokenizer import ModelTokenizer
 
     # 1. the model, its policy, the lock.
@@ -269,30 +312,15 @@ def prepare(options: GenerateOptions, *, progress: Any = None,
                                           progress=progress)
 
     # 3. the tensor table must be exactly the vendored architecture's.
-    config = load_config(model_dir)
-    found = {
-        name: checkpoint.HeaderEntry(shard, info.dtype, tuple(info.shape), info)
-        for shard, header in verification.headers.items()
-        for name, info in header.tensors.items()
-    }
-    checkpoint.check_table(config, checkpoint.name_map_for(config), found)
+    check_architecture(verification)
 
     # 4. licence and guardrail policy.
     backend_name: Backend = options.sandbox
-    signer = verification.signer
-    facts = policies.RunFacts(
-        model_dir=Path(verification.root),
-        signature=policies.SignatureFacts(
-            verified=True, digests_matched=True, root_digest=f"sha256:{verification.root_digest}",
-            signer=signer.key_sha256 if signer.method == "key" else signer.identity,
-            lock_matched=verification.lock_name is not None,
-        ),
-        code_files=(),  # the inventory in step 2 refuses every code or pickle-capable file
+    facts = verified_facts(
+        verification,
         sandbox=policies.SandboxFacts(enabled=True, backend=backend_name, network_enabled=False,
                                       read_only_model=True),
-        declared_use=options.declared_use,
-        operator=operator,
-        max_new_tokens=options.max_new_tokens,
+        declared_use=options.declared_use, operator=operator, max_new_tokens=options.max_new_tokens,
     )
     store = policies.AcceptanceStore(policy.acceptance_store_path())
     if options.accept_license:
