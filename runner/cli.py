@@ -44,12 +44,14 @@ def cli() -> None:
 # ``register(group: click.Group) -> None``; one import + call per module, kept sorted.
 from secure_run.runner.cmd_ci import register as _register_ci  # noqa: E402
 from secure_run.runner.cmd_generate import register as _register_generate  # noqa: E402
+from secure_run.runner.cmd_lock import register as _register_lock  # noqa: E402
 from secure_run.runner.cmd_manifests import register as _register_manifests  # noqa: E402
 from secure_run.runner.cmd_policy import register as _register_policy  # noqa: E402
 from secure_run.runner.cmd_sandbox import register as _register_sandbox  # noqa: E402
 
 _register_ci(cli)
 _register_generate(cli)
+_register_lock(cli)
 _register_manifests(cli)
 _register_policy(cli)
 _register_sandbox(cli)
