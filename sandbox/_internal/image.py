@@ -298,13 +298,26 @@ def ensure_image(client: Any, *, build: bool) -> str:
     return plan.tag
 
 
-def prune_images(client: Any, *, keep: str) -> list[str]:
-    """Remove other ``secure-run-sandbox`` images (older builds) not used by any container; best effort."""
+def prune_images(client: Any, *, keep: str, min_age_s: float = 3600.0, repo: str = IMAGE_REPO) -> list[str]:
+    """Remove older ``secure-run-sandbox`` builds (at least ``min_age_s`` old, not in use); best effort.
+
+    Images younger than ``min_age_s`` are kept, so that concurrent runs from another checkout are not
+    disturbed.
+    """
+    import datetime
+
     import docker
 
+    now = datetime.datetime.now(datetime.UTC)
     removed = []
-    for img in client.images.list(name=IMAGE_REPO):
+    for img in client.images.list(name=repo):
         if keep in img.tags:
+            continue
+        try:
+            created = datetime.datetime.fromisoformat(str(img.attrs.get("Created", ""))[:26].rstrip("Z") + "+00:00")
+        except ValueError:
+            continue
+        if (now - created).total_seconds() < min_age_s:
             continue
         try:
             client.images.remove(img.id, noprune=False)

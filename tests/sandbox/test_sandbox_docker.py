@@ -19,6 +19,31 @@ from secure_run.sandbox.backends import Backend, get_backend
 pytestmark = pytest.mark.docker
 
 
+class _Recording(DockerBackend):
+    """Remembers the id of every container it starts (other processes may run sandboxes concurrently)."""
+
+    def __init__(self, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.ids: list[str] = []
+
+    def start(self, argv, policy, *, stdin=b""):  # type: ignore[no-untyped-def]
+        run = super().start(argv, policy, stdin=stdin)
+        self.ids.append(run.container.id)  # type: ignore[attr-defined]
+        return run
+
+
+def _gone(client: object, ids: list[str]) -> bool:
+    import docker
+
+    for cid in ids:
+        try:
+            client.containers.get(cid)  # type: ignore[attr-defined]
+            return False
+        except docker.errors.NotFound:
+            continue
+    return True
+
+
 @pytest.mark.parametrize("docker_host", ["unix:///nonexistent/secure-run-docker.sock", "tcp://127.0.0.1:1"])
 def test_no_engine_is_a_clear_environment_error(monkeypatch: pytest.MonkeyPatch, docker_host: str,
                                                 tmp_path: Path) -> None:
@@ -50,13 +75,13 @@ def test_missing_image_is_refused_without_any_pull(docker_backend: DockerBackend
     other = ImagePlan(dockerfile=real.dockerfile + b"# another input\n", entries=real.entries)
     assert other.tag != real.tag
     monkeypatch.setattr(image_mod, "plan_image", lambda: other)
-    before = {i.id for i in client.images.list()}
+    backend = _Recording(client=client, build=False)
     with pytest.raises(ImageMissing) as info:
-        DockerBackend(client=client, build=False).run(["true"], SandboxPolicy())
+        backend.run(["true"], SandboxPolicy())
     assert info.value.rule == "sandbox.docker.image_missing"
     assert other.tag in info.value.message and "--build" in (info.value.hint or "")
-    assert {i.id for i in client.images.list()} == before  # nothing was pulled or built
-    assert not client.containers.list(all=True, filters={"label": LABEL})
+    assert not client.images.list(name=other.tag)  # nothing was pulled or built
+    assert backend.ids == []  # no container was created
 
 
 def test_gpu_requested_without_nvidia_runtime(docker_backend: DockerBackend) -> None:
@@ -64,14 +89,19 @@ def test_gpu_requested_without_nvidia_runtime(docker_backend: DockerBackend) -> 
     if "nvidia" in (client.info().get("Runtimes") or {}):
         pytest.skip("this engine has the NVIDIA runtime")
     gpu = SandboxPolicy(gpu=True)
+    backend = _Recording(client=client)
     with pytest.raises(GpuUnavailable) as info:  # refused before anything is created
-        DockerBackend(client=client).run(["true"], gpu)
+        backend.run(["true"], gpu)
     assert info.value.rule == "sandbox.docker.gpu_unavailable" and "nvidia" in " ".join(info.value.details)
-    # without the pre-check the engine's own refusal at start is mapped the same way
+    assert backend.ids == []
+    # without the pre-check the engine's own refusal at start is mapped the same way, and the
+    # container it had created is removed
+    before = {c.id for c in client.containers.list(all=True, filters={"label": LABEL})}
     with pytest.raises(GpuUnavailable) as info:
         DockerBackend(client=client, check_gpu_runtime=False).run(["true"], gpu)
     assert "could not select device driver" in " ".join(info.value.details)
-    assert not client.containers.list(all=True, filters={"label": LABEL})
+    assert {c.id for c in client.containers.list(all=True, filters={"label": LABEL,
+                                                                     "status": "created"})} <= before
 
 
 def test_host_config_carries_every_control(docker_backend: DockerBackend, tmp_path: Path) -> None:
@@ -166,12 +196,14 @@ def test_build_is_reused(docker_backend: DockerBackend) -> None:
     assert ensure_image(client, build=False) == tag
 
 
-def test_no_container_is_left_behind(docker_backend: Backend) -> None:
-    client = docker_backend.client  # type: ignore[attr-defined]
+def test_no_container_is_left_behind(docker_backend: DockerBackend) -> None:
+    client = docker_backend.client
+    backend = _Recording(client=client)
     marker = uuid.uuid4().hex
-    res = py(docker_backend, SandboxPolicy(wall_clock_s=1.5, memory_mib=256), f"import time; time.sleep(60)  # {marker}")
+    res = py(backend, SandboxPolicy(wall_clock_s=1.5, memory_mib=256), f"import time; time.sleep(60)  # {marker}")
     assert res.timed_out
-    assert not client.containers.list(all=True, filters={"label": LABEL})
+    assert py(backend, SandboxPolicy(memory_mib=256), "print('ok')").stdout == b"ok\n"
+    assert len(backend.ids) == 2 and _gone(client, backend.ids)
 
 
 def test_engine_refusal_at_create_is_mapped(docker_backend: DockerBackend, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -182,3 +214,27 @@ def test_engine_refusal_at_create_is_mapped(docker_backend: DockerBackend, monke
     with pytest.raises(SandboxError) as info:
         docker_backend.run(["true"], SandboxPolicy())
     assert info.value.rule in ("sandbox.docker.create", "sandbox.docker.start")
+
+
+def test_prune_removes_only_old_builds_of_its_repository(docker_backend: DockerBackend) -> None:
+    import io
+    import tarfile
+
+    client = docker_backend.client
+    repo = f"secure-run-prune-test-{uuid.uuid4().hex[:8]}"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in (("Dockerfile", b"FROM scratch\nCOPY a /a\n"), ("a", uuid.uuid4().bytes)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    client.images.build(fileobj=buf, custom_context=True, tag=f"{repo}:old", pull=False, rm=True)
+    try:
+        assert image_mod.prune_images(client, keep=f"{repo}:new", repo=repo) == []  # too young
+        assert image_mod.prune_images(client, keep=f"{repo}:old", min_age_s=0, repo=repo) == []  # kept
+        assert image_mod.prune_images(client, keep=f"{repo}:new", min_age_s=0, repo=repo) == [f"{repo}:old"]
+        assert not client.images.list(name=repo)
+    finally:
+        for img in client.images.list(name=repo):
+            client.images.remove(img.id, force=True)

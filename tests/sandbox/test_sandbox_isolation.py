@@ -20,7 +20,9 @@ from secure_run.errors import ModelError, SandboxError
 from secure_run.sandbox import (
     GenerateRequest,
     ProtocolError,
+    SandboxOOM,
     SandboxPolicy,
+    SandboxTimeout,
     SelftestRequest,
     StatsEvent,
     TextEvent,
@@ -253,3 +255,16 @@ def test_generate_refuses_a_shard_whose_identity_changed(backend: Backend, polic
         list(run_worker(backend, policy.with_overrides(memory_mib=2048, model_dir=d), req))
     assert info.value.exit_code == 1
     assert first in info.value.message
+
+
+def test_worker_oom_and_timeout_are_reported(backend: Backend, policy: SandboxPolicy) -> None:
+    """The real worker, killed by each limit, surfaces as SandboxOOM / SandboxTimeout (not a vague failure)."""
+    big = SelftestRequest(task="selftest", seed=1, matmul_size=8192)  # ~1.5 GB of float64 operands
+    with pytest.raises(SandboxOOM) as oom:
+        list(run_worker(backend, policy.with_overrides(memory_mib=600), big))
+    assert oom.value.rule == "sandbox.oom" and "600 MiB" in oom.value.message
+    t0 = time.monotonic()
+    with pytest.raises(SandboxTimeout) as slow:
+        list(run_worker(backend, policy.with_overrides(memory_mib=2048, wall_clock_s=0.5), big))
+    assert slow.value.rule == "sandbox.timeout"
+    assert time.monotonic() - t0 < 10
