@@ -22,13 +22,15 @@ Run: ``python bench/kernels.py [--quick] [--skip-upstream]`` with ``secure_run``
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from secure_run.kernels import SpanParams, superlinear_attention
+from secure_run.kernels import SpanParams, span_triton, superlinear_attention
 from secure_run.kernels.reference import span_search_reference
 
 P = SpanParams(sw_index=65, num_spans=3, backward_factor=3.0, forward_factor=1.0, span_power=0.55,
@@ -99,6 +101,46 @@ def _kernel_profile(fn: Callable[[], Any], iters: int = 20) -> dict[str, float]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1])[:8])
 
 
+@contextlib.contextmanager
+def _decode_variant(**changes: Any) -> Iterator[None]:
+    """Temporarily replace decode tunables of the fixed table (benchmark sweeps only)."""
+    base = span_triton.config_for
+    span_triton.config_for = lambda *a, **kw: dataclasses.replace(base(*a, **kw), **changes)
+    try:
+        yield
+    finally:
+        span_triton.config_for = base
+
+
+DECODE_VARIANTS: list[dict[str, Any]] = [
+    dict(decode_mode="split"),
+    dict(decode_mode="split", decode_chunk=512),
+    dict(decode_mode="split", decode_chunk=2048),
+    dict(decode_mode="union"),
+    dict(decode_mode="union", decode_block_n=32),
+    dict(decode_mode="union", decode_union_chunk=2048),
+    dict(decode_mode="union", decode_union_chunk=2048, decode_union_warps=8),
+    dict(decode_mode="union", decode_union_chunk=512),
+]
+
+
+def sweep_decode(rows: list[dict[str, Any]], rep: int) -> None:
+    """Graphed decode time of each DECODE_VARIANTS entry at 1M and 4M context."""
+    for Lkv in (1 << 20, 1 << 22):
+        k, v = _rand(1, HKV, Lkv, D, seed=1), _rand(1, HKV, Lkv, D, seed=2)
+        pos = torch.tensor([Lkv - 1], device=DEV)
+        qs = [(_rand(1, HQ, 1, D, seed=10 + i), _rand(1, HQ, 1, D, seed=20 + i)) for i in range(4)]
+        for var in DECODE_VARIANTS:
+            with _decode_variant(**var):
+                fns = [_graphed(lambda a=a, b=b, k=k, v=v, pos=pos: superlinear_attention(a, b, k, v, pos, P))
+                       for a, b in qs]
+                t = _ms(_rotating(fns), rep)
+                prof = _kernel_profile(fns[0])
+            rows.append({"work": f"sweep @{Lkv // 1024}K", "kind": "sweep", "variant": var, "graph_us": t * 1e3,
+                         "kernels_us": prof})
+            print(json.dumps(rows[-1]), flush=True)
+
+
 def _decode_bytes(q1: torch.Tensor, k: torch.Tensor, pos: torch.Tensor) -> tuple[float, float]:
     """(bytes read without cross-head dedup, bytes with perfect per-KV-head dedup) for one step."""
     s = span_search_reference(q1, k, pos, P)
@@ -131,12 +173,10 @@ def bench_decode(Lkv: int, upstream: Any, rows: list[dict[str, Any]], rep: int) 
 
     r["ours_ms"] = _ms(_rotating([ours(a, b) for a, b in qs]), rep)
     r["ours_graph_ms"] = _ms(_rotating([_graphed(ours(a, b)) for a, b in qs]), rep)
-    os.environ["SECURE_RUN_DECODE_MODE"] = "split"  # the non-deduplicated design, for comparison
-    try:
-        r["ours_split_graph_ms"] = _ms(_rotating([_graphed(ours(a, b)) for a, b in qs]), rep)
-        r["ours_split_kernels_us"] = _kernel_profile(_graphed(ours(*qs[0])))
-    finally:
-        del os.environ["SECURE_RUN_DECODE_MODE"]
+    other = "union" if span_triton.config_for(k.device, D, DT).decode_mode == "split" else "split"
+    with _decode_variant(mode=other):  # the other decode design, for comparison
+        r[f"ours_{other}_graph_ms"] = _ms(_rotating([_graphed(ours(a, b)) for a, b in qs]), rep)
+        r[f"ours_{other}_kernels_us"] = _kernel_profile(_graphed(ours(*qs[0])))
     r["sdpa_ms"] = _ms(_rotating([(lambda a=a, b=b: F.scaled_dot_product_attention(b, k, v, enable_gqa=True))
                                   for a, b in qs]), rep)
     if upstream is not None:
@@ -231,7 +271,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
     ap.add_argument("--skip-upstream", action="store_true")
-    ap.add_argument("--only", default="", help="comma list: decode,prefill,chunk,check")
+    ap.add_argument("--only", default="", help="comma list: decode,prefill,chunk,check,sweep")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     a = ap.parse_args()
     upstream = None
@@ -254,6 +294,8 @@ def main() -> None:
             rows.append({"work": label, "kind": "error", "error": repr(e)[:300]})
             torch.cuda.empty_cache()
 
+    if "sweep" in only:
+        guarded("decode sweep", lambda: sweep_decode(rows, rep))
     if not only or "decode" in only:
         for Lkv in ([1 << 20] if a.quick else [1 << 17, 1 << 20, 1 << 22]):
             guarded(f"decode {Lkv}", lambda Lkv=Lkv: bench_decode(Lkv, upstream, rows, rep))
@@ -276,6 +318,10 @@ def main() -> None:
           f"{'up/ours':>9}{'SDPA/ours':>10}  rate"
     print(hdr)
     for r in rows:
+        if r["kind"] == "sweep":
+            ks = ", ".join(f"{n[:14]} {t:.0f}" for n, t in r["kernels_us"].items())
+            print(f"{r['work']:<14}{r['graph_us']:>7.0f} us  {r['variant']}  [{ks}]")
+            continue
         if r["kind"] == "error":
             print(f"{r['work']:<22} ERROR {r['error'][:80]}")
             continue
@@ -290,8 +336,10 @@ def main() -> None:
             unit, scale = "us", 1000.0
         def f(key: str, r: dict[str, Any] = r, scale: float = scale, unit: str = unit) -> str:
             return _fmt(r[key] * scale, unit) if key in r else "-"
-        rate = (f"{r['bytes_dedup'] / (best * 1e-3) / 1e9:.0f} GB/s of {r['bytes_dedup'] / 1e6:.0f} MB dedup "
-                f"({r['bytes'] / 1e6:.0f} MB undeduplicated; split mode {r.get('ours_split_graph_ms', 0) * 1e3:.0f} us)"
+        other = {k[5:-9]: v * 1e3 for k, v in r.items() if k.startswith("ours_") and k.endswith("_graph_ms")
+                 and k != "ours_graph_ms"}
+        rate = (f"{r['bytes'] / (best * 1e-3) / 1e9:.0f} GB/s of {r['bytes'] / 1e6:.0f} MB "
+                f"({r['bytes_dedup'] / 1e6:.0f} MB deduplicated); other mode {other}"
                 if r["kind"] == "decode" else f"{r['ours_TFLOPs']:.0f} TFLOP/s useful")
         print(f"{r['work']:<22}{f('ours_ms'):>10}{f('ours_graph_ms'):>12}{f('upstream_ms'):>10}"
               f"{f('upstream_graph_ms'):>10}{f('sdpa_ms'):>10}"

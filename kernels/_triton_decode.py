@@ -51,9 +51,11 @@ def _decode_span_part(
     hi = tl.minimum(qe, lo + CHUNK - 1)
     hi = tl.where(a >= 0, hi, -1)
     q = tl.load(Q2 + b * s_qb + h * s_qh + d, mask=dmask, other=0.0).to(tl.float32) * sm_scale
+    # running max is a scalar; sums stay per key lane ([BN] and [BN, BD]) and are reduced once at
+    # the end, so each step needs one cross-warp reduction (the max) instead of three
     m_i = tl.full([], float("-inf"), tl.float32)
-    l_i = tl.full([], 0.0, tl.float32)
-    acc = tl.full([BD], 0.0, tl.float32)
+    l2 = tl.full([BN], 0.0, tl.float32)
+    acc2 = tl.full([BN, BD], 0.0, tl.float32)
     cols = tl.arange(0, BN)
     k_base = K + b * s_kb + g * s_kh
     v_base = V + b * s_vb + g * s_vh
@@ -63,16 +65,18 @@ def _decode_span_part(
         if HAS_MASK:
             km = km & (tl.load(MASK + b * Lkv + kk, mask=km, other=0) != 0)
         kt = tl.load(k_base + kk[:, None] * s_kl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
+        vt = tl.load(v_base + kk[:, None] * s_vl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
         s = tl.sum(kt.to(tl.float32) * q[None, :], axis=1)
         s = tl.where(km, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_use)
         p = tl.exp(s - m_use)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        vt = tl.load(v_base + kk[:, None] * s_vl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
-        acc = acc * alpha + tl.sum(p[:, None] * vt.to(tl.float32), axis=0)
+        l2 = l2 * alpha + p
+        acc2 = acc2 * alpha + p[:, None] * vt.to(tl.float32)
         m_i = m_new
+    l_i = tl.sum(l2, axis=0)
+    acc = tl.sum(acc2, axis=0)
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
@@ -177,7 +181,7 @@ def _decode_finalize_kernel(
 
 @triton.jit
 def _decode_union_part(
-    p, Q2, K, V, MASK, QS, QE, PO, PL, NPIECES,
+    p, Q2, K, V, MASK, QS, QE, PO, PL, PLAN,
     Lkv, G, Hq, MAXP, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
     R: tl.constexpr, RK: tl.constexpr, RKP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     K_VAL: tl.constexpr, CH: tl.constexpr, BN: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -220,7 +224,10 @@ def _decode_union_part(
     npc = tl.where(r < nseg, (seg_hi - seg_lo + CH) // CH, 0)
     pend = tl.sum(tl.where(r[None, :] <= r[:, None], npc[None, :], 0), axis=1)  # inclusive prefix
     total = tl.sum(npc, axis=0)
-    tl.store(NPIECES + bg, total, mask=piece == 0)
+    first = piece == 0  # one program per KV head publishes the plan for the merge kernel
+    tl.store(PLAN + (bg * 3 + 0) * RKP + r, seg_lo, mask=first)
+    tl.store(PLAN + (bg * 3 + 1) * RKP + r, tl.where(r < nseg, seg_hi, BIG), mask=first)
+    tl.store(PLAN + (bg * 3 + 2) * RKP + r, pend - npc, mask=first)
     if piece < total:
         sig = tl.sum((pend <= piece).to(tl.int32), axis=0)
         at = r == sig
@@ -265,7 +272,7 @@ def _decode_union_part(
 
 @triton.jit
 def _decode_union_kernel(
-    Q2, K, V, POS, MASK, QS, QE, PO, PL, NPIECES, O_WIN, L_WIN,
+    Q2, K, V, POS, MASK, QS, QE, PO, PL, PLAN, O_WIN, L_WIN,
     Lkv, W, G, Hq, MAXP, n_union_progs, sm_scale,
     s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
     R: tl.constexpr, RP: tl.constexpr, RK: tl.constexpr, RKP: tl.constexpr, D: tl.constexpr,
@@ -275,7 +282,7 @@ def _decode_union_kernel(
 ):
     pid = tl.program_id(0)
     if pid < n_union_progs:
-        _decode_union_part(pid, Q2, K, V, MASK, QS, QE, PO, PL, NPIECES,
+        _decode_union_part(pid, Q2, K, V, MASK, QS, QE, PO, PL, PLAN,
                            Lkv, G, Hq, MAXP, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
                            R, RK, RKP, D, BD, K_VAL, CH, BN, HAS_MASK, UPCAST, PRECISION)
     else:
@@ -287,12 +294,17 @@ def _decode_union_kernel(
 
 @triton.jit
 def _decode_union_merge_kernel(
-    VALS, ANCS, PO, PL, NPIECES, O_WIN, L_WIN, OUT,
+    VALS, ANCS, QS, QE, PO, PL, PLAN, O_WIN, L_WIN, OUT,
     Hq, G, MAXP, s_ob, s_oh,
-    R: tl.constexpr, RK: tl.constexpr, K_VAL: tl.constexpr, KP: tl.constexpr, NWCH: tl.constexpr,
-    NWCHP: tl.constexpr, PB: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    R: tl.constexpr, RK: tl.constexpr, RKP: tl.constexpr, K_VAL: tl.constexpr, KP: tl.constexpr,
+    NWCH: tl.constexpr, NWCHP: tl.constexpr, PB: tl.constexpr, CH: tl.constexpr, D: tl.constexpr,
+    BD: tl.constexpr,
 ):
-    """Per (b, h): LSE-merge the window parts with every piece part of each slot, then gate."""
+    """Per (b, h): LSE-merge the window parts with the pieces covering each slot's span, then gate.
+
+    A span lies inside one segment of the plan, so its pieces are the consecutive indices
+    [start piece of its segment + (qs - segment start) // CH, ... + (qe - segment start) // CH].
+    """
     bh = tl.program_id(0).to(tl.int64)
     b = bh // Hq
     h = bh % Hq
@@ -300,7 +312,10 @@ def _decode_union_merge_kernel(
     rr = h % R
     d = tl.arange(0, BD)
     dmask = d < D
-    total = tl.load(NPIECES + bg)
+    sr = tl.arange(0, RKP)
+    seg_lo = tl.load(PLAN + (bg * 3 + 0) * RKP + sr)
+    seg_hi = tl.load(PLAN + (bg * 3 + 1) * RKP + sr)
+    pstart = tl.load(PLAN + (bg * 3 + 2) * RKP + sr)
     wc = tl.arange(0, NWCHP)
     wm = wc < NWCH
     lw = tl.load(L_WIN + bh * NWCH + wc, mask=wm, other=float("-inf"))
@@ -321,13 +336,21 @@ def _decode_union_merge_kernel(
     pc = tl.arange(0, PB)
     for j in tl.static_range(K_VAL):
         gj = tl.sum(tl.where(kc == j, tl.exp(gv - gmax), 0.0), axis=0) / gsum
+        qs = tl.load(QS + bh * K_VAL + j)
+        qe = tl.load(QE + bh * K_VAL + j)
+        sig = tl.sum((seg_hi < qs).to(tl.int32), axis=0)
+        at = sr == sig
+        lo_s = tl.sum(tl.where(at, seg_lo, 0), axis=0)
+        ps = tl.sum(tl.where(at, pstart, 0), axis=0)
+        p_first = ps + (qs - lo_s) // CH
+        p_last = tl.where((qs >= 0) & (qe >= qs), ps + (qe - lo_s) // CH, p_first - 1)
         m_i = mw
         l_i = lw_sum
         acc = accw
         row = rr * K_VAL + j
-        for p0 in range(0, total, PB):
+        for p0 in range(p_first, p_last + 1, PB):
             pp = p0 + pc
-            lp = tl.load(PL + (bg * MAXP + pp) * RK + row, mask=pp < total, other=float("-inf"))
+            lp = tl.load(PL + (bg * MAXP + pp) * RK + row, mask=pp <= p_last, other=float("-inf"))
             hp = lp > float("-inf")
             op = tl.load(PO + ((bg * MAXP + pp) * RK + row)[:, None] * D + d[None, :], mask=hp[:, None] & dmask[None, :],
                          other=0.0)
@@ -434,6 +457,7 @@ def launch_decode(
     upcast: bool,
     precision: str,
     num_warps: int,
+    union_warps: int,
 ) -> None:
     """One decode step for queries [B, Hq, 1, D] against the full cache; writes ``out``.
 
@@ -472,22 +496,24 @@ def launch_decode(
             NC=NC, K_VAL=num_spans, KP=KP, HAS_MASK=mask is not None, FWD=forward, HAS_W=window > 0, num_warps=4,
         )
         RK = R * num_spans
+        RKP = max(16, triton.next_power_of_2(RK))
         maxp = triton.cdiv(RK * max_span, chunk) + RK
         po = torch.empty(B * G * maxp * RK, D, dtype=torch.float32, device=dev)
         pl = torch.empty(B * G * maxp * RK, dtype=torch.float32, device=dev)
-        npieces = torch.empty(B * G, dtype=torch.int64, device=dev)
+        plan = torch.empty(B * G * 3 * RKP, dtype=torch.int64, device=dev)
         n_union = B * G * maxp
         _decode_union_kernel[(n_union + B * G * nwch,)](
-            q2, k, v, pos, m_arg, qs, qe, po, pl, npieces, o_win, l_win,
+            q2, k, v, pos, m_arg, qs, qe, po, pl, plan, o_win, l_win,
             Lkv, window, G, Hq, maxp, n_union, 1.0 / (D**0.5), *strides,
-            R=R, RP=RP, RK=RK, RKP=max(16, triton.next_power_of_2(RK)), D=D, BD=BD, K_VAL=num_spans, CH=chunk,
+            R=R, RP=RP, RK=RK, RKP=RKP, D=D, BD=BD, K_VAL=num_spans, CH=chunk,
             BN=block_n, NWCH=nwch, WCHUNK=wchunk, BNW=block_nw, HAS_MASK=mask is not None, HAS_W=window > 0,
-            UPCAST=upcast, PRECISION=precision, num_warps=num_warps,
+            UPCAST=upcast, PRECISION=precision, num_warps=union_warps,
         )
         _decode_union_merge_kernel[(B * Hq,)](
-            vals, ancs, po, pl, npieces, o_win, l_win, out, Hq, G, maxp, out.stride(0), out.stride(1),
-            R=R, RK=RK, K_VAL=num_spans, KP=KP, NWCH=nwch, NWCHP=max(2, triton.next_power_of_2(nwch)), PB=32,
-            D=D, BD=BD, num_warps=4,
+            vals, ancs, qs, qe, po, pl, plan, o_win, l_win, out, Hq, G, maxp, out.stride(0), out.stride(1),
+            R=R, RK=RK, RKP=RKP, K_VAL=num_spans, KP=KP, NWCH=nwch, NWCHP=max(2, triton.next_power_of_2(nwch)),
+            PB=max(2, min(16, triton.next_power_of_2(triton.cdiv(max_span, chunk) + 1))), CH=chunk, D=D, BD=BD,
+            num_warps=4,
         )
         return
     nch = max(1, triton.cdiv(max_span, chunk))

@@ -15,7 +15,6 @@ synchronises with the host; prefill splits long chunks into segments to bound sc
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -51,13 +50,15 @@ class TritonConfig:
     decode_block_n: int
     decode_block_nw: int
     decode_warps: int
+    decode_union_chunk: int
+    decode_union_warps: int
     prefill_segment: int
 
 
 _CPU_INTERPRETER = TritonConfig(
     search_block_s=16, search_warps=4, pair_block_p=16, pair_block_n=16, pair_warps=4, pair_stages=1,
-    merge_block_m=16, decode_mode="union", decode_split=32, decode_chunk=32, decode_wchunk=16, decode_block_n=16, decode_block_nw=16,
-    decode_warps=4, prefill_segment=1 << 15,
+    merge_block_m=16, decode_mode="split", decode_split=32, decode_chunk=32, decode_wchunk=16, decode_block_n=16,
+    decode_block_nw=16, decode_warps=4, decode_union_chunk=32, decode_union_warps=4, prefill_segment=1 << 15,
 )
 
 
@@ -74,13 +75,15 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype) -> Trito
         pair_warps=8,
         pair_stages=2 if wide else 3,
         merge_block_m=16,
-        decode_mode=os.environ.get("SECURE_RUN_DECODE_MODE", "union"),
+        decode_mode="split",
         decode_split=64,
         decode_chunk=1024,
         decode_wchunk=512,
         decode_block_n=64 if head_dim <= 128 else 32,
         decode_block_nw=32 if wide else 64,
-        decode_warps=8,
+        decode_warps=4,
+        decode_union_chunk=1024,
+        decode_union_warps=4,
         prefill_segment=1 << 15,
     )
 
@@ -195,8 +198,9 @@ def superlinear_attention_triton(
         launch_decode(
             q1, q2, k, v, pos, offs, mask, s0, consts, out, num_spans=params.num_spans, window=W, forward=fwd,
             max_span=max_span_len(params, Lkv), mode=cfg.decode_mode, split_len=cfg.decode_split, block_s=cfg.search_block_s,
-            chunk=cfg.decode_chunk, wchunk=cfg.decode_wchunk, block_n=cfg.decode_block_n,
-            block_nw=cfg.decode_block_nw, upcast=upcast, precision=prec, num_warps=cfg.decode_warps,
+            chunk=cfg.decode_union_chunk if cfg.decode_mode == "union" else cfg.decode_chunk, wchunk=cfg.decode_wchunk,
+            block_n=cfg.decode_block_n, block_nw=cfg.decode_block_nw, upcast=upcast, precision=prec,
+            num_warps=cfg.decode_warps, union_warps=cfg.decode_union_warps,
         )
         return out
     ns = torch.searchsorted(offs, pos + 1, right=True).to(torch.int32)
