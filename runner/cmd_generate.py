@@ -61,7 +61,7 @@ def generate_cmd(**kw: Any) -> None:
     as_json: bool = kw["as_json"]
     if kw["chat"] == (kw["prompt"] is not None):
         raise UsageError("give exactly one of --prompt TEXT and --chat")
-    if kw["chat"] and (as_json or not sys.stdin.isatty()):
+    if kw["chat"] and (as_json or not _stdin_is_tty()):
         raise UsageError("--chat needs an interactive terminal and no --json", hint="use --prompt TEXT instead")
     trust = load_trust(public_key=kw["public_key"], cert_root=kw["cert_root"], identity=kw["identity"],
                        sigstore=kw["sigstore"], issuer=kw["issuer"], trusted_root=kw["trusted_root"])
@@ -82,7 +82,7 @@ def generate_cmd(**kw: Any) -> None:
         else:
             click.secho(f"[{stage}] {message}", err=True, dim=True)
 
-    interactive = sys.stdin.isatty() and not as_json
+    interactive = _stdin_is_tty() and not as_json
     status("verify", "verifying the model folder (inventory, signature, sha256 of every file, lock)")
     session = prepare(options, progress=hashing_progress(as_json, "verifying"),
                       confirm_license=_confirm if interactive else None)
@@ -125,6 +125,10 @@ def generate_cmd(**kw: Any) -> None:
         history.append({"role": "user", "content": line})
         reply = one_turn(history)
         history.append({"role": "assistant", "content": reply})
+
+
+def _stdin_is_tty() -> bool:
+    return sys.stdin.isatty()
 
 
 def _confirm(text: str) -> bool:

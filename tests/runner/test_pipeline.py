@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from secure_run.errors import PolicyViolation
+from secure_run.errors import PolicyViolation, SecureRunError
 from secure_run.runner.pipeline import Final, GenerateOptions, Text, prepare
 from secure_run.sandbox.protocol import StatsEvent, TextEvent, TokenEvent
 
@@ -114,3 +114,62 @@ def test_a_worker_that_exceeds_its_token_budget_is_stopped(scripted: dict[str, A
         _run(session)
     assert err.value.rule == "G4"
     assert _audit(tmp_path)[-1]["event"] == "refused"
+
+
+def test_chat_keeps_the_history_across_turns(scripted: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from secure_run.runner.cli import cli
+
+    scripted["events"] = [*_tokens(["first ", "reply"]), _stats(2)]
+    monkeypatch.setattr("secure_run.runner.cmd_generate._stdin_is_tty", lambda: True)
+    result = CliRunner().invoke(cli, ["generate", "--chat", "--max-new-tokens", "4"],
+                                input="hi there\nand again\n\n", catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("first reply") == 2
+    (_, turn1), (_, turn2) = scripted["requests"]
+    assert [m.role for m in turn1.messages] == ["user"]
+    assert [(m.role, m.content) for m in turn2.messages] == [
+        ("user", "hi there"), ("assistant", "first reply"), ("user", "and again")]
+
+
+def _policy_requiring_acceptance(tmp_path: Path) -> Path:
+    from secure_run.policies import default_policy_path
+
+    src = default_policy_path("demo")
+    text = src.read_text().replace(
+        "  acceptance:\n    required: false\n",
+        "  acceptance:\n    required: true\n    acknowledgements: [export_compliance]\n")
+    assert "required: true" in text
+    dst = tmp_path / "accept.policy.yaml"
+    dst.write_text(text)
+    for extra in src.parent.glob("*.txt"):  # the blocklists the policy names, relative to it
+        (tmp_path / extra.name).write_bytes(extra.read_bytes())
+    return dst
+
+
+def test_licence_acceptance_is_required_then_recorded(scripted: dict[str, Any], tmp_path: Path) -> None:
+    policy = str(_policy_requiring_acceptance(tmp_path))
+    with pytest.raises(PolicyViolation) as err:
+        prepare(GenerateOptions(policy=policy, operator="alice"))
+    assert err.value.rule == "L1"
+    with pytest.raises(SecureRunError) as missing:  # acknowledgements are explicit
+        prepare(GenerateOptions(policy=policy, operator="alice", accept_license="Apache-2.0"))
+    assert "export_compliance" in missing.value.diagnostics()
+    session = prepare(GenerateOptions(policy=policy, operator="alice", accept_license="Apache-2.0",
+                                      acknowledgements=("export_compliance",)))
+    assert session.decision.allowed
+    # recorded: the next run of the same operator needs no flag; another operator still does
+    assert prepare(GenerateOptions(policy=policy, operator="alice")).decision.allowed
+    with pytest.raises(PolicyViolation):
+        prepare(GenerateOptions(policy=policy, operator="bob"))
+
+
+def test_interactive_licence_prompt(scripted: dict[str, Any], tmp_path: Path) -> None:
+    policy = str(_policy_requiring_acceptance(tmp_path))
+    shown: list[str] = []
+    with pytest.raises(PolicyViolation):
+        prepare(GenerateOptions(policy=policy, operator="carol"), confirm_license=lambda t: shown.append(t) or False)
+    assert shown and "Apache-2.0" in shown[0] and "export_compliance" in shown[0]
+    session = prepare(GenerateOptions(policy=policy, operator="carol"), confirm_license=lambda t: True)
+    assert session.decision.allowed
