@@ -43,24 +43,27 @@ signature/manifest/lock/digest failures; both carry ``findings`` with stable rul
 This package never imports torch; ``sigstore`` is imported only for keyless verification.
 """
 
-from .findings import RULES, Finding, FindingsError, VerificationFailed
-from .hashing import FileDigest, FileIdentity, ProgressSink, hash_files, root_digest
-from .importer import ImportReport, import_snapshot
-from .inspection import InspectReport, inspect_model
-from .inventory import DEFAULT_RULES, FileKind, Inventory, InventoryFile, InventoryRules, take_inventory
-from .lock import Lock, LockEntry, SignerPin, default_lock_path, pin_model
-from .signing import KeyFiles, SignResult, generate_key, sign_model
-from .tensors import (
-    SafetensorsHeader,
-    ShardIndex,
-    TensorInfo,
-    check_shard_index,
-    parse_safetensors_header,
-    parse_shard_index,
-    read_safetensors_header,
-)
-from .trust import CertificateTrust, KeyTrust, SignerInfo, SigstoreTrust, Trust, pinned_sigstore_root
-from .verify import VerificationResult, VerifiedFile, load_trust, verify_model
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .findings import RULES, Finding, FindingsError, VerificationFailed
+    from .hashing import FileDigest, FileIdentity, ProgressSink, hash_files, root_digest
+    from .importer import ImportReport, import_snapshot
+    from .inspection import InspectReport, inspect_model
+    from .inventory import DEFAULT_RULES, FileKind, Inventory, InventoryFile, InventoryRules, take_inventory
+    from .lock import Lock, LockEntry, SignerPin, default_lock_path, pin_model
+    from .signing import KeyFiles, SignResult, generate_key, sign_model
+    from .tensors import (
+        SafetensorsHeader,
+        ShardIndex,
+        TensorInfo,
+        check_shard_index,
+        parse_safetensors_header,
+        parse_shard_index,
+        read_safetensors_header,
+    )
+    from .trust import CertificateTrust, KeyTrust, SignerInfo, SigstoreTrust, Trust, pinned_sigstore_root
+    from .verify import VerificationResult, VerifiedFile, load_trust, verify_model
 
 __all__ = [
     "DEFAULT_RULES",
@@ -109,3 +112,64 @@ __all__ = [
     "take_inventory",
     "verify_model",
 ]
+
+# Imported on first use, so that the model loader (which needs only ``tensors`` and ``findings``)
+# does not pull in the signing stack (cryptography, sigstore) inside the sandbox.
+_WHERE = {
+    "CertificateTrust": "trust",
+    "DEFAULT_RULES": "inventory",
+    "FileDigest": "hashing",
+    "FileIdentity": "hashing",
+    "FileKind": "inventory",
+    "Finding": "findings",
+    "FindingsError": "findings",
+    "ImportReport": "importer",
+    "InspectReport": "inspection",
+    "Inventory": "inventory",
+    "InventoryFile": "inventory",
+    "InventoryRules": "inventory",
+    "KeyFiles": "signing",
+    "KeyTrust": "trust",
+    "Lock": "lock",
+    "LockEntry": "lock",
+    "ProgressSink": "hashing",
+    "RULES": "findings",
+    "SafetensorsHeader": "tensors",
+    "ShardIndex": "tensors",
+    "SignResult": "signing",
+    "SignerInfo": "trust",
+    "SignerPin": "lock",
+    "SigstoreTrust": "trust",
+    "TensorInfo": "tensors",
+    "Trust": "trust",
+    "VerificationFailed": "findings",
+    "VerificationResult": "verify",
+    "VerifiedFile": "verify",
+    "check_shard_index": "tensors",
+    "default_lock_path": "lock",
+    "generate_key": "signing",
+    "hash_files": "hashing",
+    "import_snapshot": "importer",
+    "inspect_model": "inspection",
+    "load_trust": "verify",
+    "parse_safetensors_header": "tensors",
+    "parse_shard_index": "tensors",
+    "pin_model": "lock",
+    "pinned_sigstore_root": "trust",
+    "read_safetensors_header": "tensors",
+    "root_digest": "hashing",
+    "sign_model": "signing",
+    "take_inventory": "inventory",
+    "verify_model": "verify",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        import importlib
+
+        value = getattr(importlib.import_module(f"secure_run.manifests.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'secure_run.manifests' has no attribute {name!r}")
+

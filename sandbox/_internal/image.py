@@ -52,8 +52,9 @@ WORKER_DISTRIBUTIONS = (
     "torch", "numpy", "safetensors", "tokenizers", "jinja2", "MarkupSafe",
     "pydantic", "pydantic_core", "annotated-types", "typing-inspection", "typing_extensions",
     "filelock", "fsspec", "sympy", "mpmath",  # torch's own run-time imports (sympy lazily)
-    "cryptography", "cffi",  # imported by secure_run.manifests (the model loader's strict header check)
 )
+# (secure_run.manifests imports its signing stack lazily: the loader's strict header check needs no
+# cryptography inside the sandbox.)
 #: Parts of those distributions the worker never uses.
 _DIST_EXCLUDE = re.compile(r"^(torch/(include|test|share)/|torch/bin/(?!torch_shm_manager$)|.*\.a$|.*\.pyi$|.*/tests?/)")
 _STDLIB_EXCLUDE_DIRS = frozenset({"site-packages", "dist-packages", "test", "idlelib", "tkinter", "turtledemo",
