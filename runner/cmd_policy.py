@@ -15,15 +15,6 @@ from pathlib import Path
 import click
 
 from secure_run.errors import UsageError
-from secure_run.policies import (
-    AcceptanceStore,
-    RunFacts,
-    accept_license,
-    classify_license,
-    evaluate,
-    load_policy,
-)
-from secure_run.policies.licenses import builtin_catalog
 from secure_run.runner.options import existing_dir, json_option
 from secure_run.runner.output import emit_json
 
@@ -69,6 +60,7 @@ def check_cmd(
     Facts established only at run time (signature, sandbox) are reported as info here;
     `secure-run generate` evaluates them.
     """
+    from secure_run.policies import AcceptanceStore, RunFacts, evaluate, load_policy
     _json_errors(as_json)
     policy = load_policy(policy_path)
     store = AcceptanceStore(Path(store_path)) if store_path else None
@@ -88,6 +80,8 @@ def check_cmd(
 @json_option
 def fingerprint_cmd(license_file: str, policy_path: str | None, as_json: bool) -> None:
     """Print the normalised fingerprint of LICENSE_FILE and what it is identified as."""
+    from secure_run.policies import classify_license, load_policy
+    from secure_run.policies.licenses import builtin_catalog
     _json_errors(as_json)
     path = Path(license_file)
     if path.is_symlink():
@@ -130,6 +124,7 @@ def accept_cmd(
     as_json: bool,
 ) -> None:
     """Record that you accept LICENSE_ID as shipped in MODEL_DIR, under the given policy."""
+    from secure_run.policies import AcceptanceStore, accept_license, load_policy
     _json_errors(as_json)
     policy = load_policy(policy_path)
     store = AcceptanceStore(Path(store_path) if store_path else policy.acceptance_store_path())
