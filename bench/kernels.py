@@ -173,8 +173,8 @@ def bench_decode(Lkv: int, upstream: Any, rows: list[dict[str, Any]], rep: int) 
 
     r["ours_ms"] = _ms(_rotating([ours(a, b) for a, b in qs]), rep)
     r["ours_graph_ms"] = _ms(_rotating([_graphed(ours(a, b)) for a, b in qs]), rep)
-    other = "union" if span_triton.config_for(k.device, D, DT).decode_mode == "split" else "split"
-    with _decode_variant(mode=other):  # the other decode design, for comparison
+    other = "union" if span_triton.config_for(k.device, D, DT, Lkv).decode_mode == "split" else "split"
+    with _decode_variant(decode_mode=other, decode_union_chunk=2048):  # the other decode design, for comparison
         r[f"ours_{other}_graph_ms"] = _ms(_rotating([_graphed(ours(a, b)) for a, b in qs]), rep)
         r[f"ours_{other}_kernels_us"] = _kernel_profile(_graphed(ours(*qs[0])))
     r["sdpa_ms"] = _ms(_rotating([(lambda a=a, b=b: F.scaled_dot_product_attention(b, k, v, enable_gqa=True))

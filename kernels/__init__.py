@@ -13,6 +13,13 @@
 Backends: ``"auto"`` (Triton for CUDA tensors, the reference otherwise), ``"reference"``,
 ``"triton"`` (on CPU only under ``TRITON_INTERPRET=1``). The ``backend=`` keyword wins over the
 environment variable ``SECURE_RUN_KERNEL_BACKEND``.
+
+Modules: ``params`` (SpanParams), ``reference`` (pure PyTorch, spec/model.md section 3; also the
+oracle of the tests), ``span_triton`` (Triton backend: tunables table, search / prefill / decode
+entry points) over ``_triton_search`` (anchor scoring + top-k), ``_triton_prefill`` (sorted
+(query, head, slot) pair tiles + merge/gate), ``_triton_decode`` (split-K or deduplicated union
+decode, CUDA-graph safe), ``_schedule`` (stripe table and span extents shared by both backends),
+``_checks`` (argument rules).
 """
 
 from __future__ import annotations

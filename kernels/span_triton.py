@@ -62,11 +62,17 @@ _CPU_INTERPRETER = TritonConfig(
 )
 
 
-def config_for(device: torch.device, head_dim: int, dtype: torch.dtype) -> TritonConfig:
-    """The tunables for this device type, head_dim and dtype (a fixed table; no autotuning)."""
+def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: int = 0) -> TritonConfig:
+    """The tunables for this device type, head_dim, dtype and cache length (a fixed table).
+
+    Decode design by cache length (H100, released shapes, measured in bench/RESULTS.md): below 2M
+    keys the per-span split-K stream is fastest; from 2M on, the deduplicated union of a KV head's
+    spans in 2048-key pieces is (slightly) faster.
+    """
     if device.type != "cuda":
         return _CPU_INTERPRETER
     wide = dtype == torch.float32 or head_dim > 128
+    union = kv_len >= (1 << 21)
     return TritonConfig(
         search_block_s=32 if wide else 64,
         search_warps=4,
@@ -75,14 +81,14 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype) -> Trito
         pair_warps=8,
         pair_stages=2 if wide else 3,
         merge_block_m=16,
-        decode_mode="split",
+        decode_mode="union" if union else "split",
         decode_split=64,
         decode_chunk=1024,
         decode_wchunk=512,
         decode_block_n=64 if head_dim <= 128 else 32,
         decode_block_nw=32 if wide else 64,
         decode_warps=4,
-        decode_union_chunk=1024,
+        decode_union_chunk=2048,
         decode_union_warps=4,
         prefill_segment=1 << 15,
     )
@@ -129,7 +135,7 @@ def span_search_triton(
     """
     _check_supported(q1, params)
     q1, k = _lastdim_contiguous(q1), _lastdim_contiguous(k)
-    cfg = config_for(q1.device, q1.shape[-1], q1.dtype)
+    cfg = config_for(q1.device, q1.shape[-1], q1.dtype, k.shape[2])
     Lkv = k.shape[2]
     pos = cache_position.to(device=q1.device, dtype=torch.int64).contiguous()
     offs = device_offsets(params, Lkv, q1.device)
@@ -180,7 +186,7 @@ def superlinear_attention_triton(
     B, Hq, Lq, D = q2.shape
     Lkv = k.shape[2]
     dev = q2.device
-    cfg = config_for(dev, D, q2.dtype)
+    cfg = config_for(dev, D, q2.dtype, k.shape[2])
     if out is None:
         out = torch.empty(B, Hq, Lq, D, dtype=q2.dtype, device=dev)
     if Lq == 0:

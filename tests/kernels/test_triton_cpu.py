@@ -117,7 +117,8 @@ def test_decode_equals_reference(name: str, with_mask: bool, mode: str, monkeypa
     q1, q2, k, v = make_inputs(B, 4, 2, 1, Lkv, 32, torch.float32, seed=14)
     mask = left_pad_mask(B, Lkv, 6) if with_mask else None
     W = params.window_len
-    for p in sorted({max(W - 1, 0), 41, Lkv - 2}):
+    # window-only position, and one with anchors (the mid position only without a mask: shorter suite)
+    for p in sorted({max(W - 1, 0), Lkv - 2} | (set() if with_mask else {41})):
         pos = torch.tensor([p])
         out = torch.full((B, 4, 1, 32), float("nan"))
         superlinear_attention_triton(q1, q2, k, v, pos, params, mask, out=out)

@@ -132,8 +132,26 @@ def test_decode_with_mask_and_batch() -> None:
     _check_rows(out, q1, q2, k, v, pos, P_RELEASED, mask, torch.tensor([0], device=DEV), TOL[torch.float16], 0.2)
 
 
-def test_decode_cuda_graph_replay_matches_eager() -> None:
-    Lkv = 1 << 18
+@pytest.mark.parametrize("mode", ["split", "union"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_both_decode_designs_equal_reference(mode: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from secure_run.kernels import span_triton
+
+    base = span_triton.config_for
+    monkeypatch.setattr(span_triton, "config_for", lambda *a, **kw: dataclasses.replace(base(*a, **kw), decode_mode=mode))
+    Lkv = 1 << 20
+    q1, q2, k, v = make_inputs(2, HQ, HKV, 1, Lkv, D, dtype, DEV, seed=31)
+    for p in (5000, Lkv - 1):
+        pos = torch.tensor([p], device=DEV)
+        out = torch.full((2, HQ, 1, D), float("nan"), dtype=dtype, device=DEV)
+        superlinear_attention_triton(q1, q2, k, v, pos, P_RELEASED, out=out)
+        _check_rows(out, q1, q2, k, v, pos, P_RELEASED, None, torch.tensor([0], device=DEV), TOL[dtype], 0.1)
+
+
+@pytest.mark.parametrize("Lkv", [1 << 18, 1 << 22], ids=["256K-split", "4M-union"])
+def test_decode_cuda_graph_replay_matches_eager(Lkv: int) -> None:
     q1, q2, k, v = make_inputs(1, HQ, HKV, 1, Lkv, D, torch.bfloat16, DEV, seed=9)
     pos = torch.tensor([Lkv - 5000], device=DEV)
     sq1, sq2 = q1.clone(), q2.clone()
@@ -141,7 +159,7 @@ def test_decode_cuda_graph_replay_matches_eager() -> None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = superlinear_attention(sq1, sq2, k, v, pos, P_RELEASED)
-    for p, seed in ((Lkv - 5000, 1), (Lkv - 1, 2), (3000, 3)):
+    for p, seed in ((Lkv - 5000, 1), (Lkv - 1, 2), (3000, 3)):  # one graph, new positions and queries
         n1, n2, _, _ = make_inputs(1, HQ, HKV, 1, 1, D, torch.bfloat16, DEV, seed=seed)
         sq1.copy_(n1)
         sq2.copy_(n2)
