@@ -29,12 +29,13 @@ names the file, the rule (``loader.*``) and the tensors concerned:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import stat
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias
@@ -271,6 +272,32 @@ def _check_verified_tables(shards: list[_OpenShard], verified: Mapping[str, Veri
 # --- steps 6-7: build and fill -------------------------------------------------------------------
 
 
+_INIT_FUNCS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
+               "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+
+
+@contextlib.contextmanager
+def _skip_param_init() -> Iterator[None]:
+    """Make ``torch.nn.init`` a no-op while the model is built on ``meta``.
+
+    Every parameter is overwritten from the checkpoint (step 6 refuses any left on ``meta``), so
+    random initialisation is wasted work; on ``meta`` it also drags in torch's Python meta kernels
+    (about 2 s of imports on a cold start).
+    """
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCS}
+    try:
+        for name in _INIT_FUNCS:
+            setattr(torch.nn.init, name, _no_init)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
+def _no_init(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    return tensor
+
+
 def _fill(model: HybridLM, shard: _OpenShard, entries: list[HeaderEntry], config: ModelConfig,
           names: AttentionNameMap, device: torch.device) -> None:
     targets = dict(model.named_parameters()) | dict(model.named_buffers())
@@ -345,7 +372,7 @@ def load_model(
         check_table(cfg, names, found)
         # 6. meta build, then shard by shard
         target = dtype if dtype is not None else _TORCH_DTYPES[cfg.checkpoint_dtype]
-        with torch.device("meta"):
+        with torch.device("meta"), _skip_param_init():
             model = HybridLM(cfg, dtype=target)
         for sh in shards:
             _fill(model, sh, [e for _, e in sorted(found.items()) if e.shard == sh.name], cfg, names, device)
