@@ -114,13 +114,13 @@ def _decode_variant(**changes: Any) -> Iterator[None]:
 
 DECODE_VARIANTS: list[dict[str, Any]] = [
     dict(decode_mode="split"),
-    dict(decode_mode="split", decode_chunk=512),
-    dict(decode_mode="split", decode_chunk=2048),
-    dict(decode_mode="union"),
-    dict(decode_mode="union", decode_block_n=32),
+    dict(decode_mode="union", decode_union_chunk=1024),
     dict(decode_mode="union", decode_union_chunk=2048),
-    dict(decode_mode="union", decode_union_chunk=2048, decode_union_warps=8),
-    dict(decode_mode="union", decode_union_chunk=512),
+    dict(decode_mode="union", decode_union_chunk=1024, decode_union_stages=2),
+    dict(decode_mode="union", decode_union_chunk=1024, decode_union_stages=4),
+    dict(decode_mode="union", decode_union_chunk=1024, decode_block_n=32),
+    dict(decode_mode="union", decode_union_chunk=1024, decode_union_warps=8),
+    dict(decode_mode="union", decode_union_chunk=512, decode_union_stages=2),
 ]
 
 

@@ -236,6 +236,9 @@ def _decode_union_part(
         q = tl.load(Q2 + b * s_qb + h[:, None] * s_qh + d[None, :], mask=rm[:, None] & dmask[None, :], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
+        # row bounds relative to the piece, as int32 (cheap [rows, BN] compares in the hot loop)
+        rlo = tl.where(ok, tl.minimum(tl.maximum(qs - lo, 0), CH), CH).to(tl.int32)
+        rhi = tl.where(ok, tl.minimum(tl.maximum(qe - lo, -1), CH - 1), -1).to(tl.int32)
         m_i = tl.full([RKP], float("-inf"), tl.float32)
         l_i = tl.full([RKP], 0.0, tl.float32)
         acc = tl.full([RKP, BD], 0.0, tl.float32)
@@ -253,7 +256,8 @@ def _decode_union_part(
                 kt = kt.to(tl.float32)
                 vt = vt.to(tl.float32)
             sc = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * sm_scale
-            inside = (kk[None, :] >= qs[:, None]) & (kk[None, :] <= qe[:, None]) & ok[:, None] & km[None, :]
+            kr = (k0 - lo).to(tl.int32) + cols
+            inside = (kr[None, :] >= rlo[:, None]) & (kr[None, :] <= rhi[:, None]) & km[None, :]
             sc = tl.where(inside, sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, axis=1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -458,6 +462,7 @@ def launch_decode(
     precision: str,
     num_warps: int,
     union_warps: int,
+    union_stages: int = 3,
 ) -> None:
     """One decode step for queries [B, Hq, 1, D] against the full cache; writes ``out``.
 
@@ -507,7 +512,7 @@ def launch_decode(
             Lkv, window, G, Hq, maxp, n_union, 1.0 / (D**0.5), *strides,
             R=R, RP=RP, RK=RK, RKP=RKP, D=D, BD=BD, K_VAL=num_spans, CH=chunk,
             BN=block_n, NWCH=nwch, WCHUNK=wchunk, BNW=block_nw, HAS_MASK=mask is not None, HAS_W=window > 0,
-            UPCAST=upcast, PRECISION=precision, num_warps=union_warps,
+            UPCAST=upcast, PRECISION=precision, num_warps=union_warps, num_stages=union_stages,
         )
         _decode_union_merge_kernel[(B * Hq,)](
             vals, ancs, qs, qe, po, pl, plan, o_win, l_win, out, Hq, G, maxp, out.stride(0), out.stride(1),
