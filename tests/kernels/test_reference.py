@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_helpers import P_INT2, SMALL
 
 from secure_run.errors import KernelUnavailable, UsageError
 from secure_run.kernels import KernelInputError, SpanParams, resolve_backend, superlinear_attention
@@ -98,16 +99,8 @@ def _inputs(B, Hq, Hkv, Lq, Lkv, D, dtype=torch.float64, seed=0):
     return q1, q2, k, v
 
 
-P_INT2 = SpanParams(sw_index=2, num_spans=3, backward_factor=2.0, forward_factor=1.0, span_power=0.5,
-                    inv_search_power_int=2)
-P_INT3_NOFWD = SpanParams(sw_index=1, num_spans=2, backward_factor=3.0, forward_factor=0.0, span_power=0.5,
-                          inv_search_power_int=3)
-P_F55 = SpanParams(sw_index=3, num_spans=3, backward_factor=3.0, forward_factor=1.0, span_power=0.55,
-                   search_power=0.55)
-P_F6_NOWIN = SpanParams(sw_index=0, num_spans=2, backward_factor=2.0, forward_factor=0.5, span_power=0.6,
-                        search_power=0.6)
-ALL_PARAMS = [P_INT2, P_INT3_NOFWD, P_F55, P_F6_NOWIN]
-IDS = ["int2", "int3-nofwd", "f0.55", "f0.6-nowindow"]
+ALL_PARAMS = list(SMALL.values())
+IDS = list(SMALL)
 
 
 @pytest.mark.parametrize("params", ALL_PARAMS, ids=IDS)
