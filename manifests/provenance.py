@@ -6,7 +6,9 @@ with an EC key file (``secure-run keygen`` / ``secure-run audit keygen``):
 
 * audit checkpoints (:data:`CHECKPOINT_TYPE`): the signed head of the hash-chained audit log;
 * run attestations (:data:`RUN_TYPE`): one per run, subject = the released output's digest;
-* import provenance (:data:`IMPORT_TYPE`): upstream snapshot -> kept / dropped / rewritten files.
+* import provenance (SLSA Provenance v1, :data:`SLSA_PROVENANCE_TYPE`): upstream snapshot ->
+  kept / dropped / rewritten files, written unsigned into the folder as :data:`PROVENANCE_FILE` and
+  covered by the folder's own signature once it is signed.
 
     >>> import pathlib, tempfile
     >>> from secure_run.manifests import generate_key
@@ -24,11 +26,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from secure_run.errors import UsageError
 
 from ._bundle import PAYLOAD_TYPE, STATEMENT_TYPE, build_bundle, pae, parse_bundle
 from ._jsoncheck import JsonProblem, loads_strict
@@ -36,9 +41,11 @@ from ._keys import key_fingerprint, load_private_key, load_public_key, sign_ecds
 from .findings import verification_failed
 from .trust import read_trust_file
 
+if TYPE_CHECKING:
+    from .importer import ImportReport
+
 CHECKPOINT_TYPE = "https://secure-run.dev/audit-checkpoint/v1"
 RUN_TYPE = "https://secure-run.dev/run/v1"
-IMPORT_TYPE = "https://secure-run.dev/import-provenance/v1"
 #: the provenance statement ``import --source-repo`` writes into the folder (covered by the signature)
 PROVENANCE_FILE = "provenance.intoto.json"
 
@@ -140,3 +147,107 @@ def file_sha256(path: Path) -> str:
             h.update(chunk)
     return h.hexdigest()
 
+
+
+# --- provenance of an import (issue 14.4) -------------------------------------------------------
+
+#: SLSA Provenance v1: the predicate of ``provenance.intoto.json``
+SLSA_PROVENANCE_TYPE = "https://slsa.dev/provenance/v1"
+IMPORT_BUILD_TYPE = "https://secure-run.dev/import/v1"
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?\Z")
+_REVISION = re.compile(r"[0-9a-f]{40}\Z|[0-9a-f]{64}\Z")
+
+
+def check_source(source_repo: str | None, source_revision: str | None) -> None:
+    """Check ``--source-repo ID --source-revision SHA`` (both or neither).
+
+    Raises:
+        UsageError: ``IMP-SOURCE``: only one given, a malformed repository id, or a revision that is
+            not a full lowercase commit hash (a branch or tag name moves; it pins nothing).
+    """
+    if source_repo is None and source_revision is None:
+        return
+    if source_repo is None or source_revision is None:
+        raise UsageError("--source-repo and --source-revision go together", rule="IMP-SOURCE",
+                         hint="pass both: the upstream repository id and the commit it was downloaded at")
+    if not _REPO_ID.match(source_repo) or ".." in source_repo:
+        raise UsageError(f"--source-repo {source_repo!r} is not a repository id like org/name", rule="IMP-SOURCE")
+    if not _REVISION.match(source_revision):
+        raise UsageError(
+            f"--source-revision {source_revision!r} is not a full commit hash (40 or 64 lowercase hex)",
+            rule="IMP-SOURCE",
+            hint="pin the exact commit you downloaded (e.g. the snapshot folder name in the Hugging Face cache), "
+            "not a branch or tag",
+        )
+
+
+def import_provenance(report: ImportReport, source_repo: str, source_revision: str, *, dereference: bool = False,
+                      finished: str | None = None) -> dict[str, Any]:
+    """The in-toto Statement (SLSA Provenance v1 predicate) of one import.
+
+    Subjects: every resulting file with its sha256. ``resolvedDependencies``: the upstream
+    repository at its commit, then every upstream file that was kept with its upstream sha256.
+    ``internalParameters``: what the import did: ``kept`` unchanged, ``rewritten`` (upstream and
+    resulting sha256, remote-code pointers removed) and ``dropped`` (name, rule, reason).
+    """
+    from datetime import UTC, datetime
+
+    from secure_run import __version__
+
+    rewritten: dict[str, list[str]] = {s.file: [] for s in report.stripped}
+    for s in report.stripped:
+        rewritten[s.file].append(s.pointer)
+    deps: list[dict[str, Any]] = [{"uri": f"https://huggingface.co/{source_repo}", "digest": {"gitCommit": source_revision}}]
+    deps += [{"name": k.name, "digest": {"sha256": k.source_sha256}} for k in report.kept]
+    predicate = {
+        "buildDefinition": {
+            "buildType": IMPORT_BUILD_TYPE,
+            "externalParameters": {"source": {"repository": source_repo, "revision": source_revision},
+                                   "dereference": dereference},
+            "internalParameters": {
+                "kept": [k.name for k in report.kept if not k.modified],
+                "rewritten": [
+                    {"name": k.name, "upstream_sha256": k.source_sha256, "sha256": k.sha256,
+                     "removed_pointers": rewritten.get(k.name, [])}
+                    for k in report.kept if k.modified
+                ],
+                "dropped": [{"name": d.name, "rule": d.rule, "reason": d.reason} for d in report.dropped],
+                "notes": list(report.notes),
+            },
+            "resolvedDependencies": deps,
+        },
+        "runDetails": {
+            "builder": {"id": f"https://secure-run.dev/import@{__version__}"},
+            "metadata": {"finishedOn": finished or datetime.now(UTC).isoformat(timespec="seconds")},
+        },
+    }
+    return statement([(k.name, k.sha256) for k in report.kept], SLSA_PROVENANCE_TYPE, predicate)
+
+
+def read_provenance(root: Path) -> dict[str, Any] | None:
+    """A summary of ``root/provenance.intoto.json`` for ``inspect`` (as claimed: not verified here;
+    ``verify`` covers it through the folder's signature). None when absent."""
+    path = root / PROVENANCE_FILE
+    if not os.path.lexists(path):
+        return None
+    try:
+        with open(path, "rb", opener=lambda p, fl: os.open(p, fl | os.O_NOFOLLOW)) as fh:
+            doc = loads_strict(fh.read(64 << 20), allow_infinity=False)
+    except (OSError, JsonProblem) as exc:
+        return {"file": PROVENANCE_FILE, "error": f"unreadable: {exc}"}
+    try:
+        build = doc["predicate"]["buildDefinition"]
+        source = build["externalParameters"]["source"]
+        internal = build["internalParameters"]
+        return {
+            "file": PROVENANCE_FILE,
+            "predicate_type": doc["predicateType"],
+            "source_repository": source["repository"],
+            "source_revision": source["revision"],
+            "files": len(doc["subject"]),
+            "kept": len(internal["kept"]),
+            "rewritten": [r["name"] for r in internal["rewritten"]],
+            "dropped": [d["name"] for d in internal["dropped"]],
+        }
+    except (KeyError, TypeError):
+        return {"file": PROVENANCE_FILE, "error": "not a secure-run import provenance statement"}
