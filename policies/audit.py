@@ -489,15 +489,16 @@ def code_identity() -> dict[str, object]:
     of that package's files (``__pycache__`` left out); ``digest`` is the sha256 over the sorted
     ``name=digest`` lines of the packages.
     """
-    import importlib
+    import importlib.util
 
     from secure_run import __version__
 
     packages: dict[str, str] = {}
     for name in CODE_PACKAGES:
-        module = importlib.import_module(f"secure_run.{name}")
-        assert module.__file__ is not None
-        packages[name] = _package_digest(Path(module.__file__).parent)
+        spec = importlib.util.find_spec(f"secure_run.{name}")  # located, not imported (no torch)
+        if spec is None or not spec.submodule_search_locations:
+            raise StateFileError(f"the installed package secure_run.{name} cannot be found", rule="state.code")
+        packages[name] = _package_digest(Path(list(spec.submodule_search_locations)[0]))
     total = hashlib.sha256("".join(f"{k}={v}\n" for k, v in sorted(packages.items())).encode()).hexdigest()
     return {"version": __version__, "digest": "sha256:" + total, "packages": packages}
 

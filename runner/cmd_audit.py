@@ -4,6 +4,7 @@
     $ secure-run audit verify [--log FILE] [--public-key PUB] [--attestation FILE] [--json]
     $ secure-run audit show [--log FILE] [--since 7d] [--model NAME] [--decision refused] [--json]
     $ secure-run audit checkpoint [--log FILE] [--key KEY]  # sign the head now
+    $ secure-run audit code                                # version + digest of the installed code
     $ secure-run attest [--log FILE] [--seq N] [--key KEY] --out run.intoto.json
 
 Exit codes: 0 the log (and attestation) verify, 1 tampering found (first broken link with its
@@ -165,6 +166,23 @@ def checkpoint_cmd(log: str | None, key: str | None, as_json: bool) -> None:
         emit_json({"ok": True, "command": "audit checkpoint", "head": head.to_json()})
         return
     click.echo(f"signed head seq {head.seq} sha256 {head.sha256}")
+
+
+@audit_group.command("code")
+@json_option
+def code_cmd(as_json: bool) -> None:
+    """The secure-run version and the sha256 of its installed model, kernels and worker code."""
+    from secure_run.policies.audit import code_identity
+
+    ident = code_identity()
+    if as_json:
+        emit_json({"ok": True, "command": "audit code", **ident})
+        return
+    click.echo(f"secure-run {ident['version']} code {ident['digest']}")
+    packages = ident["packages"]
+    assert isinstance(packages, dict)
+    for name, digest in sorted(packages.items()):
+        click.echo(f"  {name:<8} sha256:{digest}")
 
 
 @click.command("attest")

@@ -255,3 +255,12 @@ def test_attest_needs_a_finished_run(tmp_path: Path) -> None:
     keys = generate_key(tmp_path / "k.pem")
     res = run("attest", "--log", str(log.path), "--key", str(keys.private), "--out", str(tmp_path / "a.json"))
     assert res.exit_code == 2 and "no finished run with an output digest" in res.output
+
+
+def test_audit_code_prints_the_code_identity() -> None:
+    res = run("audit", "code", "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert doc["digest"] == code_identity()["digest"] and doc["version"] == code_identity()["version"]
+    text = run("audit", "code").output
+    assert f"code {code_identity()['digest']}" in text and "  kernels  sha256:" in text
