@@ -212,19 +212,36 @@ class Appender:
         ) from None
 
     def rotate(self, rotated: Path) -> None:
-        """Rename the locked file to ``rotated`` and continue in a new, empty file at the old path.
+        """Keep the locked file as ``rotated`` and continue in a new, empty file at the old path.
 
-        Other writers waiting for the lock notice the rename and reopen the new file.
+        The new file is created and locked under a temporary name first, then renamed over the
+        path (after the old file got its second name by a hard link), so the path always names a
+        file whose lock this appender holds: no other writer can slip a record in between.
+        Writers that opened the old file notice the rename once they get its lock and reopen.
         """
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.new")
         try:
-            os.rename(self.path, rotated)
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(tmp, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as err:
+            raise StateFileError(
+                f"cannot rotate {self.path}: {err.strerror}", path=str(self.path), rule="state.write", hint=_os_hint(err)
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.link(self.path, rotated)
+            try:
+                os.rename(tmp, self.path)
+            except OSError:
+                os.unlink(rotated)
+                raise
+        except OSError as err:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise StateFileError(
                 f"cannot rotate {self.path} to {rotated.name}: {err.strerror}",
                 path=str(self.path), rule="state.write", hint=_os_hint(err),
             ) from None
-        fcntl.flock(fd, fcntl.LOCK_EX)
         self._fd = fd  # the rotated file stays locked (and open) until the append ends
         self.tail = Tail(self.tail.last_line, 0, None)
 
@@ -326,8 +343,16 @@ class StateRead:
     torn: TornTail | None
 
 
-def read_lines(path: Path) -> StateRead:
+def read_lines(path: Path, *, private: bool = True) -> StateRead:
     """Read the complete lines of a state file under a shared lock (missing file: no lines).
+
+    Lines end at ``\n`` only (a stray ``\r`` stays inside its line, as the chain hashes it).
+
+    Args:
+        path: the file.
+        private: require a private file owned by this user (state the program trusts); False for
+            read-only checks of a copy (``audit verify`` / ``show`` of an auditor's evidence), where
+            only a regular file, not followed through a link, is required.
 
     Raises:
         StateFileError: symlink, unsafe mode or too large.
@@ -335,7 +360,10 @@ def read_lines(path: Path) -> StateRead:
     if not os.path.lexists(path):
         return StateRead((), None)
     with _open_nofollow(path, os.O_RDONLY) as fd:
-        _check_open_file(fd, path)
+        if private:
+            _check_open_file(fd, path)
+        elif not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StateFileError(f"{path} is not a regular file", path=str(path), rule="state.file")
         if os.fstat(fd).st_size > MAX_STATE_BYTES:
             raise StateFileError(f"{path} is larger than {MAX_STATE_BYTES} bytes", path=str(path), rule="state.size")
         fcntl.flock(fd, fcntl.LOCK_SH)
@@ -344,7 +372,8 @@ def read_lines(path: Path) -> StateRead:
             chunks.append(chunk)
     data = b"".join(chunks)
     end = data.rfind(b"\n") + 1
-    return StateRead(tuple(data[:end].splitlines(keepends=True)), _torn(end, data[end:]))
+    lines = tuple(line + b"\n" for line in data[: end - 1].split(b"\n")) if end else ()
+    return StateRead(lines, _torn(end, data[end:]))
 
 
 def parse_line(path: Path, lineno: int, raw: bytes) -> dict[str, object]:

@@ -69,7 +69,7 @@ DEFAULT_CHECKPOINT_EVERY = 64
 #: the host audit key's default file (``secure-run audit keygen``)
 AUDIT_KEY_NAME = "audit-key.pem"
 _CHAIN_FIELDS = ("seq", "prev")
-_ROTATED = re.compile(r"\.(\d{12})\Z")
+_ROTATED = re.compile(r"\.\d{12}")
 
 
 def line_sha256(line: bytes) -> str:
@@ -162,12 +162,24 @@ class AuditLog:
         return self.path.with_name(self.path.name + ".head.json")
 
     def files(self) -> list[Path]:
-        """Rotated files oldest first, then the current file (if it exists)."""
+        """Rotated files oldest first, then the current file (if it exists).
+
+        A rotated name that is a second link to the current file or to a later rotated file (left
+        by a crash in the middle of a rotation) is skipped: each file is read once.
+        """
         rotated = sorted(
-            (p for p in self.path.parent.glob(self.path.name + ".*") if _ROTATED.search(p.name[len(self.path.name):])),
+            (p for p in self.path.parent.glob(self.path.name + ".*") if _ROTATED.fullmatch(p.name[len(self.path.name):])),
             key=lambda p: p.name,
         )
-        return [*rotated, *([self.path] if os.path.lexists(self.path) else [])]
+        current = [self.path] if os.path.lexists(self.path) else []
+        seen: set[tuple[int, int]] = set()
+        out: list[Path] = []
+        for p in reversed([*rotated, *current]):
+            st = os.lstat(p)
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                out.append(p)
+        return out[::-1]
 
     def check_writable(self) -> None:
         """Check up front that a record can be appended (before any sandbox starts).
@@ -256,10 +268,11 @@ class AuditLog:
         return [parse_line(self.path, i, raw) for i, raw in enumerate(read_lines(self.path).lines, start=1)]
 
     def records(self) -> list[dict[str, object]]:
-        """Every complete record of every file (rotated ones first), oldest first."""
+        """Every complete record of every file (rotated ones first), oldest first (read-only: a
+        copy of someone else's log may be read)."""
         out: list[dict[str, object]] = []
         for path in self.files():
-            out.extend(parse_line(path, i, raw) for i, raw in enumerate(read_lines(path).lines, start=1))
+            out.extend(parse_line(path, i, raw) for i, raw in enumerate(read_lines(path, private=False).lines, start=1))
         return out
 
 
@@ -368,7 +381,7 @@ def verify_log(path: Path, public_key: Path | None = None) -> ChainReport:
     chained = False
     previous_line: bytes | None = None
     for index, file in enumerate(files):
-        read = read_lines(file)
+        read = read_lines(file, private=False)
         if read.torn is not None:
             if file != files[-1]:
                 raise AuditTampered(file, len(read.lines) + 1, "AUDIT-TORN", "a rotated file ends in a torn line")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import os
 from pathlib import Path
 
 import pytest
 
 from secure_run.manifests import generate_key
-from secure_run.policies import AuditLog
+from secure_run.policies import AuditLog, StateFileError
 from secure_run.policies.audit import GENESIS, AuditTampered, line_sha256, verify_log
 
 
@@ -244,3 +245,37 @@ def test_concurrent_writers_keep_one_valid_chain(tmp_path: Path, key: tuple[Path
     assert report.checkpoints == len(checkpoints) >= 12 and report.records == 200 + report.checkpoints
     for w in range(4):
         assert [r["i"] for r in runs if r["worker"] == w] == list(range(50))
+
+
+def test_an_auditors_copy_can_be_verified(tmp_path: Path) -> None:
+    """verify reads a copy that is not private to the auditor (evidence), but never follows a link."""
+    log = _log(tmp_path, 3)
+    copy = tmp_path / "evidence" / "audit.jsonl"
+    copy.parent.mkdir()
+    copy.write_bytes(log.path.read_bytes())
+    copy.chmod(0o644)
+    assert verify_log(copy).records == 3
+    link = tmp_path / "evidence" / "link.jsonl"
+    link.symlink_to(copy)
+    with pytest.raises(StateFileError, match="is a symlink"):
+        verify_log(link)
+
+
+def test_a_carriage_return_inside_a_line_stays_in_that_line(tmp_path: Path) -> None:
+    log = _log(tmp_path, 3)
+    lines = _lines(log)
+    assert lines[1].startswith(b"{")
+    lines[1] = b"{\r" + lines[1][1:]  # a raw CR byte (JSON whitespace), as an editor could leave
+    _write(log, lines)
+    err = _refusal(log.path)
+    assert (err.rule, err.line) == ("AUDIT-LINK", 3)  # not shifted by the CR
+
+
+def test_a_crash_between_link_and_rename_leaves_a_readable_chain(tmp_path: Path) -> None:
+    """Rotation links the old file to its rotated name, then renames the new file over the path;
+    a crash in between leaves two names for one file, which is read once."""
+    log = _log(tmp_path, 3)
+    os.link(log.path, log.path.with_name("audit.jsonl.000000000002"))
+    assert verify_log(log.path).records == 3
+    log.append({"event": "run", "i": 3})
+    assert verify_log(log.path).records == 4 and log.files() == [log.path]
