@@ -196,10 +196,12 @@ def test_partial_acceptance_line_does_not_refuse_every_later_run(oml: tuple[Path
         fh.write(b'{"license_id": "LicenseRef-NVIDIA-OML-2025-10-24", "operat')  # a crashed append
     after = evaluate(policy, good_facts(folder), acceptances=store)  # type: ignore[arg-type]
     assert result(after, "L1") == "pass" and result(after, "L2") == "pass"
+    torn = store.torn_tail()
+    assert torn is not None and torn.length == len(b'{"license_id": "LicenseRef-NVIDIA-OML-2025-10-24", "operat')
     # another operator can still accept, and the torn line is cut off first
     accept_license(policy, folder, license_id=OML, operator="bob", acknowledgements=ACKS, store=store)  # type: ignore[arg-type]
     lines = store.path.read_bytes().splitlines(keepends=True)
-    assert len(lines) == 2 and all(json.loads(line) for line in lines)
+    assert len(lines) == 2 and all(json.loads(line) for line in lines) and store.torn_tail() is None
     assert result(evaluate(policy, good_facts(folder, operator="bob"), acceptances=store), "L1") == "pass"  # type: ignore[arg-type]
 
 
