@@ -43,7 +43,6 @@ from pathlib import Path
 from secure_run.errors import Refusal, UsageError
 
 from ._state import (
-    MAX_RECORD_BYTES,
     Appender,
     Tail,
     TornTail,
@@ -64,6 +63,8 @@ AUDIT_SCHEMA = 2
 GENESIS = "0" * 64
 #: rotate the current file once an append would take it past this size
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
+#: the smallest rotation size accepted (tests rotate every few records)
+MIN_ROTATE_BYTES = 1024
 #: with a host audit key, sign the head after every this many records
 DEFAULT_CHECKPOINT_EVERY = 64
 #: the host audit key's default file (``secure-run audit keygen``)
@@ -143,8 +144,8 @@ class AuditLog:
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
         max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
-        if checkpoint_every < 1 or max_bytes < MAX_RECORD_BYTES // 1024:
-            raise UsageError("checkpoint_every must be >= 1 and max_bytes >= 1 KiB")
+        if checkpoint_every < 1 or max_bytes < MIN_ROTATE_BYTES:
+            raise UsageError(f"checkpoint_every must be >= 1 and max_bytes >= {MIN_ROTATE_BYTES}")
         self.path = path
         self.key = key
         self.checkpoint_every = checkpoint_every
