@@ -24,10 +24,11 @@ def run(*args: str) -> Result:
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
 
-def _decision(model: str = "/models/demo-tiny", allowed: bool = True, operator: str = "alice") -> Decision:
+def _decision(model: str = "/models/demo-tiny", allowed: bool = True, operator: str = "alice",
+              root_digest: str = "ab" * 32) -> Decision:
     return Decision(
         allowed=allowed, mode="enforce", stage="run", policy_name="demo", policy_sha256="cd" * 32, findings=(),
-        model_dir=model, model_root_digest="ab" * 32, license={"license_id": "Apache-2.0", "fingerprint": "ef" * 32},
+        model_dir=model, model_root_digest=root_digest, license={"license_id": "Apache-2.0", "fingerprint": "ef" * 32},
         banner=None, patent_notice=(), limits={}, declared_use="research", operator=operator,
         timestamp="2026-01-01T00:00:00Z",
     )
@@ -264,3 +265,41 @@ def test_audit_code_prints_the_code_identity() -> None:
     assert doc["digest"] == code_identity()["digest"] and doc["version"] == code_identity()["version"]
     text = run("audit", "code").output
     assert f"code {code_identity()['digest']}" in text and "  kernels  sha256:" in text
+
+
+def test_demo_output_traces_offline_to_signed_weights_code_and_record(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's auditor walk-through, command by command, on the signed demo model. The run
+    record is written here with the API the pipeline calls (audit_record + AuditLog.append)."""
+    from secure_run import manifests
+    from secure_run.model.demo import demo_model_dir
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    assert run("audit", "keygen").exit_code == 0
+    demo = demo_model_dir()
+    lock = manifests.default_lock_path()
+    verified = manifests.verify_model(demo, None, lock=manifests.Lock.load(lock))
+    output = "gibberish from random weights"
+    log = AuditLog.for_host(tmp_path / "state" / "secure-run" / "audit.jsonl")
+    log.check_writable()
+    decision = _decision(str(demo), root_digest=f"sha256:{verified.root_digest}")
+    log.append(audit_record(decision, event="started", run_id="demo-1"))
+    log.append(audit_record(decision, event="finished", run_id="demo-1", signer=verified.signer.to_json(),
+                            code=code_identity(), sandbox_backend="namespace", output=output,
+                            parameters={"max_new_tokens": 8}, host_measured={"generated_tokens": 8}))
+    # the operator attests the run
+    att = tmp_path / "run.intoto.json"
+    assert run("attest", "--out", str(att)).exit_code == 0
+    # the auditor, offline:
+    pub = tmp_path / "state" / "secure-run" / "audit-key.pub.pem"
+    res = run("audit", "verify", "--public-key", str(pub), "--attestation", str(att), "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)["attestation"]
+    assert summary["output_sha256"] == hashlib.sha256(output.encode()).hexdigest()
+    res = run("verify", str(demo), "--lock", str(lock), "--json")
+    assert res.exit_code == 0, res.output
+    model = json.loads(res.output)
+    assert summary["model"]["root_digest"] == model["model"]["root_digest"]  # the signed demo weights
+    assert summary["signer"] == model["signer"]
+    assert summary["code"] == json.loads(run("audit", "code", "--json").output)["digest"]
+    assert summary["audit"]["seq"] == 1
