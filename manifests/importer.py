@@ -16,7 +16,7 @@ What it does (nothing is executed or unpickled, links are not followed):
 * walks SRC; drops (and reports) every file the inventory would refuse by name -- code,
   ``__pycache__``, ``.pyc``, native code, pickle-capable formats, unknown kinds, ``.git``,
   ``.github``, the ``.cache`` folder of download tools, git attribute files, an upstream
-  ``model.sig`` / ``import-report.json``;
+  ``model.sig`` / ``import-report.json`` / ``provenance.intoto.json``;
 * copies the allowlisted files with mode 0644, checking their content on the way (magic bytes,
   strict JSON, clean UTF-8 text, strict safetensors headers); a content failure in a file that
   would be kept refuses the whole import, because dropping it would silently change the model;
@@ -50,6 +50,7 @@ from ._sniff import HEAD_BYTES, sniff
 from .findings import Finding, FindingsError
 from .hashing import ProgressSink
 from .inventory import DEFAULT_RULES, FileKind, classify, open_root, take_inventory, text_problem
+from .provenance import PROVENANCE_FILE, check_source, import_provenance
 from .tensors import SafetensorsHeader, check_shard_index, parse_safetensors_header, parse_shard_index
 
 REPORT_NAME = "import-report.json"
@@ -195,7 +196,7 @@ class _Importer:
         if top and name in (".gitattributes", ".gitignore"):
             self.drop(rel, "INV-GIT", "git metadata, not needed by the model")
             return
-        if top and name in ("model.sig", REPORT_NAME):
+        if top and name in ("model.sig", REPORT_NAME, PROVENANCE_FILE):
             self.drop(rel, "IMP-STALE", "upstream signature/report; the cleaned copy is signed by you after review")
             return
         kind, refusal = classify(rel)
@@ -370,6 +371,8 @@ def import_snapshot(
     *,
     dereference: bool = False,
     progress: ProgressSink | None = None,
+    source_repo: str | None = None,
+    source_revision: str | None = None,
 ) -> ImportReport:
     """Copy the allowlisted files of ``src`` into ``dest`` (see the module docstring).
 
@@ -379,6 +382,10 @@ def import_snapshot(
         dereference: copy the targets of symbolic links to allowlisted files (Hugging Face cache
             snapshots are link farms); each is noted in the report. Default: refuse such links.
         progress: optional sink (bytes copied for large files).
+        source_repo: upstream repository id; with ``source_revision`` (its full commit hash) a
+            provenance statement is written to ``dest/provenance.intoto.json``
+            (:func:`secure_run.manifests.provenance.import_provenance`).
+        source_revision: see ``source_repo``.
 
     Returns:
         The :class:`ImportReport` (also written to ``dest/import-report.json``).
@@ -388,6 +395,7 @@ def import_snapshot(
             is left behind in ``dest``.
         UsageError: ``src`` is not a folder.
     """
+    check_source(source_repo, source_revision)
     src_path, sfd = open_root(src)
     dest_path = Path(dest)
     if dest_path.resolve() == src_path.resolve() or src_path.resolve() in dest_path.resolve().parents:
@@ -427,6 +435,10 @@ def import_snapshot(
         fd = imp._open_dest(REPORT_NAME)
         with os.fdopen(fd, "wb") as out:
             out.write(body)
+        if source_repo is not None and source_revision is not None:
+            doc = import_provenance(report, source_repo, source_revision, dereference=dereference)
+            with os.fdopen(imp._open_dest(PROVENANCE_FILE), "wb") as out:
+                out.write((json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
         take_inventory(dest_path).raise_for_findings()  # self-check: DEST must be a clean model folder
         return report
     except BaseException:

@@ -26,6 +26,7 @@ from ._bundle import parse_bundle, parse_statement
 from ._jsoncheck import JsonProblem, loads_strict, remote_code_pointers
 from .findings import Finding, VerificationFailed
 from .inventory import Inventory, take_inventory
+from .provenance import read_provenance
 from .verify import read_signature
 
 _CONFIG_KEYS = (
@@ -56,6 +57,7 @@ class InspectReport:
     tokenizer: Mapping[str, Any] | None
     licence_files: tuple[str, ...]
     signature: Mapping[str, Any] | None
+    provenance: Mapping[str, Any] | None = None
 
     @property
     def findings(self) -> tuple[Finding, ...]:
@@ -82,6 +84,7 @@ class InspectReport:
             "tokenizer": None if self.tokenizer is None else dict(self.tokenizer),
             "licence_files": list(self.licence_files),
             "signature": None if self.signature is None else dict(self.signature),
+            "provenance": None if self.provenance is None else dict(self.provenance),
             "findings": [f.to_json() for f in self.findings],
         }
 
@@ -170,4 +173,5 @@ def inspect_model(root: str | os.PathLike[str]) -> InspectReport:
         _tokenizer_summary(inv.root),
         licences,
         _signature_summary(inv.root),
+        read_provenance(inv.root),
     )

@@ -31,11 +31,13 @@ so a weight update needs a reviewed lock change. Schema (JSON, ``manifests/READM
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -346,7 +348,6 @@ def pin_model(
         The entry written.
     """
     p = Path(lock_path)
-    lock = Lock.load(p) if p.exists() else Lock({}, p.parent, str(p))
     digest = root_digest if root_digest.startswith("sha256:") else "sha256:" + root_digest
     if signer.method == "key":
         pin = SignerPin("key", key_sha256=signer.key_sha256, public_key=public_key)
@@ -355,8 +356,30 @@ def pin_model(
     else:
         pin = SignerPin("sigstore", identity=signer.identity, issuer=signer.issuer, trusted_root=trusted_root)
     entry = LockEntry(name, digest, pin, path, note, policy)
-    lock.with_entry(entry).save(p)
+    with _folder_lock(p):  # read-modify-write under one lock: concurrent adds never lose an entry
+        lock = Lock.load(p) if p.exists() else Lock({}, p.parent, str(p))
+        lock.with_entry(entry).save(p)
     return entry
+
+
+@contextlib.contextmanager
+def _folder_lock(lock_path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on the lock file's folder (the file itself is replaced by rename, so
+    it cannot carry the lock), held for a whole read-modify-write of the lock file.
+
+    Raises:
+        LockFileError: the folder cannot be opened.
+    """
+    folder = lock_path.parent if str(lock_path.parent) else Path(".")
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _lock_error(str(lock_path), f"cannot open its folder to lock it: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def lock_refusal(source: str, name: str, lock: Lock) -> VerificationFailed:

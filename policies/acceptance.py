@@ -21,7 +21,7 @@ from secure_run.errors import PolicyViolation, UsageError
 
 from . import _files
 from ._base import LicenseId, Name, Sha256, Strict
-from ._state import append_json_line, read_json_lines
+from ._state import TornTail, append_json_line, read_json_lines, read_lines
 from .errors import StateFileError
 from .licenses import LicenseEntry, LicenseMatch, classify_license
 from .policy import Policy
@@ -81,6 +81,14 @@ class AcceptanceStore:
                     rule="state.format",
                 ) from None
         return out
+
+    def torn_tail(self) -> TornTail | None:
+        """A torn last line (an interrupted append) that :meth:`records` skips; :meth:`add` cuts it off.
+
+        Raises:
+            StateFileError: unsafe file.
+        """
+        return read_lines(self.path).torn
 
     def find(
         self, *, license_id: str, fingerprint: str, incorporated: Sequence[str], policy_sha256: str, operator: str

@@ -42,6 +42,7 @@ def cli() -> None:
 
 # Each command family lives in its own module runner/cmd_<family>.py exposing
 # ``register(group: click.Group) -> None``; one import + call per module, kept sorted.
+from secure_run.runner.cmd_audit import register as _register_audit  # noqa: E402
 from secure_run.runner.cmd_ci import register as _register_ci  # noqa: E402
 from secure_run.runner.cmd_generate import register as _register_generate  # noqa: E402
 from secure_run.runner.cmd_lock import register as _register_lock  # noqa: E402
@@ -49,6 +50,7 @@ from secure_run.runner.cmd_manifests import register as _register_manifests  # n
 from secure_run.runner.cmd_policy import register as _register_policy  # noqa: E402
 from secure_run.runner.cmd_sandbox import register as _register_sandbox  # noqa: E402
 
+_register_audit(cli)
 _register_ci(cli)
 _register_generate(cli)
 _register_lock(cli)

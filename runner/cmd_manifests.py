@@ -151,6 +151,12 @@ def _render_inspect(doc: dict[str, Any]) -> None:
     if sig:
         detail = sig.get("error") or f"{sig['method']} method, subject {sig['subject_name']!r}, {sig['root_digest']}, {sig['resources']} files"
         click.echo(f"signature (not verified by inspect): {detail}")
+    prov = doc.get("provenance")
+    if prov:
+        detail = repr(prov["error"]) if "error" in prov else (
+            f"{prov['source_repository']!r} at {prov['source_revision']!r}, {prov['files']} files "
+            f"({prov['kept']} kept as is, rewritten {prov['rewritten']!r}, dropped {prov['dropped']!r})")
+        click.echo(f"provenance ({prov['file']}, covered by the signature once signed): {detail}")
     click.echo(f"findings: {len(doc['findings'])}")
 
 
@@ -182,13 +188,17 @@ def inspect_cmd(model_dir: str, as_json: bool) -> None:
 @click.argument("src", type=click.Path(file_okay=False))
 @click.argument("dest", type=click.Path(file_okay=False))
 @click.option("--dereference", is_flag=True, help="Copy the targets of symbolic links (Hugging Face cache snapshots).")
+@click.option("--source-repo", "source_repo", metavar="ID", help="Upstream repository id (writes DEST/provenance.intoto.json).")
+@click.option("--source-revision", "source_revision", metavar="SHA", help="Full commit hash the snapshot was downloaded at.")
 @json_option
-def import_cmd(src: str, dest: str, dereference: bool, as_json: bool) -> None:
+def import_cmd(src: str, dest: str, dereference: bool, source_repo: str | None, source_revision: str | None,
+               as_json: bool) -> None:
     """Clean copy of an upstream snapshot: allowlisted files only, remote-code keys stripped."""
     _json_mode(as_json)
     from secure_run.manifests import import_snapshot
 
-    report = import_snapshot(src, dest, dereference=dereference, progress=hashing_progress(as_json, "copying"))
+    report = import_snapshot(src, dest, dereference=dereference, progress=hashing_progress(as_json, "copying"),
+                             source_repo=source_repo, source_revision=source_revision)
     steps = [
         f"secure-run inspect {dest}",
         f"review {Path(dest) / 'import-report.json'} and the files (licence, config, chat template)",
