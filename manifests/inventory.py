@@ -38,7 +38,7 @@ from secure_run.errors import UsageError
 
 from ._jsoncheck import JsonProblem, loads_strict, remote_code_pointers, scans_for_remote_code
 from ._names import MAX_DEPTH, component_problem, sort_key
-from ._sniff import HEAD_BYTES, sniff
+from ._sniff import HEAD_BYTES, PICKLE_SCAN_BYTES, lfs_pointer, pickle_program, sniff
 from .findings import Finding, FindingsError
 from .hashing import FileIdentity
 from .tensors import (
@@ -321,8 +321,11 @@ class _Walker:
             except FindingsError as exc:
                 self.findings.extend(exc.findings)
             return
-        head = f.read(HEAD_BYTES)
-        found = sniff(head)
+        head = f.read(PICKLE_SCAN_BYTES + 1)  # one byte more tells the pickle scan the file goes on
+        if lfs_pointer(head, size):
+            self.add(rel, "LFS-POINTER", "is a Git LFS pointer file, not the real content (the LFS object was never downloaded)")
+            return
+        found = sniff(head[:HEAD_BYTES]) or pickle_program(head)
         if found and not refused:
             self.add(rel, "INV-MAGIC", f"content is a {found} although the name says {kind.value if kind else 'otherwise'}")
             return
@@ -335,7 +338,7 @@ class _Walker:
         if size > limit:
             self.add(rel, "INV-LIMIT", f"{size} bytes exceeds the {limit}-byte limit for this kind of file")
             return None
-        return head + f.read(limit + 1 - len(head))
+        return head + f.read(max(0, limit + 1 - len(head)))
 
     def json_file(self, f: io.FileIO, rel: str, kind: FileKind, size: int, head: bytes) -> None:
         data = self._read_all(f, rel, size, head, self.rules.max_json_bytes)
