@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -50,8 +50,8 @@ def load_public_key(data: bytes, source: str) -> ec.EllipticCurvePublicKey:
         )
     try:
         key = serialization.load_pem_public_key(blocks[0])
-    except ValueError as exc:
-        raise UsageError(f"{source}: not a valid PEM public key ({exc})", path=source) from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise UsageError(f"{source}: not a usable PEM public key ({exc})", path=source) from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise UsageError(f"{source}: only EC (P-256/P-384/P-521) public keys are supported", path=source)
     return key
@@ -82,8 +82,8 @@ def load_private_key(data: bytes, source: str) -> ec.EllipticCurvePrivateKey:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
         raise UsageError(f"{source}: encrypted private keys are not supported", path=source) from None
-    except ValueError as exc:
-        raise UsageError(f"{source}: not a valid PEM private key ({exc})", path=source) from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise UsageError(f"{source}: not a usable PEM private key ({exc})", path=source) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise UsageError(f"{source}: only EC (P-256/P-384/P-521) private keys are supported", path=source)
     curve_hash(key, source)

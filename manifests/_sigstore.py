@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
+
 from secure_run.errors import UsageError
 
 from .findings import verification_failed
@@ -52,6 +54,7 @@ def verify_keyless(bundle_bytes: bytes, trusted_root: Path, identity: str, issue
         payload_type, payload = verifier.verify_dsse(bundle, policy.Identity(identity=identity, issuer=issuer))
     except SigstoreError as exc:
         raise verification_failed(source, "SIGSTORE", f"keyless verification failed: {exc}") from None
-    except ValueError as exc:
+    except (ValueError, TypeError, KeyError, UnsupportedAlgorithm) as exc:
+        # e.g. a leaf key of an unknown algorithm / curve, or a malformed certificate extension
         raise verification_failed(source, "SIGSTORE", f"keyless verification failed: {exc}") from None
     return KeylessResult(payload_type, payload, identity, issuer)
