@@ -31,8 +31,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from secure_run.errors import UsageError
 
 from ._bundle import PAYLOAD_TYPE, Resource, build_bundle, build_statement, pae
+from ._io import storage_error
 from ._keys import key_fingerprint, load_private_key, public_pem, same_key, sign_ecdsa
 from ._names import sort_key
+from ._x509 import CERT_ERRORS, parse_problem
 from .hashing import ProgressSink, hash_files, root_digest
 from .inventory import DEFAULT_RULES, InventoryRules, take_inventory
 from .trust import SignerInfo, read_trust_file
@@ -119,11 +121,21 @@ def _signature_path(root: Path, signature: str | os.PathLike[str] | None) -> Pat
     return sig
 
 
+def _load_certs(path: str | os.PathLike[str], what: str) -> list[x509.Certificate]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            certs = x509.load_pem_x509_certificates(read_trust_file(path, what))
+            for cert in certs:
+                parse_problem(cert)
+    except CERT_ERRORS as exc:
+        raise UsageError(f"{path}: not a usable PEM {what} ({exc})", path=str(path), hint=f"pass the {what} in PEM form") from None
+    return certs
+
+
 def _load_chain(certificate: str | os.PathLike[str], chain: str | os.PathLike[str] | None, key: ec.EllipticCurvePrivateKey) -> tuple[bytes, ...]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        leaf_certs = x509.load_pem_x509_certificates(read_trust_file(certificate, "signing certificate"))
-        rest = x509.load_pem_x509_certificates(read_trust_file(chain, "certificate chain")) if chain else []
+    leaf_certs = _load_certs(certificate, "signing certificate")
+    rest = _load_certs(chain, "certificate chain") if chain else []
     if len(leaf_certs) != 1:
         raise UsageError(f"{certificate}: expected exactly one certificate, found {len(leaf_certs)}", path=str(certificate))
     leaf_key = leaf_certs[0].public_key()
@@ -133,12 +145,21 @@ def _load_chain(certificate: str | os.PathLike[str], chain: str | os.PathLike[st
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".model.sig-", dir=path.parent)
+    """Write ``data`` to ``path`` through a temporary file and a rename; disk full etc. -> exit 2."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".model.sig-", dir=path.parent)
+    except OSError as exc:
+        raise storage_error(exc, "write the signature", path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise storage_error(exc, "write the signature", path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
