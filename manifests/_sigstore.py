@@ -15,6 +15,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 
 from secure_run.errors import UsageError
 
+from ._io import InputFileProblem, read_input
 from .findings import verification_failed
 
 
@@ -38,9 +39,13 @@ def verify_keyless(bundle_bytes: bytes, trusted_root: Path, identity: str, issue
     from sigstore.errors import Error as SigstoreError
     from sigstore.models import Bundle, TrustedRoot
     from sigstore.verify import Verifier, policy
+    from sigstore_models.trustroot import v1 as trustroot_v1
 
     try:
-        root = TrustedRoot.from_file(str(trusted_root))
+        # read like every input file (regular file, no link, size cap), then parse the bytes
+        root = TrustedRoot(trustroot_v1.TrustedRoot.from_json(read_input(trusted_root, limit=16 << 20)))
+    except InputFileProblem as exc:
+        raise UsageError(f"{trusted_root.name}: cannot read the Sigstore trusted root: it {exc.message}", path=str(trusted_root)) from None
     except Exception as exc:  # sigstore raises several types for an unreadable root
         raise UsageError(
             f"{trusted_root.name}: cannot load the Sigstore trusted root ({exc})", path=str(trusted_root)

@@ -534,3 +534,13 @@ def test_lfs_pointer_in_other_files_and_import(tmp_path: Path) -> None:
 def test_short_lfs_like_text_is_not_a_pointer() -> None:
     assert _rule(b"version 2\n") in ("ST-H1", "ST-H2")
     assert _rule(struct.pack("<Q", 1 << 40) + b"{}") == "ST-H2"
+
+
+def test_sigstore_trusted_root_on_a_fifo_does_not_hang(signed: Path, tmp_path: Path) -> None:
+    from secure_run.manifests._sigstore import verify_keyless
+
+    fifo = tmp_path / "trusted_root.json"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError) as err:
+        _in_thread(lambda: verify_keyless(b"{}", fifo, "a@example.com", "https://issuer", "model.sig"))
+    assert "named pipe" in err.value.message
