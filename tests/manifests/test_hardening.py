@@ -18,6 +18,8 @@ import pytest
 from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mf_helpers import make_ca, new_key, read_bundle, st_bytes, st_raw, write_model
 
 from secure_run.errors import EnvironmentProblem, UsageError
@@ -544,3 +546,35 @@ def test_sigstore_trusted_root_on_a_fifo_does_not_hang(signed: Path, tmp_path: P
     with pytest.raises(UsageError) as err:
         _in_thread(lambda: verify_keyless(b"{}", fifo, "a@example.com", "https://issuer", "model.sig"))
     assert "named pipe" in err.value.message
+
+
+# -- no crash: any JSON value in any bundle field ends in a rule id ---------------------------------
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+_FIELDS = [
+    ("mediaType",), ("verificationMaterial",), ("verificationMaterial", "publicKey"), ("verificationMaterial", "publicKey", "hint"),
+    ("verificationMaterial", "publicKey", "rawBytes"), ("verificationMaterial", "tlogEntries"), ("dsseEnvelope",),
+    ("dsseEnvelope", "payload"), ("dsseEnvelope", "payloadType"), ("dsseEnvelope", "signatures"), ("messageSignature",),
+]
+
+
+@settings(max_examples=300, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(_FIELDS), _json_values)
+def test_any_json_in_any_bundle_field_is_a_rule_not_a_crash(signed: Path, keys: tuple[Path, Path], field: tuple[str, ...], value: object) -> None:
+    from secure_run.manifests._bundle import parse_bundle, parse_statement
+
+    bundle, _ = read_bundle(signed / "model.sig")
+    node = bundle
+    for part in field[:-1]:
+        node = node[part]
+    node[field[-1]] = value
+    data = json.dumps(bundle).encode()
+    try:
+        parsed = parse_bundle(data, "model.sig")
+        parse_statement(parsed.payload, "model.sig")
+    except VerificationFailed as err:
+        assert err.rule and err.exit_code == 1
