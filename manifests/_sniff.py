@@ -111,9 +111,9 @@ def zip_directory_in_tail(tail: bytes, tail_start: int, read_at: Callable[[int, 
 
     * it ends exactly at the end of the file (the old rule: an appended archive, even empty), or
     * a ZIP64 locator precedes it, or
-    * it announces at least one entry and the bytes where the reader looks for the central
-      directory (record offset - directory size) start with a central-directory header
-      ``PK\\x01\\x02``.
+    * the bytes where the reader looks for the central directory (record offset - directory
+      size, a directory of at least one 46-byte header) start with a central-directory header
+      ``PK\\x01\\x02`` (whatever the record's entry counts say: zipfile ignores them).
 
     A bare 4-byte signature inside random tensor data (probability about 2**-32 per position)
     does not meet the last two conditions by chance (another 2**-32), so weights are not refused
@@ -139,10 +139,10 @@ def _zip_record_usable(tail: bytes, at: int, tail_start: int, read_at: Callable[
         return True
     if at >= 20 and tail[at - 20 : at - 16] == _EOCD64_LOCATOR:
         return True
-    entries = int.from_bytes(tail[at + 10 : at + 12], "little")
+    # the entry counts are not checked: zipfile reads members until the directory size is used up
     cd_size = int.from_bytes(tail[at + 12 : at + 16], "little")
     cd_pos = at - cd_size
-    if entries == 0 or cd_size < 46 or tail_start + cd_pos < 0:
+    if cd_size < 46 or tail_start + cd_pos < 0:
         return False
     if cd_pos >= 0:
         return tail[cd_pos : cd_pos + 4] == _CENTRAL_HEADER

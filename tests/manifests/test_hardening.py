@@ -290,6 +290,18 @@ def test_zip_in_last_tensor_with_trailing_bytes_is_a_polyglot(trailing: int) -> 
     assert _rule(data) == "ST-POLYGLOT"
 
 
+def test_zip_with_zero_entry_counts_is_still_a_polyglot() -> None:
+    import zipfile
+
+    z = bytearray(_zip_bytes())
+    at = z.rfind(b"PK\x05\x06")
+    z[at + 8 : at + 12] = bytes(4)  # entries on this disk / total entries = 0
+    payload = bytes(z) + b"\x00"
+    assert zipfile.ZipFile(io.BytesIO(payload)).namelist() == ["payload.py"]  # zipfile ignores the counts
+    data = st_raw(json.dumps({"w": {"dtype": "U8", "shape": [len(payload)], "data_offsets": [0, len(payload)]}}), payload)
+    assert _rule(data) == "ST-POLYGLOT"
+
+
 def test_zip_with_central_directory_before_the_tail_window() -> None:
     import zipfile
 
