@@ -39,7 +39,7 @@ from secure_run.errors import UsageError
 from ._jsoncheck import JsonProblem, loads_strict, remote_code_pointers, scans_for_remote_code
 from ._names import MAX_DEPTH, component_problem, sort_key
 from ._sniff import HEAD_BYTES, PICKLE_SCAN_BYTES, lfs_pointer, pickle_program, sniff
-from .findings import Finding, FindingsError
+from .findings import Finding, FindingsError, shown
 from .hashing import FileIdentity
 from .tensors import (
     SafetensorsHeader,
@@ -417,18 +417,19 @@ def open_root(root: str | os.PathLike[str]) -> tuple[Path, int]:
         FindingsError: the path is a symbolic link (``INV-ROOT``, exit 1).
     """
     path = Path(root)
+    label = shown(str(path))  # the path may come from a lock file or a pull request
     try:
         st = os.lstat(path)
     except OSError as exc:
-        raise UsageError(f"{path}: {exc.strerror}", path=str(path), rule="INV-ROOT", hint="pass an existing model directory") from None
+        raise UsageError(f"{label}: {exc.strerror}", path=str(path), rule="INV-ROOT", hint="pass an existing model directory") from None
     if stat.S_ISLNK(st.st_mode):
-        raise FindingsError([Finding(".", "INV-ROOT", f"{path} is a symbolic link; pass the real directory")], root=str(path))
+        raise FindingsError([Finding(".", "INV-ROOT", f"{label} is a symbolic link; pass the real directory")], root=str(path))
     if not stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"{path} is not a directory", path=str(path), rule="INV-ROOT", hint="pass the model directory")
+        raise UsageError(f"{label} is not a directory", path=str(path), rule="INV-ROOT", hint="pass the model directory")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
-        raise UsageError(f"{path}: cannot open ({exc.strerror})", path=str(path), rule="INV-ROOT") from None
+        raise UsageError(f"{label}: cannot open ({exc.strerror})", path=str(path), rule="INV-ROOT") from None
     return path, fd
 
 

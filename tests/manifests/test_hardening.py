@@ -451,6 +451,11 @@ def test_refused_names_with_escape_sequences_are_escaped_in_text_output(model: P
     assert "evil\\x1b[2J" in res.output and "\\u202e" in res.output
 
 
+def test_missing_root_with_escape_sequences_is_escaped(tmp_path: Path) -> None:
+    res = _cli("inspect", str(tmp_path / "gone\x1b[2J"))
+    assert res.exit_code == 2 and "\x1b" not in res.output and "gone\\x1b[2J" in res.output
+
+
 def _hf_cache(tmp_path: Path) -> tuple[Path, Path]:
     repo = tmp_path / "hub" / "models--org--name"
     snap = write_model(repo / "snapshots" / "abc123")
