@@ -169,6 +169,11 @@ def _imports(name: str, arg: object) -> bool:
     return False
 
 
+#: Opcodes that call what was imported (``INST`` and ``OBJ`` call only with a ``MARK`` before them).
+_CALLS = frozenset({"REDUCE", "BUILD", "NEWOBJ", "NEWOBJ_EX"})
+_MARK_CALLS = frozenset({"INST", "OBJ"})
+
+
 def pickle_program(data: bytes) -> str | None:
     """Name a code-running pickle opcode stream at the start of ``data``, or None.
 
@@ -177,25 +182,35 @@ def pickle_program(data: bytes) -> str | None:
     them, before it ever reaches ``STOP``. :func:`pickletools.genops` only parses (it never
     imports or calls anything). Refused:
 
-    * leading bytes that parse as pickle opcodes and include an import (``GLOBAL`` / ``INST``
-      whose module and name are dotted Python identifiers, ``STACK_GLOBAL``, ``EXT1/2/4``): e.g.
-      ``I0\\n0cbuiltins\\nprint\\n(S'x'\\ntR.``; complete or not;
+    * leading bytes that parse as pickle opcodes and both import something (``GLOBAL`` / ``INST``
+      whose module and name are dotted Python identifiers, ``STACK_GLOBAL``, ``EXT1/2/4``) and
+      call (``REDUCE``, ``BUILD``, ``NEWOBJ[_EX]``, or ``INST`` / ``OBJ`` after a ``MARK``), complete
+      or not: e.g. ``I0\\n0cbuiltins\\nprint\\n(S'x'\\ntR.``;
     * leading bytes that still parse as opcodes at :data:`PICKLE_SCAN_BYTES` (padding meant to
-      push the import past the scan).
+      push the code past the scan).
 
     Not refused: text that stops parsing as opcodes early (all real prose, JSON, templates: a
-    space or newline outside an opcode argument is not an opcode) and pure-data pickles such as
-    ``N.`` (nothing is imported, so nothing can run). Known false positive, accepted: a text
-    file whose first 64 KiB are one line starting with ``V``/``S``/``c`` (an unterminated opcode
-    argument that runs into the scan limit).
+    space or newline outside an opcode argument is not an opcode); pure-data pickles such as
+    ``N.``; and an import that nothing calls. The last is deliberate: two identifier lines after
+    a leading ``i`` are ordinary text (``isympy`` / ``sympy`` in a ``top_level.txt``), and pickle
+    would import such a module and stop there. (A ``GLOBAL`` as the very first opcode is refused
+    anyway by :func:`sniff`'s older rule.)
+    Known false positive, accepted: a text file whose first 64 KiB are one line starting with
+    ``V``, ``S`` or ``c`` (an unterminated opcode argument that runs into the scan limit).
     """
+    imported: str | None = None
+    marked = False
     chunk = data[:PICKLE_SCAN_BYTES]
     stream = io.BytesIO(chunk)
     try:
         for opcode, arg, pos in pickletools.genops(stream):
-            if _imports(opcode.name, arg):
-                return f"pickle opcode stream that imports code ({opcode.name} {str(arg)[:60]!r} at byte {pos})"
-            if opcode.name == "STOP":
+            name = opcode.name
+            if imported is None and _imports(name, arg):
+                imported = f"{name} {str(arg)[:60]!r} at byte {pos}"
+            if imported is not None and (name in _CALLS or (name in _MARK_CALLS and marked)):
+                return f"pickle opcode stream that imports and calls code ({imported}, {name} at byte {pos})"
+            marked = marked or name == "MARK"
+            if name == "STOP":
                 return None
     except (ValueError, OverflowError, EOFError, struct.error, IndexError):
         if len(data) > PICKLE_SCAN_BYTES and stream.tell() >= len(chunk):

@@ -353,6 +353,7 @@ def test_pickle_variants_in_text_are_refused(model: Path, content: bytes) -> Non
     "content",
     [
         b"cats and dogs\nlive here\n",  # GLOBAL-looking, but not identifiers
+        b"isympy\nsympy\n",  # a real top_level.txt: INST without MARK imports, calls nothing
         b"N.",  # a pure-data pickle cannot run anything
         b"Copyright 2026 The Authors\n\nPermission is granted...\n",
         b"I am a line\nand another\n",
