@@ -154,8 +154,10 @@ def zip_directory_at_end(tail: bytes) -> bool:
     return zip_directory_in_tail(tail, 0, lambda offset, length: tail[offset : offset + length]) is not None
 
 
-#: How much of a text-like file is scanned for a pickle opcode stream.
-PICKLE_SCAN_BYTES = 64 << 10
+#: How much of a file is scanned for a pickle opcode stream (the text-file size limit).
+PICKLE_SCAN_BYTES = 16 << 20
+#: No text parses as this many consecutive pickle opcodes (measured: real files stop within a few).
+MAX_PICKLE_OPCODES = 10_000
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 
 
@@ -186,8 +188,8 @@ def pickle_program(data: bytes) -> str | None:
       whose module and name are dotted Python identifiers, ``STACK_GLOBAL``, ``EXT1/2/4``) and
       call (``REDUCE``, ``BUILD``, ``NEWOBJ[_EX]``, or ``INST`` / ``OBJ`` after a ``MARK``), complete
       or not: e.g. ``I0\\n0cbuiltins\\nprint\\n(S'x'\\ntR.``;
-    * leading bytes that still parse as opcodes at :data:`PICKLE_SCAN_BYTES` (padding meant to
-      push the code past the scan).
+    * more than :data:`MAX_PICKLE_OPCODES` valid opcodes in a row (padding meant to push the
+      code past the scan; no text parses that far).
 
     Not refused: text that stops parsing as opcodes early (all real prose, JSON, templates: a
     space or newline outside an opcode argument is not an opcode); pure-data pickles such as
@@ -195,15 +197,16 @@ def pickle_program(data: bytes) -> str | None:
     a leading ``i`` are ordinary text (``isympy`` / ``sympy`` in a ``top_level.txt``), and pickle
     would import such a module and stop there. (A ``GLOBAL`` as the very first opcode is refused
     anyway by :func:`sniff`'s older rule.)
-    Known false positive, accepted: a text file whose first 64 KiB are one line starting with
-    ``V``, ``S`` or ``c`` (an unterminated opcode argument that runs into the scan limit).
+    A length-prefixed argument that runs past the end of ``data`` ends the scan without a
+    refusal (pickle would fail there too, after running only the opcodes already checked).
     """
     imported: str | None = None
     marked = False
-    chunk = data[:PICKLE_SCAN_BYTES]
-    stream = io.BytesIO(chunk)
+    stream = io.BytesIO(data[:PICKLE_SCAN_BYTES])
     try:
-        for opcode, arg, pos in pickletools.genops(stream):
+        for count, (opcode, arg, pos) in enumerate(pickletools.genops(stream)):
+            if count >= MAX_PICKLE_OPCODES:
+                return f"pickle opcode stream ({MAX_PICKLE_OPCODES} opcodes parsed, no text does that)"
             name = opcode.name
             if imported is None and _imports(name, arg):
                 imported = f"{name} {str(arg)[:60]!r} at byte {pos}"
@@ -213,6 +216,5 @@ def pickle_program(data: bytes) -> str | None:
             if name == "STOP":
                 return None
     except (ValueError, OverflowError, EOFError, struct.error, IndexError):
-        if len(data) > PICKLE_SCAN_BYTES and stream.tell() >= len(chunk):
-            return f"pickle opcode stream (still parsing after {PICKLE_SCAN_BYTES} bytes)"
+        return None
     return None

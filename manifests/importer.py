@@ -287,7 +287,7 @@ class _Importer:
                 f.seek(0)
                 self.stream(f, rel, kind, size, special)
                 return
-            head = f.read(PICKLE_SCAN_BYTES + 1)
+            head = f.read(PICKLE_SCAN_BYTES)
             if lfs_pointer(head, size):
                 raise _Refused([Finding(rel, "LFS-POINTER", "is a Git LFS pointer file, not the real content (the LFS object was never downloaded)")])
             found = sniff(head[:HEAD_BYTES]) or pickle_program(head)

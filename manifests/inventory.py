@@ -321,7 +321,7 @@ class _Walker:
             except FindingsError as exc:
                 self.findings.extend(exc.findings)
             return
-        head = f.read(PICKLE_SCAN_BYTES + 1)  # one byte more tells the pickle scan the file goes on
+        head = f.read(PICKLE_SCAN_BYTES)  # the pickle scan reads up to the text-file limit
         if lfs_pointer(head, size):
             self.add(rel, "LFS-POINTER", "is a Git LFS pointer file, not the real content (the LFS object was never downloaded)")
             return

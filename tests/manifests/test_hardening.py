@@ -338,11 +338,12 @@ def test_protocol_0_pickle_in_text_like_files_is_refused(model: Path, name: str)
     "content",
     [
         b"I0\n0cbuiltins\nprint\n(S'x'\ntR",  # no STOP: pickle still runs print() before failing
-        b"N0" * 40_000 + b"cos\nsystem\n(S'id'\ntR.",  # padded past the scan window
+        b"N0" * 40_000 + b"cos\nsystem\n(S'id'\ntR.",  # padded: 80,000 harmless opcodes first
+        b"B" + struct.pack("<I", 70_000) + bytes(70_000) + b"0cos\nsystem\n(S'id'\ntR.",  # one long padding argument
         b"(cos\nsystem\nS'id'\no.",  # OBJ
         b"(S'id'\nios\nsystem\n.",  # INST
     ],
-    ids=["no-stop", "padded", "obj", "inst"],
+    ids=["no-stop", "padded", "long-argument", "obj", "inst"],
 )
 def test_pickle_variants_in_text_are_refused(model: Path, content: bytes) -> None:
     (model / "notes.txt").write_bytes(content)
@@ -354,6 +355,8 @@ def test_pickle_variants_in_text_are_refused(model: Path, content: bytes) -> Non
     [
         b"cats and dogs\nlive here\n",  # GLOBAL-looking, but not identifiers
         b"isympy\nsympy\n",  # a real top_level.txt: INST without MARK imports, calls nothing
+        b'r"""\nThis module contains dsolve() and different helper functions that it uses.\n' + b"text " * 20_000,
+        b"Xabcd" + b"x" * 100_000,  # a 'length' far past the end of the file ends the scan
         b"N.",  # a pure-data pickle cannot run anything
         b"Copyright 2026 The Authors\n\nPermission is granted...\n",
         b"I am a line\nand another\n",
