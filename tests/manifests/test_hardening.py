@@ -599,3 +599,19 @@ def test_any_json_in_any_bundle_field_is_a_rule_not_a_crash(signed: Path, keys: 
         parse_statement(parsed.payload, "model.sig")
     except VerificationFailed as err:
         assert err.rule and err.exit_code == 1
+
+
+def test_keygen_on_a_full_disk_is_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "fsync", _disk_full)
+    res = _cli("keygen", "--out", str(tmp_path / "k.pem"))
+    assert res.exit_code == 2 and "No space left" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "k.pem").exists()  # no half-written key left behind
+
+
+def test_sign_when_the_temporary_file_cannot_be_created(model: Path, keys: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "mkstemp", _disk_full)
+    with pytest.raises(EnvironmentProblem) as err:
+        sign_model(model, keys[0])
+    assert err.value.exit_code == 2 and "model.sig" in err.value.message
