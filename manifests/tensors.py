@@ -231,7 +231,8 @@ def _check_metadata(name: str, meta: Any) -> dict[str, str]:
         raise _fail(name, "ST-H12", f"__metadata__ has {len(meta)} entries (limit {MAX_METADATA_ENTRIES})")
     for key, value in meta.items():
         if not isinstance(value, str):
-            raise _fail(name, "ST-H12", f"__metadata__[{key[:40]!r}] is a {type(value).__name__}, expected a string")
+            kind = "number" if isinstance(value, int | float) and not isinstance(value, bool) else type(value).__name__
+            raise _fail(name, "ST-H12", f"__metadata__[{key[:40]!r}] is a {kind}, expected a string")
         if len(key) > MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
             raise _fail(name, "ST-H12", f"__metadata__[{key[:40]!r}] exceeds the key/value length limits")
         if not (_encodable(key) and _encodable(value)):
