@@ -223,3 +223,47 @@ def test_pkcs11_uri_parsing() -> None:
     u = parse_pkcs11_uri("pkcs11:token=My%20Org;object=k;id=%01%ff?module-path=/m.so&pin-source=file:/p")
     assert (u.token, u.object, u.id, u.module_path, u.pin_source) == ("My Org", "k", b"\x01\xff", "/m.so", "file:/p")
     assert u.display == "pkcs11:token=My%20Org;object=k;id=%01%ff"
+
+
+def test_pkcs11_certificate_method(token: str, model: Path, tmp_path: Path) -> None:
+    """--pkcs11-uri with --cert: the leaf certificate is for the token's key, the chain verifies."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    from secure_run.manifests import CertificateTrust
+
+    token_pub = serialization.load_pem_public_key(_token_public_pem(token, tmp_path / "t.pub.pem").read_bytes())
+    root_key = ec.generate_private_key(ec.SECP384R1())
+    now = dt.datetime.now(dt.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    root = (
+        x509.CertificateBuilder().subject_name(name("org-root")).issuer_name(name("org-root")).public_key(root_key.public_key())
+        .serial_number(1).not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(root_key.public_key()), critical=False)
+        .sign(root_key, hashes.SHA256())
+    )  # fmt: skip
+    leaf = (
+        x509.CertificateBuilder().subject_name(name("hsm-signer")).issuer_name(name("org-root")).public_key(token_pub)  # type: ignore[arg-type]
+        .serial_number(2).not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=7))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.RFC822Name("hsm@example.com")]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()), critical=False)
+        .sign(root_key, hashes.SHA256())
+    )  # fmt: skip
+    (tmp_path / "root.pem").write_bytes(root.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "leaf.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    res = _cli("sign", str(model), "--pkcs11-uri", token + f"&pin-value={PIN}", "--cert", str(tmp_path / "leaf.pem"))
+    assert res.exit_code == 0, res.output
+    result = verify_model(model, CertificateTrust.from_file(tmp_path / "root.pem", "email:hsm@example.com"))
+    assert result.signer.method == "certificate"
