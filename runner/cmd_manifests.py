@@ -35,9 +35,9 @@ def _gb(n: int) -> str:
 
 def _passphrase_options(fn: Any) -> Any:
     fn = click.option("--key-passphrase-file", "pass_file", type=click.Path(dir_okay=False), metavar="FILE",
-                      help="Read the private key's passphrase from FILE.")(fn)
+                      help="Read the private key's passphrase (or the --pkcs11-uri token PIN) from FILE.")(fn)
     return click.option("--key-passphrase-env", "pass_env", metavar="VAR",
-                        help="Read the private key's passphrase from environment variable VAR.")(fn)
+                        help="Read the private key's passphrase (or the --pkcs11-uri token PIN) from environment variable VAR.")(fn)
 
 
 def _stdin_is_terminal() -> bool:
