@@ -14,6 +14,13 @@ Targets (issue 2): secure-run >= 1.5x model_signing, and >= 0.9 x (cores x singl
 
     .venv/bin/python bench/verify.py                 # 4 x 1 GiB
     .venv/bin/python bench/verify.py --files 2 --size-mib 256 --repeat 2
+
+``--headers`` measures only the safetensors header parse (issue 10 item 10): for each tensor
+count, the seconds and the peak Python memory (tracemalloc) of ``parse_safetensors_header`` on a
+header of zero-size tensors, up to and past the cap (``MAX_TENSORS``), where the answer must be a
+fast ``ST-LIMIT`` refusal::
+
+    .venv/bin/python bench/verify.py --headers       # 10k, 100k, 262,144, 262,145, 1.65M tensors
 """
 
 from __future__ import annotations
@@ -111,6 +118,38 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def header_costs(counts: list[int]) -> list[dict[str, Any]]:
+    """Seconds and peak traced memory of one header parse per tensor count (in-process)."""
+    import io
+    import tracemalloc
+
+    from secure_run.manifests import FindingsError, parse_safetensors_header
+
+    rows: list[dict[str, Any]] = []
+    for n in counts:
+        parts = [f'"{i:x}":{{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}' for i in range(n)]
+        header = ("{" + ",".join(parts) + "}").encode()
+        data = struct.pack("<Q", len(header)) + header
+        del parts
+
+        def parse(data: bytes = data) -> str:
+            try:
+                return f"accepted {len(parse_safetensors_header(io.BytesIO(data), len(data), 'bench').tensors)}"
+            except FindingsError as err:
+                return f"refused {err.findings[0].rule}"
+
+        start = time.perf_counter()
+        outcome = parse()
+        seconds = time.perf_counter() - start  # timed without tracing (tracemalloc slows it ~5x)
+        tracemalloc.start()
+        parse()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        rows.append({"tensors": n, "header_bytes": len(header), "seconds": seconds, "peak_bytes": peak, "outcome": outcome})
+        print(f"{n:>9} tensors {len(header) / 1e6:>6.1f} MB header  {seconds:>6.2f} s  peak {peak / 1e6:>7.0f} MB  {outcome}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=4)
@@ -118,7 +157,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "verify.json")
     parser.add_argument("--tmp", type=Path, default=None, help="parent folder for the generated model")
+    parser.add_argument("--headers", action="store_true", help="only measure header parse cost by tensor count")
     args = parser.parse_args()
+    if args.headers:
+        rows = header_costs([10_000, 100_000, 262_144, 262_145, 1_650_000])
+        out = args.out.with_name("headers.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "cpu": cpu_model(), "rows": rows}, indent=2) + "\n")
+        print(f"wrote {out}")
+        return
 
     size = args.size_mib << 20
     cores = len(os.sched_getaffinity(0))

@@ -23,8 +23,9 @@ Public API (everything else is internal):
 * ``hash_files(root, names, expected=..., workers=..., progress=...) -> {name: FileDigest}`` and
   ``root_digest(digests)``; :class:`FileIdentity` (dev, ino, size, mtime_ns, ctime_ns) with
   ``.check(path)`` for the worker's before/after-load re-check.
-* ``generate_key(out) -> KeyFiles``; ``sign_model(root, private_key, certificate=, chain=,
-  signature=) -> SignResult``.
+* ``generate_key(out, passphrase=) -> KeyFiles``; ``sign_model(root, private_key, passphrase=,
+  signer=, certificate=, chain=, signature=) -> SignResult`` (``passphrase`` is a callable asked
+  only for an encrypted key; ``signer`` is e.g. a ``secure_run.manifests.pkcs11.Pkcs11Signer``).
 * ``verify_model(root, trust, signature=, lock=) -> VerificationResult`` with trust one of
   :class:`KeyTrust`, :class:`CertificateTrust`, :class:`SigstoreTrust` (or None when the lock's
   signer pin supplies it). ``VerificationResult.files`` carry each file's :class:`FileIdentity`;
@@ -38,7 +39,8 @@ Errors: :class:`FindingsError` (a :class:`~secure_run.errors.ManifestError`, exi
 content, :class:`VerificationFailed` (a :class:`~secure_run.errors.VerificationError`, exit 1) for
 signature/manifest/lock/digest failures; both carry ``findings`` with stable rule ids
 (:data:`RULES`). Bad arguments or unreadable trust files raise
-:class:`~secure_run.errors.UsageError` (exit 2). JSON schemas and decisions: ``manifests/README.md``.
+:class:`~secure_run.errors.UsageError` (exit 2); a write that fails (disk full) raises
+:class:`~secure_run.errors.EnvironmentProblem` (exit 2). JSON schemas and decisions: ``manifests/README.md``.
 
 This package never imports torch; ``sigstore`` is imported only for keyless verification.
 """

@@ -141,8 +141,9 @@ def parse_bundle(data: bytes, source: str) -> Bundle:
     if not isinstance(doc, dict):
         raise _bad(source, "OMS-JSON", "the bundle is not a JSON object")
     media = doc.get("mediaType")
-    if media not in ACCEPTED_MEDIA_TYPES:
-        raise _bad(source, "OMS-MEDIATYPE", f"mediaType is {media!r}, expected {BUNDLE_MEDIA_TYPE!r}")
+    if not isinstance(media, str) or media not in ACCEPTED_MEDIA_TYPES:
+        got = repr(media)[:80] if isinstance(media, str | None) else f"a JSON {type(media).__name__}"
+        raise _bad(source, "OMS-MEDIATYPE", f"mediaType is {got}, expected {BUNDLE_MEDIA_TYPE!r}")
     method, hint, raw_key, chain = _material(source, doc.get("verificationMaterial"))
     if "messageSignature" in doc:
         raise _bad(source, "OMS-BUNDLE", "messageSignature bundles are not OMS model signatures")
@@ -171,9 +172,9 @@ def _refuse_legacy(source: str, payload: bytes) -> None:
     Only a refusal is derived from the unverified payload, never trust.
     """
     try:
-        doc = json.loads(payload)
-    except ValueError:
-        return
+        doc = loads_strict(payload, allow_infinity=False)  # bounded: deep nesting is a JsonProblem
+    except JsonProblem:
+        return  # parse_statement names the problem once the signature is verified
     if isinstance(doc, dict) and doc.get("predicateType") == LEGACY_PREDICATE_TYPE:
         raise _bad(
             source,

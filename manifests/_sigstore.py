@@ -11,8 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
+
 from secure_run.errors import UsageError
 
+from ._io import InputFileProblem, read_input
 from .findings import verification_failed
 
 
@@ -36,9 +39,13 @@ def verify_keyless(bundle_bytes: bytes, trusted_root: Path, identity: str, issue
     from sigstore.errors import Error as SigstoreError
     from sigstore.models import Bundle, TrustedRoot
     from sigstore.verify import Verifier, policy
+    from sigstore_models.trustroot import v1 as trustroot_v1
 
     try:
-        root = TrustedRoot.from_file(str(trusted_root))
+        # read like every input file (regular file, no link, size cap), then parse the bytes
+        root = TrustedRoot(trustroot_v1.TrustedRoot.from_json(read_input(trusted_root, limit=16 << 20)))
+    except InputFileProblem as exc:
+        raise UsageError(f"{trusted_root.name}: cannot read the Sigstore trusted root: it {exc.message}", path=str(trusted_root)) from None
     except Exception as exc:  # sigstore raises several types for an unreadable root
         raise UsageError(
             f"{trusted_root.name}: cannot load the Sigstore trusted root ({exc})", path=str(trusted_root)
@@ -52,6 +59,7 @@ def verify_keyless(bundle_bytes: bytes, trusted_root: Path, identity: str, issue
         payload_type, payload = verifier.verify_dsse(bundle, policy.Identity(identity=identity, issuer=issuer))
     except SigstoreError as exc:
         raise verification_failed(source, "SIGSTORE", f"keyless verification failed: {exc}") from None
-    except ValueError as exc:
+    except (ValueError, TypeError, KeyError, UnsupportedAlgorithm) as exc:
+        # e.g. a leaf key of an unknown algorithm / curve, or a malformed certificate extension
         raise verification_failed(source, "SIGSTORE", f"keyless verification failed: {exc}") from None
     return KeylessResult(payload_type, payload, identity, issuer)

@@ -20,7 +20,7 @@ import hashlib
 import warnings
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import verification as xv
@@ -38,12 +38,42 @@ def load_roots(data: bytes, source: str) -> list[x509.Certificate]:
         UsageError: no certificate in the file.
     """
     try:
-        roots = x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
-        raise UsageError(f"{source}: no PEM certificate could be read ({exc})", path=source) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            roots = x509.load_pem_x509_certificates(data)
+        for root in roots:
+            parse_problem(root)
+    except CERT_ERRORS as exc:
+        raise UsageError(f"{source}: no usable PEM certificate could be read ({exc})", path=source) from None
     if not roots:
         raise UsageError(f"{source}: no PEM certificate found", path=source)
     return roots
+
+
+#: What ``cryptography`` raises for a certificate it cannot decode or use.
+CERT_ERRORS: tuple[type[Exception], ...] = (ValueError, UnsupportedAlgorithm, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+
+
+_CHAIN_ERRORS: tuple[type[Exception], ...] = (xv.VerificationError, *CERT_ERRORS)
+_SELF_SIGNED_ERRORS: tuple[type[Exception], ...] = (TypeError, InvalidSignature, *CERT_ERRORS)
+
+
+def parse_problem(cert: x509.Certificate) -> None:
+    """Decode every lazily parsed part of ``cert`` once, so that later use cannot raise.
+
+    ``cryptography`` parses names, extensions and the public key on first access; a duplicate
+    extension, a malformed KeyUsage or an unknown key algorithm / curve then raises
+    ``ValueError`` or ``UnsupportedAlgorithm`` deep inside the checks.
+
+    Raises:
+        One of :data:`CERT_ERRORS`: the certificate is not usable.
+    """
+    cert.subject.rfc4514_string()
+    cert.issuer.rfc4514_string()
+    _ = cert.not_valid_before_utc, cert.not_valid_after_utc
+    for ext in cert.extensions:
+        _ = ext.value
+    cert.public_key()
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -56,7 +86,7 @@ def _self_signed(cert: x509.Certificate) -> bool:
         return False
     try:
         cert.verify_directly_issued_by(cert)
-    except (ValueError, TypeError, InvalidSignature):
+    except _SELF_SIGNED_ERRORS:
         return False
     return True
 
@@ -168,7 +198,9 @@ def verify_chain(
             # e.g. the upstream fixture leaf's non-positive serial number (a deprecation warning)
             warnings.simplefilter("ignore")
             certs = [x509.load_der_x509_certificate(c) for c in chain_der]
-    except ValueError as exc:
+        for cert in certs:
+            parse_problem(cert)
+    except CERT_ERRORS as exc:
         raise verification_failed(source, "CERT-PARSE", f"bad certificate in the bundle: {exc}") from None
     for anchor in roots:
         if not _self_signed(anchor):
@@ -198,7 +230,7 @@ def verify_chain(
     )
     try:
         verifier.verify(leaf, intermediates)
-    except xv.VerificationError as exc:
+    except _CHAIN_ERRORS as exc:
         raise verification_failed(
             source, "CERT-CHAIN", f"the certificate chain does not lead to a pinned root: {exc}"
         ) from None

@@ -11,6 +11,7 @@ at many files collects *all* findings before raising one :class:`FindingsError`.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -56,7 +57,9 @@ RULES: dict[str, str] = {
     "ST-H12": "__metadata__ must map strings to strings within the size limits",
     "ST-H13": "the file must end exactly at the end of the last tensor (no trailing bytes)",
     "ST-H14": "tensor names must be short printable ASCII names",
+    "ST-LIMIT": "the file has more tensors than secure-run parses in one file (262,144); split it into shards",
     "ST-POLYGLOT": "the tensor data ends with a ZIP directory (polyglot file); re-export the weights",
+    "LFS-POINTER": "the file is a Git LFS pointer, not its content: run `git lfs install` and `git lfs pull` in the clone (or download with `hf download`)",
     # shard index (model.safetensors.index.json)
     "IDX-SCHEMA": "the index must be {'metadata': {...}, 'weight_map': {tensor: shard}}",
     "IDX-SHARD-MISSING": "add the missing shard or fix weight_map",
@@ -109,6 +112,31 @@ RULES: dict[str, str] = {
 }
 
 
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+
+
+def shown(text: str) -> str:
+    """``text`` safe for a terminal: control, format (bidi, zero-width), separator, surrogate,
+    private-use and unassigned characters become ``\\xNN`` / ``\\uNNNN`` / ``\\UNNNNNNNN`` escapes.
+
+    Every refused name is printed through this (file names come from the model folder, which is
+    untrusted: an ``ESC [`` sequence in a name could rewrite the terminal).
+
+        >>> print(shown("a" + chr(27) + "[31mred" + chr(0x202E) + ".txt"))
+        a\\x1b[31mred\\u202e.txt
+    """
+    if text.isascii() and text.isprintable():
+        return text
+    out: list[str] = []
+    for ch in text:
+        if ch != " " and unicodedata.category(ch) in _UNSAFE_CATEGORIES or ch in "\x85\xa0":
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 @dataclass(frozen=True)
 class Finding:
     """One refused thing: the file (or field), the rule it breaks, and what to do.
@@ -134,7 +162,7 @@ class Finding:
 
     def render(self) -> str:
         """One line: ``path: [RULE] message (fix: hint)``."""
-        return f"{self.path}: [{self.rule}] {self.message} (fix: {self.hint})"
+        return f"{shown(self.path)}: [{self.rule}] {shown(self.message)} (fix: {shown(self.hint)})"
 
     def to_json(self) -> dict[str, str]:
         """Stable JSON form (``path``, ``rule``, ``message``, ``hint``)."""
@@ -143,7 +171,7 @@ class Finding:
 
 def _summary(findings: Sequence[Finding], what: str) -> str:
     rules = sorted({f.rule for f in findings})
-    return f"{what}: {len(findings)} finding(s) ({', '.join(rules)})"
+    return f"{shown(what)}: {len(findings)} finding(s) ({', '.join(rules)})"
 
 
 class FindingsError(ManifestError):

@@ -39,15 +39,16 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from secure_run import __version__
 
+from ._io import storage_error
 from ._jsoncheck import JsonProblem, loads_strict, remote_code_pointers, scans_for_remote_code
 from ._jsonedit import dump_like_hf, remove_top_level_keys
 from ._names import MAX_DEPTH, component_problem, sort_key
-from ._sniff import HEAD_BYTES, sniff
-from .findings import Finding, FindingsError
+from ._sniff import HEAD_BYTES, PICKLE_SCAN_BYTES, lfs_pointer, pickle_program, sniff
+from .findings import Finding, FindingsError, shown
 from .hashing import ProgressSink
 from .inventory import DEFAULT_RULES, FileKind, classify, open_root, take_inventory, text_problem
 from .provenance import PROVENANCE_FILE, check_source, import_provenance
@@ -135,11 +136,34 @@ class _Refused(Exception):
         self.findings = findings
 
 
+class _WriteFailed(Exception):
+    """Writing the copy failed (disk full, quota, I/O error); becomes an exit-2 error."""
+
+    def __init__(self, error: OSError, path: Path) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.path = path
+
+
+def _put(out: BinaryIO, data: bytes | memoryview) -> None:
+    """Write all of ``data`` (the one place the copy writes, so tests can make the disk full)."""
+    out.write(data)
+
+
+def _get(f: io.FileIO, view: memoryview, rel: str) -> int:
+    """Read the next chunk of a source file; a read error is a refusal of that file, not a crash."""
+    try:
+        return f.readinto(view) or 0
+    except OSError as exc:
+        raise _Refused([Finding(rel, "INV-IO", f"cannot read: {exc.strerror}")]) from None
+
+
 class _Importer:
     def __init__(self, src: Path, dest: Path, dereference: bool, progress: ProgressSink | None) -> None:
         self.src = src
         self.dest = dest
         self.dereference = dereference
+        self.link_roots = _link_roots(src)
         self.progress = progress
         self.kept: list[KeptFile] = []
         self.dropped: list[DroppedFile] = []
@@ -158,7 +182,7 @@ class _Importer:
             rel = prefix + name
             problem = component_problem(name)
             if problem:
-                self.drop(rel.encode("utf-8", "backslashreplace").decode(), "INV-NAME", problem)
+                self.drop(shown(rel.encode("utf-8", "backslashreplace").decode()), "INV-NAME", problem)
                 continue
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
             if stat.S_ISDIR(st.st_mode):
@@ -188,6 +212,21 @@ class _Importer:
         finally:
             os.close(child)
 
+    def link_escape(self, fd: int) -> str | None:
+        """Where the opened link target really is, if that is outside :attr:`link_roots`, else None.
+
+        The check is on the file that was actually opened (``/proc/self/fd``), so a link swapped
+        between a check and the open cannot slip through.
+        """
+        try:
+            real = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return "(unknown: /proc/self/fd is not available)"
+        for root in self.link_roots:
+            if real.startswith(str(root).rstrip("/") + "/"):
+                return None
+        return real
+
     def drop(self, rel: str, rule: str, reason: str) -> None:
         self.dropped.append(DroppedFile(rel, rule, reason))
 
@@ -215,7 +254,24 @@ class _Importer:
             self.notes.append(f"{rel}: copied from the target of a symbolic link (--dereference)")
         else:
             flags |= os.O_NOFOLLOW
-        fd = os.open(name, flags, dir_fd=dfd)
+        try:
+            fd = os.open(name, flags, dir_fd=dfd)
+        except OSError as exc:
+            self.refusals.append(Finding(rel, "INV-IO", f"cannot open: {exc.strerror}"))
+            return
+        if stat.S_ISLNK(st.st_mode):
+            outside = self.link_escape(fd)
+            if outside is not None:
+                os.close(fd)
+                self.refusals.append(
+                    Finding(
+                        rel,
+                        "INV-SYMLINK",
+                        f"is a symbolic link to {shown(outside)!r}, outside the snapshot; --dereference only follows links into the snapshot"
+                        + (" and its Hugging Face cache's blobs/ folder" if len(self.link_roots) > 1 else ""),
+                    )
+                )
+                return
         with io.FileIO(fd, "rb", closefd=True) as f:
             fst = os.fstat(fd)
             if not stat.S_ISREG(fst.st_mode):
@@ -232,8 +288,10 @@ class _Importer:
                 f.seek(0)
                 self.stream(f, rel, kind, size, special)
                 return
-            head = f.read(HEAD_BYTES)
-            found = sniff(head)
+            head = f.read(PICKLE_SCAN_BYTES)
+            if lfs_pointer(head, size):
+                raise _Refused([Finding(rel, "LFS-POINTER", "is a Git LFS pointer file, not the real content (the LFS object was never downloaded)")])
+            found = sniff(head[:HEAD_BYTES]) or pickle_program(head)
             if found:
                 raise _Refused([Finding(rel, "INV-MAGIC", f"content is a {found} although the name says {kind.value}")])
             if kind is FileKind.TOKENIZER_MODEL:
@@ -243,7 +301,7 @@ class _Importer:
             limit = DEFAULT_RULES.max_json_bytes if kind in (FileKind.JSON, FileKind.SHARD_INDEX) else DEFAULT_RULES.max_text_bytes
             if size > limit:
                 raise _Refused([Finding(rel, "INV-LIMIT", f"{size} bytes exceeds the {limit}-byte limit")])
-            data = head + f.read(limit + 1 - len(head))
+            data = head + f.read(max(0, limit + 1 - len(head)))
             if kind is FileKind.SHARD_INDEX:
                 parse_shard_index(rel, data)
                 self.index_names.append(rel)
@@ -286,20 +344,26 @@ class _Importer:
 
     def _open_dest(self, rel: str) -> int:
         target = self.dest / rel
-        for parent in reversed(target.relative_to(self.dest).parents[:-1]):
-            d = self.dest / parent
-            if not d.exists():
-                d.mkdir(mode=0o755)
-                self.created.append(d)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            for parent in reversed(target.relative_to(self.dest).parents[:-1]):
+                d = self.dest / parent
+                if not d.exists():
+                    d.mkdir(mode=0o755)
+                    self.created.append(d)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise _WriteFailed(exc, target) from None
         self.created.append(target)
         return fd
 
     def write(self, rel: str, kind: FileKind, original: bytes, data: bytes, special: bool, *, modified: bool = False) -> None:
         fd = self._open_dest(rel)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.chmod(self.dest / rel, 0o644)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                _put(out, data)
+            os.chmod(self.dest / rel, 0o644)
+        except OSError as exc:
+            raise _WriteFailed(exc, self.dest / rel) from None
         self.kept.append(
             KeptFile(rel, kind.value, len(data), hashlib.sha256(data).hexdigest(), hashlib.sha256(original).hexdigest(), modified, special)
         )
@@ -310,19 +374,22 @@ class _Importer:
         buf = bytearray(_COPY_CHUNK)
         view = memoryview(buf)
         written = 0
-        with os.fdopen(fd, "wb") as out:
-            while True:
-                n = f.readinto(view)
-                if not n:
-                    break
-                h.update(view[:n])
-                out.write(view[:n])
-                written += n
-                if self.progress is not None:
-                    self.progress.advance(n)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while True:
+                    n = _get(f, view, rel)
+                    if not n:
+                        break
+                    h.update(view[:n])
+                    _put(out, view[:n])
+                    written += n
+                    if self.progress is not None:
+                        self.progress.advance(n)
+            os.chmod(self.dest / rel, 0o644)
+        except OSError as exc:
+            raise _WriteFailed(exc, self.dest / rel) from None
         if written != size:
             raise _Refused([Finding(rel, "INV-IO", f"file changed while it was copied ({written} of {size} bytes)")])
-        os.chmod(self.dest / rel, 0o644)
         digest = h.hexdigest()
         self.kept.append(KeptFile(rel, kind.value, written, digest, digest, False, special))
 
@@ -349,6 +416,18 @@ def _strip(doc: Any, pointers: set[str], here: str = "") -> Any:
     if isinstance(doc, list):
         return [_strip(v, pointers, f"{here}/{i}") for i, v in enumerate(doc)]
     return doc
+
+
+def _link_roots(src: Path) -> tuple[Path, ...]:
+    """Folders ``--dereference`` may read link targets from: the snapshot itself and, for a
+    Hugging Face cache snapshot (``models--ORG--NAME/snapshots/REV``), that repository's
+    ``blobs/`` folder (where the cache's links point)."""
+    real = src.resolve()
+    roots = [real]
+    repo = real.parent.parent
+    if real.parent.name == "snapshots" and repo.name.startswith(("models--", "datasets--", "spaces--")):
+        roots.append(repo / "blobs")
+    return tuple(roots)
 
 
 def _prepare_dest(dest: Path) -> bool:
@@ -433,14 +512,23 @@ def import_snapshot(
         )
         body = (json.dumps(report.to_json(), indent=2, ensure_ascii=False, allow_nan=True) + "\n").encode("utf-8")
         fd = imp._open_dest(REPORT_NAME)
-        with os.fdopen(fd, "wb") as out:
-            out.write(body)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                _put(out, body)
+        except OSError as exc:
+            raise _WriteFailed(exc, dest_path / REPORT_NAME) from None
         if source_repo is not None and source_revision is not None:
             doc = import_provenance(report, source_repo, source_revision, dereference=dereference)
-            with os.fdopen(imp._open_dest(PROVENANCE_FILE), "wb") as out:
-                out.write((json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+            try:
+                with os.fdopen(imp._open_dest(PROVENANCE_FILE), "wb") as out:
+                    _put(out, (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+            except OSError as exc:
+                raise _WriteFailed(exc, dest_path / PROVENANCE_FILE) from None
         take_inventory(dest_path).raise_for_findings()  # self-check: DEST must be a clean model folder
         return report
+    except _WriteFailed as exc:
+        imp.cleanup(created_dest)
+        raise storage_error(exc.error, "write the imported copy to", exc.path) from None
     except BaseException:
         imp.cleanup(created_dest)
         raise

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from ._bundle import parse_bundle, parse_statement
+from ._io import InputFileProblem, read_input
 from ._jsoncheck import JsonProblem, loads_strict, remote_code_pointers
 from .findings import Finding, VerificationFailed
-from .inventory import Inventory, take_inventory
+from .inventory import DEFAULT_RULES, Inventory, take_inventory
 from .provenance import read_provenance
 from .verify import read_signature
 
@@ -91,10 +92,9 @@ class InspectReport:
 
 def _json_doc(root: Path, name: str) -> Any:
     try:
-        with open(root / name, "rb", opener=lambda p, fl: os.open(p, fl | os.O_NOFOLLOW)) as f:
-            return loads_strict(f.read(256 << 20))
-    except (OSError, JsonProblem):
-        return None
+        return loads_strict(read_input(root / name, limit=DEFAULT_RULES.max_json_bytes))
+    except (InputFileProblem, JsonProblem):
+        return None  # the inventory reports why (INV-SPECIAL, INV-SYMLINK, INV-LIMIT, JSON-*)
 
 
 def _config_summary(root: Path) -> dict[str, Any] | None:

@@ -38,8 +38,8 @@ from secure_run.errors import UsageError
 
 from ._jsoncheck import JsonProblem, loads_strict, remote_code_pointers, scans_for_remote_code
 from ._names import MAX_DEPTH, component_problem, sort_key
-from ._sniff import HEAD_BYTES, sniff
-from .findings import Finding, FindingsError
+from ._sniff import HEAD_BYTES, PICKLE_SCAN_BYTES, lfs_pointer, pickle_program, sniff
+from .findings import Finding, FindingsError, shown
 from .hashing import FileIdentity
 from .tensors import (
     SafetensorsHeader,
@@ -321,8 +321,11 @@ class _Walker:
             except FindingsError as exc:
                 self.findings.extend(exc.findings)
             return
-        head = f.read(HEAD_BYTES)
-        found = sniff(head)
+        head = f.read(PICKLE_SCAN_BYTES)  # the pickle scan reads up to the text-file limit
+        if lfs_pointer(head, size):
+            self.add(rel, "LFS-POINTER", "is a Git LFS pointer file, not the real content (the LFS object was never downloaded)")
+            return
+        found = sniff(head[:HEAD_BYTES]) or pickle_program(head)
         if found and not refused:
             self.add(rel, "INV-MAGIC", f"content is a {found} although the name says {kind.value if kind else 'otherwise'}")
             return
@@ -335,7 +338,7 @@ class _Walker:
         if size > limit:
             self.add(rel, "INV-LIMIT", f"{size} bytes exceeds the {limit}-byte limit for this kind of file")
             return None
-        return head + f.read(limit + 1 - len(head))
+        return head + f.read(max(0, limit + 1 - len(head)))
 
     def json_file(self, f: io.FileIO, rel: str, kind: FileKind, size: int, head: bytes) -> None:
         data = self._read_all(f, rel, size, head, self.rules.max_json_bytes)
@@ -414,18 +417,19 @@ def open_root(root: str | os.PathLike[str]) -> tuple[Path, int]:
         FindingsError: the path is a symbolic link (``INV-ROOT``, exit 1).
     """
     path = Path(root)
+    label = shown(str(path))  # the path may come from a lock file or a pull request
     try:
         st = os.lstat(path)
     except OSError as exc:
-        raise UsageError(f"{path}: {exc.strerror}", path=str(path), rule="INV-ROOT", hint="pass an existing model directory") from None
+        raise UsageError(f"{label}: {exc.strerror}", path=str(path), rule="INV-ROOT", hint="pass an existing model directory") from None
     if stat.S_ISLNK(st.st_mode):
-        raise FindingsError([Finding(".", "INV-ROOT", f"{path} is a symbolic link; pass the real directory")], root=str(path))
+        raise FindingsError([Finding(".", "INV-ROOT", f"{label} is a symbolic link; pass the real directory")], root=str(path))
     if not stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"{path} is not a directory", path=str(path), rule="INV-ROOT", hint="pass the model directory")
+        raise UsageError(f"{label} is not a directory", path=str(path), rule="INV-ROOT", hint="pass the model directory")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
-        raise UsageError(f"{path}: cannot open ({exc.strerror})", path=str(path), rule="INV-ROOT") from None
+        raise UsageError(f"{label}: cannot open ({exc.strerror})", path=str(path), rule="INV-ROOT") from None
     return path, fd
 
 

@@ -45,11 +45,14 @@ from typing import Any, Literal
 
 from secure_run.errors import UsageError
 
+from ._io import InputFileProblem, read_input, storage_error
 from ._jsoncheck import JsonProblem, loads_strict
 from .findings import Finding, VerificationFailed, verification_failed
 from .trust import CertificateTrust, KeyTrust, SignerInfo, SigstoreTrust, Trust, pinned_sigstore_root
 
 LOCK_SCHEMA = "secure-run/lock/v1"
+#: Largest lock file read (a lock is a few hundred bytes per model).
+MAX_LOCK_BYTES = 16 << 20
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 _SIGNER_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
@@ -113,6 +116,8 @@ class SignerPin:
         allowed = {"method", "key_sha256", "public_key", "identity", "root", "root_sha256", "issuer", "trusted_root"}
         if set(doc) - allowed:
             raise _lock_error(source, f"signer has unknown fields {sorted(set(doc) - allowed)}")
+        if "method" not in doc:
+            raise _lock_error(source, "signer has no 'method' (key, certificate or sigstore)")
         return cls(**doc)
 
     def mismatch(self, signer: SignerInfo) -> str | None:
@@ -238,9 +243,9 @@ class Lock:
         """
         p = Path(path)
         try:
-            data = p.read_bytes()
-        except OSError as exc:
-            raise _lock_error(str(p), f"cannot read the lock file: {exc.strerror}") from None
+            data = read_input(p, limit=MAX_LOCK_BYTES)
+        except InputFileProblem as exc:
+            raise _lock_error(str(p), f"cannot read the lock file: it {exc.message}") from None
         return cls.loads(data, base=p.parent, source=str(p))
 
     @classmethod
@@ -279,12 +284,20 @@ class Lock:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically (temporary file in the same folder, then rename)."""
         p = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=".lock-", dir=p.parent)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".lock-", dir=p.parent)
+        except OSError as exc:
+            raise storage_error(exc, "write the lock file", p) from None
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(self.dumps())
+                f.flush()
+                os.fsync(f.fileno())
             os.chmod(tmp, 0o644)
             os.replace(tmp, p)
+        except OSError as exc:
+            Path(tmp).unlink(missing_ok=True)
+            raise storage_error(exc, "write the lock file", p) from None
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -13,26 +13,35 @@ shape, absolute byte offsets) to read exactly those bytes:
     ('F32', (2,), 69)
 
 Every refusal is a :class:`~secure_run.manifests.findings.FindingsError` whose rule is ``ST-H1`` ..
-``ST-H14`` (numbering of spec/signing.md section 6.1), ``ST-POLYGLOT``, or ``IDX-*`` for the
-index.
+``ST-H14`` (numbering of spec/signing.md section 6.1), ``ST-LIMIT`` (more than
+:data:`MAX_TENSORS` tensors), ``ST-POLYGLOT``, ``LFS-POINTER``, or ``IDX-*`` for the index.
+
+Header acceptance never exceeds the Rust ``safetensors`` library's (a differential hypothesis
+test pins this): shapes and offsets are ``usize`` there, so ``-0`` (a float to serde_json),
+values >= 2**64 and a partial product that overflows 64 bits (checked multiplication, in order,
+even when a later dimension is 0) are refused; lone surrogate escapes in ``__metadata__`` are
+refused too. Parsing is linear in the header size (C JSON decoder, one pass over the entries,
+one sort) and bounded by ``MAX_HEADER_BYTES`` and :data:`MAX_TENSORS`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import io
 import json
 import math
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from ._jsoncheck import JsonProblem, loads_strict
 from ._names import name_problem
-from ._sniff import sniff, zip_directory_at_end
+from ._sniff import LFS_POINTER_MAX, lfs_pointer, sniff, zip_directory_in_tail
 from .findings import Finding, FindingsError
 
 #: H2: the largest header accepted (the Rust reference's MAX_HEADER_SIZE).
@@ -42,6 +51,12 @@ MAX_TENSOR_NAME = 512
 _TENSOR_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-:/]*\Z")
 #: H8: the highest tensor rank accepted.
 MAX_RANK = 16
+#: Most tensors accepted in one file (each costs a dict, a TensorInfo and a sort slot). Real
+#: checkpoints hold at most a few tens of thousands per file (a 671B MoE has ~92,000 in all
+#: its shards together); 1.3 M tensors fit in the 100 MB header cap and took 27 s and 2.7 GB.
+MAX_TENSORS = 262_144
+#: The Rust reference reads shapes and offsets as ``usize``: values must fit in 64 bits.
+USIZE_MAX = (1 << 64) - 1
 #: H12: metadata limits (entries, key length, value length in characters).
 MAX_METADATA_ENTRIES = 4096
 MAX_METADATA_KEY = 1024
@@ -143,27 +158,70 @@ def _content_hint(head: bytes) -> str:
     return f"; the content looks like a {kind}" if kind else ""
 
 
+def _is_usize(value: Any) -> bool:
+    """An exact JSON integer in 0..2**64-1 (``-0``, floats, bools and larger ints are not)."""
+    return type(value) is int and 0 <= value <= USIZE_MAX
+
+
+def _show_list(value: Any) -> str:
+    """Short text of a shape / offsets value for messages (huge ints are never printed in full)."""
+    if isinstance(value, list) and len(value) <= MAX_RANK + 1:
+        return "[" + ", ".join(_show_int(v) for v in value) + "]"
+    return f"a {type(value).__name__}" if not isinstance(value, list) else f"a list of {len(value)} items"
+
+
+def _show_int(value: Any) -> str:
+    if isinstance(value, _BadInt):
+        return value.literal
+    if type(value) is int:
+        text = str(value) if value.bit_length() < 200 else f"<{value.bit_length()}-bit integer>"
+        return text
+    return repr(value)[:40]
+
+
 def _check_entry(name: str, tname: str, entry: Any) -> tuple[str, tuple[int, ...], int, int]:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-        keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+        keys = sorted(entry)[:8] if isinstance(entry, dict) else type(entry).__name__
         raise _fail(name, "ST-H6", f"tensor {tname!r} has {keys}, expected exactly dtype, shape, data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
-        raise _fail(name, "ST-H7", f"tensor {tname!r} has dtype {dtype!r}, not one of {', '.join(DTYPE_BITS)}")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_RANK
-        or not all(type(d) is int and d >= 0 for d in shape)
-    ):
-        raise _fail(name, "ST-H8", f"tensor {tname!r} has shape {shape!r}, expected a list of <= {MAX_RANK} non-negative ints")
+        shown = repr(dtype)[:40] if isinstance(dtype, str) else type(dtype).__name__
+        raise _fail(name, "ST-H7", f"tensor {tname!r} has dtype {shown}, not one of {', '.join(DTYPE_BITS)}")
+    if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_is_usize(d) for d in shape):
+        raise _fail(
+            name,
+            "ST-H8",
+            f"tensor {tname!r} has shape {_show_list(shape)}, expected a list of <= {MAX_RANK} integers in 0..2**64-1 (no -0)",
+        )
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(type(o) is int for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1]
+        or not all(_is_usize(o) for o in offsets)
+        or not offsets[0] <= offsets[1]
     ):
-        raise _fail(name, "ST-H9", f"tensor {tname!r} has data_offsets {offsets!r}, expected [BEGIN, END] with 0 <= BEGIN <= END")
+        raise _fail(
+            name,
+            "ST-H9",
+            f"tensor {tname!r} has data_offsets {_show_list(offsets)}, expected [BEGIN, END] with 0 <= BEGIN <= END < 2**64 (no -0)",
+        )
     return dtype, tuple(shape), offsets[0], offsets[1]
+
+
+def _checked_nbytes(shape: tuple[int, ...], bits: int) -> tuple[int, bool] | None:
+    """The reference's H11 arithmetic: ``usize`` products with checked multiplication, in order.
+
+    Returns (bytes, whole) where ``whole`` is False for a sub-byte remainder, or None when a
+    partial product exceeds 2**64-1 (even if a later dimension is 0, as in Rust's ``try_fold``).
+    """
+    count = 1
+    for dim in shape:
+        count *= dim
+        if count > USIZE_MAX:
+            return None
+    nbits = count * bits
+    if nbits > USIZE_MAX:
+        return None
+    return nbits // 8, nbits % 8 == 0
 
 
 def _check_metadata(name: str, meta: Any) -> dict[str, str]:
@@ -173,10 +231,22 @@ def _check_metadata(name: str, meta: Any) -> dict[str, str]:
         raise _fail(name, "ST-H12", f"__metadata__ has {len(meta)} entries (limit {MAX_METADATA_ENTRIES})")
     for key, value in meta.items():
         if not isinstance(value, str):
-            raise _fail(name, "ST-H12", f"__metadata__[{key!r}] is a {type(value).__name__}, expected a string")
+            kind = "number" if isinstance(value, int | float) and not isinstance(value, bool) else type(value).__name__
+            raise _fail(name, "ST-H12", f"__metadata__[{key[:40]!r}] is a {kind}, expected a string")
         if len(key) > MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
             raise _fail(name, "ST-H12", f"__metadata__[{key[:40]!r}] exceeds the key/value length limits")
+        if not (_encodable(key) and _encodable(value)):
+            # json reads "\ud800" as a lone surrogate; the Rust reference refuses it
+            raise _fail(name, "ST-H12", f"__metadata__[{key[:40]!r}] holds a lone UTF-16 surrogate escape")
     return dict(meta)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_name(name: str, tname: str) -> None:
@@ -192,7 +262,7 @@ def _decode_header(name: str, raw: bytes) -> dict[str, Any]:
     if not text.startswith("{"):  # H4
         raise _fail(name, "ST-H4", f"header starts with {text[:1]!r}, expected '{{'{_content_hint(raw)}")
     decoder = json.JSONDecoder(
-        object_pairs_hook=_header_pairs, parse_constant=_no_constant  # H5
+        object_pairs_hook=_header_pairs, parse_constant=_no_constant, parse_int=_header_int  # H5
     )
     try:
         doc, end = decoder.raw_decode(text)
@@ -211,12 +281,40 @@ class _HeaderProblem(ValueError):
     pass
 
 
+class _BadInt(int):
+    """A JSON integer the reference cannot read as ``usize`` (``-0`` or outside 0..2**64-1).
+
+    It keeps a short form of the literal for messages; H8/H9 refuse it (``type(x) is int`` is
+    false), so no arithmetic is ever done on it.
+    """
+
+    literal: str
+
+
+def _header_int(literal: str) -> int:
+    """``parse_int`` hook: exact ints for 0..2**64-1 and negatives, :class:`_BadInt` otherwise.
+
+    serde_json reads ``-0`` as a float (so ``usize`` fields refuse it) and a ``usize`` refuses
+    anything above 2**64-1; never converting long literals also avoids Python's 4300-digit limit.
+    """
+    if len(literal) < 20 and literal != "-0":
+        return int(literal)
+    digits = literal.lstrip("-")
+    if literal == "-0" or len(digits) > 20 or (not literal.startswith("-") and int(literal) > USIZE_MAX):
+        bad = _BadInt(0)
+        bad.literal = literal if len(literal) <= 24 else f"{literal[:12]}...({len(digits)} digits)"
+        return bad
+    return int(literal)
+
+
 def _header_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _HeaderProblem(f"duplicate key {key!r} in header")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _value in pairs:
+            if key in seen:
+                raise _HeaderProblem(f"duplicate key {key[:80]!r} in header")
+            seen.add(key)
     return out
 
 
@@ -245,19 +343,32 @@ def parse_safetensors_header(f: BinaryIO, file_size: int, name: str) -> Safetens
     f.seek(0)
     prefix = f.read(8)
     if len(prefix) != 8:  # H1
+        _refuse_lfs_pointer(name, prefix, file_size)
         raise _fail(name, "ST-H1", f"file is {file_size} bytes, too short for the 8-byte header length")
     n = int.from_bytes(prefix, "little")
     if n > MAX_HEADER_BYTES or n > file_size - 8 or n < 2:  # H2
-        peek = prefix + f.read(HEAD_PEEK)
+        peek = prefix + f.read(max(HEAD_PEEK, LFS_POINTER_MAX - 8))
+        _refuse_lfs_pointer(name, peek, file_size)
         raise _fail(
             name,
             "ST-H2",
-            f"header length {n} is outside 2..min({MAX_HEADER_BYTES}, file size - 8 = {file_size - 8}){_content_hint(peek)}",
+            f"header length {n} is outside 2..min({MAX_HEADER_BYTES}, file size - 8 = {file_size - 8}){_content_hint(peek[: 8 + HEAD_PEEK])}",
         )
     raw = f.read(n)
     if len(raw) != n:
         raise _fail(name, "ST-H2", f"file ended after {len(raw)} of {n} header bytes")
+    count = raw.count(b'"data_offsets"')
+    if count > MAX_TENSORS:  # cheap pre-check before the JSON parse; re-checked after it
+        raise _fail(name, "ST-LIMIT", f"the header describes {count} tensors (limit {MAX_TENSORS} per file)")
+    with _no_gc():  # the parse allocates only acyclic objects; cyclic GC passes made it quadratic
+        return _parse_body(f, file_size, name, n, raw)
+
+
+def _parse_body(f: BinaryIO, file_size: int, name: str, n: int, raw: bytes) -> SafetensorsHeader:
     doc = _decode_header(name, raw)
+    count = len(doc) - ("__metadata__" in doc)
+    if count > MAX_TENSORS:
+        raise _fail(name, "ST-LIMIT", f"the header describes {count} tensors (limit {MAX_TENSORS} per file)")
 
     metadata: dict[str, str] = {}
     entries: list[tuple[str, str, tuple[int, ...], int, int]] = []
@@ -277,13 +388,17 @@ def parse_safetensors_header(f: BinaryIO, file_size: int, name: str) -> Safetens
         if begin != cursor:  # H10
             what = "hole" if begin > cursor else "overlap"
             raise _fail(name, "ST-H10", f"tensor {tname!r} starts at {begin}, expected {cursor} ({what} in the data buffer)")
-        bits = math.prod(shape) * DTYPE_BITS[dtype]
-        if bits % 8 or end - begin != bits // 8:  # H11
+        size = _checked_nbytes(shape, DTYPE_BITS[dtype])  # H11
+        if size is None:
             raise _fail(
                 name,
                 "ST-H11",
-                f"tensor {tname!r}: {dtype}{list(shape)} needs {bits / 8:g} bytes, data_offsets give {end - begin}",
+                f"tensor {tname!r}: {dtype}{_show_list(list(shape))} overflows 64-bit size arithmetic (checked multiplication, in order)",
             )
+        nbytes, whole = size
+        if not whole or end - begin != nbytes:
+            need = f"{nbytes} bytes" if whole else f"{nbytes} bytes and {DTYPE_BITS[dtype]} bits (not a whole number of bytes)"
+            raise _fail(name, "ST-H11", f"tensor {tname!r}: {dtype}{_show_list(list(shape))} needs {need}, data_offsets give {end - begin}")
         cursor = end
         tensors[tname] = TensorInfo(tname, dtype, shape, begin, end, data_start + begin)
     if data_start + cursor != file_size:  # H13
@@ -295,11 +410,37 @@ def parse_safetensors_header(f: BinaryIO, file_size: int, name: str) -> Safetens
         )
     if cursor:
         tail_len = min(_TAIL_BYTES, cursor)
-        f.seek(file_size - tail_len)
-        if zip_directory_at_end(f.read(tail_len)):
-            raise _fail(name, "ST-POLYGLOT", "the last tensor's bytes end with a ZIP end-of-central-directory record")
+        tail_start = file_size - tail_len
+        f.seek(tail_start)
+        where = zip_directory_in_tail(f.read(tail_len), tail_start, _reader(f))
+        if where is not None:
+            raise _fail(name, "ST-POLYGLOT", f"the last tensor's bytes hold a ZIP end-of-central-directory record at byte {where}")
     return SafetensorsHeader(name, file_size, n, data_start, tensors, metadata)
 
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _reader(f: BinaryIO) -> Callable[[int, int], bytes]:
+    def read_at(offset: int, length: int) -> bytes:
+        f.seek(offset)
+        return f.read(length)
+
+    return read_at
+
+
+def _refuse_lfs_pointer(name: str, head: bytes, file_size: int) -> None:
+    if lfs_pointer(head, file_size):
+        raise _fail(name, "LFS-POINTER", "is a Git LFS pointer file, not the weights (the LFS object was never downloaded)")
 
 
 def read_safetensors_header(path: str | os.PathLike[str], name: str | None = None) -> SafetensorsHeader:

@@ -27,8 +27,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from secure_run.errors import UsageError
 
+from ._io import InputFileProblem, read_input
 from ._keys import key_fingerprint, load_public_key
 from ._x509 import load_roots
+from .findings import shown
 
 
 def pinned_sigstore_root() -> Path:
@@ -40,13 +42,9 @@ def read_trust_file(path: str | os.PathLike[str], what: str, limit: int = 4 << 2
     """Read a small trust file (key, root, trusted root) or raise a usage error naming it."""
     p = Path(path)
     try:
-        with open(p, "rb") as f:
-            data = f.read(limit + 1)
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} {p}: {exc.strerror}", path=str(p), hint=f"pass an existing {what} file") from None
-    if len(data) > limit:
-        raise UsageError(f"{what} {p} is larger than {limit} bytes", path=str(p))
-    return data
+        return read_input(p, limit=limit)
+    except InputFileProblem as exc:
+        raise UsageError(f"cannot read {what} {shown(str(p))}: it {exc.message}", path=str(p), hint=f"pass an existing {what} file") from None
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,10 @@ Refused on top of what :class:`yaml.SafeLoader` already refuses (arbitrary Pytho
   ``mode: audit`` hide behind a reviewed ``mode: enforce``);
 * non-string mapping keys, nesting deeper than ``max_depth``, and any value type other than
   str / int / float / bool / None / date / list / mapping (``!!binary``, ``!!set``, timestamps
-  with a time part ...).
+  with a time part ...);
+* dates that do not exist (``2024-02-30``) and integer literals longer than
+  :data:`MAX_INT_CHARS` characters (a 5,000-digit number): refused with rule ``yaml.safe`` and
+  the line, instead of the ``ValueError`` PyYAML / Python raise.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ import datetime as _dt
 from typing import Any
 
 import yaml
-from yaml.nodes import MappingNode, Node
+from yaml.nodes import MappingNode, Node, ScalarNode
 
 from .errors import PolicyFileError
 
 MAX_BYTES = 256 * 1024
 MAX_DEPTH = 32
+#: Longest integer literal accepted (policies and model cards need small numbers only; Python
+#: refuses to convert more than 4300 digits and would raise instead of refusing).
+MAX_INT_CHARS = 64
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -49,6 +55,27 @@ class _StrictLoader(yaml.SafeLoader):
                 raise _Refused(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+    def construct_checked_int(self, node: ScalarNode) -> Any:
+        text = str(node.value)
+        if len(text) > MAX_INT_CHARS:
+            raise _Refused(
+                f"integer of {len(text)} characters at line {node.start_mark.line + 1} (limit {MAX_INT_CHARS}); quote it if it is text"
+            )
+        return self.construct_yaml_int(node)
+
+    def construct_checked_timestamp(self, node: ScalarNode) -> Any:
+        try:
+            return self.construct_yaml_timestamp(node)
+        except (ValueError, OverflowError) as err:
+            raise _Refused(
+                f"{str(node.value)[:40]!r} at line {node.start_mark.line + 1} is not a valid date ({err}); quote it if it is text"
+            ) from None
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_checked_int)
+_StrictLoader.add_constructor("tag:yaml.org,2002:timestamp", _StrictLoader.construct_checked_timestamp)
 
 
 class _Refused(Exception):
@@ -110,4 +137,6 @@ def load_yaml(data: bytes, *, source: str, max_bytes: int = MAX_BYTES) -> Any:
         raise PolicyFileError(f"{source}: YAML nesting is too deep", path=source, rule="yaml.safe") from None
     except yaml.YAMLError as err:
         raise PolicyFileError(f"{source}: invalid YAML: {err}", path=source, rule="yaml.syntax") from None
+    except (ValueError, OverflowError) as err:  # a scalar a constructor cannot convert
+        raise PolicyFileError(f"{source}: invalid YAML value: {err}", path=source, rule="yaml.syntax") from None
     return value

@@ -33,15 +33,41 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n} bytes"
 
 
+def _passphrase_options(fn: Any) -> Any:
+    fn = click.option("--key-passphrase-file", "pass_file", type=click.Path(dir_okay=False), metavar="FILE",
+                      help="Read the private key's passphrase (or the --pkcs11-uri token PIN) from FILE.")(fn)
+    return click.option("--key-passphrase-env", "pass_env", metavar="VAR",
+                        help="Read the private key's passphrase (or the --pkcs11-uri token PIN) from environment variable VAR.")(fn)
+
+
+def _stdin_is_terminal() -> bool:
+    import sys
+
+    return sys.stdin.isatty()
+
+
+def _prompt(confirm: bool) -> Any:
+    if not _stdin_is_terminal():
+        return None
+    return lambda: click.prompt("key passphrase", hide_input=True, confirmation_prompt=confirm, err=True)
+
+
 @click.command("keygen")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), metavar="KEY.pem", help="Private key file to create (0600); KEY.pub.pem is written beside it.")
+@click.option("--encrypt", is_flag=True, help="Encrypt the private key (PKCS#8); the passphrase is prompted for unless given by --key-passphrase-env/-file.")
+@_passphrase_options
 @json_option
-def keygen_cmd(out: str, as_json: bool) -> None:
+def keygen_cmd(out: str, encrypt: bool, pass_env: str | None, pass_file: str | None, as_json: bool) -> None:
     """Create an EC P-256 signing key pair (never overwrites)."""
     _json_mode(as_json)
+    from secure_run.errors import UsageError
     from secure_run.manifests import generate_key
+    from secure_run.manifests._keys import passphrase_from
 
-    keys = generate_key(out)
+    source = passphrase_from(env=pass_env, file=pass_file, prompt=_prompt(True) if encrypt else None)
+    if encrypt and source is None:
+        raise UsageError("--encrypt needs a passphrase: --key-passphrase-env VAR, --key-passphrase-file FILE, or a terminal to prompt on")
+    keys = generate_key(out, passphrase=source() if source else None)
     if as_json:
         emit_json({"ok": True, "command": "keygen", "private_key": str(keys.private), "public_key": str(keys.public), "key_sha256": keys.fingerprint})
         return
@@ -52,17 +78,31 @@ def keygen_cmd(out: str, as_json: bool) -> None:
 
 @click.command("sign")
 @click.argument("model_dir", type=click.Path(file_okay=False))
-@click.option("--key", "key", required=True, type=click.Path(dir_okay=False), metavar="KEY.pem", help="EC private key (PEM).")
+@click.option("--key", "key", type=click.Path(dir_okay=False), metavar="KEY.pem", help="EC private key (PEM, plain or encrypted PKCS#8).")
+@click.option("--pkcs11-uri", "pkcs11_uri", metavar="URI", help="Sign with a key on a PKCS#11 token (RFC 7512 URI, see manifests/README.md) instead of --key.")
+@_passphrase_options
 @click.option("--cert", "cert", type=click.Path(dir_okay=False), metavar="LEAF.pem", help="Signing certificate (certificate method).")
 @click.option("--chain", "chain", type=click.Path(dir_okay=False), metavar="CHAIN.pem", help="Intermediate certificate(s), without the root.")
 @click.option("--signature", "signature", type=click.Path(dir_okay=False), metavar="FILE", help="Output (default DIR/model.sig).")
 @json_option
-def sign_cmd(model_dir: str, key: str, cert: str | None, chain: str | None, signature: str | None, as_json: bool) -> None:
+def sign_cmd(model_dir: str, key: str | None, pkcs11_uri: str | None, pass_env: str | None, pass_file: str | None,
+             cert: str | None, chain: str | None, signature: str | None, as_json: bool) -> None:
     """Sign a reviewed model folder (OpenSSF Model Signing v1.0, key or certificate method)."""
     _json_mode(as_json)
-    from secure_run.manifests import sign_model
+    from contextlib import nullcontext
 
-    result = sign_model(model_dir, key, certificate=cert, chain=chain, signature=signature, progress=hashing_progress(as_json, "hashing"))
+    from secure_run.errors import UsageError
+    from secure_run.manifests import sign_model
+    from secure_run.manifests._keys import passphrase_from
+    from secure_run.manifests.pkcs11 import Pkcs11Signer
+
+    if (key is None) == (pkcs11_uri is None):
+        raise UsageError("give exactly one of --key KEY.pem and --pkcs11-uri URI")
+    source = passphrase_from(env=pass_env, file=pass_file, prompt=_prompt(False))
+    token = Pkcs11Signer(pkcs11_uri, pin=source) if pkcs11_uri else None
+    with token if token is not None else nullcontext():
+        result = sign_model(model_dir, key, passphrase=source, signer=token, certificate=cert, chain=chain,
+                            signature=signature, progress=hashing_progress(as_json, "hashing"))
     if as_json:
         emit_json({"ok": True, "command": "sign", **result.to_json()})
         return

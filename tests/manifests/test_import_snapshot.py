@@ -113,8 +113,9 @@ def test_dest_must_be_new_or_empty(tmp_path: Path) -> None:
 
 
 def test_symlinks_refused_unless_dereferenced(tmp_path: Path) -> None:
-    src = write_model(tmp_path / "src")
-    blobs = tmp_path / "blobs"
+    # a Hugging Face cache snapshot: links point into the repository's blobs/ folder
+    src = write_model(tmp_path / "models--org--m" / "snapshots" / "rev1")
+    blobs = tmp_path / "models--org--m" / "blobs"
     blobs.mkdir()
     (src / "LICENSE").rename(blobs / "abc123")
     os.symlink(blobs / "abc123", src / "LICENSE")

@@ -204,3 +204,33 @@ def test_yaml_attacks_are_refused_for_policy_files(tmp_path: Path) -> None:
     path.write_text("a: &x [1, 2]\nb: [*x, *x, *x]\n")
     with pytest.raises(PolicyFileError, match="anchors are refused"):
         load_policy(path)
+
+
+# -- issue 10 item 7: values PyYAML cannot convert end in a refusal, not a ValueError ---------------
+
+
+@pytest.mark.parametrize(
+    ("line", "fragment"),
+    [("  expires: 2024-02-30", "not a valid date"), ("  expires: " + "9" * 5000, "integer of 5000 characters")],
+    ids=["date 2024-02-30", "5000-digit int"],
+)
+def test_unconvertible_yaml_values_in_a_policy_are_refused(tmp_path: Path, line: str, fragment: str) -> None:
+    from secure_run.policies.policy import default_policy_path
+
+    text = default_policy_path("superlinear-exp-v0.1").read_text()
+    assert "  expires: 2026-12-31" in text
+    path = tmp_path / "p.policy.yaml"
+    path.write_text(text.replace("  expires: 2026-12-31", line))
+    with pytest.raises(PolicyFileError) as info:
+        load_policy(path)
+    assert info.value.rule == "yaml.safe" and info.value.exit_code == 2
+    assert fragment in info.value.message and "line 15" in info.value.message
+
+
+@pytest.mark.parametrize("value", ["2024-02-30", "9" * 5000])
+def test_unconvertible_values_in_readme_front_matter_are_a_card_error(value: str) -> None:
+    from secure_run.policies.card import CardError, front_matter
+
+    with pytest.raises(CardError) as info:
+        front_matter(f"---\nlicense: other\ndate: {value}\n---\n# Model\n")
+    assert "line 3" in str(info.value)  # the line in README.md
