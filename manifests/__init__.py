@@ -25,6 +25,10 @@ Public API (everything else is internal):
   ``.check(path)`` for the worker's before/after-load re-check.
 * ``generate_key(out) -> KeyFiles``; ``sign_model(root, private_key, certificate=, chain=,
   signature=) -> SignResult``.
+* :class:`VerifiedFolder` (``VerificationResult.folder``): the open verified root (directory
+  descriptor) with every file's sha256 + identity; ``read_bytes(name)`` re-checks identity and
+  digest, ``open_fd(name)`` opens below the root without following links. The only way code after
+  the gate reads a model folder.
 * ``verify_model(root, trust, signature=, lock=) -> VerificationResult`` with trust one of
   :class:`KeyTrust`, :class:`CertificateTrust`, :class:`SigstoreTrust` (or None when the lock's
   signer pin supplies it). ``VerificationResult.files`` carry each file's :class:`FileIdentity`;
@@ -47,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .findings import RULES, Finding, FindingsError, VerificationFailed
+    from .folder import FolderError, PinnedFile, UnverifiedFolder, VerifiedFolder
     from .hashing import FileDigest, FileIdentity, ProgressSink, hash_files, root_digest
     from .importer import ImportReport, import_snapshot
     from .inspection import InspectReport, inspect_model
@@ -74,6 +79,7 @@ __all__ = [
     "FileKind",
     "Finding",
     "FindingsError",
+    "FolderError",
     "ImportReport",
     "InspectReport",
     "Inventory",
@@ -83,6 +89,7 @@ __all__ = [
     "KeyTrust",
     "Lock",
     "LockEntry",
+    "PinnedFile",
     "ProgressSink",
     "SafetensorsHeader",
     "ShardIndex",
@@ -94,7 +101,9 @@ __all__ = [
     "Trust",
     "VerificationFailed",
     "VerificationResult",
+    "UnverifiedFolder",
     "VerifiedFile",
+    "VerifiedFolder",
     "check_shard_index",
     "default_lock_path",
     "generate_key",
@@ -123,6 +132,10 @@ _WHERE = {
     "FileKind": "inventory",
     "Finding": "findings",
     "FindingsError": "findings",
+    "FolderError": "folder",
+    "PinnedFile": "folder",
+    "UnverifiedFolder": "folder",
+    "VerifiedFolder": "folder",
     "ImportReport": "importer",
     "InspectReport": "inspection",
     "Inventory": "inventory",
