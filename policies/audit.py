@@ -14,12 +14,14 @@ through a symlink. Default location: ``$XDG_STATE_HOME/secure-run/audit.jsonl``.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
 from ._state import append_json_line, read_json_lines
+from .errors import StateFileError
 from .findings import Decision
 from .guardrails import GuardrailEvent
 
@@ -39,6 +41,23 @@ class AuditLog:
             StateFileError: symlink, foreign owner, group/other permissions, or a failed write.
         """
         append_json_line(self.path, dict(record))
+
+    def check_writable(self) -> None:
+        """Raise unless a record could be appended now (the file is created if missing, nothing written).
+
+        Raises:
+            StateFileError: the folder cannot be created, or the file cannot be opened for appending
+                safely (symlink, foreign owner, group/other permissions).
+        """
+        from ._state import _check_open_file, _open_nofollow
+
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as err:
+            raise StateFileError(f"cannot create {self.path.parent}: {err.strerror}", path=str(self.path),
+                                 rule="state.open") from None
+        with _open_nofollow(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT) as fd:
+            _check_open_file(fd, self.path)
 
     def read(self) -> list[dict[str, object]]:
         """Every record, oldest first."""

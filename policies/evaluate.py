@@ -221,12 +221,19 @@ def _check_folder(ctx: _Ctx) -> None:
 
 def _check_pins(ctx: _Ctx, pins: Mapping[str, str | None]) -> list[str]:
     bad: list[str] = []
+    verified = ctx.facts.verified_digests
     for name, expected in sorted(pins.items()):
-        try:
-            got = _sha256_file(ctx.folder, name)
-        except _files.UnsafeFile as err:
-            bad.append(f"{name}: {err.reason}")
-            continue
+        if verified is not None:  # the digests verification computed: never a fresh hash from disk
+            if name not in verified:
+                bad.append(f"{name}: not among the verified files")
+                continue
+            got = verified[name]
+        else:
+            try:
+                got = _sha256_file(ctx.folder, name)
+            except _files.UnsafeFile as err:
+                bad.append(f"{name}: {err.reason}")
+                continue
         if expected is None:
             bad.append(f"{name}: not pinned yet (review it, then pin sha256 {got})")
         elif got != expected:
