@@ -128,7 +128,7 @@ def run_gate(
     stage: Stage = "check",
     context: RunContext = RunContext(),
     decide: Decide | None = None,
-    on_refusal: Callable[[BaseException], None] | None = None,
+    on_refusal: Callable[[BaseException, VerificationResult | None], None] | None = None,
 ) -> GateResult:
     """Verify ``model_dir``, check its architecture, evaluate ``policy``; return what was proved.
 
@@ -142,8 +142,9 @@ def run_gate(
         stage: ``check`` or ``run``.
         context: run facts beyond the folder.
         decide: replaces ``policies.evaluate(policy, facts, stage=stage)``.
-        on_refusal: called with the error when verification or the architecture check refuses
-            (the pipeline audits it) before it is raised.
+        on_refusal: called with the error (and the verification, when that step passed) when a
+            step refuses, before the error is raised (the pipeline audits it; ci-check reports the
+            verified root digest).
 
     Raises:
         SecureRunError: any refusal of steps 1-2 (exit 1) or usage/environment error (exit 2).
@@ -154,7 +155,7 @@ def run_gate(
         verification = manifests.verify_model(model_dir, trust, signature=signature, lock=lock, progress=progress)
     except Exception as err:
         if on_refusal is not None:
-            on_refusal(err)
+            on_refusal(err, None)
         raise
     try:
         config = check_architecture(verification)
@@ -165,6 +166,6 @@ def run_gate(
     except Exception as err:
         verification.close()
         if on_refusal is not None:
-            on_refusal(err)
+            on_refusal(err, verification)
         raise
     return GateResult(verification=verification, config=config, facts=facts, policy=policy, decision=decision)
