@@ -35,11 +35,11 @@ import getpass
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from secure_run.errors import PolicyViolation, SecureRunError, UsageError
 from secure_run.runner.gate import GateResult, RunContext, check_architecture, run_gate, verified_facts
@@ -57,6 +57,7 @@ __all__ = [
 ]
 
 Backend = Literal["docker", "namespace"]
+_T = TypeVar("_T")
 
 #: load time granted on top of the policy's generation timeout before the sandbox is killed
 LOAD_ALLOWANCE_S = 120.0
@@ -161,7 +162,7 @@ class Session:
 
     # --- one turn ---------------------------------------------------------------------------
 
-    def run_turn(self, messages: Sequence[Mapping[str, str]]) -> Iterator[Event]:
+    def run_turn(self, messages: Sequence[Mapping[str, str]]) -> Generator[Event, None, None]:
         """Run one completion for ``messages`` (chat roles ``system``/``user``/``assistant``)."""
         from secure_run.policies import audit_record
         from secure_run.sandbox import GenerateRequest, run_worker
@@ -184,6 +185,8 @@ class Session:
             prompt_tokens = len(self.tokenizer.encode(prompt_text))
             limits.check(prompt_chars=sum(len(m["content"]) for m in checked), prompt_tokens=prompt_tokens,
                          max_new_tokens=self.max_new_tokens)
+        except Interrupted:
+            raise  # audited once, by whoever stops the turn (Session.audit_interrupt)
         except SecureRunError as err:
             self._audit_refusal(err, events)
             raise
@@ -203,6 +206,8 @@ class Session:
             if self.before_launch is not None:
                 self.before_launch()
             folder.check_root_path()  # the path handed to the mount still names the verified folder
+        except Interrupted:
+            raise  # audited once, by whoever stops the turn (Session.audit_interrupt)
         except SecureRunError as err:
             self._audit_refusal(err, events)
             raise
@@ -215,7 +220,7 @@ class Session:
         tokens = 0
         worker_stats: dict[str, object] = {}
         blocked = False
-        stream = run_worker(self.backend, self.sandbox_policy, request)
+        stream = _closing(run_worker(self.backend, self.sandbox_policy, request))
         try:
             for ev in stream:
                 if isinstance(ev, TokenEvent):
@@ -235,10 +240,12 @@ class Session:
                 elif isinstance(ev, StatsEvent):
                     worker_stats = ev.model_dump(exclude={"type"})
                 deadline.check()
+        except Interrupted:
+            raise  # the finally below stops the sandbox; Session.audit_interrupt records it
         except SecureRunError as err:
             stream.close()  # kills and removes the sandbox if it is still running
             events.extend(guard_out.events)
-            self._audit_refusal(err, events, event="interrupted" if isinstance(err, Interrupted) else "refused")
+            self._audit_refusal(err, events)
             raise
         finally:
             stream.close()  # kills and removes the sandbox if it is still running
@@ -264,6 +271,10 @@ class Session:
         record = audit_record(self.decision, event="finished", run_stats=stats, guardrail_events=events)
         self.audit.append(record)
         yield Final(stats=stats, blocked=blocked, audit_path=str(self.audit.path))
+
+    def audit_interrupt(self, err: Interrupted) -> None:
+        """Record that a turn was interrupted (after its sandbox was stopped)."""
+        self._audit_refusal(err, (), event="interrupted")
 
     def _audit_refusal(self, err: SecureRunError, events: Sequence[GuardrailEvent], *, event: str = "refused") -> None:
         from secure_run.policies import audit_record
@@ -362,9 +373,10 @@ def prepare(options: GenerateOptions, *, progress: ProgressSink | None = None,
                 decision = policies.evaluate(pol, facts, stage="run", acceptances=store)
         return decision
 
-    def refused(err: BaseException) -> None:
+    def refused(err: BaseException, _verification: VerificationResult | None) -> None:
         if isinstance(err, SecureRunError):
-            audit_gate_refusal(audit, err, model_dir=model_dir, policy=policy, operator=operator)
+            audit_gate_refusal(audit, err, model_dir=model_dir, policy=policy, operator=operator,
+                               event="interrupted" if isinstance(err, Interrupted) else "refused")
 
     gate = run_gate(model_dir, options.trust, lock=lock, signature=options.signature, progress=progress,
                     policy=policy, stage="run", context=context, decide=decide, on_refusal=refused)
@@ -390,12 +402,12 @@ def _session(options: GenerateOptions, gate: GateResult, *, is_demo: bool, audit
     verification = gate.verification
     limits = policy.limits()
     max_new = options.max_new_tokens if options.max_new_tokens is not None else min(64, limits.max_new_tokens)
-    sandbox_policy = SandboxPolicy(
-        model_dir=Path(verification.root).resolve(), gpu=options.gpu,
-        wall_clock_s=float(limits.timeout_s) + LOAD_ALLOWANCE_S,
-        **({"memory_mib": options.memory_mib} if options.memory_mib is not None else {}),
-        **({"jit_cache_mib": 512} if options.gpu else {}),  # Triton's compiled launchers need an exec-capable cache
-    )
+    sandbox_policy = SandboxPolicy(model_dir=Path(verification.root).resolve(), gpu=options.gpu,
+                                   wall_clock_s=float(limits.timeout_s) + LOAD_ALLOWANCE_S)
+    if options.memory_mib is not None:
+        sandbox_policy = sandbox_policy.with_overrides(memory_mib=options.memory_mib)
+    if options.gpu:  # Triton's compiled launchers need an exec-capable cache
+        sandbox_policy = sandbox_policy.with_overrides(jit_cache_mib=512)
     backend = (get_backend("docker", build=options.build_image) if options.sandbox == "docker"
                else get_backend("namespace"))
     session = Session(
@@ -407,6 +419,20 @@ def _session(options: GenerateOptions, gate: GateResult, *, is_demo: bool, audit
     warnings = [f for f in decision.findings if f.result == "warn"]
     session.notices.extend(f"warning {f.check}: {f.message}" for f in warnings)
     return session
+
+
+class _closing(Iterator[_T]):
+    """An iterator whose ``close()`` closes the wrapped generator (kills and removes the sandbox)."""
+
+    def __init__(self, inner: Iterator[_T]) -> None:
+        self._inner = inner
+
+    def __next__(self) -> _T:
+        return next(self._inner)
+
+    def close(self) -> None:
+        if isinstance(self._inner, Generator):
+            self._inner.close()
 
 
 def check_audit_writable(audit: AuditLog) -> None:
