@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -43,6 +42,7 @@ from typing import Any, Literal
 
 from secure_run.errors import UsageError
 
+from ._atomic import write_atomic
 from ._jsoncheck import JsonProblem, loads_strict
 from .findings import Finding, VerificationFailed, verification_failed
 from .trust import CertificateTrust, KeyTrust, SignerInfo, SigstoreTrust, Trust, pinned_sigstore_root
@@ -276,16 +276,7 @@ class Lock:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically (temporary file in the same folder, then rename)."""
-        p = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=".lock-", dir=p.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.dumps())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, self.dumps())  # the one atomic writer (manifests/_atomic.py)
 
     def with_entry(self, entry: LockEntry) -> Lock:
         """A new lock with ``entry`` added or replaced."""

@@ -19,7 +19,6 @@ needs Fulcio/Rekor and the project runs offline.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from secure_run.errors import UsageError
 
+from ._atomic import write_atomic
 from ._bundle import PAYLOAD_TYPE, Resource, build_bundle, build_statement, pae
 from ._keys import key_fingerprint, load_private_key, public_pem, same_key, sign_ecdsa
 from ._names import sort_key
@@ -133,15 +133,7 @@ def _load_chain(certificate: str | os.PathLike[str], chain: str | os.PathLike[st
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".model.sig-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data)  # the one atomic writer (manifests/_atomic.py)
 
 
 def sign_model(
