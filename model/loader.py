@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import sys
 from collections.abc import Iterator, Mapping
@@ -43,6 +42,7 @@ from typing import TypeAlias
 import torch
 
 from secure_run.errors import ModelError
+from secure_run.manifests._jsoncheck import JsonProblem, loads_strict
 from secure_run.manifests.findings import FindingsError
 from secure_run.manifests.folder import FolderError, FolderReader, UnverifiedFolder, VerifiedFolder
 from secure_run.manifests.hashing import FileIdentity
@@ -113,18 +113,11 @@ def _read_index(source: FolderReader) -> dict[str, str] | None:
     if not source.exists(INDEX_FILE):
         return None
 
-    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
-        out: dict[str, object] = {}
-        for k, v in items:
-            if k in out:
-                raise _refuse(f"{INDEX_FILE} repeats the key {k!r}", rule="loader.index", path=INDEX_FILE)
-            out[k] = v
-        return out
-
-    try:
-        raw = json.loads(_read_small(source, INDEX_FILE, "loader.index"), object_pairs_hook=pairs)
-    except json.JSONDecodeError as err:
-        raise _refuse(f"{INDEX_FILE} is not valid JSON: {err}", rule="loader.index", path=INDEX_FILE) from None
+    try:  # the one strict JSON loader: no duplicate keys, no NaN/Infinity, no BOM
+        raw = loads_strict(_read_small(source, INDEX_FILE, "loader.index"), allow_infinity=False)
+    except JsonProblem as err:
+        raise _refuse(f"{INDEX_FILE} is not valid strict JSON: {err.message} [{err.rule}]", rule="loader.index",
+                      path=INDEX_FILE) from None
     if not isinstance(raw, dict) or not isinstance(raw.get("weight_map"), dict) or set(raw) - {"metadata", "weight_map"}:
         raise _refuse(f"{INDEX_FILE} must be an object with 'weight_map' (and optional 'metadata') only",
                       rule="loader.index", path=INDEX_FILE)

@@ -30,6 +30,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from secure_run.errors import ModelError, UsageError
+from secure_run.manifests._jsoncheck import JsonProblem, loads_strict
 from secure_run.manifests.folder import FolderReader, UnverifiedFolder
 
 __all__ = [
@@ -58,18 +59,11 @@ def _read_json(source: FolderReader, name: str, *, required: bool) -> dict[str, 
                           hint="the model folder must ship it")
         return None
 
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in items:
-            if k in out:
-                raise _refuse(f"{name} repeats the key {k!r}", rule="tokenizer.json", path=name)
-            out[k] = v
-        return out
-
-    try:
-        raw = json.loads(source.read_bytes(name), object_pairs_hook=pairs)
-    except json.JSONDecodeError as err:
-        raise _refuse(f"{name} is not valid JSON: {err}", rule="tokenizer.json", path=name) from None
+    try:  # the one strict JSON loader: no duplicate keys, no NaN, no BOM
+        raw = loads_strict(source.read_bytes(name))
+    except JsonProblem as err:
+        what = f"repeats a key ({err.message})" if err.rule == "JSON-DUPKEY" else f"is not valid JSON: {err.message}"
+        raise _refuse(f"{name} {what} [{err.rule}]", rule="tokenizer.json", path=name) from None
     if not isinstance(raw, dict):
         raise _refuse(f"{name} must be a JSON object", rule="tokenizer.json", path=name)
     return raw

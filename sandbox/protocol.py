@@ -36,6 +36,7 @@ from pydantic import (
 )
 
 from secure_run.errors import SandboxError
+from secure_run.manifests._jsoncheck import JsonProblem, loads_strict
 from secure_run.manifests.folder import PinnedFile
 from secure_run.manifests.hashing import FileIdentity
 
@@ -292,22 +293,16 @@ class StreamLimits:
     max_total_bytes: int = 64 * 1024 * 1024
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"JSON constant {name} is not allowed")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
 def _strict_json(data: bytes) -> Any:
-    text = data.decode("utf-8")  # UnicodeDecodeError is a ValueError
-    return json.loads(text, parse_constant=_no_constants, object_pairs_hook=_no_duplicates)
+    """The one strict JSON loader (no NaN/Infinity, no duplicate keys, no BOM, UTF-8 only).
+
+    Raises:
+        ValueError: with the loader's reason (callers turn it into a :class:`ProtocolError`).
+    """
+    try:
+        return loads_strict(data, allow_infinity=False)
+    except JsonProblem as err:
+        raise ValueError(err.message) from None
 
 
 def _short(err: BaseException) -> str:
