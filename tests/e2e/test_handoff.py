@@ -308,3 +308,19 @@ def test_policy_pin_for_a_file_that_was_not_verified_is_a_mismatch(demo_copy: Si
     decision = policy_check(str(policy), result)
     g1 = [f for f in decision.findings if f.check == "G1"]
     assert not decision.allowed and "not among the verified files" in g1[0].message
+
+
+def test_policy_reads_only_the_verified_text_of_notices(demo_copy: SignedModel, tmp_path: Path,
+                                                        state_env: Path) -> None:
+    """A NOTICE rewritten after verification is not what the licence checks (A2) read."""
+    from secure_run import manifests
+    from secure_run.runner.pipeline import policy_check
+
+    notice = demo_copy.root / "NOTICE"
+    result = manifests.verify_model(demo_copy.root, manifests.KeyTrust.from_file(demo_copy.public_key))
+    assert policy_check("builtin:demo", result).allowed  # control: the verified NOTICE passes
+    notice.write_text(notice.read_text() + "\nAdded after review.\n")
+    decision = policy_check("builtin:demo", result)
+    a2 = [f for f in decision.findings if f.check == "A2"]
+    assert not decision.allowed and a2[0].result == "deny" and "changed since verification" in a2[0].message
+    result.close()
