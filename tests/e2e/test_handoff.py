@@ -324,3 +324,30 @@ def test_policy_reads_only_the_verified_text_of_notices(demo_copy: SignedModel, 
     a2 = [f for f in decision.findings if f.check == "A2"]
     assert not decision.allowed and a2[0].result == "deny" and "changed since verification" in a2[0].message
     result.close()
+
+
+def test_cli_exit_code_and_json_error_for_a_swap_at_launch(demo_copy: SignedModel, state_env: Path,
+                                                           backend: InProcessBackend) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from secure_run.runner.cli import cli
+
+    shard = sorted(demo_copy.root.glob("*.safetensors"))[0]
+
+    def touch_in_place() -> None:  # same bytes written back: only ctime (and mtime, restored) move
+        st = os.stat(shard)
+        data = shard.read_bytes()
+        with open(shard, "r+b") as f:
+            f.write(data[:16])
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    backend.on_launch = touch_in_place
+    r = CliRunner().invoke(cli, ["generate", "--model", str(demo_copy.root), "--policy", "builtin:demo", "--lock",
+                                 str(demo_copy.lock), "--prompt", "hi", "--max-new-tokens", "2", "--json"],
+                           catch_exceptions=False)
+    assert r.exit_code == 1, r.output
+    err = json.loads(r.output.splitlines()[-1])["error"]
+    assert err["rule"] == "folder.changed" and shard.name in err["message"]
+    assert _audit_events(state_env)[-2:] == ["started", "refused"]
