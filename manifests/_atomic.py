@@ -15,6 +15,7 @@ rename survives a crash. Readers see the old file or the new one, never a partia
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -24,8 +25,27 @@ from secure_run.errors import EnvironmentProblem
 __all__ = ["write_atomic"]
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> None:
+def _storage_error(err: OSError, action: str, path: Path) -> EnvironmentProblem:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "free disk space (or quota) on that file system, then run the command again"
+    elif err.errno == errno.EROFS:
+        hint = "the file system is read-only; write to a writable location"
+    elif err.errno in (errno.EACCES, errno.EPERM):
+        hint = "make the folder writable for the current user"
+    else:
+        hint = "check the disk and the file system, then run the command again"
+    return EnvironmentProblem(f"cannot {action} {path}: {err.strerror or err}; nothing was changed", path=str(path),
+                              rule="io.write", hint=hint)
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644, action: str = "write") -> None:
     """Replace ``path`` with ``data`` atomically and durably.
+
+    Args:
+        path: the destination.
+        data: the new content.
+        mode: the final file mode.
+        action: what is being done, for the error message (``write the lock file``).
 
     Raises:
         EnvironmentProblem: rule ``io.write`` when the file cannot be written (exit 2).
@@ -47,9 +67,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644
         finally:
             os.close(dir_fd)
     except OSError as err:
-        raise EnvironmentProblem(f"cannot write {p}: {err.strerror or err}", path=str(p), rule="io.write",
-                                 hint="free disk space or fix the folder's permissions, then run the command again"
-                                 ) from None
+        raise _storage_error(err, action, p) from None
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)

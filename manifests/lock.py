@@ -276,7 +276,7 @@ class Lock:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically (temporary file in the same folder, then rename)."""
-        write_atomic(path, self.dumps())  # the one atomic writer (manifests/_atomic.py)
+        write_atomic(path, self.dumps(), action="write the lock file")  # the one atomic writer (manifests/_atomic.py)
 
     def with_entry(self, entry: LockEntry) -> Lock:
         """A new lock with ``entry`` added or replaced."""

@@ -133,7 +133,7 @@ def _load_chain(certificate: str | os.PathLike[str], chain: str | os.PathLike[st
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    write_atomic(path, data)  # the one atomic writer (manifests/_atomic.py)
+    write_atomic(path, data, action="write the signature")  # the one atomic writer (manifests/_atomic.py)
 
 
 def sign_model(

@@ -33,6 +33,7 @@ def test_disk_full_is_exit_2_and_leaves_the_old_file(tmp_path: Path, monkeypatch
     with pytest.raises(EnvironmentProblem) as info:
         write_atomic(p, b"new")
     assert info.value.exit_code == 2 and info.value.rule == "io.write" and str(p) in info.value.message
+    assert "nothing was changed" in info.value.message and "free disk space" in (info.value.hint or "")
     assert p.read_bytes() == b"old" and sorted(x.name for x in tmp_path.iterdir()) == ["f"]
 
 
