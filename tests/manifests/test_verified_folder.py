@@ -84,3 +84,14 @@ def test_names_that_escape_are_refused(signed: tuple[Path, manifests.KeyTrust]) 
         for bad in ("../m/config.json", "/etc/passwd", "a//b", ""):
             with pytest.raises(VerificationError):
                 result.verified.read_bytes(bad)
+
+
+@pytest.mark.parametrize("name", ["secure_run.manifests.folder", "secure_run.manifests._atomic"])
+def test_docstring_examples(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import doctest
+    import importlib
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
