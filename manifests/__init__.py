@@ -26,6 +26,10 @@ Public API (everything else is internal):
 * ``generate_key(out, passphrase=) -> KeyFiles``; ``sign_model(root, private_key, passphrase=,
   signer=, certificate=, chain=, signature=) -> SignResult`` (``passphrase`` is a callable asked
   only for an encrypted key; ``signer`` is e.g. a ``secure_run.manifests.pkcs11.Pkcs11Signer``).
+* :class:`VerifiedFolder` (``VerificationResult.folder``): the open verified root (directory
+  descriptor) with every file's sha256 + identity; ``read_bytes(name)`` re-checks identity and
+  digest, ``open_fd(name)`` opens below the root without following links. The only way code after
+  the gate reads a model folder.
 * ``verify_model(root, trust, signature=, lock=) -> VerificationResult`` with trust one of
   :class:`KeyTrust`, :class:`CertificateTrust`, :class:`SigstoreTrust` (or None when the lock's
   signer pin supplies it). ``VerificationResult.files`` carry each file's :class:`FileIdentity`;
@@ -49,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .findings import RULES, Finding, FindingsError, VerificationFailed
+    from .folder import FolderError, PinnedFile, UnverifiedFolder, VerifiedFolder
     from .hashing import FileDigest, FileIdentity, ProgressSink, hash_files, root_digest
     from .importer import ImportReport, import_snapshot
     from .inspection import InspectReport, inspect_model
@@ -76,6 +81,7 @@ __all__ = [
     "FileKind",
     "Finding",
     "FindingsError",
+    "FolderError",
     "ImportReport",
     "InspectReport",
     "Inventory",
@@ -85,6 +91,7 @@ __all__ = [
     "KeyTrust",
     "Lock",
     "LockEntry",
+    "PinnedFile",
     "ProgressSink",
     "SafetensorsHeader",
     "ShardIndex",
@@ -96,7 +103,9 @@ __all__ = [
     "Trust",
     "VerificationFailed",
     "VerificationResult",
+    "UnverifiedFolder",
     "VerifiedFile",
+    "VerifiedFolder",
     "check_shard_index",
     "default_lock_path",
     "generate_key",
@@ -125,6 +134,10 @@ _WHERE = {
     "FileKind": "inventory",
     "Finding": "findings",
     "FindingsError": "findings",
+    "FolderError": "folder",
+    "PinnedFile": "folder",
+    "UnverifiedFolder": "folder",
+    "VerifiedFolder": "folder",
     "ImportReport": "importer",
     "InspectReport": "inspection",
     "Inventory": "inventory",

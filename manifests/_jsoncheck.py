@@ -10,8 +10,8 @@ Decisions (DESIGN.md, "Decisions that settle conflicts"):
 * Duplicate keys are refused (``JSON-DUPKEY``): parsers disagree on which value wins.
 * Remote-code pointers are refused (``JSON-REMOTE-CODE``), found anywhere in the document:
   the keys ``auto_map``, ``trust_remote_code``, ``custom_pipelines``,
-  ``_attn_implementation_internal``; ``attn_implementation`` / ``_attn_implementation`` whose
-  value names a Hub repository (contains ``/`` or ``:``); any ``*_class`` key or
+  ``_attn_implementation_internal``; ``attn_implementation`` / ``_attn_implementation`` /
+  ``decode_kernel`` whose value names a Hub repository (contains ``/`` or ``:``); any ``*_class`` key or
   ``architectures`` entry whose value is a module path or repository reference (contains ``.``,
   ``/``, ``:`` or ``--``) rather than a bare class name; ``type`` entries of a sentence-transformers
   ``modules.json``.
@@ -24,10 +24,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-#: Keys whose mere presence is a remote-code pointer.
+#: Keys whose mere presence is a remote-code pointer (refused by verify, removed by import).
 REMOTE_CODE_KEYS = frozenset({"auto_map", "trust_remote_code", "custom_pipelines", "_attn_implementation_internal"})
-#: Keys whose string value must not name a Hub repository.
-ATTN_KEYS = frozenset({"attn_implementation", "_attn_implementation"})
+#: Keys that select an upstream attention implementation or kernel by name; a value that names a
+#: Hub repository is a remote-code pointer (``decode_kernel`` is upstream Superlinear's kernel switch).
+ATTN_KEYS = frozenset({"attn_implementation", "_attn_implementation", "decode_kernel"})
+#: Every key that points at upstream code or kernels: the vendored model accepts them in
+#: ``config.json`` only to report them, and never acts on them (``secure_run.model.config``).
+#: This is the one definition; the model's config schema imports it.
+CODE_POINTER_KEYS = REMOTE_CODE_KEYS | ATTN_KEYS
 #: JSON files that are token tables (keys are arbitrary token strings): parsed strictly but not
 #: scanned for remote-code keys (a token may legitimately be spelled "auto_map").
 TOKEN_TABLES = frozenset({"tokenizer.json", "vocab.json", "added_tokens.json"})

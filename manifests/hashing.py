@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from secure_run.errors import VerificationError
+
 from .findings import verification_failed
 
 #: Read size per ``readinto`` call (fits in L2 cache; larger buffers measured slower).
@@ -118,13 +120,22 @@ def default_workers(n_files: int) -> int:
     return max(1, min(n_files, cores, MAX_WORKERS))
 
 
-def _hash_one(root: Path, name: str, expected: FileIdentity | None, progress: ProgressSink | None) -> FileDigest:
-    path = root / name
+def _open(root: Path, name: str, dirfd: int | None) -> int:
+    if dirfd is None:
+        return os.open(root / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    from .folder import open_beneath  # no link followed at any component below the verified root
+
+    return open_beneath(dirfd, name)
+
+
+def _hash_one(root: Path, name: str, expected: FileIdentity | None, progress: ProgressSink | None,
+              dirfd: int | None = None) -> FileDigest:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as exc:
+        fd = _open(root, name, dirfd)
+    except (OSError, VerificationError) as exc:
         rule = "FILE-CHANGED" if expected is not None else "SET-MISSING"
-        raise verification_failed(name, rule, f"cannot open: {exc.strerror}") from None
+        why = exc.strerror if isinstance(exc, OSError) else exc.message
+        raise verification_failed(name, rule, f"cannot open: {why}") from None
     with io.FileIO(fd, "rb", closefd=True) as f:
         before_st = os.fstat(fd)
         before = FileIdentity.from_stat(before_st)
@@ -168,6 +179,7 @@ def hash_files(
     expected: Mapping[str, FileIdentity] | None = None,
     workers: int | None = None,
     progress: ProgressSink | None = None,
+    dirfd: int | None = None,
 ) -> dict[str, FileDigest]:
     """SHA-256 every named file below ``root`` in parallel.
 
@@ -178,6 +190,9 @@ def hash_files(
             (``FILE-CHANGED``), which closes the swap-after-inventory window.
         workers: thread count (default :func:`default_workers`).
         progress: optional :class:`ProgressSink`.
+        dirfd: an open directory descriptor of ``root``; when given every file is opened relative
+            to it, no link followed at any component (what :func:`~secure_run.manifests.verify_model`
+            uses, so that what is hashed is what the verified folder object later reads).
 
     Returns:
         name -> :class:`FileDigest`, in the order of ``names``.
@@ -192,12 +207,12 @@ def hash_files(
         progress.start(sum(e.size for e in expected.values()) if expected else 0, len(names))
     try:
         if n_workers == 1 or len(names) <= 1:
-            results = [_hash_one(base, n, expected.get(n), progress) for n in names]
+            results = [_hash_one(base, n, expected.get(n), progress, dirfd) for n in names]
         else:
             # Largest files first so that one big shard does not start last.
             order = sorted(names, key=lambda n: -(expected[n].size if n in expected else 0))
             with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="sha256") as pool:
-                done = dict(zip(order, pool.map(lambda n: _hash_one(base, n, expected.get(n), progress), order)))
+                done = dict(zip(order, pool.map(lambda n: _hash_one(base, n, expected.get(n), progress, dirfd), order)))
             results = [done[n] for n in names]
     finally:
         if progress is not None:

@@ -36,7 +36,6 @@ import fcntl
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -45,7 +44,8 @@ from typing import Any, Literal
 
 from secure_run.errors import UsageError
 
-from ._io import InputFileProblem, read_input, storage_error
+from ._atomic import write_atomic
+from ._io import InputFileProblem, read_input
 from ._jsoncheck import JsonProblem, loads_strict
 from .findings import Finding, VerificationFailed, verification_failed
 from .trust import CertificateTrust, KeyTrust, SignerInfo, SigstoreTrust, Trust, pinned_sigstore_root
@@ -283,24 +283,7 @@ class Lock:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically (temporary file in the same folder, then rename)."""
-        p = Path(path)
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=".lock-", dir=p.parent)
-        except OSError as exc:
-            raise storage_error(exc, "write the lock file", p) from None
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.dumps())
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, p)
-        except OSError as exc:
-            Path(tmp).unlink(missing_ok=True)
-            raise storage_error(exc, "write the lock file", p) from None
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, self.dumps(), action="write the lock file")  # the one atomic writer (manifests/_atomic.py)
 
     def with_entry(self, entry: LockEntry) -> Lock:
         """A new lock with ``entry`` added or replaced."""

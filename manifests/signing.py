@@ -19,7 +19,6 @@ needs Fulcio/Rekor and the project runs offline.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from secure_run.errors import EnvironmentProblem, UsageError
 
+from ._atomic import write_atomic
 from ._bundle import PAYLOAD_TYPE, Resource, build_bundle, build_statement, pae
 from ._io import storage_error
 from ._keys import (
@@ -175,24 +175,7 @@ def _load_chain(certificate: str | os.PathLike[str], chain: str | os.PathLike[st
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename; disk full etc. -> exit 2."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".model.sig-", dir=path.parent)
-    except OSError as exc:
-        raise storage_error(exc, "write the signature", path) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise storage_error(exc, "write the signature", path) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, action="write the signature")  # the one atomic writer (manifests/_atomic.py)
 
 
 class Signer(Protocol):

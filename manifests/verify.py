@@ -26,6 +26,12 @@ step is labelled in :func:`verify_model`:
    honoured);
 7. hash every signed file in parallel (same inode as inventoried) and compare.
 
+The folder is opened once as a directory descriptor (``O_DIRECTORY | O_NOFOLLOW``) before the
+inventory; every file is hashed relative to it without following links, and the result carries it
+as :attr:`VerificationResult.folder` (a :class:`~secure_run.manifests.folder.VerifiedFolder`): the
+only way the rest of the program reads the folder (digest + full identity per file, identity
+re-checked around every read, small files hashed again).
+
 Nothing in the folder is written, moved or deleted.
 """
 
@@ -50,6 +56,7 @@ from ._names import sort_key
 from ._sigstore import verify_keyless
 from ._x509 import fingerprint, load_roots, verify_chain
 from .findings import Finding, VerificationFailed, verification_failed
+from .folder import FolderError, PinnedFile, VerifiedFolder
 from .hashing import FileIdentity, ProgressSink, hash_files
 from .inventory import DEFAULT_RULES, Inventory, InventoryRules, take_inventory
 from .lock import Lock, LockEntry, lock_refusal
@@ -82,6 +89,8 @@ class VerificationResult:
         total_bytes: bytes hashed.
         hash_seconds: wall time of the hashing step.
         lock_name: the lock entry that matched, if a lock was used.
+        folder: the open verified folder (directory descriptor + digest and identity of every
+            file); everything after the gate reads through it. Close it (or the result) when done.
     """
 
     root: Path
@@ -94,15 +103,45 @@ class VerificationResult:
     total_bytes: int = 0
     hash_seconds: float = 0.0
     lock_name: str | None = None
+    folder: VerifiedFolder | None = None
+
+    @property
+    def verified(self) -> VerifiedFolder:
+        """The open :class:`VerifiedFolder` (always set by :func:`verify_model`)."""
+        if self.folder is None:
+            raise ValueError("this result carries no verified folder")
+        return self.folder
+
+    def read_bytes(self, name: str) -> bytes:
+        """A small verified file's bytes, proved equal to the verified digest (see :class:`VerifiedFolder`)."""
+        return self.verified.read_bytes(name)
+
+    def digests(self) -> dict[str, str]:
+        """Relative name -> verified sha256 of every file."""
+        return {f.name: f.sha256 for f in self.files}
+
+    def close(self) -> None:
+        """Close the verified folder's directory descriptor."""
+        if self.folder is not None:
+            self.folder.close()
+
+    def __enter__(self) -> VerificationResult:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def identities(self) -> dict[str, FileIdentity]:
         """Relative name -> identity of every verified file (for the worker's re-check)."""
         return {f.name: f.identity for f in self.files}
 
     def recheck(self) -> None:
-        """Re-``lstat`` every verified file; raise ``FILE-CHANGED`` if any is not the verified version."""
-        for f in self.files:
-            f.identity.check(self.root / f.name, name=f.name)
+        """Re-check every verified file through the folder descriptor (no link followed).
+
+        Raises:
+            FolderError: ``folder.changed`` / ``folder.open`` when a file is not the verified version.
+        """
+        self.verified.recheck()
 
     def to_json(self) -> dict[str, Any]:
         """The ``model``/``signer``/``files``/``lock`` part of ``secure-run verify --json``."""
@@ -215,11 +254,12 @@ def _set_equality(inv: Inventory, statement: Statement, sig_name: str | None) ->
     )
 
 
-def _compare_digests(inv: Inventory, statement: Statement, workers: int | None, progress: ProgressSink | None) -> tuple[list[VerifiedFile], float]:
+def _compare_digests(inv: Inventory, statement: Statement, workers: int | None, progress: ProgressSink | None,
+                     dirfd: int) -> tuple[list[VerifiedFile], float]:
     names = [r.name for r in statement.resources]
     expected = {n: e.identity for n in names if (e := inv.file(n)) is not None}
     start = time.perf_counter()
-    digests = hash_files(inv.root, names, expected=expected, workers=workers, progress=progress)
+    digests = hash_files(inv.root, names, expected=expected, workers=workers, progress=progress, dirfd=dirfd)
     seconds = time.perf_counter() - start
     mismatched = [r.name for r in statement.resources if digests[r.name].sha256 != r.digest]
     if mismatched:
@@ -279,10 +319,38 @@ def verify_model(
         VerificationFailed: signature, manifest, lock or digest check failed (exit 1).
         UsageError: unreadable trust material or bad arguments (exit 2).
     """
+    # 0. the folder, opened once: what is inventoried and hashed is what is handed on.
+    try:
+        opened = VerifiedFolder.open(root, ())
+    except FolderError:
+        opened = None  # the inventory names the problem (INV-ROOT: missing, a link, not a folder)
+    try:
+        return _verify_open(root, opened, trust, signature=signature, lock=lock, rules=rules, workers=workers,
+                            progress=progress)
+    except BaseException:
+        if opened is not None:
+            opened.close()
+        raise
+
+
+def _verify_open(
+    root: str | os.PathLike[str],
+    opened: VerifiedFolder | None,
+    trust: Trust | None,
+    *,
+    signature: str | os.PathLike[str] | None,
+    lock: Lock | LockEntry | None,
+    rules: InventoryRules,
+    workers: int | None,
+    progress: ProgressSink | None,
+) -> VerificationResult:
     # 1. inventory: every file, no links followed, all findings at once.
     inv = take_inventory(root, rules)
     inv.raise_for_findings()
     base = inv.root
+    if opened is None:  # pragma: no cover - the inventory refuses what cannot be opened
+        raise verification_failed(str(base), "FILE-CHANGED", "the model folder cannot be opened")
+    _same_folder(opened, str(base))
 
     # 2. the bundle.
     sig_path = Path(signature) if signature is not None else base / "model.sig"
@@ -322,8 +390,10 @@ def verify_model(
     # 6. exact set equality.
     _set_equality(inv, statement, _sig_name(base, sig_path))
 
-    # 7. hash and compare.
-    files, seconds = _compare_digests(inv, statement, workers, progress)
+    # 7. hash and compare (relative to the descriptor); the path must still name that folder.
+    files, seconds = _compare_digests(inv, statement, workers, progress, opened.dirfd)
+    _same_folder(opened, str(base))
+    folder = opened.with_pins((PinnedFile(f.name, f.sha256, f.identity) for f in files), root=base)
     return VerificationResult(
         root=base,
         signature=sig_path,
@@ -335,7 +405,15 @@ def verify_model(
         total_bytes=sum(f.size for f in files),
         hash_seconds=seconds,
         lock_name=entry.name if entry is not None else None,
+        folder=folder,
     )
+
+
+def _same_folder(opened: VerifiedFolder, label: str) -> None:
+    try:
+        opened.check_root_path()
+    except FolderError:
+        raise verification_failed(label, "FILE-CHANGED", "the model folder was replaced while it was verified") from None
 
 
 def _unverified_subject(bundle: Bundle) -> str:

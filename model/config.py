@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from secure_run.errors import ModelError
+from secure_run.manifests._jsoncheck import CODE_POINTER_KEYS, JsonProblem, loads_strict
 
 if TYPE_CHECKING:  # the kernels package may import torch; only needed lazily
     from secure_run.kernels.params import SpanParams
@@ -57,16 +58,8 @@ SUPPORTED_MODEL_TYPES = ("superlinear-exp", "nemotron_h")
 
 #: Keys that point at upstream code or upstream kernel implementations. They are accepted so that
 #: an upstream folder can be inspected, reported by :func:`remote_code_pointers`, and never used.
-REMOTE_CODE_KEYS = frozenset(
-    {
-        "auto_map",
-        "custom_pipelines",
-        "_attn_implementation",
-        "attn_implementation",
-        "decode_kernel",
-        "trust_remote_code",
-    }
-)
+#: One definition with the verifier's scan (``manifests._jsoncheck.CODE_POINTER_KEYS``).
+REMOTE_CODE_KEYS = CODE_POINTER_KEYS
 
 #: Metadata and runtime switches that cannot change what the vendored model computes.
 INERT_KEYS = frozenset(
@@ -412,25 +405,6 @@ def remote_code_pointers(raw: Mapping[str, Any] | ModelConfig) -> list[RemoteCod
     ]
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _refuse(
-                f"config.json has the key {k!r} twice",
-                rule="config.duplicate-key",
-                hint="a JSON object with repeated keys is ambiguous (parsers keep different copies); remove one",
-            )
-        out[k] = v
-    return out
-
-
-def _constant(name: str) -> float:
-    if name == "NaN":
-        raise _refuse("config.json contains NaN", rule="config.nan", hint="replace NaN by a number")
-    return math.inf if name == "Infinity" else -math.inf
-
-
 def parse_config_json(text: str | bytes, *, path: str = "config.json") -> ModelConfig:
     """Parse and validate the text of a ``config.json``.
 
@@ -440,13 +414,15 @@ def parse_config_json(text: str | bytes, *, path: str = "config.json") -> ModelC
     Raises:
         ModelError: with ``rule`` ``config.*`` naming the field, what was found and how to fix it.
     """
-    try:
-        raw = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_constant)
-    except json.JSONDecodeError as err:
-        raise _refuse(f"{path} is not valid JSON: {err}", rule="config.json", path=path) from None
-    except ModelError as err:
-        err.path = path
-        raise
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    try:  # the one strict JSON loader (manifests._jsoncheck): Infinity accepted, NaN and duplicates not
+        raw = loads_strict(data, allow_infinity=True)
+    except JsonProblem as err:
+        rule = {"JSON-NAN": "config.nan", "JSON-DUPKEY": "config.duplicate-key"}.get(err.rule, "config.json")
+        hint = {"config.nan": "replace NaN by a number",
+                "config.duplicate-key": "a JSON object with repeated keys is ambiguous (parsers keep different "
+                                        "copies); remove one"}.get(rule)
+        raise _refuse(f"{path} is not valid JSON: {err.message}", rule=rule, path=path, hint=hint) from None
     if not isinstance(raw, dict):
         raise _refuse(f"{path} must be a JSON object, got {type(raw).__name__}", rule="config.json", path=path)
     return config_from_dict(raw, path=path)

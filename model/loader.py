@@ -6,8 +6,10 @@ names the file, the rule (``loader.*``) and the tensors concerned:
 1. read and validate ``config.json`` (:mod:`secure_run.model.config`);
 2. find the shards: ``model.safetensors.index.json`` (its ``weight_map`` names plain
    ``*.safetensors`` files in the folder) or a single ``model.safetensors``;
-3. open every shard once (``O_NOFOLLOW``), ``fstat`` the descriptor and, when the caller passes the
-   verified file identities (st_dev, st_ino, st_size, st_mtime_ns), require them to match;
+3. open every shard once, below the folder's directory descriptor without following any link, and
+   ``fstat`` it; reading a :class:`~secure_run.manifests.folder.VerifiedFolder` requires the pinned
+   identity (dev, ino, size, mtime_ns, ctime_ns) of every file, and ``config.json`` and the index
+   are read whole and re-hashed against the verified digests;
 4. read and validate every shard header from that same descriptor with the strict header check of
    :func:`secure_run.manifests.parse_safetensors_header` (rules ``ST-H1``..``ST-H14``); the index's
    ``weight_map`` must list exactly the tensors each shard holds; when the caller passes the
@@ -19,7 +21,7 @@ names the file, the rule (``loader.*``) and the tensors concerned:
    with ``pread`` on the open descriptor at the offsets of the validated header (never pickle,
    never ``torch.load``, no second parser), cast it to the dtype of its parameter, move it to
    ``device``, and ``load_state_dict(assign=True)`` so no second copy of the weights is ever held;
-7. ``fstat`` each descriptor again after reading: any change of identity, size or mtime refuses.
+7. ``fstat`` each descriptor again after reading: any change of identity (ctime included) refuses.
 
     >>> from secure_run.model.demo import demo_model_dir
     >>> model = load_model(demo_model_dir(), device="cpu")
@@ -31,19 +33,19 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
-import stat
 import sys
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias
 
 import torch
 
 from secure_run.errors import ModelError
+from secure_run.manifests._jsoncheck import JsonProblem, loads_strict
 from secure_run.manifests.findings import FindingsError
+from secure_run.manifests.folder import FolderError, FolderReader, UnverifiedFolder, VerifiedFolder
+from secure_run.manifests.hashing import FileIdentity
 from secure_run.manifests.tensors import SafetensorsHeader, TensorInfo, parse_safetensors_header
 from secure_run.model.checkpoint import (
     AttentionNameMap,
@@ -53,7 +55,7 @@ from secure_run.model.checkpoint import (
     name_map_for,
 )
 from secure_run.model.checkpoint import refusal as _refuse
-from secure_run.model.config import ModelConfig, load_config
+from secure_run.model.config import ModelConfig, parse_config_json
 from secure_run.model.model import HybridLM
 
 __all__ = [
@@ -71,42 +73,24 @@ _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32"
 _ST_TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
-@dataclass(frozen=True)
-class FileIdentity:
-    """What a verified file must still be when it is read (compared with ``fstat``).
+def _coerce_identity(name: str, value: object) -> FileIdentity:
+    """A legacy ``file_identities`` value: the one identity type or an ``os.stat_result``."""
+    if isinstance(value, FileIdentity):
+        return value
+    if isinstance(value, os.stat_result):
+        return FileIdentity.from_stat(value)
+    raise ModelError(f"not a file identity for {name}: {type(value).__name__}", rule="loader.identity", path=name,
+                     hint="pass secure_run.manifests.FileIdentity values (dev, ino, size, mtime_ns, ctime_ns)")
 
-    ``st_ctime_ns`` is optional: when known it is compared too (it changes on any write and
-    cannot be set back, so it catches an in-place edit whose mtime was restored).
-    """
 
-    st_dev: int
-    st_ino: int
-    st_size: int
-    st_mtime_ns: int
-    st_ctime_ns: int | None = None
-
-    @classmethod
-    def of(cls, st: os.stat_result) -> FileIdentity:
-        """The identity of a ``stat`` / ``fstat`` result."""
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-    @classmethod
-    def coerce(cls, value: object) -> FileIdentity:
-        """Accept a FileIdentity, an ``os.stat_result`` or a ``secure_run.manifests.FileIdentity``."""
-        if isinstance(value, FileIdentity):
-            return value
-        if isinstance(value, os.stat_result):
-            return cls.of(value)
-        fields = ("dev", "ino", "size", "mtime_ns", "ctime_ns")
-        if all(isinstance(getattr(value, f, None), int) for f in fields):
-            return cls(*(int(getattr(value, f)) for f in fields))
-        raise ModelError(f"not a file identity: {type(value).__name__}", rule="loader.identity")
-
-    def matches(self, opened: FileIdentity) -> bool:
-        """True when ``opened`` (a full fstat identity) is this file version."""
-        same = (self.st_dev, self.st_ino, self.st_size, self.st_mtime_ns) == (
-            opened.st_dev, opened.st_ino, opened.st_size, opened.st_mtime_ns)
-        return same and (self.st_ctime_ns is None or self.st_ctime_ns == opened.st_ctime_ns)
+def _source(model_dir: str | Path | FolderReader) -> FolderReader:
+    if isinstance(model_dir, (str, os.PathLike)):
+        try:
+            return UnverifiedFolder(model_dir)
+        except FolderError as err:
+            raise _refuse(f"cannot open the model folder {model_dir}: {err.message}", rule="loader.folder",
+                          path=str(model_dir), hint="pass the real folder, not a symbolic link") from None
+    return model_dir
 
 
 # --- step 2: shards ----------------------------------------------------------------------------
@@ -120,24 +104,20 @@ def _plain_shard_name(name: object) -> str:
     return name
 
 
-def _read_index(model_dir: Path) -> dict[str, str] | None:
-    """tensor name -> shard file from the index, or None when the folder has a single file."""
-    p = model_dir / INDEX_FILE
-    if not p.exists():
+def _read_index(source: FolderReader) -> dict[str, str] | None:
+    """tensor name -> shard file from the index, or None when the folder has a single file.
+
+    The index is read through ``source`` (below the folder's descriptor, no link followed; for a
+    verified folder: identity and sha256 checked).
+    """
+    if not source.exists(INDEX_FILE):
         return None
 
-    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
-        out: dict[str, object] = {}
-        for k, v in items:
-            if k in out:
-                raise _refuse(f"{INDEX_FILE} repeats the key {k!r}", rule="loader.index", path=INDEX_FILE)
-            out[k] = v
-        return out
-
-    try:
-        raw = json.loads(p.read_bytes(), object_pairs_hook=pairs)
-    except json.JSONDecodeError as err:
-        raise _refuse(f"{INDEX_FILE} is not valid JSON: {err}", rule="loader.index", path=INDEX_FILE) from None
+    try:  # the one strict JSON loader: no duplicate keys, no NaN/Infinity, no BOM
+        raw = loads_strict(_read_small(source, INDEX_FILE, "loader.index"), allow_infinity=False)
+    except JsonProblem as err:
+        raise _refuse(f"{INDEX_FILE} is not valid strict JSON: {err.message} [{err.rule}]", rule="loader.index",
+                      path=INDEX_FILE) from None
     if not isinstance(raw, dict) or not isinstance(raw.get("weight_map"), dict) or set(raw) - {"metadata", "weight_map"}:
         raise _refuse(f"{INDEX_FILE} must be an object with 'weight_map' (and optional 'metadata') only",
                       rule="loader.index", path=INDEX_FILE)
@@ -150,24 +130,22 @@ def _read_index(model_dir: Path) -> dict[str, str] | None:
 class _OpenShard:
     """A shard opened once; every later read goes through this descriptor."""
 
-    def __init__(self, model_dir: Path, name: str, expected: FileIdentity | None) -> None:
+    def __init__(self, source: FolderReader, name: str, expected: FileIdentity | None) -> None:
         self.name = name
         self.validated: SafetensorsHeader | None = None
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-        try:
-            self.fd = os.open(model_dir / name, flags)
-        except FileNotFoundError:
+        self.fd = -1
+        if not isinstance(source, VerifiedFolder) and not source.exists(name):
             raise _refuse(f"shard {name} is missing", rule="loader.shard-missing", path=name,
-                          hint=f"every file named in {INDEX_FILE} must be present") from None
-        except OSError as err:
-            raise _refuse(f"cannot open shard {name}: {err.strerror}", rule="loader.shard-open", path=name,
+                          hint=f"every file named in {INDEX_FILE} must be present")
+        try:
+            # verified folder: opened below the verified root, identity (with ctime) equal to the pin
+            self.fd, self.identity = source.open_fd(name)
+        except FolderError as err:
+            if err.rule != "folder.open":
+                raise
+            raise _refuse(f"cannot open shard {name}: {err.message}", rule="loader.shard-open", path=name,
                           hint="shards must be regular files, not symbolic links") from None
-        st = os.fstat(self.fd)
-        if not stat.S_ISREG(st.st_mode):
-            self.close()
-            raise _refuse(f"shard {name} is not a regular file", rule="loader.shard-open", path=name)
-        self.identity = FileIdentity.of(st)
-        if expected is not None and not expected.matches(self.identity):
+        if expected is not None and expected != self.identity:
             self.close()
             raise _refuse(
                 f"shard {name} is not the file that was verified",
@@ -180,7 +158,7 @@ class _OpenShard:
         """The strictly validated header, read through this descriptor."""
         try:
             with io.FileIO(self.fd, "rb", closefd=False) as f:
-                self.validated = parse_safetensors_header(f, self.identity.st_size, self.name)
+                self.validated = parse_safetensors_header(f, self.identity.size, self.name)
                 return self.validated
         except FindingsError as err:
             raise _refuse(f"shard {self.name} has an invalid safetensors header", rule="loader.header",
@@ -203,7 +181,7 @@ class _OpenShard:
 
     def check_unchanged(self) -> None:
         """Refuse if the open file changed (identity, size, mtime) since it was opened."""
-        now = FileIdentity.of(os.fstat(self.fd))
+        now = FileIdentity.from_stat(os.fstat(self.fd))
         if now != self.identity:
             raise _refuse(f"shard {self.name} changed while it was being read", rule="loader.changed",
                           path=self.name, details=(f"before: {self.identity}", f"after:  {now}"),
@@ -311,7 +289,7 @@ def _fill(model: HybridLM, shard: _OpenShard, entries: list[HeaderEntry], config
 
 
 def load_model(
-    model_dir: str | Path,
+    model_dir: str | Path | FolderReader,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
@@ -323,37 +301,67 @@ def load_model(
     """Load a model folder into a :class:`~secure_run.model.model.HybridLM` (eval mode, no grads).
 
     Args:
-        model_dir: the (verified) model folder.
+        model_dir: the verified folder (:class:`~secure_run.manifests.folder.VerifiedFolder`: every
+            file opened below its descriptor with its pinned identity, small files re-hashed), or a
+            plain path for tools and tests (opened without following links, nothing proved).
         device: where the weights go.
         dtype: activation / weight dtype (default: the checkpoint dtype). The router's
             correction bias and the Mamba per-head vectors stay fp32.
         config: an already-validated config (default: read ``config.json``).
         name_map: checkpoint names of the attention projections (default: from the config).
-        file_identities: shard file name -> verified identity (:class:`FileIdentity`,
-            ``os.stat_result`` or ``secure_run.manifests.FileIdentity``); each shard must still match.
+        file_identities: shard file name -> expected identity (:class:`FileIdentity` or an
+            ``os.stat_result``) for a plain path; each shard must still match (ctime included).
         verified_tables: shard file name -> the header verified by manifests
             (``VerificationResult.headers``), or -> {tensor: (dtype, shape)}.
 
     Raises:
         ModelError: any step of the checklist in the module docstring fails.
     """
-    model_dir = Path(model_dir)
     device = torch.device(device)
     if sys.byteorder != "little":  # safetensors data is little-endian; we read raw bytes
         raise ModelError("loading needs a little-endian host", rule="loader.byteorder")
+    source = _source(model_dir)
+    try:
+        return _load(source, device, dtype, config, name_map, file_identities, verified_tables)
+    finally:
+        if source is not model_dir and isinstance(source, UnverifiedFolder):
+            source.close()
+
+
+def read_config(source: FolderReader) -> ModelConfig:
+    """``config.json`` read through ``source`` and validated."""
+    if not source.exists("config.json"):
+        raise _refuse("config.json is missing", rule="config.missing", path="config.json",
+                      hint="a model folder must contain config.json")
+    return parse_config_json(_read_small(source, "config.json", "config.missing"), path="config.json")
+
+
+def _read_small(source: FolderReader, name: str, rule: str) -> bytes:
+    try:
+        return source.read_bytes(name)
+    except FolderError as err:
+        if err.rule != "folder.open":  # unpinned, changed, digest: the verification refusal as is
+            raise
+        raise _refuse(f"cannot read {name}: {err.message}", rule=rule, path=name,
+                      hint="model files must be regular files in the folder, not symbolic links") from None
+
+
+def _load(source: FolderReader, device: torch.device, dtype: torch.dtype | None, config: ModelConfig | None,
+          name_map: AttentionNameMap | None, file_identities: Mapping[str, object] | None,
+          verified_tables: Mapping[str, VerifiedTable] | None) -> HybridLM:
     # 1. config
-    cfg = config if config is not None else load_config(model_dir)
+    cfg = config if config is not None else read_config(source)
     names = name_map_for(cfg, name_map)
     # 2. shards
-    index = _read_index(model_dir)
+    index = _read_index(source)
     if index is not None:
         shard_names = sorted(set(index.values()))
-    elif (model_dir / SINGLE_FILE).exists():
+    elif source.exists(SINGLE_FILE):
         shard_names = [SINGLE_FILE]
     else:
         raise _refuse("no weights: neither model.safetensors nor model.safetensors.index.json", rule="loader.no-weights",
-                      path=str(model_dir), hint="a model folder needs safetensors weights")
-    idents = {k: FileIdentity.coerce(v) for k, v in (file_identities or {}).items()}
+                      path=str(source.root), hint="a model folder needs safetensors weights")
+    idents = {k: _coerce_identity(k, v) for k, v in (file_identities or {}).items()}
     if file_identities is not None:
         unverified = [s for s in shard_names if s not in idents]
         if unverified:
@@ -363,7 +371,7 @@ def load_model(
     try:
         # 3. open + fstat
         for s in shard_names:
-            shards.append(_OpenShard(model_dir, s, idents.get(s)))
+            shards.append(_OpenShard(source, s, idents.get(s)))
         # 4. headers
         found = read_checkpoint_table(shards, index)
         if verified_tables is not None:

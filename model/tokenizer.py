@@ -30,6 +30,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from secure_run.errors import ModelError, UsageError
+from secure_run.manifests._jsoncheck import JsonProblem, loads_strict
+from secure_run.manifests.folder import FolderReader, UnverifiedFolder
 
 __all__ = [
     "ChatTemplate",
@@ -50,27 +52,20 @@ def _refuse(message: str, *, rule: str, path: str, hint: str | None = None,
     return ModelError(message, rule=rule, path=path, hint=hint, details=details)
 
 
-def _read_json(path: Path, *, required: bool) -> dict[str, Any] | None:
-    if not path.exists():
+def _read_json(source: FolderReader, name: str, *, required: bool) -> dict[str, Any] | None:
+    if not source.exists(name):
         if required:
-            raise _refuse(f"{path.name} is missing", rule="tokenizer.missing", path=path.name,
+            raise _refuse(f"{name} is missing", rule="tokenizer.missing", path=name,
                           hint="the model folder must ship it")
         return None
 
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in items:
-            if k in out:
-                raise _refuse(f"{path.name} repeats the key {k!r}", rule="tokenizer.json", path=path.name)
-            out[k] = v
-        return out
-
-    try:
-        raw = json.loads(path.read_bytes(), object_pairs_hook=pairs)
-    except json.JSONDecodeError as err:
-        raise _refuse(f"{path.name} is not valid JSON: {err}", rule="tokenizer.json", path=path.name) from None
+    try:  # the one strict JSON loader: no duplicate keys, no NaN, no BOM
+        raw = loads_strict(source.read_bytes(name))
+    except JsonProblem as err:
+        what = f"repeats a key ({err.message})" if err.rule == "JSON-DUPKEY" else f"is not valid JSON: {err.message}"
+        raise _refuse(f"{name} {what} [{err.rule}]", rule="tokenizer.json", path=name) from None
     if not isinstance(raw, dict):
-        raise _refuse(f"{path.name} must be a JSON object", rule="tokenizer.json", path=path.name)
+        raise _refuse(f"{name} must be a JSON object", rule="tokenizer.json", path=name)
     return raw
 
 
@@ -174,19 +169,33 @@ class ModelTokenizer:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelTokenizer:
-        """Read ``tokenizer.json``, the token configs and the chat template of ``model_dir``."""
-        d = Path(model_dir)
-        tpath = d / "tokenizer.json"
-        if not tpath.exists():
+        """Read the tokenizer files of a plain folder (tools and tests; nothing is proved).
+
+        Files are opened below the folder's descriptor without following links. The runner and the
+        worker use :meth:`from_folder` with the verified folder instead.
+        """
+        with UnverifiedFolder(model_dir) as folder:
+            return cls.from_folder(folder)
+
+    @classmethod
+    def from_folder(cls, folder: FolderReader) -> ModelTokenizer:
+        """Read ``tokenizer.json``, the token configs and the chat template through ``folder``.
+
+        With a :class:`~secure_run.manifests.folder.VerifiedFolder` every byte used is the verified
+        byte: each file is opened below the verified root (no link followed), its identity checked
+        before and after reading and its sha256 compared with the verified digest.
+        """
+        if not folder.exists("tokenizer.json"):
             raise _refuse("tokenizer.json is missing", rule="tokenizer.missing", path="tokenizer.json")
+        data = folder.read_bytes("tokenizer.json")
         try:
-            tok = Tokenizer.from_file(str(tpath))
+            tok = Tokenizer.from_str(data.decode("utf-8"))
         except Exception as err:
             raise _refuse(f"tokenizer.json cannot be loaded: {err}", rule="tokenizer.invalid",
                           path="tokenizer.json") from None
-        tcfg = _read_json(d / "tokenizer_config.json", required=False) or {}
-        smap = _read_json(d / "special_tokens_map.json", required=False) or {}
-        gcfg = _read_json(d / "generation_config.json", required=False) or {}
+        tcfg = _read_json(folder, "tokenizer_config.json", required=False) or {}
+        smap = _read_json(folder, "special_tokens_map.json", required=False) or {}
+        gcfg = _read_json(folder, "generation_config.json", required=False) or {}
 
         special: dict[str, str] = {}
         for key in _SPECIAL_KEYS:
@@ -216,14 +225,20 @@ class ModelTokenizer:
         bos = _ids(gcfg.get("bos_token_id"), where="generation_config.json", key="bos_token_id")
         bos_id = bos[0] if bos else ids.get("bos_token")
 
-        template = cls._template(d, tcfg)
+        template = cls._template(folder, tcfg)
         defaults: dict[str, Any] = {k: gcfg[k] for k in ("temperature", "top_p", "top_k", "max_new_tokens", "do_sample") if k in gcfg}
         return cls(tokenizer=tok, special_tokens=special, stop_ids=frozenset(stops), bos_token_id=bos_id,
                    chat_template=template, generation_defaults=defaults)
 
     @staticmethod
-    def _template(d: Path, tcfg: Mapping[str, Any]) -> ChatTemplate | None:
-        file_src = (d / "chat_template.jinja").read_text(encoding="utf-8") if (d / "chat_template.jinja").exists() else None
+    def _template(folder: FolderReader, tcfg: Mapping[str, Any]) -> ChatTemplate | None:
+        file_src = None
+        if folder.exists("chat_template.jinja"):
+            try:
+                file_src = folder.read_bytes("chat_template.jinja").decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _refuse(f"chat_template.jinja is not UTF-8 text (byte {err.start})",
+                              rule="chat-template.invalid", path="chat_template.jinja") from None
         cfg_src = tcfg.get("chat_template")
         if cfg_src is not None and not isinstance(cfg_src, str):
             raise _refuse("tokenizer_config.json: chat_template must be a string", rule="chat-template.invalid",

@@ -104,6 +104,29 @@ class _Ctx:
     def folder(self) -> Path:
         return self.facts.model_dir
 
+    def read_bytes(self, name: str) -> bytes:
+        """A small file of the folder; with verified digests, only the verified content is accepted.
+
+        Raises:
+            _files.UnsafeFile: missing, unsafe, or (given ``facts.verified_digests``) not among the
+                verified files or different from what verification hashed.
+        """
+        data = _files.read_bytes(self.folder, name)
+        verified = self.facts.verified_digests
+        if verified is not None:
+            if name not in verified:
+                raise _files.UnsafeFile("not among the verified files")
+            if hashlib.sha256(data).hexdigest() != verified[name]:
+                raise _files.UnsafeFile("changed since verification (sha256 differs from the verified digest)")
+        return data
+
+    def read_text(self, name: str) -> str:
+        """:meth:`read_bytes` decoded as strict UTF-8 (a BOM is dropped)."""
+        try:
+            return self.read_bytes(name).decode("utf-8").removeprefix("\ufeff")
+        except UnicodeDecodeError:
+            raise _files.UnsafeFile("not valid UTF-8 text") from None
+
 
 def _sha256_file(folder: Path, name: str) -> str:
     return hashlib.sha256(_files.read_bytes(folder, name, limit=_HASH_LIMIT)).hexdigest()
@@ -221,12 +244,19 @@ def _check_folder(ctx: _Ctx) -> None:
 
 def _check_pins(ctx: _Ctx, pins: Mapping[str, str | None]) -> list[str]:
     bad: list[str] = []
+    verified = ctx.facts.verified_digests
     for name, expected in sorted(pins.items()):
-        try:
-            got = _sha256_file(ctx.folder, name)
-        except _files.UnsafeFile as err:
-            bad.append(f"{name}: {err.reason}")
-            continue
+        if verified is not None:  # the digests verification computed: never a fresh hash from disk
+            if name not in verified:
+                bad.append(f"{name}: not among the verified files")
+                continue
+            got = verified[name]
+        else:
+            try:
+                got = _sha256_file(ctx.folder, name)
+            except _files.UnsafeFile as err:
+                bad.append(f"{name}: {err.reason}")
+                continue
         if expected is None:
             bad.append(f"{name}: not pinned yet (review it, then pin sha256 {got})")
         elif got != expected:
@@ -298,7 +328,7 @@ def _check_notices(ctx: _Ctx) -> None:
     found: list[str] = []
     for name in notices.required_files:
         try:
-            _files.read_bytes(ctx.folder, name)
+            ctx.read_bytes(name)
         except _files.UnsafeFile as err:
             problems.append(f"required file {name}: {err.reason}")
     wanted = [(r.file, r.text, r.match) for r in notices.required_strings]
@@ -312,7 +342,7 @@ def _check_notices(ctx: _Ctx) -> None:
             wanted.append(("NOTICE", entry.attribution, "normalized"))
     for name, text, how in dict.fromkeys(wanted):
         try:
-            content = _files.read_text(ctx.folder, name)
+            content = ctx.read_text(name)
         except _files.UnsafeFile as err:
             problems.append(f"{name} ({err.reason}) cannot carry {text!r}")
             continue
@@ -327,7 +357,7 @@ def _check_notices(ctx: _Ctx) -> None:
 
 def _load_card(ctx: _Ctx) -> None:
     try:
-        readme = _files.read_text(ctx.folder, "README.md")
+        readme = ctx.read_text("README.md")
     except _files.UnsafeFile as err:
         ctx.card_problem = f"README.md: {err.reason}"
         return
@@ -394,7 +424,7 @@ def _check_patent(ctx: _Ctx) -> None:
         ctx.add("A5", "info", "IP notices in the model card: " + (" | ".join(ctx.patent) or "none"), sentences=ctx.patent)
         return
     try:
-        content = _files.read_text(ctx.folder, want.file)
+        content = ctx.read_text(want.file)
     except _files.UnsafeFile as err:
         ctx.add("A5", "warn", f"{want.file}: {err.reason}; cannot surface the patent notice",
                 hint="restore the model card")

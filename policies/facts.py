@@ -13,6 +13,7 @@ is a ``deny`` (the floor cannot be satisfied by omission).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -73,10 +74,17 @@ class GuardrailFacts(_Facts):
 
 
 class RunFacts(_Facts):
-    """Everything the evaluation knows about the run besides the policy and the folder itself."""
+    """Everything the evaluation knows about the run besides the policy and the folder itself.
+
+    ``verified_digests`` (relative name -> sha256 hex) are the digests verification computed; when
+    given, pinned files (checks S7 and G1) are compared with them and never hashed again from disk,
+    so a file changed after verification cannot have a fresh hash accepted. A pinned name that is
+    not among them is a mismatch.
+    """
 
     model_dir: Path
     signature: SignatureFacts | None = None
+    verified_digests: Mapping[str, Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] | None = None
     code_files: tuple[str, ...] | None = None
     sandbox: SandboxFacts | None = None
     guardrails: GuardrailFacts = GuardrailFacts()

@@ -14,13 +14,16 @@ as ``not_checked`` and make the run fail unless ``--allow-unlocated`` is given.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from secure_run.errors import Refusal, SecureRunError, UsageError
 from secure_run.runner.options import json_option
 from secure_run.runner.output import emit_json
+
+if TYPE_CHECKING:
+    from secure_run.manifests import Lock, LockEntry, VerificationResult
 
 
 @dataclass
@@ -44,10 +47,10 @@ class EntryReport:
         }
 
 
-def check_entry(lock: Any, entry: Any) -> EntryReport:
+def check_entry(lock: Lock, entry: LockEntry) -> EntryReport:
     """Verify one lock entry (signature, digests, lock pin, tensor table, policy)."""
-    from secure_run import manifests
-    from secure_run.runner.pipeline import check_architecture, policy_check
+    from secure_run.policies import load_policy
+    from secure_run.runner.gate import run_gate
 
     folder = lock.model_path(entry)
     report = EntryReport(entry.name, "not_checked", policy=entry.policy,
@@ -58,15 +61,24 @@ def check_entry(lock: Any, entry: Any) -> EntryReport:
         if not folder.is_dir():
             raise Refusal(f"model folder of lock entry {entry.name!r} is missing: {folder}", path=str(folder),
                           rule="CI-MISSING", hint="restore the folder or remove the entry from the lock")
-        result = manifests.verify_model(folder, entry.signer.trust(lock.base), lock=entry)
-        report.root_digest = f"sha256:{result.root_digest}"
-        check_architecture(result)
+        policy = None
         if entry.policy is not None:
             ref = entry.policy if entry.policy.startswith("builtin:") else str(lock.base / entry.policy)
-            decision = policy_check(ref, result)
-            report.policy_allowed = decision.allowed
-            report.findings = [f.to_json() for f in decision.findings if f.result in ("deny", "warn")]
-            decision.raise_if_denied()
+            policy = load_policy(ref)
+
+        def record_digest(_err: BaseException, verification: VerificationResult | None) -> None:
+            if verification is not None:  # verified, then refused by the architecture or the policy
+                report.root_digest = f"sha256:{verification.root_digest}"
+
+        # the one gate: verify against the entry's own pin -> architecture -> policy (stage check)
+        with run_gate(folder, entry.signer.trust(lock.base), lock=entry, policy=policy, stage="check",
+                      on_refusal=record_digest) as gate:
+            report.root_digest = f"sha256:{gate.verification.root_digest}"
+            decision = gate.decision
+            if decision is not None:
+                report.policy_allowed = decision.allowed
+                report.findings = [f.to_json() for f in decision.findings if f.result in ("deny", "warn")]
+                decision.raise_if_denied()
         report.status = "ok"
     except SecureRunError as err:
         if not isinstance(err, Refusal) and err.exit_code != 1:

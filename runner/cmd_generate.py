@@ -6,19 +6,58 @@
 Text mode streams the completion on stdout and status lines on stderr, ending with a line of
 statistics (tokens/s). ``--json`` prints JSON lines on stdout: ``{"type": "status"|"text"|"final"
 |"error", ...}`` (schema in the README, "JSON output").
+
+SIGINT and SIGTERM stop the run cleanly: the sandbox is stopped, an ``interrupted`` audit record is
+written, and the command exits 130 (SIGINT) or 143 (SIGTERM), with a JSON error line under
+``--json``. Further signals are ignored while that cleanup runs (so a second Ctrl-C cannot leave a
+container behind); SIGKILL still ends the process, and the sandbox's own wall clock bounds it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from secure_run.runner.options import json_option, trust_options
 from secure_run.runner.output import emit_line
 from secure_run.runner.progress import hashing_progress
+
+if TYPE_CHECKING:
+    from secure_run.runner.pipeline import Final, GenerateOptions, Session
+
+#: the signals generate handles (exit 128 + signal number: 130 for SIGINT, 143 for SIGTERM)
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def interrupts_raise() -> Iterator[None]:
+    """While active, SIGINT/SIGTERM raise :class:`~secure_run.runner.pipeline.Interrupted`.
+
+    After the first signal both are ignored until the block is left, so that the cleanup (stopping
+    the sandbox, writing the audit record) is not itself interrupted.
+    """
+    from secure_run.runner.pipeline import Interrupted
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        for s in HANDLED_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {s: signal.getsignal(s) for s in HANDLED_SIGNALS}
+    for s in HANDLED_SIGNALS:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 @click.command("generate")
@@ -56,7 +95,7 @@ def generate_cmd(**kw: Any) -> None:
     """Run a verified, policy-approved model inside the sandbox and stream its tokens."""
     from secure_run.errors import UsageError
     from secure_run.manifests import load_trust
-    from secure_run.runner.pipeline import Final, GenerateOptions, Status, Text, prepare
+    from secure_run.runner.pipeline import GenerateOptions
 
     as_json: bool = kw["as_json"]
     if kw["chat"] == (kw["prompt"] is not None):
@@ -75,6 +114,13 @@ def generate_cmd(**kw: Any) -> None:
         accept_license=kw["accept_license"], acknowledgements=tuple(kw["acknowledgements"]),
         audit_log=Path(kw["audit_log"]) if kw["audit_log"] else None,
     )
+
+    with interrupts_raise():
+        _run(options, kw, as_json)
+
+
+def _run(options: GenerateOptions, kw: dict[str, Any], as_json: bool) -> None:
+    from secure_run.runner.pipeline import Final, Interrupted, Status, Text, prepare
 
     def status(stage: str, message: str) -> None:
         if as_json:
@@ -97,19 +143,32 @@ def generate_cmd(**kw: Any) -> None:
 
     def one_turn(messages: list[dict[str, str]]) -> str:
         reply: list[str] = []
-        for ev in session.run_turn(messages):
-            if isinstance(ev, Status):
-                status(ev.stage, ev.message)
-            elif isinstance(ev, Text):
-                reply.append(ev.text)
-                if as_json:
-                    emit_line({"type": "text", "text": ev.text})
-                else:
-                    click.echo(ev.text, nl=False)
-            elif isinstance(ev, Final):
-                _final(ev, as_json)
+        turn = session.run_turn(messages)
+        try:
+            for ev in turn:
+                if isinstance(ev, Status):
+                    status(ev.stage, ev.message)
+                elif isinstance(ev, Text):
+                    reply.append(ev.text)
+                    if as_json:
+                        emit_line({"type": "text", "text": ev.text})
+                    else:
+                        click.echo(ev.text, nl=False)
+                elif isinstance(ev, Final):
+                    _final(ev, as_json)
+        except Interrupted as err:
+            turn.close()  # stops and removes the sandbox if it is running
+            session.audit_interrupt(err)
+            raise
         return "".join(reply)
 
+    try:
+        _turns(session, kw, one_turn)
+    finally:
+        session.close()
+
+
+def _turns(session: Session, kw: dict[str, Any], one_turn: Callable[[list[dict[str, str]]], str]) -> None:
     history: list[dict[str, str]] = [{"role": "system", "content": kw["system"]}] if kw["system"] else []
     if not kw["chat"]:
         one_turn([*history, {"role": "user", "content": kw["prompt"]}])
@@ -136,7 +195,7 @@ def _confirm(text: str) -> bool:
     return click.confirm("Accept?", default=False, err=True)
 
 
-def _final(ev: Any, as_json: bool) -> None:
+def _final(ev: Final, as_json: bool) -> None:
     s = ev.stats
     if as_json:
         emit_line({"type": "final", "blocked": ev.blocked, "audit_log": ev.audit_path, "stats": s})

@@ -130,9 +130,15 @@ def verify_cmd(
     policy: str | None,
     as_json: bool,
 ) -> None:
-    """Verify a model folder: inventory, signature, manifest, lock, every file's sha256 (and a policy)."""
+    """Verify a model folder: inventory, signature, manifest, lock, every file's sha256 (and a policy).
+
+    With ``--policy`` the folder goes through the same gate as ``generate`` and ``ci-check``
+    (:func:`secure_run.runner.gate.run_gate`: verify -> architecture -> policy at stage ``check``).
+    """
     _json_mode(as_json)
     from secure_run.manifests import Lock, load_trust, verify_model
+    from secure_run.policies import Decision, load_policy
+    from secure_run.runner.gate import run_gate
 
     trust = load_trust(public_key=public_key, cert_root=cert_root, identity=identity, sigstore=sigstore, issuer=issuer, trusted_root=trusted_root)
     lock_obj = Lock.load(lock) if lock else None
@@ -143,12 +149,16 @@ def verify_cmd(
             "no trust given: pass --public-key, --cert-root + --identity, --sigstore + --identity + --issuer, or --lock",
             hint="verification needs pinned trust material",
         )
-    result = verify_model(model_dir, trust, signature=signature, lock=lock_obj, progress=hashing_progress(as_json, "verifying"))
-    decision = None
+    progress = hashing_progress(as_json, "verifying")
+    sig_path = Path(signature) if signature else None
+    decision: Decision | None = None
     if policy is not None:
-        from secure_run.runner.pipeline import policy_check
-
-        decision = policy_check(policy, result)
+        gate = run_gate(Path(model_dir), trust, lock=lock_obj, signature=sig_path, progress=progress,
+                        policy=load_policy(policy), stage="check")
+        result, decision = gate.verification, gate.decision
+    else:
+        result = verify_model(model_dir, trust, signature=sig_path, lock=lock_obj, progress=progress)
+    result.close()  # nothing below reads the folder
     if as_json:
         doc = {"ok": decision is None or decision.allowed, "command": "verify", **result.to_json()}
         if decision is not None:

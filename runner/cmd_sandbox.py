@@ -10,7 +10,7 @@ the sandbox. ``build-image`` builds the docker backend's runtime image locally (
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import click
 
@@ -52,7 +52,7 @@ def selftest_cmd(backend_name: str, gpu: bool, triton: bool, no_build: bool, see
     _json_errors(as_json)
     if triton and not gpu:
         raise UsageError("--triton needs --gpu", rule="sandbox.cli", hint="add --gpu (Triton runs on CUDA)")
-    device = "cuda" if gpu else "cpu"
+    device: Literal["cpu", "cuda"] = "cuda" if gpu else "cpu"
     policy = SandboxPolicy(gpu=gpu, jit_cache_mib=512 if gpu else 0, memory_mib=16384 if gpu else 2048,
                            pids_limit=1024 if gpu else 256, wall_clock_s=300.0)
     backend = (get_backend("docker", build=not no_build) if backend_name == "docker"

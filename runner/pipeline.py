@@ -17,25 +17,47 @@ The gate (:func:`prepare`) runs every check before a single weight is loaded, in
 5. choose the sandbox backend and its policy (no network, read-only root and model, no
    capabilities, seccomp, non-root, pids/memory/wall-clock limits, GPU only when asked).
 
+Steps 2-4 are the one typed gate of :mod:`secure_run.runner.gate` (shared with ``verify --policy``
+and ``ci-check``). The audit log is checked writable before anything else (exit 2 if not), and a
+refusal by verification or the architecture check is audited too.
+
 Each turn (:meth:`Session.run_turn`) then: checks the prompt against the input guardrail and the
-limits, starts the worker in a fresh sandbox with the verified file identities (the worker
-re-checks them before and after reading), streams tokens through the output guardrail, enforces
-the time limit, and appends an audit record with the run statistics and guardrail events.
+limits, writes a ``started`` audit record, starts the worker in a fresh sandbox with the pins of
+every verified file (sha256 + identity; the worker refuses a file without a pin, re-checks each
+identity before and after reading and re-hashes small files), streams tokens through the output
+guardrail, enforces the time limit, and appends a ``finished`` record with the run statistics and
+guardrail events (``refused`` or ``interrupted`` when the turn does not finish).
 """
 
 from __future__ import annotations
 
 import getpass
 import os
+import signal
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from secure_run.errors import PolicyViolation, SecureRunError, UsageError
+from secure_run.runner.gate import GateResult, RunContext, check_architecture, run_gate, verified_facts
+
+if TYPE_CHECKING:
+    from secure_run.manifests import ProgressSink, Trust, VerificationResult
+    from secure_run.model.tokenizer import ModelTokenizer
+    from secure_run.policies import AuditLog, Decision, GuardrailEvent, Policy, RunFacts
+    from secure_run.sandbox import Backend as SandboxBackend
+    from secure_run.sandbox import SandboxPolicy
+
+__all__ = [
+    "Event", "Final", "GenerateOptions", "Interrupted", "Session", "Status", "Text", "check_architecture",
+    "policy_check", "prepare", "verified_facts",
+]
 
 Backend = Literal["docker", "namespace"]
+_T = TypeVar("_T")
 
 #: load time granted on top of the policy's generation timeout before the sandbox is killed
 LOAD_ALLOWANCE_S = 120.0
@@ -48,7 +70,7 @@ class GenerateOptions:
     model_dir: Path | None = None
     policy: str | None = None
     lock: Path | None = None
-    trust: Any = None  # secure_run.manifests.Trust | None
+    trust: Trust | None = None
     signature: Path | None = None
     max_new_tokens: int | None = None
     temperature: float = 0.0
@@ -86,12 +108,25 @@ class Text:
 class Final:
     """End of one turn: statistics and the audit record that was written."""
 
-    stats: dict[str, Any]
+    stats: dict[str, object]
     blocked: bool
     audit_path: str
 
 
 Event = Status | Text | Final
+
+
+class Interrupted(SecureRunError):
+    """The run was stopped by SIGINT (exit 130) or SIGTERM (exit 143); the sandbox was stopped."""
+
+    kind = "interrupted"
+
+    def __init__(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        super().__init__(f"interrupted by {name}; the sandbox was stopped and the run audited",
+                         rule=f"run.interrupted.{name.lower()}", hint="run the command again to generate")
+        self.signum = signum
+        self.exit_code = 128 + signum
 
 
 def _default_operator() -> str:
@@ -108,29 +143,35 @@ class Session:
     options: GenerateOptions
     model_dir: Path
     is_demo: bool
-    policy: Any  # secure_run.policies.Policy
-    verification: Any  # secure_run.manifests.VerificationResult
-    decision: Any  # secure_run.policies.Decision
-    facts: Any  # secure_run.policies.RunFacts
-    backend: Any  # secure_run.sandbox.Backend
-    sandbox_policy: Any  # secure_run.sandbox.SandboxPolicy
-    tokenizer: Any  # secure_run.model.tokenizer.ModelTokenizer
+    policy: Policy
+    verification: VerificationResult
+    decision: Decision
+    facts: RunFacts
+    backend: SandboxBackend
+    sandbox_policy: SandboxPolicy
+    tokenizer: ModelTokenizer
     max_new_tokens: int
-    audit: Any  # secure_run.policies.AuditLog
+    audit: AuditLog
     notices: list[str] = field(default_factory=list)
+    #: called between the ``started`` record and the sandbox launch (tests use it to race the folder)
+    before_launch: Callable[[], None] | None = None
+
+    def close(self) -> None:
+        """Close the verified folder."""
+        self.verification.close()
 
     # --- one turn ---------------------------------------------------------------------------
 
-    def run_turn(self, messages: Sequence[Mapping[str, str]]) -> Iterator[Event]:
+    def run_turn(self, messages: Sequence[Mapping[str, str]]) -> Generator[Event, None, None]:
         """Run one completion for ``messages`` (chat roles ``system``/``user``/``assistant``)."""
         from secure_run.policies import audit_record
         from secure_run.sandbox import GenerateRequest, run_worker
-        from secure_run.sandbox.protocol import FileIdentityModel, StatsEvent, TextEvent, TokenEvent
+        from secure_run.sandbox.protocol import PinnedFileModel, StatsEvent, TextEvent, TokenEvent
 
         # 6. input guardrail and limits, on every user message and on the rendered prompt.
         limits = self.policy.limits()
         guard_in = self.policy.input_guard()
-        events: list[Any] = []
+        events: list[GuardrailEvent] = []
         checked: list[dict[str, str]] = []
         try:
             for m in messages:
@@ -144,22 +185,32 @@ class Session:
             prompt_tokens = len(self.tokenizer.encode(prompt_text))
             limits.check(prompt_chars=sum(len(m["content"]) for m in checked), prompt_tokens=prompt_tokens,
                          max_new_tokens=self.max_new_tokens)
+        except Interrupted:
+            raise  # audited once, by whoever stops the turn (Session.audit_interrupt)
         except SecureRunError as err:
             self._audit_refusal(err, events)
             raise
 
-        # 7. the worker, in a fresh sandbox, with the verified identities of the weight files.
-        identities = {
-            f.name: FileIdentityModel(st_dev=f.identity.dev, st_ino=f.identity.ino, st_size=f.identity.size,
-                                      st_mtime_ns=f.identity.mtime_ns)
-            for f in self.verification.files if f.name.endswith(".safetensors")
-        }
-        request = GenerateRequest(
-            task="generate", device="cuda" if self.options.gpu else "cpu", dtype=self.options.dtype,
-            messages=tuple(checked), max_new_tokens=self.max_new_tokens, temperature=self.options.temperature,
-            top_k=self.options.top_k, top_p=self.options.top_p, seed=self.options.seed, file_identities=identities,
-        )
+        # 7. the worker, in a fresh sandbox, with the pins (sha256 + identity) of every verified file.
+        folder = self.verification.verified
+        pins = {name: PinnedFileModel.of(pin) for name, pin in folder.pins().items()}
+        request = GenerateRequest.model_validate({
+            "task": "generate", "device": "cuda" if self.options.gpu else "cpu", "dtype": self.options.dtype,
+            "messages": tuple(checked), "max_new_tokens": self.max_new_tokens,
+            "temperature": self.options.temperature, "top_k": self.options.top_k, "top_p": self.options.top_p,
+            "seed": self.options.seed, "files": pins,
+        }, strict=False)
+        self.audit.append(audit_record(self.decision, event="started", run_stats={"backend": self.backend.name}))
         yield Status("sandbox", f"starting the {self.backend.name} sandbox (no network, read-only model)")
+        try:
+            if self.before_launch is not None:
+                self.before_launch()
+            folder.check_root_path()  # the path handed to the mount still names the verified folder
+        except Interrupted:
+            raise  # audited once, by whoever stops the turn (Session.audit_interrupt)
+        except SecureRunError as err:
+            self._audit_refusal(err, events)
+            raise
 
         # 8. stream through the output guardrail under the policy's time limit.
         guard_out = self.policy.output_guard()
@@ -167,9 +218,9 @@ class Session:
         started = time.monotonic()
         first_token: float | None = None
         tokens = 0
-        worker_stats: dict[str, Any] = {}
+        worker_stats: dict[str, object] = {}
         blocked = False
-        stream = run_worker(self.backend, self.sandbox_policy, request)
+        stream = _closing(run_worker(self.backend, self.sandbox_policy, request))
         try:
             for ev in stream:
                 if isinstance(ev, TokenEvent):
@@ -189,7 +240,10 @@ class Session:
                 elif isinstance(ev, StatsEvent):
                     worker_stats = ev.model_dump(exclude={"type"})
                 deadline.check()
+        except Interrupted:
+            raise  # the finally below stops the sandbox; Session.audit_interrupt records it
         except SecureRunError as err:
+            stream.close()  # kills and removes the sandbox if it is still running
             events.extend(guard_out.events)
             self._audit_refusal(err, events)
             raise
@@ -214,72 +268,59 @@ class Session:
             "worker": worker_stats,
             "output_blocked": blocked,
         }
-        record = audit_record(self.decision, event="run", run_stats=stats, guardrail_events=events)
+        record = audit_record(self.decision, event="finished", run_stats=stats, guardrail_events=events)
         self.audit.append(record)
         yield Final(stats=stats, blocked=blocked, audit_path=str(self.audit.path))
 
-    def _audit_refusal(self, err: SecureRunError, events: Sequence[Any]) -> None:
+    def audit_interrupt(self, err: Interrupted) -> None:
+        """Record that a turn was interrupted (after its sandbox was stopped)."""
+        self._audit_refusal(err, (), event="interrupted")
+
+    def _audit_refusal(self, err: SecureRunError, events: Sequence[GuardrailEvent], *, event: str = "refused") -> None:
         from secure_run.policies import audit_record
 
         stats = {"refused": err.to_json()}
-        self.audit.append(audit_record(self.decision, event="refused", run_stats=stats, guardrail_events=events))
+        self.audit.append(audit_record(self.decision, event=event, run_stats=stats, guardrail_events=events))
 
 
-# --- shared by generate, verify --policy and ci-check ----------------------------------------------
+# --- shared by verify --policy and ci-check --------------------------------------------------------
 
 
-def verified_facts(verification: Any, *, sandbox: Any = None, declared_use: str | None = None,
-                   operator: str | None = None, max_new_tokens: int | None = None) -> Any:
-    """The policy facts a successful verification establishes (``secure_run.policies.RunFacts``)."""
+def policy_check(policy_ref: str, verification: VerificationResult) -> Decision:
+    """Evaluate a policy at stage ``check`` for a verified folder (architecture checked first)."""
     from secure_run import policies
 
-    signer = verification.signer
-    return policies.RunFacts(
-        model_dir=Path(verification.root),
-        signature=policies.SignatureFacts(
-            verified=True, digests_matched=True, root_digest=f"sha256:{verification.root_digest}",
-            signer=signer.key_sha256 if signer.method == "key" else signer.identity,
-            lock_matched=True if verification.lock_name is not None else None,  # None: no lock compared
-        ),
-        code_files=(),  # verification's inventory refuses every code or pickle-capable file
-        sandbox=sandbox,
-        declared_use=declared_use,
-        operator=operator,
-        max_new_tokens=max_new_tokens,
-    )
-
-
-def check_architecture(verification: Any) -> None:
-    """Refuse unless the verified tensor tables equal the vendored architecture's (no torch)."""
-    from secure_run.model import checkpoint
-    from secure_run.model.config import load_config
-
-    config = load_config(verification.root)
-    found = {
-        name: checkpoint.HeaderEntry(shard, info.dtype, tuple(info.shape), info)
-        for shard, header in verification.headers.items()
-        for name, info in header.tensors.items()
-    }
-    checkpoint.check_table(config, checkpoint.name_map_for(config), found)
-
-
-def policy_check(policy_ref: str, verification: Any) -> Any:
-    """Evaluate a policy at stage ``check`` for a verified folder; returns the Decision."""
-    from secure_run import policies
-
+    check_architecture(verification)
     return policies.evaluate(policies.load_policy(policy_ref), verified_facts(verification), stage="check")
+
+
+# --- audit of what happens before a decision exists -------------------------------------------------
+
+
+def audit_gate_refusal(audit: AuditLog, err: BaseException, *, model_dir: Path, policy: Policy,
+                       operator: str, event: str = "refused") -> None:
+    """Audit a refusal (or interrupt) that came before the policy decided (verification, architecture)."""
+    from secure_run.policies.audit import AUDIT_SCHEMA
+
+    error = err.to_json() if isinstance(err, SecureRunError) else {"kind": type(err).__name__, "message": str(err)}
+    audit.append({
+        "schema": AUDIT_SCHEMA, "ts": datetime.now(UTC).isoformat(timespec="milliseconds"), "event": event,
+        "allowed": False, "stage": "verify", "policy_name": policy.name, "policy_sha256": policy.sha256,
+        "model_dir": str(model_dir), "operator": operator, "run_stats": {"refused": error},
+        "findings": [], "guardrail_events": [],
+    })
 
 
 # --- the gate ------------------------------------------------------------------------------------
 
 
-def prepare(options: GenerateOptions, *, progress: Any = None,
+def prepare(options: GenerateOptions, *, progress: ProgressSink | None = None,
             confirm_license: Callable[[str], bool] | None = None) -> Session:
     """Run the pre-run gate (steps 1-5 of the module docstring) and return a ready session.
 
     Args:
         options: what the operator asked for.
-        progress: optional hashing progress sink (``secure_run.manifests.ProgressSink``).
+        progress: optional hashing progress sink.
         confirm_license: interactive licence prompt; called with the text to show, returns True when
             the operator accepts (only asked when the policy requires acceptance and none is recorded).
 
@@ -289,14 +330,13 @@ def prepare(options: GenerateOptions, *, progress: Any = None,
     from secure_run import manifests, policies
     from secure_run.model.tokenizer import ModelTokenizer
 
-    # 1. the model, its policy, the lock.
+    # 1. the model, its policy, the lock; the audit log must be writable before anything runs.
     is_demo = options.model_dir is None
-    if is_demo:
+    if options.model_dir is None:
         from secure_run.model.demo import demo_model_dir
 
-        model_dir = demo_model_dir()
+        model_dir = Path(demo_model_dir())
     else:
-        assert options.model_dir is not None
         model_dir = options.model_dir
     policy_ref = options.policy or ("builtin:demo" if is_demo else None)
     if policy_ref is None:
@@ -305,61 +345,75 @@ def prepare(options: GenerateOptions, *, progress: Any = None,
     policy = policies.load_policy(policy_ref)
     lock = manifests.Lock.load(options.lock or manifests.default_lock_path())
     audit = policies.AuditLog(options.audit_log or policy.audit_log_path())
+    check_audit_writable(audit)
     operator = options.operator or _default_operator()
 
-    # 2. verify the folder against the pinned trust and the lock (raises on any refusal).
-    verification = manifests.verify_model(model_dir, options.trust, signature=options.signature, lock=lock,
-                                          progress=progress)
-
-    # 3. the tensor table must be exactly the vendored architecture's.
-    check_architecture(verification)
-
-    # 4. licence and guardrail policy.
+    # 2-4. the one gate: verify, architecture, policy (licence acceptance recorded first when asked).
     backend_name: Backend = options.sandbox
-    facts = verified_facts(
-        verification,
-        sandbox=policies.SandboxFacts(enabled=True, backend=backend_name, network_enabled=False,
-                                      read_only_model=True),
+    context = RunContext(
+        sandbox=policies.SandboxFacts(enabled=True, backend=backend_name, network_enabled=False, read_only_model=True),
         declared_use=options.declared_use, operator=operator, max_new_tokens=options.max_new_tokens,
     )
     store = policies.AcceptanceStore(policy.acceptance_store_path())
-    if options.accept_license:
-        policies.accept_license(policy, Path(verification.root), license_id=options.accept_license,
-                                operator=operator, acknowledgements=options.acknowledgements, store=store)
-    decision = policies.evaluate(policy, facts, stage="run", acceptances=store)
-    if not decision.allowed and confirm_license is not None and _only_acceptance_missing(decision):
-        license_id = (decision.license or {}).get("license_id")
-        required = tuple(policy.spec.acceptance.acknowledgements)
-        text = (f"The model's licence is {license_id} (fingerprint {(decision.license or {}).get('fingerprint')}).\n"
-                f"Policy {policy.name} requires you to accept it" +
-                (f" and acknowledge: {', '.join(required)}" if required else "") + ".")
-        if license_id and confirm_license(text):
-            policies.accept_license(policy, Path(verification.root), license_id=license_id, operator=operator,
-                                    acknowledgements=required, store=store)
-            decision = policies.evaluate(policy, facts, stage="run", acceptances=store)
+
+    def decide(pol: Policy, facts: RunFacts) -> Decision:
+        if options.accept_license:
+            policies.accept_license(pol, facts.model_dir, license_id=options.accept_license,
+                                    operator=operator, acknowledgements=options.acknowledgements, store=store)
+        decision = policies.evaluate(pol, facts, stage="run", acceptances=store)
+        if not decision.allowed and confirm_license is not None and _only_acceptance_missing(decision):
+            license_id = (decision.license or {}).get("license_id")
+            required = tuple(pol.spec.acceptance.acknowledgements)
+            text = (f"The model's licence is {license_id} (fingerprint {(decision.license or {}).get('fingerprint')}).\n"
+                    f"Policy {pol.name} requires you to accept it" +
+                    (f" and acknowledge: {', '.join(required)}" if required else "") + ".")
+            if isinstance(license_id, str) and license_id and confirm_license(text):
+                policies.accept_license(pol, facts.model_dir, license_id=license_id, operator=operator,
+                                        acknowledgements=required, store=store)
+                decision = policies.evaluate(pol, facts, stage="run", acceptances=store)
+        return decision
+
+    def refused(err: BaseException, _verification: VerificationResult | None) -> None:
+        if isinstance(err, SecureRunError):
+            audit_gate_refusal(audit, err, model_dir=model_dir, policy=policy, operator=operator,
+                               event="interrupted" if isinstance(err, Interrupted) else "refused")
+
+    gate = run_gate(model_dir, options.trust, lock=lock, signature=options.signature, progress=progress,
+                    policy=policy, stage="run", context=context, decide=decide, on_refusal=refused)
+    try:
+        return _session(options, gate, is_demo=is_demo, audit=audit, tokenizer_from=ModelTokenizer.from_folder)
+    except BaseException:
+        gate.close()
+        raise
+
+
+def _session(options: GenerateOptions, gate: GateResult, *, is_demo: bool, audit: AuditLog,
+             tokenizer_from: Callable[..., ModelTokenizer]) -> Session:
+    from secure_run import policies
+    from secure_run.sandbox import SandboxPolicy, get_backend
+
+    decision, policy = gate.decision, gate.policy
+    assert decision is not None and policy is not None  # run_gate was given a policy
     if not decision.allowed:
         audit.append(policies.audit_record(decision, event="refused"))
     decision.raise_if_denied()
 
     # 5. the sandbox.
-    from secure_run.sandbox import SandboxPolicy, get_backend
-
+    verification = gate.verification
     limits = policy.limits()
     max_new = options.max_new_tokens if options.max_new_tokens is not None else min(64, limits.max_new_tokens)
-    sb_kwargs: dict[str, Any] = {"model_dir": Path(verification.root).resolve(), "gpu": options.gpu,
-                                 "wall_clock_s": float(limits.timeout_s) + LOAD_ALLOWANCE_S}
+    sandbox_policy = SandboxPolicy(model_dir=Path(verification.root).resolve(), gpu=options.gpu,
+                                   wall_clock_s=float(limits.timeout_s) + LOAD_ALLOWANCE_S)
     if options.memory_mib is not None:
-        sb_kwargs["memory_mib"] = options.memory_mib
-    if options.gpu:
-        sb_kwargs["jit_cache_mib"] = 512  # Triton's compiled launchers need an exec-capable cache
-    sandbox_policy = SandboxPolicy(**sb_kwargs)
-    backend = get_backend(backend_name, build=options.build_image) if backend_name == "docker" else get_backend(
-        "namespace")
-
+        sandbox_policy = sandbox_policy.with_overrides(memory_mib=options.memory_mib)
+    if options.gpu:  # Triton's compiled launchers need an exec-capable cache
+        sandbox_policy = sandbox_policy.with_overrides(jit_cache_mib=512)
+    backend = (get_backend("docker", build=options.build_image) if options.sandbox == "docker"
+               else get_backend("namespace"))
     session = Session(
         options=options, model_dir=Path(verification.root), is_demo=is_demo, policy=policy,
-        verification=verification, decision=decision, facts=facts, backend=backend,
-        sandbox_policy=sandbox_policy, tokenizer=ModelTokenizer.from_dir(verification.root),
+        verification=verification, decision=decision, facts=gate.facts, backend=backend,
+        sandbox_policy=sandbox_policy, tokenizer=tokenizer_from(gate.folder),
         max_new_tokens=max_new, audit=audit,
     )
     warnings = [f for f in decision.findings if f.result == "warn"]
@@ -367,6 +421,38 @@ def prepare(options: GenerateOptions, *, progress: Any = None,
     return session
 
 
-def _only_acceptance_missing(decision: Any) -> bool:
+class _closing(Iterator[_T]):
+    """An iterator whose ``close()`` closes the wrapped generator (kills and removes the sandbox)."""
+
+    def __init__(self, inner: Iterator[_T]) -> None:
+        self._inner = inner
+
+    def __next__(self) -> _T:
+        return next(self._inner)
+
+    def close(self) -> None:
+        if isinstance(self._inner, Generator):
+            self._inner.close()
+
+
+def check_audit_writable(audit: AuditLog) -> None:
+    """Refuse to start (exit 2) when the audit log cannot be written.
+
+    Raises:
+        EnvironmentProblem: rule ``run.audit-unwritable``.
+    """
+    from secure_run.errors import EnvironmentProblem
+    from secure_run.policies import StateFileError
+
+    try:
+        audit.check_writable()
+    except StateFileError as err:
+        raise EnvironmentProblem(f"the audit log {audit.path} cannot be written: {err.message}",
+                                 rule="run.audit-unwritable", path=str(audit.path),
+                                 hint="fix its folder's permissions or free space, or pass --audit-log FILE; "
+                                      "secure-run does not run a model unaudited") from None
+
+
+def _only_acceptance_missing(decision: Decision) -> bool:
     denied = {f.check for f in decision.findings if f.result == "deny"}
     return bool(denied) and denied <= {"L1", "L2"}

@@ -36,6 +36,9 @@ from pydantic import (
 )
 
 from secure_run.errors import SandboxError
+from secure_run.manifests._jsoncheck import JsonProblem, loads_strict
+from secure_run.manifests.folder import PinnedFile
+from secure_run.manifests.hashing import FileIdentity
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -43,8 +46,8 @@ __all__ = [
     "ErrorEvent",
     "Event",
     "EventReader",
-    "FileIdentityModel",
     "GenerateRequest",
+    "PinnedFileModel",
     "ProtocolError",
     "Request",
     "SelftestRequest",
@@ -106,13 +109,21 @@ class _Frozen(BaseModel):
 # --- requests (host -> worker) -------------------------------------------------------------------
 
 
-class FileIdentityModel(_Frozen):
-    """The identity a verified file must still have when the worker opens it (``fstat``)."""
+class PinnedFileModel(_Frozen):
+    """What verification proved about one file the worker will open: its sha256 and identity.
 
-    st_dev: int = Field(ge=0)
-    st_ino: int = Field(ge=0)
-    st_size: int = Field(ge=0)
-    st_mtime_ns: int = Field(ge=0)
+    ``identity`` is the one file-identity type of secure-run
+    (:class:`secure_run.manifests.hashing.FileIdentity`: dev, ino, size, mtime_ns, ctime_ns); the
+    worker compares it with ``fstat`` before and after reading, and hashes small files again.
+    """
+
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    identity: FileIdentity
+
+    @classmethod
+    def of(cls, pin: PinnedFile) -> PinnedFileModel:
+        """The wire form of a verified folder's pin."""
+        return cls(sha256=pin.sha256, identity=pin.identity)
 
 
 class ChatMessage(_Frozen):
@@ -157,13 +168,18 @@ class GenerateRequest(_Frozen):
     top_k: int = Field(default=0, ge=0, le=1 << 20)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
-    file_identities: dict[_FileName, FileIdentityModel] = Field(default_factory=dict)
+    #: every file the worker may open, pinned by verification (required: no pins, no load)
+    files: dict[_FileName, PinnedFileModel] = Field(min_length=1, max_length=4096)
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("exactly one of messages and prompt must be given")
         return self
+
+    def pins(self) -> list[PinnedFile]:
+        """The pins as the verified folder takes them."""
+        return [PinnedFile(name, p.sha256, p.identity) for name, p in self.files.items()]
 
 
 Request = Annotated[SelftestRequest | GenerateRequest, Field(discriminator="task")]
@@ -277,22 +293,16 @@ class StreamLimits:
     max_total_bytes: int = 64 * 1024 * 1024
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"JSON constant {name} is not allowed")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
 def _strict_json(data: bytes) -> Any:
-    text = data.decode("utf-8")  # UnicodeDecodeError is a ValueError
-    return json.loads(text, parse_constant=_no_constants, object_pairs_hook=_no_duplicates)
+    """The one strict JSON loader (no NaN/Infinity, no duplicate keys, no BOM, UTF-8 only).
+
+    Raises:
+        ValueError: with the loader's reason (callers turn it into a :class:`ProtocolError`).
+    """
+    try:
+        return loads_strict(data, allow_infinity=False)
+    except JsonProblem as err:
+        raise ValueError(err.message) from None
 
 
 def _short(err: BaseException) -> str:

@@ -5,9 +5,11 @@ Run inside the sandbox as ``python -S -m secure_run.sandbox.worker``. Tasks:
 * ``selftest``: a tiny deterministic torch model built from a seed (or loaded from a safetensors
   file in the read-only model mount), greedy-decoded on CPU or CUDA, optionally with a CUDA matmul
   check and a tiny Triton kernel; streams its tokens and a final ``stats`` event.
-* ``generate``: loads the verified model mounted at ``/model`` through
-  ``secure_run.model.load_for_inference`` (re-checking each shard's file identity), renders the
-  chat template, and streams ``token`` / ``text`` events and final ``stats``.
+* ``generate``: opens the model mounted at ``/model`` as a verified folder built from the pins in
+  the request (sha256 + identity of every file it will open; a missing pin is refused), loads the
+  weights, tokenizer and chat template through it (no link followed, identity re-checked before
+  and after each read, small files re-hashed), renders the chat template, and streams ``token`` /
+  ``text`` events and final ``stats``.
 
 Anything else a library prints on file descriptor 1 is diverted to stderr, so stdout carries only
 protocol lines. Exit status: 0 ok, 2 bad request, 3 model refused, 4 unavailable, 1 internal error.
@@ -47,6 +49,8 @@ from .protocol import (
 
 if TYPE_CHECKING:
     import torch
+
+    from secure_run.manifests.folder import VerifiedFolder
 
 __all__ = ["main", "serve"]
 
@@ -123,16 +127,79 @@ def run_selftest(req: SelftestRequest, emit: Emit) -> None:
                     device=req.device, detail=detail))
 
 
+#: Files the worker opens when they are part of the model (each must then be pinned by the request).
+WORKER_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "model.safetensors.index.json",
+    "model.safetensors",
+)
+#: Files the worker cannot do without.
+REQUIRED_FILES = ("config.json", "tokenizer.json")
+
+
+def open_pinned_folder(req: GenerateRequest, root: str = MODEL_MOUNT) -> VerifiedFolder:
+    """The verified folder over the read-only mount, with the pins the host sent.
+
+    Refuses (``sandbox.worker.unpinned``) a request that does not pin a file the worker would open:
+    the required files, the weights, and every known model file present in the mount. Shards named
+    by the index are checked when the loader opens them (``folder.unpinned``).
+    """
+    from secure_run.manifests.folder import VerifiedFolder
+
+    folder = VerifiedFolder.open(root, req.pins())
+    try:
+        missing = [n for n in REQUIRED_FILES if not folder.has(n)]
+        if not (folder.has("model.safetensors.index.json") or folder.has("model.safetensors")):
+            missing.append("model.safetensors.index.json or model.safetensors")
+        present = [n for n in WORKER_FILES if not folder.has(n) and _present(folder.dirfd, n)]
+        if missing or present:
+            raise Refusal(
+                "the request does not pin every file the worker needs (no pin for "
+                + ", ".join(missing + present) + ")",
+                rule="sandbox.worker.unpinned",
+                details=tuple(f"no pin for {n}" for n in missing + present),
+                hint="the host must send the verified sha256 and identity of every model file it verified",
+            )
+    except BaseException:
+        folder.close()
+        raise
+    return folder
+
+
+def _present(dirfd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except OSError:
+        return False
+    return True
+
+
 def run_generate(req: GenerateRequest, emit: Emit) -> None:
-    """The ``generate`` task, through the model package's inference API."""
-    from secure_run.model import FileIdentity, GenerationConfig, load_for_inference
+    """The ``generate`` task: every file read through the verified folder built from the request's pins.
+
+    The model mount is opened once as a directory descriptor; the config, index, tokenizer, token
+    configs and chat template are read whole below it (no link followed), identity-checked before
+    and after, and their sha256 compared with the pins; each shard is opened below it with its
+    pinned identity (ctime included) and re-checked after its tensors are read.
+    """
+    import torch
+
+    from secure_run.model import GenerationConfig
+    from secure_run.model.inference import InferenceModel
+    from secure_run.model.loader import load_model
+    from secure_run.model.tokenizer import ModelTokenizer
 
     t0 = time.perf_counter()
     _require_device(req.device)
-    identities = {
-        name: FileIdentity(fi.st_dev, fi.st_ino, fi.st_size, fi.st_mtime_ns) for name, fi in req.file_identities.items()
-    }
-    model = load_for_inference(MODEL_MOUNT, device=req.device, dtype=req.dtype, file_identities=identities or None)
+    with open_pinned_folder(req, MODEL_MOUNT) as folder:
+        dtype = None if req.dtype is None else getattr(torch, req.dtype)
+        model = InferenceModel(model=load_model(folder, device=req.device, dtype=dtype),
+                               tokenizer=ModelTokenizer.from_folder(folder))
     load_s = time.perf_counter() - t0
     if req.messages is not None:
         text = model.render_chat([m.model_dump() for m in req.messages])

@@ -1,4 +1,4 @@
-"""Run mypy --strict on the security-critical packages under their installed names.
+"""Run mypy --strict on the security-critical packages (manifests, policies, sandbox, runner) under their installed names.
 
 The top-level folders are mapped to ``secure_run.<folder>`` by pyproject.toml; mypy cannot see
 that mapping (the editable install uses an import hook), so this builds a throw-away tree of
@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = ("secure_run", "secure_run.errors")
-PACKAGES = ("secure_run.manifests", "secure_run.policies", "secure_run.sandbox")
+PACKAGES = ("secure_run.manifests", "secure_run.policies", "secure_run.sandbox", "secure_run.runner")
 FOLDERS = ("runner", "manifests", "policies", "model", "kernels", "sandbox")
 
 

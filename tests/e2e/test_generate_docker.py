@@ -52,7 +52,8 @@ def test_demo_generates_tokens_in_docker_and_writes_an_audit_record(tmp_path: Pa
     record = json.loads(audit.read_text().splitlines()[-1])
     pinned = Lock.load(default_lock_path()).get("superlinear-demo")
     assert pinned is not None
-    assert record["event"] == "run" and record["allowed"] is True
+    assert record["event"] == "finished" and record["allowed"] is True
+    assert json.loads(audit.read_text().splitlines()[-2])["event"] == "started"
     assert record["model_root_digest"] == pinned.root_digest
     assert record["run_stats"]["generated_tokens"] == final["stats"]["generated_tokens"]
     assert record["policy_sha256"]

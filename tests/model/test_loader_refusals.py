@@ -233,11 +233,11 @@ def test_file_identities(folder_factory: Factory) -> None:
     shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     ids = {s: os.stat(path / s) for s in shards}
     load_model(path, file_identities=ids)  # stat results are accepted and match
-    good = {s: FileIdentity.of(st) for s, st in ids.items()}
+    good = {s: FileIdentity.from_stat(st) for s, st in ids.items()}
     load_model(path, file_identities=good)
     wrong = dict(good)
     g = good[shards[1]]
-    wrong[shards[1]] = FileIdentity(g.st_dev, g.st_ino, g.st_size + 1, g.st_mtime_ns)
+    wrong[shards[1]] = FileIdentity(g.dev, g.ino, g.size + 1, g.mtime_ns, g.ctime_ns)
     err = _refused(path, file_identities=wrong)
     assert err.rule == "loader.identity" and err.path == shards[1]
     err = _refused(path, file_identities={shards[0]: good[shards[0]]})
@@ -261,11 +261,10 @@ def test_manifests_identities_and_ctime(folder_factory: Factory) -> None:
     assert (now.st_size, now.st_mtime_ns, now.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
     err = _refused(path, file_identities=verified)
     assert err.rule == "loader.identity"
-    four = {"model.safetensors": FileIdentity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)}
-    load_model(path, file_identities=four)  # without ctime the edit cannot be seen (documented)
-    with pytest.raises(ModelError) as info:
-        FileIdentity.coerce("not an identity")
-    assert info.value.rule == "loader.identity"
+    # one identity type: ctime is always part of it (no four-field identity is accepted)
+    err = _refused(path, file_identities={"model.safetensors": (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)})
+    assert err.rule == "loader.identity"
+    assert FileIdentity is VerifiedIdentity
 
 
 def test_shard_replaced_after_verification(folder_factory: Factory) -> None:
@@ -345,3 +344,51 @@ def test_never_unpickles(folder_factory: Factory, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(pickle, "load", boom)
     monkeypatch.setattr(pickle, "loads", boom)
     load_model(folder_factory(TINY_SL, _state(TINY_SL)))
+
+
+# --- reading through the verified folder ----------------------------------------------------------
+
+
+def _pinned(path: Path) -> list[object]:
+    import hashlib
+
+    from secure_run.manifests.folder import PinnedFile
+
+    return [PinnedFile(p.name, hashlib.sha256(p.read_bytes()).hexdigest(), FileIdentity.from_stat(os.lstat(p)))
+            for p in sorted(path.iterdir())]
+
+
+def test_index_symlink_is_not_followed(folder_factory: Factory, tmp_path: Path) -> None:
+    """Issue 10 item 2: ``_read_index`` followed a symbolic link to an index outside the folder."""
+    path = folder_factory(TINY, _state(), shards=2)
+    outside = tmp_path / "elsewhere.json"
+    os.replace(path / loader_mod.INDEX_FILE, outside)
+    os.symlink(outside, path / loader_mod.INDEX_FILE)
+    err = _refused(path)
+    assert err.rule == "loader.index" and "symbolic links" in err.message
+
+
+def test_verified_folder_loads_and_refuses_unpinned_and_changed(folder_factory: Factory) -> None:
+    from secure_run.errors import VerificationError
+    from secure_run.manifests.folder import VerifiedFolder
+
+    path = folder_factory(TINY, _state(), shards=2)
+    pins = _pinned(path)
+    with VerifiedFolder.open(path, pins) as folder:  # type: ignore[arg-type]
+        assert load_model(folder).config.model_type
+    # a shard without a pin is never opened
+    shard = "model-00002-of-00002.safetensors"
+    with VerifiedFolder.open(path, [p for p in pins if p.name != shard]) as folder:  # type: ignore[attr-defined]
+        with pytest.raises(VerificationError) as info:
+            load_model(folder)
+        assert info.value.rule == "folder.unpinned" and info.value.path == shard
+    # config.json edited after verification, same size, mtime restored: ctime and sha256 catch it
+    cfg = path / "config.json"
+    st = os.stat(cfg)
+    data = cfg.read_bytes()
+    cfg.write_bytes(data.replace(b'"', b'"', 1))
+    os.utime(cfg, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with VerifiedFolder.open(path, pins) as folder:  # type: ignore[arg-type]
+        with pytest.raises(VerificationError) as info:
+            load_model(folder)
+        assert info.value.rule == "folder.changed" and info.value.path == "config.json"

@@ -66,12 +66,15 @@ def test_clean_stream_is_released_and_audited(scripted: dict[str, Any], tmp_path
     assert "".join(e.text for e in out if isinstance(e, Text)) == "Hello world"
     final = out[-1]
     assert isinstance(final, Final) and final.blocked is False and final.stats["generated_tokens"] == 3
-    record = _audit(tmp_path)[-1]
-    assert record["event"] == "run" and record["run_stats"]["output_blocked"] is False
-    # the worker got the verified identities of every weight shard, and a no-network sandbox policy
+    records = _audit(tmp_path)
+    assert [r["event"] for r in records[-2:]] == ["started", "finished"]
+    record = records[-1]
+    assert record["run_stats"]["output_blocked"] is False
+    # the worker got the pins (sha256 + full identity) of every verified file, and a no-network policy
     policy, request = scripted["requests"][0]
-    assert sorted(request.file_identities) == sorted(f.name for f in session.verification.files
-                                                     if f.name.endswith(".safetensors"))
+    assert sorted(request.files) == sorted(f.name for f in session.verification.files)
+    for f in session.verification.files:
+        assert request.files[f.name].sha256 == f.sha256 and request.files[f.name].identity == f.identity
     assert policy.network == "none" and policy.model_dir == session.model_dir.resolve()
     assert request.messages[-1].content == "hello" and request.max_new_tokens == 8
 

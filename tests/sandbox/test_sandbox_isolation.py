@@ -8,6 +8,8 @@ mount, noexec scratch), privileges (uid, capabilities, no_new_privs, seccomp), a
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import socket
 import time
 import uuid
@@ -31,7 +33,7 @@ from secure_run.sandbox import (
 )
 from secure_run.sandbox._internal import selftest
 from secure_run.sandbox.backends import Backend
-from secure_run.sandbox.protocol import ChatMessage, FileIdentityModel
+from secure_run.sandbox.protocol import ChatMessage, PinnedFileModel
 
 ZERO_CAPS = "0000000000000000"
 
@@ -214,12 +216,16 @@ def test_protocol_violation_stops_the_sandbox(backend: Backend, policy: SandboxP
     assert host_processes_with(marker) == []
 
 
-def _identities(d: Path) -> dict[str, FileIdentityModel]:
+def _identities(d: Path) -> dict[str, PinnedFileModel]:
+    """The pins the host sends: sha256 + identity of every file of the folder."""
+    import hashlib
+
+    from secure_run.manifests import FileIdentity
+
     out = {}
-    for p in sorted(d.glob("*.safetensors")):
-        st = p.stat()
-        out[p.name] = FileIdentityModel(st_dev=st.st_dev, st_ino=st.st_ino, st_size=st.st_size,
-                                        st_mtime_ns=st.st_mtime_ns)
+    for p in sorted(d.iterdir()):
+        out[p.name] = PinnedFileModel(sha256=hashlib.sha256(p.read_bytes()).hexdigest(),
+                                      identity=FileIdentity.from_stat(os.lstat(p)))
     return out
 
 
@@ -231,7 +237,7 @@ def test_generate_runs_the_demo_model_inside_the_sandbox(backend: Backend, polic
     d = Path(demo_model_dir())
     pol = policy.with_overrides(memory_mib=2048, model_dir=d)
     messages = (ChatMessage(role="user", content="Hello, sandbox!"),)
-    req = GenerateRequest(task="generate", messages=messages, max_new_tokens=6, file_identities=_identities(d))
+    req = GenerateRequest(task="generate", messages=messages, max_new_tokens=6, files=_identities(d))
     events = list(run_worker(backend, pol, req))
     tokens = [e.token_id for e in events if isinstance(e, TokenEvent)]
     # the same model and prompt on the host, outside any sandbox, greedy: the same tokens
@@ -248,9 +254,10 @@ def test_generate_refuses_a_shard_whose_identity_changed(backend: Backend, polic
 
     d = Path(demo_model_dir())
     ids = _identities(d)
-    first = sorted(ids)[0]
-    ids[first] = ids[first].model_copy(update={"st_ino": ids[first].st_ino + 1})
-    req = GenerateRequest(task="generate", prompt="hi", max_new_tokens=2, file_identities=ids)
+    first = sorted(n for n in ids if n.endswith(".safetensors"))[0]
+    ident = ids[first].identity
+    ids[first] = ids[first].model_copy(update={"identity": dataclasses.replace(ident, ino=ident.ino + 1)})
+    req = GenerateRequest(task="generate", prompt="hi", max_new_tokens=2, files=ids)
     with pytest.raises(ModelError) as info:
         list(run_worker(backend, policy.with_overrides(memory_mib=2048, model_dir=d), req))
     assert info.value.exit_code == 1

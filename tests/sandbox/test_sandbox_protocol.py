@@ -11,9 +11,7 @@ from hypothesis import strategies as st
 
 from secure_run.sandbox.protocol import (
     MAX_REQUEST_BYTES,
-    ChatMessage,
     EventReader,
-    FileIdentityModel,
     GenerateRequest,
     ProtocolError,
     SelftestRequest,
@@ -165,10 +163,14 @@ def test_terminal_safe_output_has_no_controls(text: str) -> None:
 def test_requests_round_trip() -> None:
     sel = SelftestRequest(task="selftest", seed=3, steps=4, device="cuda", triton=True, matmul_size=64)
     assert parse_request(encode_request(sel)) == sel
-    gen = GenerateRequest(task="generate", messages=(ChatMessage(role="user", content="hi"),), max_new_tokens=5,
-                          file_identities={"model-00001.safetensors": FileIdentityModel(
-                              st_dev=1, st_ino=2, st_size=3, st_mtime_ns=4)})
+    gen = GenerateRequest.model_validate({"task": "generate", "messages": [{"role": "user", "content": "hi"}],
+                                          "max_new_tokens": 5, "files": _FILES}, strict=False)
     assert parse_request(encode_request(gen)) == gen
+    assert gen.files["model-00001.safetensors"].identity.ctime_ns == 5
+
+
+_FILES = {"model-00001.safetensors": {"sha256": "ab" * 32, "identity": {"dev": 1, "ino": 2, "size": 3, "mtime_ns": 4,
+                                                                      "ctime_ns": 5}}}
 
 
 @pytest.mark.parametrize("doc, needle", [
@@ -178,13 +180,19 @@ def test_requests_round_trip() -> None:
     ({"task": "selftest", "weights_file": "/etc/passwd"}, "weights_file"),
     ({"task": "selftest", "steps": 0}, "steps"),
     ({"task": "selftest", "device": "tpu"}, "device"),
-    ({"task": "generate"}, "exactly one of messages and prompt"),
-    ({"task": "generate", "prompt": "a", "messages": []}, "exactly one of messages and prompt"),
-    ({"task": "generate", "prompt": "a", "device": "cuda:0; rm"}, "device"),
-    ({"task": "generate", "prompt": "a", "file_identities": {"../x": {"st_dev": 1, "st_ino": 1, "st_size": 1,
-                                                                       "st_mtime_ns": 1}}}, "file_identities"),
-    ({"task": "generate", "messages": [{"role": "root", "content": "x"}]}, "role"),
-    ({"task": "generate", "prompt": "a", "temperature": -1}, "temperature"),
+    ({"task": "generate", "files": _FILES}, "exactly one of messages and prompt"),
+    ({"task": "generate", "prompt": "a", "messages": [], "files": _FILES}, "exactly one of messages and prompt"),
+    ({"task": "generate", "prompt": "a", "device": "cuda:0; rm", "files": _FILES}, "device"),
+    ({"task": "generate", "prompt": "a", "files": {"../x": _FILES["model-00001.safetensors"]}}, "files"),
+    ({"task": "generate", "messages": [{"role": "root", "content": "x"}], "files": _FILES}, "role"),
+    ({"task": "generate", "prompt": "a", "temperature": -1, "files": _FILES}, "temperature"),
+    # issue 10 item 3: a request without pins, or with an identity lacking ctime, is refused
+    ({"task": "generate", "prompt": "a"}, "files"),
+    ({"task": "generate", "prompt": "a", "files": {}}, "files"),
+    ({"task": "generate", "prompt": "a", "files": {"a.json": {"sha256": "ab" * 32, "identity": {
+        "dev": 1, "ino": 2, "size": 3, "mtime_ns": 4}}}}, "ctime_ns"),
+    ({"task": "generate", "prompt": "a", "files": {"a.json": {"sha256": "xyz", "identity": {
+        "dev": 1, "ino": 2, "size": 3, "mtime_ns": 4, "ctime_ns": 5}}}}, "sha256"),
 ])
 def test_bad_requests_are_refused(doc: dict[str, object], needle: str) -> None:
     with pytest.raises(ProtocolError) as info:

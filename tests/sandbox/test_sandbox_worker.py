@@ -224,26 +224,45 @@ def test_generate_request_reaches_the_model_api(monkeypatch: pytest.MonkeyPatch)
             for i in ids:
                 yield f"<{i}>"
 
-    def fake_load(model_dir: str, **kw: object) -> _Model:
-        calls["load"] = (model_dir, kw)
-        return _Model()
+    class _Folder:
+        def __enter__(self) -> str:
+            return "folder"
+
+        def __exit__(self, *exc: object) -> None:
+            calls["closed"] = True
+
+    def fake_open(request: object, root: str) -> _Folder:
+        calls["open"] = (request, root)
+        return _Folder()
+
+    def fake_load(folder: str, **kw: object) -> str:
+        calls["load"] = (folder, kw)
+        return "weights"
 
     import secure_run.model.inference as inference
+    import secure_run.model.loader as loader
+    import secure_run.model.tokenizer as tokenizer
+    import secure_run.sandbox.worker as worker
 
-    monkeypatch.setattr(inference, "load_for_inference", fake_load)
+    monkeypatch.setattr(worker, "open_pinned_folder", fake_open)
+    monkeypatch.setattr(loader, "load_model", fake_load)
+    monkeypatch.setattr(tokenizer.ModelTokenizer, "from_folder", classmethod(lambda cls, folder: "tok"))
+    monkeypatch.setattr(inference, "InferenceModel", lambda model, tokenizer: _Model())
     req = (b'{"task": "generate", "messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 2, '
-           b'"seed": 9, "file_identities": {"a.safetensors": {"st_dev": 1, "st_ino": 2, "st_size": 3, '
-           b'"st_mtime_ns": 4}}}')
+           b'"seed": 9, "files": {"a.safetensors": {"sha256": "' + b"ab" * 32 + b'", "identity": {"dev": 1, '
+           b'"ino": 2, "size": 3, "mtime_ns": 4, "ctime_ns": 5}}}}')
     out = io.BytesIO()
     t0 = time.perf_counter()
     assert serve(req, out) == 0, out.getvalue()
     assert time.perf_counter() - t0 < 30
     events = _events(out.getvalue())
     assert [getattr(e, "token_id", getattr(e, "text", None)) for e in events[:-1]] == [7, "<7>", 8, "<8>"]
-    model_dir, kw = calls["load"]  # type: ignore[misc]
-    assert model_dir == "/model" and kw["device"] == "cpu"
-    ident = kw["file_identities"]["a.safetensors"]  # type: ignore[index]
-    assert (ident.st_dev, ident.st_ino, ident.st_size, ident.st_mtime_ns) == (1, 2, 3, 4)
+    request, root = calls["open"]  # type: ignore[misc]
+    assert root == "/model" and calls["closed"] is True
+    pin = request.files["a.safetensors"]
+    assert (pin.identity.dev, pin.identity.ino, pin.identity.size, pin.identity.ctime_ns) == (1, 2, 3, 5)
+    folder, kw = calls["load"]  # type: ignore[misc]
+    assert folder == "folder" and kw["device"] == "cpu"
     assert calls["messages"] == [{"role": "user", "content": "hi"}] and calls["text"] == "<chat>"
     assert calls["cfg"].max_new_tokens == 2 and calls["cfg"].seed == 9  # type: ignore[attr-defined]
     assert isinstance(events[-1], StatsEvent) and events[-1].prompt_tokens == 3 and events[-1].generated_tokens == 2
