@@ -201,9 +201,15 @@ def test_triton_search_prefill_decode_equal_reference_fp32_mode(params: SpanPara
     out = superlinear_attention_triton(q1, q2, k, v, pos, params)
     want = superlinear_attention_reference(q1, q2, k, v, pos, params)
     assert row_rel_err(out, want).max() <= 1e-4
-    for p in (31, 32, 69):
-        one = superlinear_attention_triton(q1[:, :, p : p + 1], q2[:, :, p : p + 1], k, v, pos[p : p + 1], params)
-        assert row_rel_err(one, want[:, :, p : p + 1]).max() <= 1e-4
+    from secure_run.kernels import span_triton
+
+    base = span_triton.config_for
+    for mode in ("split", "union"):  # both decode designs
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(span_triton, "config_for", lambda *a, mode=mode, **kw: dataclasses.replace(base(*a, **kw), decode_mode=mode))
+            for p in (31, 32, 69):
+                one = superlinear_attention_triton(q1[:, :, p : p + 1], q2[:, :, p : p + 1], k, v, pos[p : p + 1], params)
+                assert row_rel_err(one, want[:, :, p : p + 1]).max() <= 1e-4, (mode, p)
 
 
 @needs_interpreter
