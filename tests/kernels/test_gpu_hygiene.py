@@ -4,10 +4,12 @@ reason of the ``gpu`` tests says what really keeps them from running. Runs on CP
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -69,9 +71,19 @@ def test_gpu_session_fails_when_the_benchmark_fails(tmp_path: Path) -> None:
     assert r.returncode == 3 and "benchmark failed" in r.stderr
 
 
+def _root_conftest() -> ModuleType:
+    """tests/conftest.py itself (``import conftest`` may find a folder's own conftest first)."""
+    spec = importlib.util.spec_from_file_location("_secure_run_root_conftest", ROOT / "tests" / "conftest.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_gpu_skip_reason_names_the_interpreter_on_a_gpu_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    import conftest
     import torch
+
+    conftest = _root_conftest()
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
