@@ -19,9 +19,17 @@ the released weights were trained and evaluated with:
 * extent = ceil(fl32(fl32(factor) * fl32(fl32(t) ** fl32(span_power)))).
 
 Each fp32 power is the correctly rounded float32 value (float64 evaluation rounded once to float32),
-so the CPU reference, the Triton interpreter and a GPU all get the same integers; upstream's own
-GPU transcendental functions are within an ulp of that. The window length W = F_exact(sw+1) - 1 is
-computed in float64 by upstream (``window_len_from_sw_index``) and so is the same in both modes.
+so the CPU reference, the Triton interpreter and a GPU all get the same integers. These are
+upstream's formulas as its decode path and its PyTorch reference write them (``fp32 ** x``): at 2M
+context F differs from the exact value for 1,018 of 2,933 stripes, as measured on the H200. Two
+limits, both from upstream evaluating its formulas with inexact fp32 functions: (1) a GPU's fp32
+``pow`` is within an ulp of ours, so an F or extent whose fp32 value sits within an ulp of an
+integer may round the other way there (tests/kernels/test_triton_gpu.py counts them); (2)
+upstream's Triton prefill search evaluates F and the backward extent as ``exp(x * log(i))`` with the
+GPU's approximate exp, which is less accurate than ``pow`` (e.g. 2 * sqrt(t) one too large at
+perfect squares t in integer mode) and is not reproduced bit for bit. The window length
+W = F_exact(sw+1) - 1 is computed in float64 by upstream (``window_len_from_sw_index``) and so is
+the same in both modes.
 """
 
 from __future__ import annotations
