@@ -262,10 +262,33 @@ def test_upstream_fp32_offsets_equal_upstream_decode_formula_on_gpu() -> None:
 
 
 @pytest.mark.skipif(not _HAVE_UPSTREAM, reason="superlinear 0.1.0 (bench extra) not installed")
-def test_upstream_fp32_mode_is_closer_to_upstream_search_kernel() -> None:
-    """Upstream's Triton search (float mode, the prefill path) against ours in both position modes:
-    anchors and qstart row by row at the end of a 1M context. Upstream evaluates F(i) and the span
-    length with the GPU's fp32 exp/log, so a few rows may still differ; the shares are printed."""
+def test_upstream_fp32_decode_equals_upstream_decode_kernel() -> None:
+    """Our decode in upstream-fp32 mode against upstream's staged GQA decode (float power mode, whose
+    anchors use the same fp32 pow formula) at 1M context: every non-near-tie head within the tolerance."""
+    from superlinear.kernels.superlinear.attention.api import decode_span_attention_staged_gqa
+
+    Lkv = 1 << 20
+    q1, q2, k, v = make_inputs(1, HQ, HKV, 1, Lkv, D, torch.float16, DEV, seed=71)
+    bad_share = {}
+    for p in (P_REL32, P_RELEASED):
+        bad = 0
+        for pp in (40_000, 500_000, Lkv - 1):
+            pd = torch.tensor([pp], device=DEV)
+            ours = superlinear_attention_triton(q1, q2, k, v, pd, p)
+            up = decode_span_attention_staged_gqa(q1, q2, k, v, pd, topk=3, enable_gqa=True, **_upstream_kwargs(p))
+            ties = near_tie_rows(q1, k, pd, p, None, rel=1e-3)
+            bad += int(((row_rel_err(ours, up) > TOL[torch.float16]) & ~ties).sum())
+        bad_share[p.position_mode] = bad / (3 * HQ)
+    print(f"heads where our decode differs from upstream's decode kernel: {bad_share}")
+    assert bad_share["upstream-fp32"] <= 0.02
+
+
+@pytest.mark.skipif(not _HAVE_UPSTREAM, reason="superlinear 0.1.0 (bench extra) not installed")
+def test_upstream_search_kernel_agreement_by_position_mode() -> None:
+    """Upstream's Triton search (the prefill path) evaluates F(i) = floor(exp(fl32(1/p) * log(i)))
+    in fp32, a formula less accurate than the pow of its decode path (they differ at ~15% of the
+    stripes up to 1M, emulated on CPU), so neither position mode reproduces it bit for bit. This
+    measures the share of rows whose anchors / span starts differ from it, at the end of 1M."""
     from superlinear.kernels.superlinear.search._triton_gqa import span_search_with_values_gqa
 
     Lkv, Lq = 1 << 20, 1024
@@ -282,5 +305,4 @@ def test_upstream_fp32_mode_is_closer_to_upstream_search_kernel() -> None:
         same_s = (qs_u.long().gather(-1, ou) == s.qstart.gather(-1, oo)).all(-1) & same_a
         share[p.position_mode] = (float((~same_a & ~ties).float().mean()), float((~same_s & ~ties).float().mean()))
     print(f"rows differing from upstream's search kernel (anchors, anchors or qstart): {share}")
-    assert share["upstream-fp32"][1] < share["exact"][1] / 3
-    assert share["upstream-fp32"][0] <= 0.05
+    assert share["upstream-fp32"][0] < share["exact"][0]
