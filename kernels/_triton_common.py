@@ -5,8 +5,9 @@ Rules every kernel here follows (spec/environment.md section 3):
 * every load is masked, so the unfilled tail of a static cache is never read;
 * under the CPU interpreter bf16 arithmetic is wrong, so launchers set ``UPCAST`` there and the
   kernels convert right after ``tl.load``;
-* span extents use the float64 snap rule of :func:`secure_run.kernels._schedule.span_extent`, with
-  the float64 constants loaded from a tensor (a Python float argument would arrive as fp32).
+* span extents follow :func:`secure_run.kernels._schedule.span_extent` in the position mode of the
+  parameters (float64 snap rule, or upstream's fp32 formula), with the constants loaded from a
+  float64 tensor (a Python float argument would arrive as fp32).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import triton
 import triton.language as tl
 
 from secure_run.kernels._schedule import stripe_offsets
-from secure_run.kernels.params import SpanParams
+from secure_run.kernels.params import SpanParams, fp32
 
 NEG_INF = float("-inf")
 
@@ -36,11 +37,16 @@ def next_pow2(n: int) -> int:
 @functools.lru_cache(maxsize=32)
 def _consts_cached(params: SpanParams, device: str) -> torch.Tensor:
     vals = [params.backward_factor, params.forward_factor, params.span_power, 0.0]
+    if params.upstream_fp32:
+        vals = [fp32(params.backward_factor), fp32(params.forward_factor), fp32(params.span_power), 1.0]
     return torch.tensor(vals, dtype=torch.float64, device=device)
 
 
 def span_consts(params: SpanParams, device: torch.device) -> torch.Tensor:
-    """[backward_factor, forward_factor, span_power, 0] as a float64 device tensor (cached)."""
+    """[backward_factor, forward_factor, span_power, fp32 flag] as a float64 device tensor (cached).
+
+    In ``upstream-fp32`` mode the three constants are rounded to float32 and the flag is 1.
+    """
     return _consts_cached(params, str(device))
 
 
@@ -63,20 +69,25 @@ def dot_precision(dtype: torch.dtype) -> str:
 def span_bounds(a, pos, s0, Lkv, W, CONSTS, FWD: tl.constexpr, HAS_W: tl.constexpr):
     """(qstart, qend) of the spans around anchors ``a`` (any shape; -1, -1 where a < 0): model.md 3.5.
 
-    The extents ceil(factor * t ** span_power), t = pos + 1 - s0, follow the float64 snap rule of
-    ``_schedule.span_extent`` (kept inline: nested jit calls are slow under the interpreter).
+    The extents ceil(factor * t ** span_power), t = pos + 1 - s0, follow ``_schedule.span_extent``
+    (kept inline: nested jit calls are slow under the interpreter): the float64 snap rule, or with
+    the fp32 flag CONSTS[3] set, upstream's ceil(fl32(fl32(factor) * fl32(t ** fl32(power)))).
     """
     t = tl.maximum(pos + 1 - s0, 0).to(tl.float64)
     power = tl.load(CONSTS + 2)
+    up32 = tl.load(CONSTS + 3) != 0.0
     tp = tl.where(t > 0, tl.exp(power * tl.log(tl.maximum(t, 1.0))), 0.0)
+    tp32 = tp.to(tl.float32)
     xb = tp * tl.load(CONSTS + 0)
     rb = tl.floor(xb + 0.5)
     lb = tl.where(tl.abs(xb - rb) <= 1e-9 * tl.maximum(xb, 1.0), rb, tl.ceil(xb)).to(tl.int64)
+    lb = tl.where(up32, tl.ceil(tp32 * tl.load(CONSTS + 0).to(tl.float32)).to(tl.int64), lb)
     qs = tl.maximum(tl.maximum(a - lb, s0), 0)
     if FWD:
         xf = tp * tl.load(CONSTS + 1)
         rf = tl.floor(xf + 0.5)
         lf = tl.where(tl.abs(xf - rf) <= 1e-9 * tl.maximum(xf, 1.0), rf, tl.ceil(xf)).to(tl.int64)
+        lf = tl.where(up32, tl.ceil(tp32 * tl.load(CONSTS + 1).to(tl.float32)).to(tl.int64), lf)
         qe = tl.minimum(tl.minimum(a + lf, pos), Lkv - 1)
         if HAS_W:
             qe = tl.minimum(qe, tl.maximum(pos - W + 1, 0) - 1)

@@ -5,7 +5,8 @@ Triton kernels are tested against. It is memory-sane: queries are processed in b
 the candidate anchor keys, the window keys and the span keys of those queries are gathered (no
 ``[Lq, Lkv]`` logits), with the span keys streamed in chunks through an online softmax. Every query
 row is computed independently, so ``cache_position`` may be any set of absolute positions (tests
-use that to check a subset of rows of a long prefill).
+use that to check a subset of rows of a long prefill). The stripe offsets and span extents follow
+``params.position_mode`` (``exact`` or ``upstream-fp32``, see :mod:`secure_run.kernels.params`).
 
     >>> import torch
     >>> from secure_run.kernels.params import SpanParams
@@ -85,13 +86,13 @@ def _span_bounds(
     Lkv: int,
     params: SpanParams,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(qstart, qend) per slot, -1 for invalid slots (model.md section 3.5)."""
+    """(qstart, qend) per slot, -1 for invalid slots (model.md section 3.5; extents in the position mode)."""
     W = params.window_len
     t = (pb[None, :] + 1 - s0[:, None]).clamp(min=0)  # [B, n]
-    lb = span_extent(t, params.backward_factor, params.span_power)[:, None, :, None]
+    lb = span_extent(t, params.backward_factor, params.span_power, params.position_mode)[:, None, :, None]
     qs = torch.maximum(anc - lb, s0[:, None, None, None]).clamp(min=0)
     if params.forward_factor > 0:
-        lf = span_extent(t, params.forward_factor, params.span_power)[:, None, :, None]
+        lf = span_extent(t, params.forward_factor, params.span_power, params.position_mode)[:, None, :, None]
         qe = torch.minimum(anc + lf, pb[None, None, :, None]).clamp(max=Lkv - 1)
         if W > 0:
             sw_start = (pb - W + 1).clamp(min=0)

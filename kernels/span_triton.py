@@ -160,9 +160,10 @@ def _upcast(x: torch.Tensor) -> bool:
 def max_span_len(params: SpanParams, kv_len: int) -> int:
     """Upper bound on one span's key count for any query of a cache of ``kv_len`` slots."""
     t = torch.tensor([kv_len])
-    n = int(span_extent(t, params.backward_factor, params.span_power)[0]) + 1
+    mode = params.position_mode
+    n = int(span_extent(t, params.backward_factor, params.span_power, mode)[0]) + 1
     if params.forward_factor > 0:
-        n += int(span_extent(t, params.forward_factor, params.span_power)[0])
+        n += int(span_extent(t, params.forward_factor, params.span_power, mode)[0])
     return n
 
 

@@ -14,6 +14,18 @@ Two model types are supported:
 * ``nemotron_h`` (the base architecture, used for the parity test against transformers): the
   ``*`` layers are plain causal GQA attention and ``span_attention_*`` keys are refused.
 
+Configs written by transformers 5.x (``save_pretrained``) spell the layer layout as
+``layers_block_type`` (and leave out ``hybrid_override_pattern`` and ``num_hidden_layers``) and add
+``mtp_layers_block_type``, ``num_nextn_predict_layers`` and ``moe_shared_expert_overlap``. These
+are accepted when consistent: ``layers_block_type`` must spell exactly the pattern (it is derived
+from it when the pattern is absent), multi-token-prediction layers must be absent
+(``num_nextn_predict_layers`` 0, so ``mtp_layers_block_type`` is unused), and
+``moe_shared_expert_overlap`` is a scheduling switch that transformers' model never reads.
+
+``secure_run_position_mode`` (secure-run's own key, ``superlinear-exp`` only) selects the position
+arithmetic of the Superlinear kernels: ``upstream-fp32`` (the default, what the released weights
+were trained with) or ``exact`` (spec/model.md section 3.5).
+
     >>> cfg = parse_config_json('''{"model_type": "nemotron_h", "vocab_size": 64, "hidden_size": 32,
     ...   "num_hidden_layers": 3, "hybrid_override_pattern": "M*E", "num_attention_heads": 4,
     ...   "num_key_value_heads": 2, "head_dim": 8, "mamba_num_heads": 4, "mamba_head_dim": 8,
@@ -88,6 +100,15 @@ INERT_KEYS = frozenset(
 )
 
 _LAYER_KINDS: dict[str, str] = {"M": "mamba", "E": "moe", "*": "attention", "-": "mlp"}
+#: layer names of transformers' ``layers_block_type`` (5.x names and the legacy 4.x ones) -> pattern character
+_BLOCK_TYPE_CHARS: dict[str, str] = {
+    "linear_attention": "M",
+    "mamba": "M",
+    "moe": "E",
+    "full_attention": "*",
+    "attention": "*",
+    "mlp": "-",
+}
 _SPAN_KEYS = (
     "span_attention_sw_index",
     "span_attention_num_spans",
@@ -166,6 +187,12 @@ class ModelConfig(BaseModel):
     routed_scaling_factor: float = Field(default=1.0, gt=0.0, le=1e4)
     moe_latent_size: None = None
 
+    # --- transformers 5.x spellings (must agree with the fields above) --------------------------
+    layers_block_type: tuple[str, ...] | None = None
+    mtp_layers_block_type: tuple[str, ...] | None = None
+    num_nextn_predict_layers: int = Field(default=0, ge=0, le=1024)
+    moe_shared_expert_overlap: bool | None = None
+
     # --- token ids (generation_config.json is authoritative for stopping) ----------------------
     bos_token_id: int | None = Field(default=None, ge=0)
     eos_token_id: int | list[int] | None = None
@@ -183,6 +210,8 @@ class ModelConfig(BaseModel):
     #: secure-run's own key: the checkpoint name of the search-query (Q1) projection in each
     #: attention layer (spec/model.md 2.6: not verified for the real checkpoint).
     secure_run_search_proj: str | None = None
+    #: secure-run's own key: position arithmetic of the Superlinear kernels (default upstream-fp32)
+    secure_run_position_mode: Literal["upstream-fp32", "exact"] | None = None
 
     # --- accepted, never used (INERT_KEYS / REMOTE_CODE_KEYS; kept for reporting) ---------------
     inert: dict[str, Any] = Field(default_factory=dict, exclude=True)
@@ -203,6 +232,19 @@ class ModelConfig(BaseModel):
         lo, hi = v
         if not (math.isfinite(lo) and lo >= 0.0 and hi > lo) or math.isnan(hi):
             raise ValueError(f"must be [low, high] with 0 <= low < high (high may be Infinity), got {list(v)}")
+        return v
+
+    @field_validator("layers_block_type", "mtp_layers_block_type", mode="before")
+    @classmethod
+    def _block_type_list(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
+
+    @field_validator("layers_block_type", "mtp_layers_block_type")
+    @classmethod
+    def _check_block_types(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        bad = sorted({t for t in v or () if t not in _BLOCK_TYPE_CHARS})
+        if bad:
+            raise ValueError(f"has layer types {bad}; allowed: {sorted(_BLOCK_TYPE_CHARS)}")
         return v
 
     @field_validator("hybrid_override_pattern")
@@ -298,7 +340,13 @@ class ModelConfig(BaseModel):
             span_power=float(self.span_attention_span_power),
             search_power=self.span_attention_search_power,
             inv_search_power_int=self.span_attention_inv_search_power_int,
+            position_mode=self.position_mode,
         )
+
+    @property
+    def position_mode(self) -> Literal["upstream-fp32", "exact"]:
+        """Position arithmetic of the Superlinear kernels: ``secure_run_position_mode`` or upstream-fp32."""
+        return self.secure_run_position_mode or "upstream-fp32"
 
     def summary(self) -> dict[str, object]:
         """A small JSON-able summary for ``secure-run inspect``."""
@@ -327,6 +375,7 @@ def _cross_field_problems(c: ModelConfig) -> list[str]:
             f"[config.pattern-length] hybrid_override_pattern has {len(c.hybrid_override_pattern)} layers "
             f"but num_hidden_layers is {c.num_hidden_layers}"
         )
+    out.extend(_transformers_spelling_problems(c))
     if c.torch_dtype is None and c.dtype is None:
         out.append("[config.dtype] torch_dtype (or dtype) must declare the checkpoint dtype")
     elif c.torch_dtype is not None and c.dtype is not None and c.torch_dtype != c.dtype:
@@ -367,8 +416,29 @@ def _cross_field_problems(c: ModelConfig) -> list[str]:
     else:
         if present:
             out.append(f"[config.span-unexpected] model_type 'nemotron_h' has no Superlinear layers; remove {present}")
-        if c.secure_run_search_proj is not None:
-            out.append("[config.span-unexpected] secure_run_search_proj is only meaningful for 'superlinear-exp'")
+        for key in ("secure_run_search_proj", "secure_run_position_mode"):
+            if getattr(c, key) is not None:
+                out.append(f"[config.span-unexpected] {key} is only meaningful for 'superlinear-exp'")
+    return out
+
+
+def _pattern_of(block_types: tuple[str, ...]) -> str:
+    return "".join(_BLOCK_TYPE_CHARS.get(t, "?") for t in block_types)
+
+
+def _transformers_spelling_problems(c: ModelConfig) -> list[str]:
+    """The keys transformers 5.x writes must agree with the pattern and describe no MTP layers."""
+    out: list[str] = []
+    if c.layers_block_type is not None and _pattern_of(c.layers_block_type) != c.hybrid_override_pattern:
+        out.append(
+            f"[config.layers-block-type] layers_block_type spells the pattern {_pattern_of(c.layers_block_type)!r} "
+            f"but hybrid_override_pattern is {c.hybrid_override_pattern!r}"
+        )
+    if c.num_nextn_predict_layers:
+        out.append(
+            f"[config.mtp] num_nextn_predict_layers is {c.num_nextn_predict_layers}: secure-run does not implement "
+            "multi-token-prediction layers (set it to 0, and leave the mtp.* tensors out of the checkpoint)"
+        )
     return out
 
 
@@ -450,6 +520,7 @@ def config_from_dict(raw: Mapping[str, Any], *, path: str = "config.json") -> Mo
             path=path,
         )
     data = {k: v for k, v in raw.items() if k in fields}
+    data.update(_derived_layout(raw))
     data["inert"] = {k: v for k, v in raw.items() if k in INERT_KEYS}
     data["remote_code"] = {k: v for k, v in raw.items() if k in REMOTE_CODE_KEYS}
     try:
@@ -464,6 +535,23 @@ def config_from_dict(raw: Mapping[str, Any], *, path: str = "config.json") -> Mo
             hint=f"fix the listed fields; the accepted values are documented in {_RULE_DOC}",
             path=path,
         ) from None
+
+
+def _derived_layout(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """hybrid_override_pattern / num_hidden_layers derived from layers_block_type when left out.
+
+    transformers 5.x writes only ``layers_block_type``; a list of known layer names gives the
+    pattern and the layer count. Anything else is left for the validation to report.
+    """
+    types = raw.get("layers_block_type")
+    if "hybrid_override_pattern" in raw or not isinstance(types, list) or not types:
+        return {}
+    if not all(isinstance(t, str) and t in _BLOCK_TYPE_CHARS for t in types):
+        return {}
+    out: dict[str, Any] = {"hybrid_override_pattern": _pattern_of(tuple(types))}
+    if "num_hidden_layers" not in raw:
+        out["num_hidden_layers"] = len(types)
+    return out
 
 
 def _describe(e: Any) -> str:

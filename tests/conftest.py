@@ -36,14 +36,28 @@ def _required() -> set[str]:
     return {c.strip() for c in os.environ.get("SECURE_RUN_REQUIRE", "").split(",") if c.strip()}
 
 
-@functools.cache
-def _have_gpu() -> bool:
+def gpu_missing_reason() -> str | None:
+    """Why the ``gpu`` tests cannot run here (None: they can), stated truthfully.
+
+    On a CUDA host the Triton interpreter (TRITON_INTERPRET=1, set above unless
+    SECURE_RUN_TEST_GPU=1) forces every kernel onto the CPU, so the GPU suite is skipped for that
+    reason, not for a missing GPU.
+    """
     try:
         import torch
-
-        return bool(torch.cuda.is_available()) and os.environ.get("TRITON_INTERPRET") != "1"
     except Exception:
-        return False
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU on this host"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return ("TRITON_INTERPRET=1 forces the Triton CPU interpreter although a CUDA GPU is present "
+                "(run with SECURE_RUN_TEST_GPU=1 and without TRITON_INTERPRET to use the GPU)")
+    return None
+
+
+@functools.cache
+def _have_gpu() -> bool:
+    return gpu_missing_reason() is None
 
 
 @functools.cache
@@ -97,10 +111,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                     # required but missing: the test fails in setup instead of being skipped
                     item.user_properties.append(("missing_required", cap))
                 else:
-                    item.add_marker(pytest.mark.skip(reason=f"{cap} not available on this host"))
+                    reason = (gpu_missing_reason() if cap == "gpu" else None) or f"{cap} not available on this host"
+                    item.add_marker(pytest.mark.skip(reason=reason))
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     for key, cap in item.user_properties:
         if key == "missing_required":
-            pytest.fail(f"{cap} is required (SECURE_RUN_REQUIRE) but not available on this host")
+            why = (gpu_missing_reason() if cap == "gpu" else None) or "not available on this host"
+            pytest.fail(f"{cap} is required (SECURE_RUN_REQUIRE) but {why}")

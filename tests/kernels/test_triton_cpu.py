@@ -207,3 +207,39 @@ def test_kernel_span_extents_equal_host_rule(params: SpanParams) -> None:
 
 def test_params_fixtures_cover_modes() -> None:
     assert P_INT2.integer_mode and not P_F55.integer_mode and P_F6_NOWIN.window_len == 0
+
+
+@pytest.mark.parametrize("segment", [16, 7])
+def test_multi_segment_prefill_equals_reference(segment: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prefill chunk longer than ``prefill_segment`` runs segment by segment (search + attention
+    per segment, all reading the full cache): a small segment exercises the seams and a short last
+    segment, and must give the one-segment result."""
+    import dataclasses
+
+    from secure_run.kernels import span_triton
+
+    params = P_F55.with_mode("upstream-fp32")
+    B, L, Lkv, start = 2, 45, 60, 6  # 45 queries at positions 6..50: segments of 16 -> 16+16+13
+    q1, q2, k, v = make_inputs(B, 4, 2, L, Lkv, 16, torch.float32, seed=18)
+    k[:, :, start + L :] = float("nan")
+    mask = left_pad_mask(B, Lkv, 4)
+    pos = torch.arange(start, start + L)
+    whole = superlinear_attention_triton(q1, q2, k, v, pos, params, mask)
+    base = span_triton.config_for
+    calls: list[int] = []
+    real_search = span_triton.launch_search
+
+    def counting_search(q1_, *a: object, **kw: object) -> tuple[torch.Tensor, ...]:
+        calls.append(q1_.shape[2])
+        return real_search(q1_, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(span_triton, "config_for",
+                        lambda *a, **kw: dataclasses.replace(base(*a, **kw), prefill_segment=segment))
+    monkeypatch.setattr(span_triton, "launch_search", counting_search)
+    out = torch.full((B, 4, L, 16), float("nan"))
+    superlinear_attention_triton(q1, q2, k, v, pos, params, mask, out=out)
+    assert calls == [segment] * (L // segment) + ([L % segment] if L % segment else [])
+    assert not out.isnan().any()
+    ref = superlinear_attention_reference(q1, q2, k, v, pos, params, mask)
+    assert row_rel_err(out, ref).max() <= 1e-4
+    torch.testing.assert_close(out, whole, rtol=1e-5, atol=1e-6)

@@ -269,3 +269,97 @@ def test_every_spec_field_is_known() -> None:
 
     known = set(ModelConfig.model_fields) | INERT_KEYS | REMOTE_CODE_KEYS
     assert set(REAL_CONFIG) <= known
+
+
+# --- configs as transformers 5.x writes them (issue 11 item 8) -----------------------------------
+
+_LAYER_NAMES = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
+_REAL_LAYERS = [_LAYER_NAMES[c] for c in str(REAL_CONFIG["hybrid_override_pattern"])]
+
+
+def test_config_saved_by_transformers_save_pretrained_is_accepted(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers", reason="transformers (test extra) is not installed")
+    keys = ("vocab_size", "hidden_size", "hybrid_override_pattern", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "intermediate_size", "mamba_num_heads", "mamba_head_dim", "n_groups", "ssm_state_size",
+            "conv_kernel", "chunk_size", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+            "moe_shared_expert_intermediate_size", "routed_scaling_factor", "layer_norm_epsilon")
+    hf = transformers.NemotronHConfig(**{k: TINY[k] for k in keys}, dtype="float32")
+    hf.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    # what transformers 5.x really writes: the layout as layers_block_type, plus the MTP / overlap keys
+    assert {"layers_block_type", "mtp_layers_block_type", "num_nextn_predict_layers", "moe_shared_expert_overlap"} <= set(raw)
+    assert "hybrid_override_pattern" not in raw and raw["num_nextn_predict_layers"] == 0
+    cfg = load_config(tmp_path)
+    want = parse_config_json(json.dumps(TINY))
+    assert cfg.hybrid_override_pattern == want.hybrid_override_pattern == TINY["hybrid_override_pattern"]
+    assert cfg.num_hidden_layers == want.num_hidden_layers and cfg.layer_types == want.layer_types
+    for k in keys:
+        assert getattr(cfg, k) == getattr(want, k), k
+    assert cfg.time_step_limit == (0.0, math.inf) and cfg.checkpoint_dtype == "float32"
+
+
+def test_layers_block_type_must_spell_the_pattern() -> None:
+    cfg = parse_config_json(real_config_text(layers_block_type=_REAL_LAYERS))
+    assert cfg.attention_layers == (5, 12, 19, 26, 33, 42)
+    legacy = ["mamba" if t == "linear_attention" else "attention" if t == "full_attention" else t for t in _REAL_LAYERS]
+    assert parse_config_json(real_config_text(layers_block_type=legacy)).layer_types == cfg.layer_types
+    swapped = _REAL_LAYERS[:]
+    swapped[5], swapped[6] = swapped[6], swapped[5]
+    err = _refused(real_config_text(layers_block_type=swapped))
+    assert err.rule == "config.layers-block-type" and any("hybrid_override_pattern" in d for d in err.details)
+    err = _refused(real_config_text(layers_block_type=_REAL_LAYERS[:-1]))
+    assert err.rule == "config.layers-block-type"
+
+
+def test_layers_block_type_alone_gives_the_pattern_and_layer_count() -> None:
+    cfg = parse_config_json(real_config_text(hybrid_override_pattern=DELETE, num_hidden_layers=DELETE,
+                                             layers_block_type=_REAL_LAYERS))
+    assert cfg.hybrid_override_pattern == REAL_CONFIG["hybrid_override_pattern"] and cfg.num_hidden_layers == 52
+    err = _refused(real_config_text(hybrid_override_pattern=DELETE, num_hidden_layers=51,
+                                    layers_block_type=_REAL_LAYERS))
+    assert err.rule == "config.pattern-length"
+
+
+def test_unknown_layer_types_refused() -> None:
+    err = _refused(real_config_text(layers_block_type=_REAL_LAYERS[:-1] + ["sparse_attention"]))
+    assert any(d.startswith("layers_block_type") and "sparse_attention" in d for d in err.details), err.details
+    err = _refused(real_config_text(hybrid_override_pattern=DELETE, layers_block_type=["mamba", 3]))
+    assert any(d.startswith("layers_block_type") for d in err.details), err.details
+    err = _refused(real_config_text(mtp_layers_block_type=["full_attention", "dense"]))
+    assert any(d.startswith("mtp_layers_block_type") and "dense" in d for d in err.details), err.details
+
+
+def test_mtp_layers_must_be_absent() -> None:
+    cfg = parse_config_json(real_config_text(num_nextn_predict_layers=0, mtp_layers_block_type=["full_attention", "moe"]))
+    assert cfg.num_nextn_predict_layers == 0
+    err = _refused(real_config_text(num_nextn_predict_layers=1, mtp_layers_block_type=["full_attention", "moe"]))
+    assert err.rule == "config.mtp" and "multi-token-prediction" in err.details[0]
+    assert _refused(real_config_text(num_nextn_predict_layers=-1)).details
+
+
+def test_moe_shared_expert_overlap_is_a_bool() -> None:
+    for value in (True, False):
+        assert parse_config_json(real_config_text(moe_shared_expert_overlap=value)).moe_shared_expert_overlap is value
+    err = _refused(real_config_text(moe_shared_expert_overlap="yes"))
+    assert any(d.startswith("moe_shared_expert_overlap") for d in err.details)
+
+
+def test_unreviewed_transformers_keys_still_refused() -> None:
+    err = _refused(real_config_text(mtp_hybrid_override_pattern="*E", layer_types=_REAL_LAYERS))
+    assert err.rule == "config.unknown-field"
+    assert "mtp_hybrid_override_pattern" in err.message and "layer_types" in err.message
+
+
+# --- position mode of the Superlinear kernels (issue 11 item 6) ----------------------------------
+
+
+def test_position_mode_defaults_to_upstream_fp32() -> None:
+    cfg = parse_config_json(real_config_text())
+    assert cfg.position_mode == "upstream-fp32" and cfg.span_params().position_mode == "upstream-fp32"
+    exact = parse_config_json(real_config_text(secure_run_position_mode="exact"))
+    assert exact.span_params().position_mode == "exact"
+    assert exact.span_params().with_mode("upstream-fp32") == cfg.span_params()
+    err = _refused(real_config_text(secure_run_position_mode="fp16"))
+    assert any(d.startswith("secure_run_position_mode") for d in err.details)
+    err = _refused(json.dumps(TINY | {"secure_run_position_mode": "exact"}))
+    assert err.rule == "config.span-unexpected"
