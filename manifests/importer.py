@@ -42,12 +42,13 @@ from pathlib import Path
 from typing import Any
 
 from secure_run import __version__
+from secure_run.errors import UsageError
 
 from ._jsoncheck import JsonProblem, loads_strict, remote_code_pointers, scans_for_remote_code
 from ._jsonedit import dump_like_hf, remove_top_level_keys
 from ._names import MAX_DEPTH, component_problem, sort_key
 from ._sniff import HEAD_BYTES, sniff
-from .findings import Finding, FindingsError
+from .findings import RULES, Finding, FindingsError
 from .hashing import ProgressSink
 from .inventory import DEFAULT_RULES, FileKind, classify, open_root, take_inventory, text_problem
 from .tensors import SafetensorsHeader, check_shard_index, parse_safetensors_header, parse_shard_index
@@ -350,6 +351,12 @@ def _strip(doc: Any, pointers: set[str], here: str = "") -> Any:
     return doc
 
 
+def _dest_error(dest: Path, problem: str) -> UsageError:
+    """``IMP-DEST``: a bad destination is a usage error (exit 2), like ``keygen`` over an existing file."""
+    return UsageError(f"import destination {dest} {problem} [IMP-DEST]", path=str(dest), rule="IMP-DEST",
+                      hint=RULES["IMP-DEST"])
+
+
 def _prepare_dest(dest: Path) -> bool:
     """Check DEST; return True when it was created here."""
     try:
@@ -358,9 +365,9 @@ def _prepare_dest(dest: Path) -> bool:
         dest.mkdir(parents=True, mode=0o755)
         return True
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise FindingsError([Finding(str(dest), "IMP-DEST", "exists and is not a folder")], what="import refused", root=str(dest))
+        raise _dest_error(dest, "exists and is not a folder")
     if any(os.scandir(dest)):
-        raise FindingsError([Finding(str(dest), "IMP-DEST", "exists and is not empty")], what="import refused", root=str(dest))
+        raise _dest_error(dest, "exists and is not empty")
     return False
 
 
@@ -384,7 +391,8 @@ def import_snapshot(
         The :class:`ImportReport` (also written to ``dest/import-report.json``).
 
     Raises:
-        FindingsError: ``IMP-DEST``, or content failures of files that would be kept; nothing
+        UsageError: ``IMP-DEST`` (exit 2).
+        FindingsError: content failures of files that would be kept; nothing
             is left behind in ``dest``.
         UsageError: ``src`` is not a folder.
     """
@@ -392,7 +400,7 @@ def import_snapshot(
     dest_path = Path(dest)
     if dest_path.resolve() == src_path.resolve() or src_path.resolve() in dest_path.resolve().parents:
         os.close(sfd)
-        raise FindingsError([Finding(str(dest_path), "IMP-DEST", "must not be SRC or inside it")], what="import refused")
+        raise _dest_error(dest_path, "must not be SRC or inside it")
     try:
         created_dest = _prepare_dest(dest_path)
     except BaseException:
