@@ -391,3 +391,54 @@ def test_bash_completion_script() -> None:
     env = {**os.environ, "_SECURE_RUN_COMPLETE": "bash_complete", "COMP_WORDS": "secure-run pol", "COMP_CWORD": "1"}
     proc = subprocess.run([*_secure_run()], env=env, capture_output=True, text=True, timeout=120)
     assert "policy" in proc.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# progress without a terminal
+
+
+def test_line_progress_reports_bytes_rate_and_eta_every_interval() -> None:
+    import io
+
+    from secure_run.runner.progress import LineProgress
+
+    now = [100.0]
+    out = io.StringIO()
+    p = LineProgress("verifying", interval=5.0, stream=out, clock=lambda: now[0])
+    p.start(total_bytes=63_300_000_000, total_files=17)
+    now[0] += 1.0
+    p.advance(1_000_000_000)  # within the first interval: silent
+    assert out.getvalue() == ""
+    now[0] += 9.0
+    p.advance(9_000_000_000)  # 10 GB in 10 s
+    now[0] += 1.0
+    p.advance(1_000_000_000)  # 1 s after the last line: silent
+    p.finish()
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "verifying: 10.00 GB / 63.30 GB (16%), 1.00 GB/s, ETA 0m53s"
+    assert lines[1] == "verifying: done, 11.00 GB in 0m11s" and len(lines) == 2
+
+
+def test_short_work_prints_no_progress() -> None:
+    import io
+
+    from secure_run.runner.progress import LineProgress
+
+    out = io.StringIO()
+    p = LineProgress("hashing", interval=5.0, stream=out, clock=lambda: 0.0)
+    p.start(10, 1)
+    p.advance(10)
+    p.finish()
+    assert out.getvalue() == ""
+
+
+def test_progress_without_a_tty_for_sign_and_ci_check(world: World, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SECURE_RUN_PROGRESS_INTERVAL", "0")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    copy = tmp_path / "copy"
+    shutil.copytree(world.model, copy)
+    code, _out, err = invoke(["sign", str(copy), "--key", str(world.key), "--json"])
+    assert code == 0 and re.search(r"hashing: [\d.]+ (kB|MB|B) / [\d.]+ (kB|MB|B) \(\d+%\), .*/s, ETA", err), err
+    code, _out, err = invoke(["ci-check", "--lock", str(world.bad_lock)])
+    assert code == 1 and "verifying tampered: " in err

@@ -60,6 +60,7 @@ def test_the_copied_template_alone_cannot_find_its_blocklist(tmp_path: Path) -> 
     with pytest.raises(PolicyFileError) as err:
         load_policy(plain)
     assert err.value.rule == "P9" and "rails-blocklist.txt" in err.value.message
+    assert "secure-run policy init --from builtin:NAME DIR" in (err.value.hint or "")
 
 
 @pytest.mark.parametrize("name", ["demo", "superlinear-exp-v0.1"])
