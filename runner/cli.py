@@ -130,8 +130,8 @@ def _set_manners(ctx: click.Context, quiet: bool, verbose: int, no_color: bool) 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="secure-run")
-@click.option("-q", "--quiet", is_flag=True, help="Print results and errors only: no progress or status lines.")
-@click.option("-v", "--verbose", count=True, help="Print more detail (progress lines, error details).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr (results and errors only).")
+@click.option("-v", "--verbose", count=True, help="More detail: tracebacks of internal errors.")
 @click.option("--no-color", "no_color", is_flag=True, help="No colour (also NO_COLOR=1).")
 @click.pass_context
 def cli(ctx: click.Context, quiet: bool, verbose: int, no_color: bool) -> None:

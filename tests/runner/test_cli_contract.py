@@ -442,3 +442,22 @@ def test_progress_without_a_tty_for_sign_and_ci_check(world: World, tmp_path: Pa
     assert code == 0 and re.search(r"hashing: [\d.]+ (kB|MB|B) / [\d.]+ (kB|MB|B) \(\d+%\), .*/s, ETA", err), err
     code, _out, err = invoke(["ci-check", "--lock", str(world.bad_lock)])
     assert code == 1 and "verifying tampered: " in err
+
+
+def test_an_unexpected_exception_keeps_the_contract_and_verbose_shows_the_traceback() -> None:
+    script = (
+        "import sys, click\n"
+        "from secure_run.runner.cli import cli\n"
+        "@cli.command('boom')\n"
+        "@click.option('--json', 'as_json', is_flag=True)\n"
+        "def boom(as_json):\n"
+        "    raise RuntimeError('library failure')\n"
+        "cli.main(sys.argv[1:], prog_name='secure-run')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, "boom", "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    doc = the_error_line(proc.stdout, 2)
+    assert doc["error"]["kind"] == "internal" and "RuntimeError: library failure" in doc["error"]["message"]
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-c", script, "-v", "boom"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" in proc.stderr and "internal: internal error" in proc.stderr
