@@ -14,6 +14,8 @@
    the caller provides, e.g. a checkout of a separate trust repository at a pinned commit).
 3. Every file the lock refers to (keys, certificate roots, Sigstore roots, policies) must lie
    inside the trust directory (exit 2 otherwise): nothing outside it can widen the trust.
+4. Weight files (by suffix) outside every model folder of the trusted lock are refused (exit 1,
+   ``UNLOCKED-WEIGHTS``): ci-check verifies locked folders only, so they would land unverified.
 
 Without ``--base`` and ``--trust-source`` (push to the default branch, schedule) the commit's own
 trust is used: it was reviewed when it landed. Exit codes: 0 ok, 1 refused, 2 usage/setup error.
@@ -176,6 +178,19 @@ def check_lock_confined(repo: Path, lock_rel: str, trust_dir: str) -> None:
                         exit_code=2, files=(lock_rel,), title="secure-run trust")
 
 
+def refuse_unlocked(weight_files: list[str], locked_folders: list[str]) -> None:
+    """Weight files outside every locked model folder would land unverified: refuse them (exit 1)."""
+    unlocked = [p for p in weight_files if not any(_inside(p, m) for m in locked_folders)]
+    if unlocked:
+        for f in unlocked:
+            annotate("error", "weight file outside every model folder of the (trusted) lock: it would not be "
+                     "verified; pin its folder first (`secure-run lock add DIR --lock FILE`) in a trust pull "
+                     "request", file=f, title="secure-run UNLOCKED-WEIGHTS")
+        raise GateError(f"refused: {len(unlocked)} weight file(s) outside every locked model folder "
+                        f"({', '.join(unlocked[:5])}{' ...' if len(unlocked) > 5 else ''}) [UNLOCKED-WEIGHTS]",
+                        exit_code=1, title="secure-run UNLOCKED-WEIGHTS")
+
+
 def run_trust(args: argparse.Namespace) -> int:
     repo = Path(args.repo).resolve()
     trust_dir = _norm(args.trust_dir)
@@ -202,6 +217,8 @@ def run_trust(args: argparse.Namespace) -> int:
                             f"{' ...' if len(trust) > 5 else ''}) and weights ({', '.join(weights[:5])}"
                             f"{' ...' if len(weights) > 5 else ''}) together [TRUST-AND-WEIGHTS]; split it: trust "
                             "first (CODEOWNERS review), weights second", exit_code=1, title="secure-run TRUST-AND-WEIGHTS")
+        base_folders = lock_model_folders(base_lock, lock_rel) if base_lock else []
+        refuse_unlocked([p for p in weights if p.lower().endswith(WEIGHT_SUFFIXES)], base_folders)
         if trust:
             annotate("warning", f"this pull request changes trust files ({', '.join(trust[:5])}); the check below "
                      "uses the base branch's trust; the change takes effect once merged", title="secure-run trust")
@@ -219,6 +236,9 @@ def run_trust(args: argparse.Namespace) -> int:
     else:
         print(f"secure-run: trust {trust_dir} of the checked-out commit (no base: push or schedule)", file=sys.stderr)
     check_lock_confined(repo, lock_rel, trust_dir)
+    if not args.base:
+        tracked = [p for p in git(repo, "ls-files", "-z").split("\0") if p.lower().endswith(WEIGHT_SUFFIXES)]
+        refuse_unlocked(tracked, lock_model_folders((repo / lock_rel).read_text(encoding="utf-8"), lock_rel))
     return 0
 
 

@@ -225,3 +225,15 @@ def test_action_yml_runs_the_tested_scripts_with_pipefail() -> None:
                 ref = line.split("@", 1)[1].split()[0]
                 assert len(ref) == 40 and all(c in "0123456789abcdef" for c in ref), line
         assert "schedule:" in text and "pull_request:" in text and "push:" in text and "lfs: true" in text
+
+
+def test_weights_outside_every_locked_folder_are_refused(repo: Repo, tmp_path: Path) -> None:
+    sneaky = repo.path / "models" / "other" / "model.safetensors"
+    sneaky.parent.mkdir(parents=True)
+    shutil.copy(repo.path / SHARD, sneaky)
+    commit_all(repo.path, "pr: an unlocked model")
+    code, out, err = run_action(repo, tmp_path)[:3]
+    assert code == 1 and "[UNLOCKED-WEIGHTS]" in err
+    assert any(line.startswith("::error file=models/other/model.safetensors,") for line in annotations(out))
+    code, out, err = run_action(repo, tmp_path, SR_BASE="")[:3]  # push / schedule: every tracked file
+    assert code == 1 and "[UNLOCKED-WEIGHTS]" in err
