@@ -142,6 +142,7 @@ class PinPlan:
 
     changes: tuple[PinChange, ...]
     unresolved: tuple[str, ...] = field(default=())
+    notes: tuple[str, ...] = field(default=())
 
 
 _SECTIONS = {
@@ -163,6 +164,7 @@ def plan_pins(policy: Policy, folder: Path) -> PinPlan:
     """
     changes: list[PinChange] = []
     unresolved: list[str] = []
+    notes: list[str] = []
     for key, pins in (("files", policy.spec.artifact.files.pinned), ("rails", policy.spec.guardrails.pinned_integrity)):
         for name, old in sorted(pins.items()):
             try:
@@ -179,12 +181,14 @@ def plan_pins(policy: Policy, folder: Path) -> PinPlan:
     elif match.kind == "structural" and match.license_id is not None:
         if match.license_id in lic.allowed and match.license_id not in lic.denied:
             changes.append(PinChange(".".join(_SECTIONS["fingerprints"]), match.license_id, None, match.fingerprint))
+            notes.append(f"{match.license_id} is identified by its structure only (no reference text is stored): "
+                         f"compare {folder / 'LICENSE'} with the published licence before you write this pin")
         else:
             unresolved.append(f"licence: LICENSE has the structure of {match.license_id}, which the policy does not allow")
     elif match.kind != "exact":
         unresolved.append(f"licence: LICENSE is a {match.kind} match ({match.license_id or match.closest or 'unknown'}); "
                           "it is never pinned automatically: compare it with the reviewed text first")
-    return PinPlan(tuple(changes), tuple(unresolved))
+    return PinPlan(tuple(changes), tuple(unresolved), tuple(notes))
 
 
 def _block_end(lines: list[str], start: int, indent: int) -> int:

@@ -202,7 +202,7 @@ def pin_cmd(model_dir: str, policy_path: str, yes: bool, as_json: bool) -> None:
     if as_json:
         emit_json({"ok": True, "command": "policy pin", "policy": str(policy_file), "written": written,
                    "changes": [c.to_json() for c in plan.changes], "unresolved": list(plan.unresolved),
-                   "diff": diff})
+                   "notes": list(plan.notes), "diff": diff})
         return
     if not plan.changes:
         click.echo(f"{policy_file}: every pin already matches {model_dir}")
@@ -210,6 +210,8 @@ def pin_cmd(model_dir: str, policy_path: str, yes: bool, as_json: bool) -> None:
         click.echo(diff, nl=False)
         click.echo(f"{len(plan.changes)} pin(s) " + ("written to " + str(policy_file) if written
                                                        else "NOT written: review the diff, then add --yes"))
+    for line in plan.notes:
+        click.echo(f"note: {line}", err=True)
     for line in plan.unresolved:
         click.echo(f"not pinned: {line}", err=True)
 

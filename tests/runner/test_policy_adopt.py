@@ -141,6 +141,7 @@ def test_pin_shows_the_diff_then_writes_on_yes(tmp_path: Path) -> None:
     assert {"spec.artifact.files.pinned.LICENSE", "spec.guardrails.pinned_integrity.chat_template.jinja",
             "spec.licenses.fingerprints.LicenseRef-NVIDIA-OML-2025-10-24"} <= fields
     assert len(doc["changes"]) == 9 and doc["unresolved"] == []
+    assert len(doc["notes"]) == 1 and "structure only" in doc["notes"][0]
     after = policy_file.read_text()
     assert ": null" not in after and after.splitlines()[:10] == before.splitlines()[:10]  # comments kept
     code, out, _ = run("policy", "check", str(model), "--policy", str(policy_file), "--use", "research")
