@@ -20,8 +20,6 @@ from pathlib import Path
 import pytest
 from upstream_snapshot import build_upstream_like_snapshot
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]
-
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -56,6 +54,8 @@ def test_readme_commands_are_found() -> None:
     assert any(c.startswith("secure-run policy pin") and c.endswith("--yes") for c in commands)
 
 
+@pytest.mark.docker
+@pytest.mark.slow
 def test_readme_real_model_steps_run_as_written(tmp_path: Path) -> None:
     exe = Path(sys.executable).with_name("secure-run")
     cli = [str(exe)] if exe.exists() else [sys.executable, "-m", "secure_run.runner.cli"]
