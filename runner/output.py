@@ -26,6 +26,7 @@ ERROR_KINDS: dict[str, tuple[int, str]] = {
     "verification": (1, "signature, digest, signer or lock verification failed"),
     "policy": (1, "the licence / guardrail policy denies the run"),
     "model": (1, "the config or weights do not match the vendored architecture"),
+    "audit": (1, "the audit log or a run attestation fails verification (a broken chain link: tampering)"),
     "aborted": (1, "a confirmation was declined"),
     "usage": (2, "bad arguments, option combinations or an existing output"),
     "policy-file": (2, "a policy file or the licence catalogue cannot be read or breaks the schema"),
