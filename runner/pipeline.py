@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from secure_run.errors import PolicyViolation, SecureRunError, UsageError
-from secure_run.runner.stops import StopStrings
 
 Backend = Literal["docker", "namespace"]
 
@@ -126,6 +125,7 @@ class Session:
     def run_turn(self, messages: Sequence[Mapping[str, str]]) -> Iterator[Event]:
         """Run one completion for ``messages`` (chat roles ``system``/``user``/``assistant``)."""
         from secure_run.policies import audit_record
+        from secure_run.runner.stops import StopStrings
         from secure_run.sandbox import GenerateRequest, run_worker
         from secure_run.sandbox.protocol import FileIdentityModel, StatsEvent, TextEvent, TokenEvent
 
