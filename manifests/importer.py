@@ -48,7 +48,7 @@ from ._jsoncheck import JsonProblem, loads_strict, remote_code_pointers, scans_f
 from ._jsonedit import dump_like_hf, remove_top_level_keys
 from ._names import MAX_DEPTH, component_problem, sort_key
 from ._sniff import HEAD_BYTES, sniff
-from .findings import RULES, Finding, FindingsError
+from .findings import Finding, FindingsError
 from .hashing import ProgressSink
 from .inventory import DEFAULT_RULES, FileKind, classify, open_root, take_inventory, text_problem
 from .tensors import SafetensorsHeader, check_shard_index, parse_safetensors_header, parse_shard_index
@@ -351,12 +351,6 @@ def _strip(doc: Any, pointers: set[str], here: str = "") -> Any:
     return doc
 
 
-def _dest_error(dest: Path, problem: str) -> UsageError:
-    """``IMP-DEST``: a bad destination is a usage error (exit 2), like ``keygen`` over an existing file."""
-    return UsageError(f"import destination {dest} {problem} [IMP-DEST]", path=str(dest), rule="IMP-DEST",
-                      hint=RULES["IMP-DEST"])
-
-
 def _prepare_dest(dest: Path) -> bool:
     """Check DEST; return True when it was created here."""
     try:
@@ -440,3 +434,9 @@ def import_snapshot(
     except BaseException:
         imp.cleanup(created_dest)
         raise
+
+
+def _dest_error(dest: Path, problem: str) -> UsageError:
+    """``IMP-DEST``: a bad destination is a usage error (exit 2), like ``keygen`` over an existing file."""
+    return UsageError(f"import destination {dest} {problem} [IMP-DEST]", path=str(dest), rule="IMP-DEST",
+                      hint="choose a new or empty destination folder")
