@@ -58,19 +58,6 @@ def no_color_requested(environ: dict[str, str] | None = None) -> bool:
     return bool(env.get("NO_COLOR", ""))
 
 
-def emit_json(doc: dict[str, Any]) -> None:
-    """Print one JSON document, on one line, with the schema version stamped in."""
-    out = {"schema_version": SCHEMA_VERSION, **doc}
-    sys.stdout.write(json.dumps(out, separators=(",", ":"), default=str) + "\n")
-    sys.stdout.flush()
-
-
-def emit_line(doc: dict[str, Any]) -> None:
-    """Print one JSON line (streamed output), flushed at once."""
-    sys.stdout.write(json.dumps(doc, separators=(",", ":"), default=str) + "\n")
-    sys.stdout.flush()
-
-
 def error_document(error: dict[str, Any]) -> dict[str, Any]:
     """The one-line failure document of the contract (also the last line of a JSON-lines stream)."""
     return {"schema_version": SCHEMA_VERSION, "ok": False, "type": "error", "error": error}
@@ -92,3 +79,16 @@ def denial_error(decision: Any) -> dict[str, Any] | None:
     except PolicyViolation as err:
         return err.to_json()
     return None
+
+
+def emit_json(doc: dict[str, Any]) -> None:
+    """Print one JSON document, on one line, with the schema version stamped in."""
+    out = {"schema_version": SCHEMA_VERSION, **doc}
+    sys.stdout.write(json.dumps(out, separators=(",", ":"), default=str) + "\n")
+    sys.stdout.flush()
+
+
+def emit_line(doc: dict[str, Any]) -> None:
+    """Print one JSON line (streamed output), flushed at once."""
+    sys.stdout.write(json.dumps(doc, separators=(",", ":"), default=str) + "\n")
+    sys.stdout.flush()
