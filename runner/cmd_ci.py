@@ -14,9 +14,7 @@ as ``not_checked`` and make the run fail unless ``--allow-unlocated`` is given.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import click
@@ -98,7 +96,9 @@ def check_entry(lock: Any, entry: Any) -> EntryReport:
 def ci_check_cmd(lock_path: str | None, allow_unlocated: bool, fmt: str | None, junit_path: str | None,
                  json_path: str | None, summary_path: str | None, as_json: bool) -> None:
     """Verify every model in the lock (offline) and evaluate its policy."""
+    import json
     import os
+    from pathlib import Path
 
     from secure_run.manifests import Lock, default_lock_path
     from secure_run.runner.ci_report import github_annotations, junit_xml, summary_markdown
