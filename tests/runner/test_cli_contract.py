@@ -26,6 +26,7 @@ import pytest
 from click.testing import CliRunner
 
 from secure_run import manifests
+from secure_run.model.demo import demo_model_dir
 from secure_run.runner.cli import cli
 from secure_run.runner.output import ERROR_KINDS
 
@@ -89,6 +90,7 @@ class World:
     pub: Path
     lock: Path
     bad_lock: Path
+    demo: Path
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +123,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     (tmp / "code").mkdir()
     (tmp / "code" / "modeling.py").write_text("import os\n")
     (tmp / "bad.jsonl").write_text('{"x": 1}\nnot json\n')  # an audit log with a broken line
-    return World(tmp, model, tampered, keys.private, keys.public, lock, bad_lock)
+    demo = tmp / "demo"
+    shutil.copytree(demo_model_dir(), demo, ignore=shutil.ignore_patterns("model.sig"))
+    manifests.sign_model(demo, keys.private)
+    return World(tmp, model, tampered, keys.private, keys.public, lock, bad_lock, demo)
 
 
 # Each case: (command path, args builder, expected exit code, expected kind, rule or None).
@@ -158,7 +163,8 @@ CASES: list[Case] = [
     (("sign",), lambda w: [str(w.tmp / "code"), "--key", str(w.key)], 1, "manifest", "INV-CODE"),
     (("verify",), lambda w: [str(w.tampered), "--public-key", str(w.pub)], 1, "verification", "DIGEST-MISMATCH"),
     (("verify",), lambda w: [str(w.model)], 2, "usage", None),
-    (("verify",), lambda w: [str(w.model), "--lock", str(w.lock), "--policy", "builtin:demo"], 1, "policy", None),
+    (("verify",), lambda w: [str(w.demo), "--public-key", str(w.pub), "--policy", "builtin:superlinear-exp-v0.1"],
+     1, "policy", None),  # the demo (Apache-2.0) under the OML policy: verified, architecture ok, then denied
 ]
 
 
@@ -316,9 +322,14 @@ def _hint_strings() -> Iterator[tuple[str, str]]:
     for package in ("runner", "manifests", "policies", "sandbox", "model", "kernels"):
         for py in sorted((REPO / package).rglob("*.py")):
             tree = ast.parse(py.read_text(encoding="utf-8"))
+            constants = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
+                         and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)
+                         for t in n.targets if isinstance(t, ast.Name)}
             for node in ast.walk(tree):
                 if isinstance(node, ast.keyword) and node.arg == "hint":
-                    parts = [n.value for n in ast.walk(node.value) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+                    parts = [n.value if isinstance(n, ast.Constant) else constants[n.id] for n in ast.walk(node.value)
+                             if (isinstance(n, ast.Constant) and isinstance(n.value, str))
+                             or (isinstance(n, ast.Name) and n.id in constants)]
                     if parts:
                         yield f"{py.relative_to(REPO)}:{node.value.lineno}", "".join(parts)
 
