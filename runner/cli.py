@@ -130,7 +130,7 @@ def _set_manners(ctx: click.Context, quiet: bool, verbose: int, no_color: bool) 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="secure-run")
-@click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr (results and errors only).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or status lines on stderr (results, errors, licence notices).")
 @click.option("-v", "--verbose", count=True, help="More detail: tracebacks of internal errors.")
 @click.option("--no-color", "no_color", is_flag=True, help="No colour (also NO_COLOR=1).")
 @click.pass_context

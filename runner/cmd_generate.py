@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from secure_run.runner.options import json_option, trust_options
-from secure_run.runner.output import emit_line
+from secure_run.runner.output import SETTINGS, emit_line
 from secure_run.runner.progress import hashing_progress
 
 
@@ -81,7 +81,7 @@ def generate_cmd(**kw: Any) -> None:
     def status(stage: str, message: str) -> None:
         if as_json:
             emit_line({"type": "status", "stage": stage, "message": message})
-        else:
+        elif SETTINGS.verbosity >= 0 or stage == "licence":  # -q keeps the licence notice (policy A4)
             click.secho(f"[{stage}] {message}", err=True, dim=True)
 
     interactive = _stdin_is_tty() and not as_json

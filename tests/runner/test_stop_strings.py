@@ -109,3 +109,14 @@ def test_generate_stop_option(scripted: dict[str, Any]) -> None:
     lines = [json.loads(line) for line in res.stdout.splitlines()]
     assert "".join(d["text"] for d in lines if d["type"] == "text") == "one two "
     assert lines[-1]["type"] == "final" and lines[-1]["stats"]["stop"] == "STOP"
+
+
+def test_quiet_generate_keeps_the_completion_and_the_licence_notice_only(scripted: dict[str, Any]) -> None:
+    scripted["events"] = [*_tokens(["one two"]), _stats(1)]
+    loud = CliRunner().invoke(cli, ["generate", "--prompt", "hi"], catch_exceptions=False)
+    quiet = CliRunner().invoke(cli, ["-q", "generate", "--prompt", "hi"], catch_exceptions=False)
+    assert loud.exit_code == quiet.exit_code == 0
+    assert loud.stdout.startswith("one two") and quiet.stdout.startswith("one two")
+    assert "[verify]" in loud.stderr and "[verify]" not in quiet.stderr and "[sandbox]" not in quiet.stderr
+    assert "[licence]" in loud.stderr and "[licence]" in quiet.stderr  # the attribution notice stays (A4)
+    assert "[done]" in quiet.stderr
