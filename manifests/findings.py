@@ -101,7 +101,7 @@ RULES: dict[str, str] = {
     "FILE-CHANGED": "a file changed while it was being verified; retry on a quiescent folder",
     # lock file
     "LOCK-FILE": "fix the lock file (see manifests/README.md, 'Lock file')",
-    "LOCK-UNKNOWN": "pin the model in the lock file after review (manifests.lock.pin_model)",
+    "LOCK-UNKNOWN": "after review, pin it in your own lock: `secure-run lock add DIR --lock FILE --public-key PUB.pem`, then pass --lock FILE (the shipped lock holds only the demo)",
     "LOCK-DIGEST": "this is a different (e.g. older) signed version than the one pinned; deploy the pinned version or update the lock after review",
     "LOCK-SIGNER": "the folder was signed by another signer than the pinned one",
     # import

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from secure_run import __version__
+from secure_run.errors import UsageError
 
 from ._io import storage_error
 from ._jsoncheck import JsonProblem, loads_strict, remote_code_pointers, scans_for_remote_code
@@ -438,9 +439,9 @@ def _prepare_dest(dest: Path) -> bool:
         dest.mkdir(parents=True, mode=0o755)
         return True
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise FindingsError([Finding(str(dest), "IMP-DEST", "exists and is not a folder")], what="import refused", root=str(dest))
+        raise _dest_error(dest, "exists and is not a folder")
     if any(os.scandir(dest)):
-        raise FindingsError([Finding(str(dest), "IMP-DEST", "exists and is not empty")], what="import refused", root=str(dest))
+        raise _dest_error(dest, "exists and is not empty")
     return False
 
 
@@ -470,7 +471,8 @@ def import_snapshot(
         The :class:`ImportReport` (also written to ``dest/import-report.json``).
 
     Raises:
-        FindingsError: ``IMP-DEST``, or content failures of files that would be kept; nothing
+        UsageError: ``IMP-DEST`` (exit 2).
+        FindingsError: content failures of files that would be kept; nothing
             is left behind in ``dest``.
         UsageError: ``src`` is not a folder.
     """
@@ -479,7 +481,7 @@ def import_snapshot(
     dest_path = Path(dest)
     if dest_path.resolve() == src_path.resolve() or src_path.resolve() in dest_path.resolve().parents:
         os.close(sfd)
-        raise FindingsError([Finding(str(dest_path), "IMP-DEST", "must not be SRC or inside it")], what="import refused")
+        raise _dest_error(dest_path, "must not be SRC or inside it")
     try:
         created_dest = _prepare_dest(dest_path)
     except BaseException:
@@ -532,3 +534,9 @@ def import_snapshot(
     except BaseException:
         imp.cleanup(created_dest)
         raise
+
+
+def _dest_error(dest: Path, problem: str) -> UsageError:
+    """``IMP-DEST``: a bad destination is a usage error (exit 2), like ``keygen`` over an existing file."""
+    return UsageError(f"import destination {dest} {problem} [IMP-DEST]", path=str(dest), rule="IMP-DEST",
+                      hint="choose a new or empty destination folder")

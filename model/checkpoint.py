@@ -239,8 +239,8 @@ def check_table(config: ModelConfig, names: AttentionNameMap, found: Mapping[str
             f"{len(unmapped)} attention tensor(s) are not in the attention name map",
             rule="loader.unmapped", names=unmapped,
             details=(f"name map: {names}",),
-            hint="the real checkpoint's search-projection name is unverified (spec/model.md 2.6); pass "
-            "AttentionNameMap(search_query=...) or set secure_run_search_proj in config.json once confirmed",
+            hint="the real checkpoint's search-projection name is unverified (README, 'Running the real model'); "
+            "set secure_run_search_proj in config.json once confirmed, then sign again",
         )
     if missing:
         raise refusal(f"{len(missing)} tensor(s) the config requires are missing from the checkpoint",

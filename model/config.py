@@ -119,7 +119,6 @@ _SPAN_KEYS = (
     "span_attention_inv_search_power_int",
 )
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-_RULE_DOC = "spec/model.md section 1"
 
 
 def _refuse(message: str, *, rule: str, details: tuple[str, ...] = (), hint: str | None = None,
@@ -532,7 +531,8 @@ def config_from_dict(raw: Mapping[str, Any], *, path: str = "config.json") -> Mo
             f"{path} does not match the vendored architecture ({len(details)} problem(s))",
             rule=rules[0] if len(rules) == 1 else "config.invalid",
             details=details,
-            hint=f"fix the listed fields; the accepted values are documented in {_RULE_DOC}",
+            hint="fix the listed fields of config.json (each line names the field and what it got); this "
+            "model is not the vendored architecture if they differ",
             path=path,
         ) from None
 

@@ -141,10 +141,19 @@ def _listed(items: list[str]) -> str:
 # 1. policy validity
 
 
+#: S8 warns this many days before ``metadata.expires`` (a scheduled CI run shows it in time).
+EXPIRY_WARNING_DAYS = 30
+
+
 def _check_expiry(ctx: _Ctx) -> None:
     expires = ctx.policy.document.metadata.expires
     if expires is not None and ctx.now.date() > expires:
         ctx.add("S8", "deny", f"policy expired on {expires.isoformat()}", expires=expires.isoformat(),
+                hint="re-review the model and the policy, then move metadata.expires")
+    elif expires is not None and (expires - ctx.now.date()).days <= EXPIRY_WARNING_DAYS:
+        days = (expires - ctx.now.date()).days
+        ctx.add("S8", "warn", f"policy expires on {expires.isoformat()} (in {days} day(s)); every run is "
+                "denied after that", expires=expires.isoformat(), days_left=days,
                 hint="re-review the model and the policy, then move metadata.expires")
     else:
         ctx.add("S8", "pass", "policy is within its validity period",
@@ -190,7 +199,7 @@ def _check_signature(ctx: _Ctx) -> None:
                 hint="re-verify the folder; restore the reviewed files or update the lock after review")
     elif sig.lock_matched is None and pin is None:
         ctx.add("S3", "warn", "digests matched, but the root digest was compared with no lock entry or pin",
-                root_digest=sig.root_digest, hint="add the model to the lock file (manifests/trusted)")
+                root_digest=sig.root_digest, hint="pin the reviewed model with `secure-run lock add DIR --lock FILE` and pass --lock FILE")
     else:
         ctx.add("S3", "pass", "digests matched; root digest equals the lock / policy pin", root_digest=sig.root_digest)
 
@@ -554,7 +563,7 @@ def _check_use(ctx: _Ctx) -> None:
         if not rails.declared_use.required:
             ctx.add("G5", "pass", "no declared use required")
         elif ctx.stage == "check":
-            ctx.add("G5", "info", "no declared use given (required at run time: --purpose)")
+            ctx.add("G5", "info", "no declared use given (required at run time: --use USE)")
         else:
             ctx.add("G5", "deny", "a declared use is required and none was given",
                     hint=f"declare the purpose of the run, one of {list(rails.declared_use.allowed)}")

@@ -139,7 +139,9 @@ def _keyword_patterns(flt: Filter | None, base_dir: Path | None, source: str, wh
         except (_files.UnsafeFile, OSError) as err:
             reason = err.reason if isinstance(err, _files.UnsafeFile) else str(err)
             raise PolicyFileError(
-                f"{source}: {where}.blocklist {flt.blocklist!r}: {reason}", path=source, rule="P9"
+                f"{source}: {where}.blocklist {flt.blocklist!r}: {reason}", path=source, rule="P9",
+                hint="the blocklist is read next to the policy file; copy it there, or create the policy with "
+                "`secure-run policy init --from builtin:NAME DIR` (writes both)",
             ) from None
         got = hashlib.sha256(data).hexdigest()
         if got != flt.blocklist_sha256:

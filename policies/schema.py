@@ -162,8 +162,8 @@ class Artifact(Strict):
     def _no_remote_code(self) -> Artifact:
         if self.remote_code is not None:
             raise ValueError(
-                "[P4] remote_code is not supported: .py files are refused everywhere, reviewed or not "
-                "(DESIGN.md); `secure-run import` drops them and the vendored model runs instead"
+                "[P4] remote_code is not supported: .py files are refused everywhere, reviewed or not; "
+                "`secure-run import` drops them and the vendored model runs instead"
             )
         return self
 

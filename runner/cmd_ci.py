@@ -1,6 +1,7 @@
 """``secure-run ci-check``: verify every locked model offline and evaluate its policy.
 
-    $ secure-run ci-check [--lock FILE] [--json]
+    $ secure-run ci-check [--lock FILE] [--json | --format text|json|github|junit]
+                          [--junit-xml FILE] [--json-out FILE] [--summary FILE]
 
 For each entry of the lock (default: the shipped ``manifests/trusted/models.lock.json``): the
 model folder recorded in the entry's ``path`` is verified against the entry's own pinned signer
@@ -20,7 +21,8 @@ import click
 
 from secure_run.errors import Refusal, SecureRunError, UsageError
 from secure_run.runner.options import json_option
-from secure_run.runner.output import emit_json
+from secure_run.runner.output import SCHEMA_VERSION, emit_json
+from secure_run.runner.progress import hashing_progress
 
 if TYPE_CHECKING:
     from secure_run.manifests import Lock, LockEntry, VerificationResult
@@ -72,7 +74,8 @@ def check_entry(lock: Lock, entry: LockEntry) -> EntryReport:
 
         # the one gate: verify against the entry's own pin -> architecture -> policy (stage check)
         with run_gate(folder, entry.signer.trust(lock.base), lock=entry, policy=policy, stage="check",
-                      on_refusal=record_digest) as gate:
+                      on_refusal=record_digest,
+                      progress=hashing_progress(False, f"verifying {entry.name}")) as gate:
             report.root_digest = f"sha256:{gate.verification.root_digest}"
             decision = gate.decision
             if decision is not None:
@@ -92,34 +95,82 @@ def check_entry(lock: Lock, entry: LockEntry) -> EntryReport:
 @click.option("--lock", "lock_path", type=click.Path(dir_okay=False), metavar="FILE",
               help="Lock file (default: the shipped manifests/trusted/models.lock.json).")
 @click.option("--allow-unlocated", is_flag=True, help="Do not fail on lock entries without a recorded path.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "github", "junit"]), default=None,
+              help="Report on stdout: text (default), json (= --json), github (::error annotations on the "
+                   "offending files + job summary), junit (JUnit XML).")
+@click.option("--junit-xml", "junit_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Also write the JUnit XML report to FILE.")
+@click.option("--json-out", "json_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Also write the JSON report to FILE.")
+@click.option("--summary", "summary_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Append the markdown summary table to FILE (default with --format github: $GITHUB_STEP_SUMMARY).")
 @json_option
-def ci_check_cmd(lock_path: str | None, allow_unlocated: bool, as_json: bool) -> None:
+def ci_check_cmd(lock_path: str | None, allow_unlocated: bool, fmt: str | None, junit_path: str | None,
+                 json_path: str | None, summary_path: str | None, as_json: bool) -> None:
     """Verify every model in the lock (offline) and evaluate its policy."""
-    from secure_run.manifests import Lock, default_lock_path
+    import json
+    import os
+    from pathlib import Path
 
+    from secure_run.manifests import Lock, default_lock_path
+    from secure_run.runner.ci_report import github_annotations, junit_xml, summary_markdown
+
+    if as_json and fmt not in (None, "json"):
+        raise UsageError(f"--json and --format {fmt} exclude each other", rule="CLI-USAGE",
+                         hint="use --format json (or --json) alone; write other reports with --junit-xml/--summary")
+    fmt = "json" if as_json else (fmt or "text")
+    if fmt == "json":
+        click.get_current_context().meta["secure_run.json"] = True
     lock = Lock.load(lock_path or default_lock_path())
     if not lock.entries:
-        raise UsageError(f"{lock.source} has no models", hint="pin a model with pin_model() or sign + verify first")
+        raise UsageError(f"{lock.source} has no models", rule="CI-EMPTY",
+                         hint="pin a reviewed model with `secure-run lock add DIR --lock FILE --public-key PUB.pem`")
     reports = [check_entry(lock, lock.entries[name]) for name in sorted(lock.entries)]
     failed = [r for r in reports if r.status == "refused" or (r.status == "not_checked" and not allow_unlocated)]
-    if as_json:
-        emit_json({"ok": not failed, "command": "ci-check", "lock": lock.source,
-                   "models": [r.to_json() for r in reports]})
+    doc: dict[str, Any] = {"ok": not failed, "command": "ci-check", "lock": lock.source,
+                           "models": [r.to_json() for r in reports]}
+    if failed:
+        names = ", ".join(r.name for r in failed)
+        doc["error"] = Refusal(f"{len(failed)} of {len(reports)} locked models failed: {names}", rule="CI-FAILED",
+                               path=lock.source, details=[f"{r.name}: {r.status}" for r in failed],
+                               hint="see each model's error; fix the folder or update the lock after review"
+                               ).to_json()
+    if json_path:
+        Path(json_path).write_text(json.dumps({"schema_version": SCHEMA_VERSION, **doc}, indent=2) + "\n",
+                                   encoding="utf-8")
+    if junit_path:
+        Path(junit_path).write_text(junit_xml(doc), encoding="utf-8")
+    summary_target = summary_path or (os.environ.get("GITHUB_STEP_SUMMARY") if fmt == "github" else None)
+    if summary_target:
+        with open(summary_target, "a", encoding="utf-8") as fh:
+            fh.write(summary_markdown(doc))
+    if fmt == "json":
+        emit_json(doc)
+    elif fmt == "junit":
+        click.echo(junit_xml(doc), nl=False)
+    elif fmt == "github":
+        for line in github_annotations(doc, root=os.environ.get("GITHUB_WORKSPACE", ".")):
+            click.echo(line)
+        _text_report(reports, failed)
     else:
-        for r in reports:
-            mark = {"ok": "ok", "refused": "REFUSED", "not_checked": "NOT CHECKED"}[r.status]
-            click.echo(f"{mark:<12} {r.name}  {r.root_digest or ''}")
-            if r.policy:
-                click.echo(f"             policy {r.policy}: {'allowed' if r.policy_allowed else 'denied'}"
-                           if r.policy_allowed is not None else f"             policy {r.policy}: not evaluated")
-            if r.error:
-                for line in SecureRunErrorText(r.error).lines():
-                    click.echo(f"             {line}")
-            elif r.status == "not_checked":
-                click.echo("             no path recorded in the lock entry; nothing to verify here")
-        click.echo(f"{len(reports) - len(failed)}/{len(reports)} locked models pass")
+        _text_report(reports, failed)
     if failed:
         click.get_current_context().exit(1)
+
+
+def _text_report(reports: list[EntryReport], failed: list[EntryReport]) -> None:
+    for r in reports:
+        mark = {"ok": "ok", "refused": "REFUSED", "not_checked": "NOT CHECKED"}[r.status]
+        click.echo(f"{mark:<12} {r.name}  {r.root_digest or ''}")
+        if r.policy:
+            click.echo(f"             policy {r.policy}: {'allowed' if r.policy_allowed else 'denied'}"
+                       if r.policy_allowed is not None else f"             policy {r.policy}: not evaluated")
+        if r.error:
+            for line in SecureRunErrorText(r.error).lines():
+                click.echo(f"             {line}")
+        elif r.status == "not_checked":
+            click.echo("             no path recorded in the lock entry; nothing to verify here")
+    click.echo(f"{len(reports) - len(failed)}/{len(reports)} locked models pass")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from secure_run.runner.options import json_option, trust_options
-from secure_run.runner.output import emit_line
+from secure_run.runner.output import SETTINGS, emit_line
 from secure_run.runner.progress import hashing_progress
 
 if TYPE_CHECKING:
@@ -69,7 +69,9 @@ def interrupts_raise() -> Iterator[None]:
 @click.option("--system", "system", metavar="TEXT", help="Optional system message.")
 @click.option("--chat", is_flag=True, help="Interactive chat on the terminal (one fresh sandbox per turn).")
 @click.option("--max-new-tokens", "max_new_tokens", type=click.IntRange(1), metavar="N",
-              help="Most tokens to generate (default: min(64, the policy limit)).")
+              help="Most tokens to generate (default: the policy's limit, guardrails.limits.max_new_tokens).")
+@click.option("--stop", "stop", multiple=True, metavar="TEXT",
+              help="End the completion at the first TEXT (repeatable); TEXT itself is not printed.")
 @click.option("--temperature", type=click.FloatRange(0.0, 100.0), default=0.0, show_default=True,
               help="0 = greedy.")
 @click.option("--top-p", "top_p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True)
@@ -112,7 +114,7 @@ def generate_cmd(**kw: Any) -> None:
         sandbox=kw["sandbox"], gpu=kw["gpu"], dtype=kw["dtype"], memory_mib=kw["memory_mib"],
         build_image=not kw["no_build"], declared_use=kw["declared_use"], operator=kw["operator"],
         accept_license=kw["accept_license"], acknowledgements=tuple(kw["acknowledgements"]),
-        audit_log=Path(kw["audit_log"]) if kw["audit_log"] else None,
+        audit_log=Path(kw["audit_log"]) if kw["audit_log"] else None, stop=tuple(kw["stop"]),
     )
 
     with interrupts_raise():
@@ -125,7 +127,7 @@ def _run(options: GenerateOptions, kw: dict[str, Any], as_json: bool) -> None:
     def status(stage: str, message: str) -> None:
         if as_json:
             emit_line({"type": "status", "stage": stage, "message": message})
-        else:
+        elif SETTINGS.verbosity >= 0 or stage == "licence":  # -q keeps the licence notice (policy A4)
             click.secho(f"[{stage}] {message}", err=True, dim=True)
 
     interactive = _stdin_is_tty() and not as_json

@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from secure_run.runner.options import json_option, trust_options
-from secure_run.runner.output import emit_json
+from secure_run.runner.output import denial_error, emit_json
 from secure_run.runner.progress import hashing_progress
 
 
@@ -163,6 +163,8 @@ def verify_cmd(
         doc = {"ok": decision is None or decision.allowed, "command": "verify", **result.to_json()}
         if decision is not None:
             doc["policy"] = decision.to_json()
+            if not decision.allowed:
+                doc["error"] = denial_error(decision)
         emit_json(doc)
         if decision is not None and not decision.allowed:
             click.get_current_context().exit(1)

@@ -3,6 +3,8 @@
     $ secure-run policy check DIR --policy FILE [--use PURPOSE] [--operator NAME] [--json]
     $ secure-run policy fingerprint DIR/LICENSE [--policy FILE] [--json]
     $ secure-run policy accept-license ID DIR --policy FILE --acknowledge ITEM ... [--operator NAME]
+    $ secure-run policy init --from builtin:NAME DIR [--expires YYYY-MM-DD] [--json]
+    $ secure-run policy pin DIR --policy FILE [--yes] [--json]
 
 ``--policy`` takes a file or ``builtin:demo`` / ``builtin:superlinear-exp-v0.1``.
 """
@@ -10,13 +12,14 @@
 from __future__ import annotations
 
 import getpass
+from datetime import datetime
 from pathlib import Path
 
 import click
 
 from secure_run.errors import UsageError
 from secure_run.runner.options import existing_dir, json_option
-from secure_run.runner.output import emit_json
+from secure_run.runner.output import denial_error, emit_json
 
 policy_option = click.option(
     "--policy",
@@ -67,7 +70,11 @@ def check_cmd(
     facts = RunFacts(model_dir=Path(model_dir), declared_use=declared_use, operator=operator)
     decision = evaluate(policy, facts, stage="check", acceptances=store)
     if as_json:
-        emit_json({"ok": decision.allowed, "decision": decision.to_json()})
+        doc = {"ok": decision.allowed, "command": "policy check", "decision": decision.to_json()}
+        error = denial_error(decision)
+        if error is not None:
+            doc["error"] = error
+        emit_json(doc)
     else:
         click.echo(decision.render_text(verbose=verbose))
     if not decision.allowed:
@@ -147,6 +154,66 @@ def accept_cmd(
     else:
         click.echo(f"accepted {record.license_id} (text {record.license_fingerprint[:16]}...) for {record.operator}; "
                    f"recorded in {store.path}")
+
+
+@policy_group.command("init")
+@click.option("--from", "source", required=True, metavar="builtin:NAME",
+              help="Template: builtin:demo or builtin:superlinear-exp-v0.1.")
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--expires", type=click.DateTime(formats=["%Y-%m-%d"]), metavar="YYYY-MM-DD",
+              help="metadata.expires of the new policy (default: one year from today).")
+@json_option
+def init_cmd(source: str, dest: str, expires: datetime | None, as_json: bool) -> None:
+    """Write a self-contained policy (DEST/policy.yaml + its blocklist) from a built-in template."""
+    from secure_run.policies.adopt import init_policy
+    _json_errors(as_json)
+    result = init_policy(source, Path(dest), expires=expires.date() if expires else None)
+    if as_json:
+        emit_json({"ok": True, "command": "policy init", "policy": str(result.policy),
+                   "files": [str(f) for f in result.files], "expires": result.expires.isoformat(),
+                   "template": result.template})
+        return
+    click.echo(f"wrote {result.policy} from {result.template} (expires {result.expires.isoformat()})")
+    for f in result.files[1:]:
+        click.echo(f"  + {f}")
+    click.echo(f"next: review the model folder, then `secure-run policy pin DIR --policy {result.policy}`")
+
+
+@policy_group.command("pin")
+@existing_dir("model_dir")
+@policy_option
+@click.option("--yes", is_flag=True, help="Write the changes (without it: show the diff only).")
+@json_option
+def pin_cmd(model_dir: str, policy_path: str, yes: bool, as_json: bool) -> None:
+    """Fill every pin of the policy FILE from the reviewed MODEL_DIR: show the diff, write it on --yes."""
+    from secure_run.policies import load_policy
+    from secure_run.policies.adopt import apply_pins, plan_pins, unified_diff, write_atomically
+    _json_errors(as_json)
+    if policy_path.startswith("builtin:"):
+        raise UsageError(f"{policy_path} is built in and cannot be edited", rule="POLICY-PIN",
+                         hint=f"make your own copy first: `secure-run policy init --from {policy_path} DIR`")
+    policy_file = Path(policy_path)
+    plan = plan_pins(load_policy(policy_file), Path(model_dir))
+    old, new = apply_pins(policy_file, plan)
+    diff = unified_diff(old, new, policy_file.name)
+    written = bool(yes and plan.changes)
+    if written:
+        write_atomically(policy_file, new)
+    if as_json:
+        emit_json({"ok": True, "command": "policy pin", "policy": str(policy_file), "written": written,
+                   "changes": [c.to_json() for c in plan.changes], "unresolved": list(plan.unresolved),
+                   "notes": list(plan.notes), "diff": diff})
+        return
+    if not plan.changes:
+        click.echo(f"{policy_file}: every pin already matches {model_dir}")
+    else:
+        click.echo(diff, nl=False)
+        click.echo(f"{len(plan.changes)} pin(s) " + ("written to " + str(policy_file) if written
+                                                       else "NOT written: review the diff, then add --yes"))
+    for line in plan.notes:
+        click.echo(f"note: {line}", err=True)
+    for line in plan.unresolved:
+        click.echo(f"not pinned: {line}", err=True)
 
 
 def register(group: click.Group) -> None:

@@ -1,18 +1,90 @@
-"""Rendering helpers: JSON documents on stdout, human text (rich) on stderr/stdout."""
+"""Rendering helpers: JSON documents on stdout, human text on stderr/stdout, and the error contract.
+
+Every ``--json`` document is printed on ONE line (so that ``generate``'s JSON-lines stream and a
+failure of any command read the same way). A failure is::
+
+    {"schema_version": 1, "ok": false, "type": "error", "error": {"kind", "message", "details",
+     "hint", "path", "rule", "exit_code"}}
+
+``error.kind`` is one of :data:`ERROR_KINDS` (documented in the README, "Errors and exit codes").
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 SCHEMA_VERSION = 1
 
+#: every ``error.kind`` the CLI can print, with its exit code and meaning (README table).
+ERROR_KINDS: dict[str, tuple[int, str]] = {
+    "refused": (1, "a generic refusal"),
+    "manifest": (1, "the folder inventory, a file's content or a safetensors header is refused"),
+    "verification": (1, "signature, digest, signer or lock verification failed"),
+    "policy": (1, "the licence / guardrail policy denies the run"),
+    "model": (1, "the config or weights do not match the vendored architecture"),
+    "audit": (1, "the audit log or a run attestation fails verification (a broken chain link: tampering)"),
+    "aborted": (1, "a confirmation was declined"),
+    "usage": (2, "bad arguments, option combinations or an existing output"),
+    "policy-file": (2, "a policy file or the licence catalogue cannot be read or breaks the schema"),
+    "state-file": (2, "the audit log or licence-acceptance store cannot be read or written safely"),
+    "environment": (2, "something missing on this host (file, engine, GPU, permission)"),
+    "sandbox": (2, "the sandbox could not be set up or the sandboxed run failed"),
+    "kernel": (2, "a requested kernel backend (Triton/CUDA) is not available"),
+    "kernel-input": (2, "a kernel argument has the wrong shape, dtype or value"),
+    "error": (2, "any other secure-run error"),
+    "internal": (2, "an unexpected error (a bug, or a library failure); `secure-run -v` shows the traceback"),
+    "interrupted": (130, "interrupted (SIGINT, Ctrl-C)"),
+}
+
+
+@dataclass
+class OutputSettings:
+    """Process-wide output manners set by the group options (``--quiet``, ``--verbose``, ``NO_COLOR``)."""
+
+    verbosity: int = 0  # -1 quiet, 0 normal, 1 verbose
+    color: bool | None = None  # None: click decides (a terminal); False: NO_COLOR / --no-color
+
+
+SETTINGS = OutputSettings()
+
+
+def no_color_requested(environ: dict[str, str] | None = None) -> bool:
+    """True when ``NO_COLOR`` is set to a non-empty value (https://no-color.org)."""
+    env = os.environ if environ is None else environ
+    return bool(env.get("NO_COLOR", ""))
+
+
+def error_document(error: dict[str, Any]) -> dict[str, Any]:
+    """The one-line failure document of the contract (also the last line of a JSON-lines stream)."""
+    return {"schema_version": SCHEMA_VERSION, "ok": False, "type": "error", "error": error}
+
+
+def error_object(kind: str, message: str, *, exit_code: int, hint: str | None = None,
+                 rule: str | None = None, details: tuple[str, ...] = (), path: str | None = None) -> dict[str, Any]:
+    """An ``error`` object for failures that are not a SecureRunError (click usage, SIGINT)."""
+    return {"kind": kind, "message": message, "details": list(details), "hint": hint, "path": path,
+            "rule": rule, "exit_code": exit_code}
+
+
+def denial_error(decision: Any) -> dict[str, Any] | None:
+    """The ``error`` object of a policy decision that denies (None when it allows)."""
+    from secure_run.errors import PolicyViolation
+
+    try:
+        decision.raise_if_denied()
+    except PolicyViolation as err:
+        return err.to_json()
+    return None
+
 
 def emit_json(doc: dict[str, Any]) -> None:
-    """Print one JSON document with the schema version stamped in."""
+    """Print one JSON document, on one line, with the schema version stamped in."""
     out = {"schema_version": SCHEMA_VERSION, **doc}
-    sys.stdout.write(json.dumps(out, indent=2, sort_keys=False, default=str) + "\n")
+    sys.stdout.write(json.dumps(out, separators=(",", ":"), default=str) + "\n")
     sys.stdout.flush()
 
 

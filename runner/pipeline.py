@@ -80,6 +80,7 @@ class GenerateOptions:
     sandbox: Backend = "docker"
     gpu: bool = False
     dtype: str | None = None
+    stop: tuple[str, ...] = ()  # stop strings, applied on the host to the guardrail-checked text
     memory_mib: int | None = None
     build_image: bool = True
     declared_use: str | None = None
@@ -165,6 +166,7 @@ class Session:
     def run_turn(self, messages: Sequence[Mapping[str, str]]) -> Generator[Event, None, None]:
         """Run one completion for ``messages`` (chat roles ``system``/``user``/``assistant``)."""
         from secure_run.policies import audit_record
+        from secure_run.runner.stops import StopStrings
         from secure_run.sandbox import GenerateRequest, run_worker
         from secure_run.sandbox.protocol import PinnedFileModel, StatsEvent, TextEvent, TokenEvent
 
@@ -214,6 +216,8 @@ class Session:
 
         # 8. stream through the output guardrail under the policy's time limit.
         guard_out = self.policy.output_guard()
+        stopper = StopStrings(self.options.stop)  # cuts the released text
+        early = StopStrings(self.options.stop)  # sees the raw text: ends the worker without the guard's lag
         deadline = limits.deadline()
         started = time.monotonic()
         first_token: float | None = None
@@ -231,12 +235,15 @@ class Session:
                         raise PolicyViolation(f"the worker produced more than {self.max_new_tokens} tokens (G4)",
                                               rule="G4", hint="the sandboxed worker broke its limit; report this")
                 elif isinstance(ev, TextEvent):
-                    released = guard_out.feed(ev.text)
+                    released = stopper.feed(guard_out.feed(ev.text))
+                    early.feed(ev.text)
                     if released:
                         yield Text(released)
                     if guard_out.blocked:
                         blocked = True
                         break
+                    if early.stopped or stopper.stopped:
+                        break  # closing the stream below ends the worker
                 elif isinstance(ev, StatsEvent):
                     worker_stats = ev.model_dump(exclude={"type"})
                 deadline.check()
@@ -249,9 +256,10 @@ class Session:
             raise
         finally:
             stream.close()  # kills and removes the sandbox if it is still running
-        if not blocked:
-            tail = guard_out.finish()
+        if not blocked and not stopper.stopped:
+            tail = stopper.feed(guard_out.finish())
             blocked = guard_out.blocked
+            tail += stopper.finish()  # text held back as a possible stop-string start
             if tail:
                 yield Text(tail)
         events.extend(guard_out.events)
@@ -267,6 +275,7 @@ class Session:
             "tokens_per_second": worker_stats.get("tokens_per_second"),
             "worker": worker_stats,
             "output_blocked": blocked,
+            "stop": stopper.matched,
         }
         record = audit_record(self.decision, event="finished", run_stats=stats, guardrail_events=events)
         self.audit.append(record)
@@ -401,7 +410,7 @@ def _session(options: GenerateOptions, gate: GateResult, *, is_demo: bool, audit
     # 5. the sandbox.
     verification = gate.verification
     limits = policy.limits()
-    max_new = options.max_new_tokens if options.max_new_tokens is not None else min(64, limits.max_new_tokens)
+    max_new = options.max_new_tokens if options.max_new_tokens is not None else limits.max_new_tokens
     sandbox_policy = SandboxPolicy(model_dir=Path(verification.root).resolve(), gpu=options.gpu,
                                    wall_clock_s=float(limits.timeout_s) + LOAD_ALLOWANCE_S)
     if options.memory_mib is not None:

@@ -31,7 +31,7 @@ class ImageMissing(SandboxError):
         super().__init__(
             f"the sandbox image {tag} is not present in the Docker engine",
             rule="sandbox.docker.image_missing",
-            hint="build it locally (no registry is used): pass --build, or call ensure_image(client, build=True)",
+            hint="build it locally (no registry is used): run `secure-run sandbox build-image`, or leave out --no-build",
         )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from mf_helpers import CONFIG_JSON, snapshot, st_bytes, write_model
 
+from secure_run.errors import UsageError
 from secure_run.manifests import (
     FindingsError,
     KeyTrust,
@@ -101,13 +102,13 @@ def test_dest_must_be_new_or_empty(tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
     (dest / "keep.txt").write_text("mine\n")
-    with pytest.raises(FindingsError) as err:
+    with pytest.raises(UsageError) as err:
         import_snapshot(src, dest)
-    assert err.value.rule == "IMP-DEST" and err.value.exit_code == 1
+    assert err.value.rule == "IMP-DEST" and err.value.exit_code == 2
     assert [p.name for p in dest.iterdir()] == ["keep.txt"]
     (dest / "keep.txt").unlink()
     import_snapshot(src, dest)  # an existing empty folder is fine
-    with pytest.raises(FindingsError) as err:
+    with pytest.raises(UsageError) as err:
         import_snapshot(src, src / "inside")
     assert err.value.rule == "IMP-DEST"
 

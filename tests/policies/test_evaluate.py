@@ -126,7 +126,10 @@ def test_s8_expired_policy(make_policy: PolicyFactory, model_dir: Path) -> None:
     policy = make_policy({"metadata": {"expires": "2026-01-31"}})
     decision = evaluate(policy, good_facts(model_dir), now=datetime(2026, 2, 1, tzinfo=UTC))
     assert result(decision, "S8") == "deny"
-    assert result(evaluate(policy, good_facts(model_dir), now=datetime(2026, 1, 31, tzinfo=UTC)), "S8") == "pass"
+    # the last valid day warns (30-day notice); a day before the notice period passes
+    assert result(evaluate(policy, good_facts(model_dir), now=datetime(2026, 1, 31, tzinfo=UTC)), "S8") == "warn"
+    assert result(evaluate(policy, good_facts(model_dir), now=datetime(2026, 1, 1, tzinfo=UTC)), "S8") == "warn"
+    assert result(evaluate(policy, good_facts(model_dir), now=datetime(2025, 12, 31, tzinfo=UTC)), "S8") == "pass"
 
 
 def test_s9_unlisted_file_and_symlink(make_policy: PolicyFactory, model_dir: Path, tmp_path: Path) -> None:

@@ -218,9 +218,9 @@ def test_unconvertible_yaml_values_in_a_policy_are_refused(tmp_path: Path, line:
     from secure_run.policies.policy import default_policy_path
 
     text = default_policy_path("superlinear-exp-v0.1").read_text()
-    assert "  expires: 2026-12-31" in text
+    assert "  expires: 2027-12-31" in text
     path = tmp_path / "p.policy.yaml"
-    path.write_text(text.replace("  expires: 2026-12-31", line))
+    path.write_text(text.replace("  expires: 2027-12-31", line))
     with pytest.raises(PolicyFileError) as info:
         load_policy(path)
     assert info.value.rule == "yaml.safe" and info.value.exit_code == 2

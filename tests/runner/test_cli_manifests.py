@@ -180,7 +180,7 @@ def test_import_cli(tmp_path: Path, key: tuple[str, str]) -> None:
     assert [s["pointer"] for s in doc["report"]["stripped_keys"]] == ["/auto_map"]
     assert doc["next_steps"][0].startswith("secure-run inspect") and any("secure-run sign" in s for s in doc["next_steps"])
     code, doc = run_json("import", str(src), str(tmp_path / "clean"))
-    assert code == 1 and doc["error"]["rule"] == "IMP-DEST"
+    assert code == 2 and doc["error"]["rule"] == "IMP-DEST"  # like keygen over an existing file
     code, out, _ = run("import", str(src), str(tmp_path / "clean2"))
     assert code == 0 and "dropped modeling.py: [INV-CODE]" in out and "next steps:" in out
     assert run("sign", str(tmp_path / "clean2"), "--key", key[0])[0] == 0

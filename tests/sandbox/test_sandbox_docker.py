@@ -79,7 +79,7 @@ def test_missing_image_is_refused_without_any_pull(docker_backend: DockerBackend
     with pytest.raises(ImageMissing) as info:
         backend.run(["true"], SandboxPolicy())
     assert info.value.rule == "sandbox.docker.image_missing"
-    assert other.tag in info.value.message and "--build" in (info.value.hint or "")
+    assert other.tag in info.value.message and "secure-run sandbox build-image" in (info.value.hint or "")
     assert not client.images.list(name=other.tag)  # nothing was pulled or built
     assert backend.ids == []  # no container was created
 
