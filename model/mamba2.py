@@ -160,6 +160,18 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.n_groups, cfg.eps, **kw)
         self.out_proj = nn.Linear(self.d_inner, cfg.hidden_size, bias=False, **kw)
 
+    def _decode_fused(self, proj: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """proj [B, d_inner + C + H] of one token -> out_proj output [B, d]; updates ``state``."""
+        from secure_run.kernels import mamba_decode_step
+
+        v = mamba_decode_step(
+            proj, state.conv, state.ssm, self.conv1d.weight.reshape(self.conv_dim, self.kernel), self.conv1d.bias,
+            self.dt_bias, self.A_log, self.D, self.norm.weight, n_heads=self.n_heads, head_dim=self.head_dim,
+            n_groups=self.n_groups, state_size=self.state_size, dt_min=self.dt_min, dt_max=self.dt_max,
+            eps=self.norm.eps)
+        out: torch.Tensor = self.out_proj(v)
+        return out
+
     def _conv(self, xbc: torch.Tensor, state: MambaState | None) -> torch.Tensor:
         """Causal depthwise conv over [cached K inputs | new L inputs]; updates the conv cache."""
         b, length, c = xbc.shape
@@ -173,11 +185,19 @@ class Mamba2Mixer(nn.Module):
         out = F.conv1d(full[..., 1:], w, self.conv1d.bias, groups=c)  # [B, C, L]
         return F.silu(out).transpose(1, 2)  # [B, L, C]
 
-    def forward(self, u: torch.Tensor, state: MambaState | None = None) -> torch.Tensor:
-        """u: [B, L, d] (normed) -> [B, L, d]. With ``state``, starts from and updates the caches."""
+    def forward(self, u: torch.Tensor, state: MambaState | None = None, *, fused: bool | None = None) -> torch.Tensor:
+        """u: [B, L, d] (normed) -> [B, L, d]. With ``state``, starts from and updates the caches.
+
+        ``fused``: run a one-token step with state through :func:`secure_run.kernels.mamba_decode_step`
+        (default: on CUDA; Triton there, the PyTorch reference elsewhere).
+        """
         b, length, _ = u.shape
         h, p, g, n = self.n_heads, self.head_dim, self.n_groups, self.state_size
         proj = self.in_proj(u)  # [B, L, d_inner + C + H]
+        if fused is None:
+            fused = u.is_cuda
+        if fused and length == 1 and state is not None:
+            return self._decode_fused(proj[:, 0], state)[:, None]
         z, xbc, dt_raw = torch.split(proj, [self.d_inner, self.conv_dim, h], dim=-1)
         xbc = self._conv(xbc, state)
         x, bm, cm = torch.split(xbc, [self.d_inner, g * n, g * n], dim=-1)

@@ -1,0 +1,124 @@
+"""Triton Mamba-2 decode step (after ``in_proj``, before ``out_proj``): three launches.
+
+1. ``_conv_step``: every conv channel once (grid over channel blocks): shift the conv state, add
+   the new input, depthwise conv + bias, SiLU (rounded to the model dtype as ``F.conv1d`` + SiLU in
+   that dtype). Each channel is owned by one program, so the in-place state update has no race.
+2. ``_ssm_step``: grid (batch, head, P block): ``dt = softplus(dt_raw + dt_bias)`` clamped,
+   ``S = exp(dt A) S + dt x B^T`` (fp32, in place), ``y = S C + D x``, gate ``y * silu(z)``.
+3. ``_gated_norm``: grid (batch, group): RMSNorm over each group, times the norm weight, cast to
+   the model dtype (the input of ``out_proj``).
+
+Shapes follow :func:`secure_run.kernels.model_reference.mamba_decode_step_reference`. Grids depend
+on shapes only (CUDA-graph safe); loads are converted to fp32 right after ``tl.load``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from secure_run.kernels._triton_common import next_pow2
+
+__all__ = ["mamba_decode_step_triton"]
+
+
+@triton.jit
+def _conv_step(proj_ptr, state_ptr, w_ptr, b_ptr, act_ptr, C, proj_stride, col0,
+               KW: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = offs_c < C
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < KW
+    st_ptrs = state_ptr + b * C * KW + offs_c[:, None].to(tl.int64) * KW + offs_k[None, :]
+    # window = [state[1..K-1], new]: load state shifted by one, the last column is the new input
+    shifted = tl.load(st_ptrs + 1, mask=mc[:, None] & (offs_k[None, :] < KW - 1), other=0.0)
+    new = tl.load(proj_ptr + b * proj_stride + col0 + offs_c, mask=mc, other=0.0)
+    window = tl.where(offs_k[None, :] == KW - 1, new[:, None].to(shifted.dtype), shifted)
+    w = tl.load(w_ptr + offs_c[:, None].to(tl.int64) * KW + offs_k[None, :], mask=mc[:, None] & mk[None, :],
+                other=0.0).to(tl.float32)
+    acc = tl.sum(window.to(tl.float32) * w, axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_c, mask=mc, other=0.0).to(tl.float32)
+    tl.debug_barrier()  # every thread has read the old state before anyone overwrites it
+    tl.store(st_ptrs, window, mask=mc[:, None] & mk[None, :])
+    r = acc.to(act_ptr.dtype.element_ty).to(tl.float32)
+    silu = r / (1.0 + tl.exp(-r))
+    tl.store(act_ptr + b * C + offs_c, silu.to(act_ptr.dtype.element_ty), mask=mc)
+
+
+@triton.jit
+def _ssm_step(act_ptr, proj_ptr, state_ptr, dt_bias_ptr, a_log_ptr, d_ptr, y_ptr, C, proj_stride, H, d_inner,
+              dt_min, dt_max, P: tl.constexpr, N: tl.constexpr, R: tl.constexpr, G: tl.constexpr,
+              BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mp = offs_p < P
+    offs_n = tl.arange(0, BLOCK_N)
+    mn = offs_n < N
+    g = h // R
+    x = tl.load(act_ptr + b * C + h * P + offs_p, mask=mp, other=0.0).to(tl.float32)
+    bv = tl.load(act_ptr + b * C + d_inner + g * N + offs_n, mask=mn, other=0.0).to(tl.float32)
+    cv = tl.load(act_ptr + b * C + d_inner + G * N + g * N + offs_n, mask=mn, other=0.0).to(tl.float32)
+    raw = tl.load(proj_ptr + b * proj_stride + d_inner + C + h).to(tl.float32) + tl.load(dt_bias_ptr + h)
+    ex = tl.exp(tl.minimum(raw, 20.0))
+    sp = tl.where(ex < 1e-4, ex * (1.0 - 0.5 * ex), tl.log(1.0 + ex))  # log1p(exp(raw))
+    dt = tl.where(raw > 20.0, raw, sp)  # softplus with torch's threshold 20
+    dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
+    a = -tl.exp(tl.load(a_log_ptr + h))
+    da = tl.exp(dt * a)
+    s_ptrs = state_ptr + ((b * H + h) * P + offs_p[:, None]) * N + offs_n[None, :]
+    m2 = mp[:, None] & mn[None, :]
+    s = tl.load(s_ptrs, mask=m2, other=0.0)
+    s = s * da + (x * dt)[:, None] * bv[None, :]
+    tl.store(s_ptrs, s, mask=m2)
+    y = tl.sum(s * cv[None, :], axis=1) + tl.load(d_ptr + h) * x
+    z = tl.load(proj_ptr + b * proj_stride + h * P + offs_p, mask=mp, other=0.0).to(tl.float32)
+    y = y * (z / (1.0 + tl.exp(-z)))
+    tl.store(y_ptr + b * d_inner + h * P + offs_p, y, mask=mp)
+
+
+@triton.jit
+def _gated_norm(y_ptr, w_ptr, out_ptr, d_inner, eps, S: tl.constexpr, BLOCK_S: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1).to(tl.int64)
+    offs = tl.arange(0, BLOCK_S)
+    m = offs < S
+    v = tl.load(y_ptr + b * d_inner + g * S + offs, mask=m, other=0.0)
+    rs = 1.0 / tl.sqrt(tl.sum(v * v, axis=0) / S + eps)
+    w = tl.load(w_ptr + g * S + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + b * d_inner + g * S + offs, (w * (v * rs)).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def mamba_decode_step_triton(
+    proj: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, conv_w: torch.Tensor,
+    conv_b: torch.Tensor | None, dt_bias: torch.Tensor, A_log: torch.Tensor, D: torch.Tensor,
+    norm_w: torch.Tensor, *, n_heads: int, head_dim: int, n_groups: int, state_size: int,
+    dt_min: float, dt_max: float, eps: float,
+) -> torch.Tensor:
+    """Triton version of :func:`~secure_run.kernels.model_reference.mamba_decode_step_reference`."""
+    b = proj.shape[0]
+    h, p, g, n = n_heads, head_dim, n_groups, state_size
+    d_inner = h * p
+    c, kw = conv_state.shape[1], conv_state.shape[2]
+    if not (conv_state.is_contiguous() and ssm_state.is_contiguous() and ssm_state.dtype == torch.float32):
+        raise ValueError("conv_state must be contiguous and ssm_state contiguous fp32")
+    if proj.stride(-1) != 1:
+        proj = proj.contiguous()
+    act = torch.empty(b, c, device=proj.device, dtype=proj.dtype)
+    block_c = 128
+    _conv_step[(b, triton.cdiv(c, block_c))](
+        proj, conv_state, conv_w.reshape(c, kw).contiguous(), conv_b if conv_b is not None else conv_w, act, c,
+        proj.stride(0), d_inner, KW=kw, BLOCK_K=next_pow2(kw), HAS_BIAS=conv_b is not None, BLOCK_C=block_c)
+    y = torch.empty(b, d_inner, device=proj.device, dtype=torch.float32)
+    block_p = min(16, next_pow2(p))
+    _ssm_step[(b, h, triton.cdiv(p, block_p))](
+        act, proj, ssm_state, dt_bias.float().contiguous(), A_log.float().contiguous(), D.float().contiguous(), y, c,
+        proj.stride(0), h, d_inner, float(dt_min), float(min(dt_max, 3.0e38)), P=p, N=n, R=h // g, G=g,
+        BLOCK_P=block_p, BLOCK_N=next_pow2(n))
+    out = torch.empty(b, d_inner, device=proj.device, dtype=proj.dtype)
+    s = d_inner // g
+    _gated_norm[(b, g)](y, norm_w, out, d_inner, float(eps), S=s, BLOCK_S=next_pow2(s))
+    return out
