@@ -201,7 +201,7 @@ class DecodeGraph:
         ``cache.filled`` by one.
         """
         cache = self.cache
-        cache.positions_for(1, self.positions.device)  # refuses a full cache (host-side check only)
+        cache.check_room(1)  # refuses a full cache (host-side check only)
         if isinstance(token_ids, int):
             self.ids.fill_(token_ids)
         else:
