@@ -73,15 +73,20 @@ def _router_topk(logit_ptr, bias_ptr, ids_ptr, w_ptr, E, scale, K: tl.constexpr,
     tl.store(w_ptr + t * K + offs_k, wts * scale, mask=mk)
 
 
+_ROUTER_GEMV_MAX_TOKENS = 16
+
+
 def moe_route_triton(x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor, top_k: int, normalise: bool,
                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, d], gate_w [E, d], bias [E] fp32 -> (ids [T, k] int64, weights [T, k] fp32)."""
     t, d = x.shape
     e = gate_w.shape[0]
     x, gate_w = x.contiguous(), gate_w.contiguous()
-    logits = torch.empty(t, e, device=x.device, dtype=torch.float32)
-    block_e = 8 if e >= 64 else next_pow2(e)
-    _router_logits[(t, triton.cdiv(e, block_e))](x, gate_w, logits, d, e, BLOCK_E=block_e, BLOCK_D=256)
+    if t > _ROUTER_GEMV_MAX_TOKENS:  # prefill: one fp32 GEMM (same products as the reference)
+        logits = torch.nn.functional.linear(x.float(), gate_w.float()).contiguous()
+    else:  # decode: 2 experts per program, 64 programs for 128 experts
+        logits = torch.empty(t, e, device=x.device, dtype=torch.float32)
+        _router_logits[(t, triton.cdiv(e, 2))](x, gate_w, logits, d, e, BLOCK_E=2, BLOCK_D=1024)
     ids = torch.empty(t, top_k, device=x.device, dtype=torch.int64)
     w = torch.empty(t, top_k, device=x.device, dtype=torch.float32)
     _router_topk[(t,)](logits, bias.float().contiguous(), ids, w, e, float(scale), K=top_k,
@@ -158,8 +163,10 @@ def _down_gemv(h_ptr, ids_ptr, w_ptr, down_ptr, sh_ptr, sdown_ptr, out_ptr, d, F
 
 
 # Launch shapes: the decode GEMVs are bandwidth-bound; small row blocks give enough programs to
-# fill 132 SMs at batch 1 (up: 6 x 1856/16 + 3712/16 = 928 programs; down: 2688/8 = 336).
-_GEMV = {"up_block_f": 16, "up_block_d": 256, "down_block_d": 8, "down_block_f": 256, "warps": 4}
+# fill 132 SMs at batch 1 (up: 7 x 3712/8 programs, the routed ones past 1856/8 exit at once;
+# down: 2688/4 = 672). Chosen on an H200 (bench/model.py --tune, bench/RESULTS.md): up 8x512 and
+# down 4x512 beat the first guess (16x256 / 8x256) by 18 and 31 us per MoE layer.
+_GEMV = {"up_block_f": 8, "up_block_d": 512, "down_block_d": 4, "down_block_f": 512, "warps": 4}
 _GEMV_MAX_ASSIGNMENTS = 64  # above this many (token, slot) pairs the grouped GEMM is used
 
 
