@@ -60,6 +60,7 @@ __all__ = [
     "moe_experts",
     "moe_route",
     "resolve_backend",
+    "ssd_scan",
     "superlinear_attention",
     "superlinear_attention_reference",
 ]
@@ -193,3 +194,19 @@ def add_rmsnorm(h: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, eps: f
     from secure_run.kernels._triton_norm import add_rmsnorm_triton
 
     return add_rmsnorm_triton(h, out, weight, eps)
+
+
+def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor, *,
+             chunk_size: int, initial_state: torch.Tensor | None = None,
+             backend: Backend | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-2 chunked SSD scan (prefill): (y [B, L, H, P] fp32, final state [B, H, P, N] fp32).
+
+    The reference is :func:`secure_run.model.mamba2.ssd_chunked_scan`.
+    """
+    if resolve_backend(x.device, backend) == "reference":
+        from secure_run.model.mamba2 import ssd_chunked_scan
+
+        return ssd_chunked_scan(x, dt, A, Bm, Cm, chunk_size=chunk_size, initial_state=initial_state)
+    from secure_run.kernels._triton_mamba import ssd_scan_triton
+
+    return ssd_scan_triton(x, dt, A, Bm, Cm, chunk_size=chunk_size, initial_state=initial_state)

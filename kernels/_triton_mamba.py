@@ -1,4 +1,5 @@
-"""Triton Mamba-2 decode step (after ``in_proj``, before ``out_proj``): three launches.
+"""Triton Mamba-2: decode step (after ``in_proj``, before ``out_proj``; three launches) and the
+chunked SSD scan of prefill (three launches, at the end of this file).
 
 1. ``_conv_step``: every conv channel once (grid over channel blocks): shift the conv state, add
    the new input, depthwise conv + bias, SiLU (rounded to the model dtype as ``F.conv1d`` + SiLU in
@@ -20,7 +21,7 @@ import triton.language as tl
 
 from secure_run.kernels._triton_common import next_pow2
 
-__all__ = ["mamba_decode_step_triton"]
+__all__ = ["mamba_decode_step_triton", "ssd_scan_triton"]
 
 
 @triton.jit
@@ -122,3 +123,159 @@ def mamba_decode_step_triton(
     s = d_inner // g
     _gated_norm[(b, g)](y, norm_w, out, d_inner, float(eps), S=s, BLOCK_S=next_pow2(s))
     return out
+
+
+# --- prefill: chunked SSD scan ---------------------------------------------------------------------
+#
+# Same math as secure_run.model.mamba2.ssd_chunked_scan (fp32 accumulation), three launches:
+#   A. per (batch, chunk, head): the chunk's own state  S_c = sum_s exp(Acum_last - Acum_s) dt_s x_s B_s^T
+#      and its total log-decay;
+#   B. per (batch, head, P block): walk the chunks in order, replacing each S_c by the state that
+#      ENTERS the chunk (from the initial state) and writing the final state;
+#   C. per (batch, chunk, head): y_l = sum_{s<=l} (C_l . B_s) exp(Acum_l - Acum_s) dt_s x_s
+#      + exp(Acum_l) C_l . S_in.
+# Padded steps past L have dt = 0 and x = B = C = 0: no decay and no input.
+
+
+@triton.jit
+def _ssd_chunk_state(x_ptr, dt_ptr, a_ptr, b_ptr, st_ptr, dec_ptr, L, NC, H,
+                     sxb, sxl, sbb, sbl, Q: tl.constexpr, P: tl.constexpr, N: tl.constexpr, R: tl.constexpr,
+                     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    bc = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = bc // NC
+    c = bc % NC
+    g = h // R
+    offs_q = tl.arange(0, Q)
+    pos = c * Q + offs_q
+    valid = pos < L
+    dt = tl.load(dt_ptr + (b * L + pos) * H + h, mask=valid, other=0.0)
+    acum = tl.cumsum(dt * tl.load(a_ptr + h), axis=0)
+    last = tl.sum(dt * tl.load(a_ptr + h), axis=0)
+    w = tl.exp(last - acum) * dt  # [Q]
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    xv = tl.load(x_ptr + b * sxb + pos[:, None] * sxl + h * P + offs_p[None, :],
+                 mask=valid[:, None] & (offs_p[None, :] < P), other=0.0).to(tl.float32)
+    bv = tl.load(b_ptr + b * sbb + pos[:, None] * sbl + g * N + offs_n[None, :],
+                 mask=valid[:, None] & (offs_n[None, :] < N), other=0.0).to(tl.float32)
+    xw = tl.trans(xv * w[:, None])  # [P, Q]
+    if IEEE:
+        s = tl.dot(xw, bv, input_precision="ieee")
+    else:
+        s = tl.dot(xw, bv)
+    base = ((b * NC + c) * H + h) * P * N
+    tl.store(st_ptr + base + offs_p[:, None] * N + offs_n[None, :], s,
+             mask=(offs_p[:, None] < P) & (offs_n[None, :] < N))
+    tl.store(dec_ptr + (b * NC + c) * H + h, last)
+
+
+@triton.jit
+def _ssd_state_pass(st_ptr, dec_ptr, init_ptr, final_ptr, NC, H, P: tl.constexpr, N: tl.constexpr,
+                    HAS_INIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    m = (offs_p[:, None] < P) & (offs_n[None, :] < N)
+    tile = offs_p[:, None] * N + offs_n[None, :]
+    if HAS_INIT:
+        state = tl.load(init_ptr + (b * H + h) * P * N + tile, mask=m, other=0.0)
+    else:
+        state = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for c in range(NC):
+        base = ((b * NC + c) * H + h) * P * N
+        own = tl.load(st_ptr + base + tile, mask=m, other=0.0)
+        tl.store(st_ptr + base + tile, state, mask=m)  # now: the state entering chunk c
+        state = state * tl.exp(tl.load(dec_ptr + (b * NC + c) * H + h)) + own
+    tl.store(final_ptr + (b * H + h) * P * N + tile, state, mask=m)
+
+
+@triton.jit
+def _ssd_chunk_scan(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, st_ptr, y_ptr, L, NC, H,
+                    sxb, sxl, sbb, sbl, scb, scl, Q: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
+                    R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                    IEEE: tl.constexpr):
+    bc = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    lb = tl.program_id(2)
+    b = bc // NC
+    c = bc % NC
+    g = h // R
+    offs_q = tl.arange(0, Q)  # source steps s of the chunk
+    pos = c * Q + offs_q
+    valid = pos < L
+    offs_l = lb * BLOCK_L + tl.arange(0, BLOCK_L)  # output rows l of this program
+    pos_l = c * Q + offs_l
+    valid_l = pos_l < L
+    av = tl.load(a_ptr + h)
+    dt = tl.load(dt_ptr + (b * L + pos) * H + h, mask=valid, other=0.0)
+    acum = tl.cumsum(dt * av, axis=0)  # [Q]
+    acum_l = tl.sum(tl.where(offs_q[None, :] <= offs_l[:, None], (dt * av)[None, :], 0.0), axis=1)  # [BLOCK_L]
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mp = offs_p < P
+    mn = offs_n < N
+    cv = tl.load(c_ptr + b * scb + pos_l[:, None] * scl + g * N + offs_n[None, :],
+                 mask=valid_l[:, None] & mn[None, :], other=0.0).to(tl.float32)
+    bv = tl.load(b_ptr + b * sbb + pos[:, None] * sbl + g * N + offs_n[None, :], mask=valid[:, None] & mn[None, :],
+                 other=0.0).to(tl.float32)
+    xv = tl.load(x_ptr + b * sxb + pos[:, None] * sxl + h * P + offs_p[None, :], mask=valid[:, None] & mp[None, :],
+                 other=0.0).to(tl.float32)
+    base = ((b * NC + c) * H + h) * P * N
+    s_in = tl.load(st_ptr + base + offs_p[:, None] * N + offs_n[None, :], mask=mp[:, None] & mn[None, :], other=0.0)
+    if IEEE:
+        cb = tl.dot(cv, tl.trans(bv), input_precision="ieee")  # [BLOCK_L(l), Q(s)]
+    else:
+        cb = tl.dot(cv, tl.trans(bv))
+    causal = offs_l[:, None] >= offs_q[None, :]
+    seg = tl.where(causal, acum_l[:, None] - acum[None, :], float("-inf"))
+    mmat = cb * tl.exp(seg) * dt[None, :]
+    if IEEE:
+        y = tl.dot(mmat, xv, input_precision="ieee")
+        y += tl.dot(cv, tl.trans(s_in), input_precision="ieee") * tl.exp(acum_l)[:, None]
+    else:
+        y = tl.dot(mmat, xv)
+        y += tl.dot(cv, tl.trans(s_in)) * tl.exp(acum_l)[:, None]
+    tl.store(y_ptr + ((b * L + pos_l[:, None]) * H + h) * P + offs_p[None, :], y,
+             mask=valid_l[:, None] & mp[None, :])
+
+
+def ssd_scan_triton(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor, *,
+                    chunk_size: int, initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of :func:`secure_run.model.mamba2.ssd_chunked_scan` (same arguments and results).
+
+    x [B, L, H, P] and Bm/Cm [B, L, G, N] may be strided views (unit stride on the last axis and
+    heads/groups packed), dt [B, L, H]. ``chunk_size`` is rounded up to a power of two >= 16 (the
+    chunk length only changes rounding, not the result).
+    """
+    b, length, h, p = x.shape
+    g, n = Bm.shape[2], Bm.shape[3]
+    q = max(16, next_pow2(chunk_size))
+    for name, t, inner in (("x", x, p), ("Bm", Bm, n), ("Cm", Cm, n)):
+        if t.stride(-1) != 1 or t.stride(-2) != inner:
+            raise ValueError(f"{name} must have unit stride on the last axis and packed heads/groups")
+    nc = triton.cdiv(length, q)
+    dev = x.device
+    dtc = dt.float().contiguous()
+    a = A.float().contiguous()
+    states = torch.empty(b, nc, h, p, n, device=dev, dtype=torch.float32)
+    decay = torch.empty(b, nc, h, device=dev, dtype=torch.float32)
+    ieee = x.dtype == torch.float32
+    bp, bn = max(16, next_pow2(p)), max(16, next_pow2(n))
+    warps = 8 if q * bn >= 128 * 128 else 4
+    _ssd_chunk_state[(b * nc, h)](x, dtc, a, Bm, states, decay, length, nc, h, x.stride(0), x.stride(1),
+                                  Bm.stride(0), Bm.stride(1), Q=q, P=p, N=n, R=h // g, BLOCK_P=bp, BLOCK_N=bn,
+                                  IEEE=ieee, num_warps=warps)
+    final = torch.empty(b, h, p, n, device=dev, dtype=torch.float32)
+    init = initial_state.float().contiguous() if initial_state is not None else final
+    bps = min(bp, 16)
+    _ssd_state_pass[(b, h, triton.cdiv(p, bps))](states, decay, init, final, nc, h, P=p, N=n,
+                                                 HAS_INIT=initial_state is not None, BLOCK_P=bps, BLOCK_N=bn)
+    y = torch.empty(b, length, h, p, device=dev, dtype=torch.float32)
+    block_l = min(q, 64)
+    _ssd_chunk_scan[(b * nc, h, q // block_l)](x, dtc, a, Bm, Cm, states, y, length, nc, h, x.stride(0), x.stride(1),
+                                               Bm.stride(0), Bm.stride(1), Cm.stride(0), Cm.stride(1), Q=q, P=p, N=n,
+                                               R=h // g, BLOCK_L=block_l, BLOCK_P=bp, BLOCK_N=bn, IEEE=ieee,
+                                               num_warps=warps)
+    return y, final

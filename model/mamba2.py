@@ -138,6 +138,16 @@ def ssd_step(
     return y.reshape(b, h, p), s.reshape(b, h, p, n)
 
 
+SSD_ENV = "SECURE_RUN_SSD"
+
+
+def _triton_ssd_enabled() -> bool:
+    """The Triton prefill scan is used on CUDA unless ``SECURE_RUN_SSD=torch`` (the PyTorch scan)."""
+    import os
+
+    return os.environ.get(SSD_ENV, "triton") != "torch"
+
+
 class Mamba2Mixer(nn.Module):
     """The Mamba-2 mixer of one ``M`` layer; parameter names match the checkpoint (``mixer.*``)."""
 
@@ -189,7 +199,8 @@ class Mamba2Mixer(nn.Module):
         """u: [B, L, d] (normed) -> [B, L, d]. With ``state``, starts from and updates the caches.
 
         ``fused``: run a one-token step with state through :func:`secure_run.kernels.mamba_decode_step`
-        (default: on CUDA; Triton there, the PyTorch reference elsewhere).
+        and longer inputs through :func:`secure_run.kernels.ssd_scan` (default: on CUDA; Triton there,
+        the PyTorch references elsewhere).
         """
         b, length, _ = u.shape
         h, p, g, n = self.n_heads, self.head_dim, self.n_groups, self.state_size
@@ -200,6 +211,8 @@ class Mamba2Mixer(nn.Module):
             return self._decode_fused(proj[:, 0], state)[:, None]
         z, xbc, dt_raw = torch.split(proj, [self.d_inner, self.conv_dim, h], dim=-1)
         xbc = self._conv(xbc, state)
+        if fused:
+            xbc = xbc.contiguous()  # [B, L, C] rows: the Triton scan reads x / B / C as strided views
         x, bm, cm = torch.split(xbc, [self.d_inner, g * n, g * n], dim=-1)
         dt = F.softplus(dt_raw.float() + self.dt_bias.float()).clamp(self.dt_min, self.dt_max)  # [B, L, H]
         A = -torch.exp(self.A_log.float())  # [H]
@@ -209,8 +222,13 @@ class Mamba2Mixer(nn.Module):
             y = y1[:, None]
         else:
             init = state.ssm if state is not None else None
-            y, new = ssd_chunked_scan(x, dt, A, bm.reshape(b, length, g, n), cm.reshape(b, length, g, n),
-                                      chunk_size=self.chunk_size, initial_state=init)
+            bm4, cm4 = bm.reshape(b, length, g, n), cm.reshape(b, length, g, n)
+            if fused and _triton_ssd_enabled():  # CUDA: the Triton chunked scan (no [q, q] tensors in memory)
+                from secure_run.kernels import ssd_scan
+
+                y, new = ssd_scan(x, dt, A, bm4, cm4, chunk_size=self.chunk_size, initial_state=init)
+            else:
+                y, new = ssd_chunked_scan(x, dt, A, bm4, cm4, chunk_size=self.chunk_size, initial_state=init)
         if state is not None:
             state.ssm.copy_(new)
         y = y + self.D.float()[:, None] * x.float()  # [B, L, H, P] fp32

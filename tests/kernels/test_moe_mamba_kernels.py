@@ -150,6 +150,45 @@ def test_add_rmsnorm_interpreter(dtype: torch.dtype) -> None:
     assert rel(x, rx) < TOL[dtype]
 
 
+def _ssd_inputs(b: int, length: int, h: int, p: int, g: int, n: int, dtype: torch.dtype, device: str, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    d_inner = h * p
+    xbc = torch.randn(b, length, d_inner + 2 * g * n, generator=gen).to(device=device, dtype=dtype)
+    x = xbc[..., :d_inner].reshape(b, length, h, p)  # strided views, as in the mixer
+    bm = xbc[..., d_inner:d_inner + g * n].reshape(b, length, g, n)
+    cm = xbc[..., d_inner + g * n:].reshape(b, length, g, n)
+    dt = torch.nn.functional.softplus(torch.randn(b, length, h, generator=gen) - 1.0).to(device)
+    A = -torch.exp(0.5 * torch.randn(h, generator=gen)).to(device)
+    s0 = torch.randn(b, h, p, n, generator=gen).to(device)
+    return x, dt, A, bm, cm, s0
+
+
+def _check_ssd(dtype: torch.dtype, device: str, seed: int, *, b: int, length: int, h: int, p: int, g: int, n: int,
+               chunk: int, with_init: bool, tol: float) -> None:
+    from secure_run.kernels import ssd_scan
+    from secure_run.model.mamba2 import ssd_chunked_scan
+
+    x, dt, A, bm, cm, s0 = _ssd_inputs(b, length, h, p, g, n, dtype, device, seed)
+    init = s0 if with_init else None
+    y, s = ssd_scan(x, dt, A, bm, cm, chunk_size=chunk, initial_state=init, backend="triton")
+    ry, rs = ssd_chunked_scan(x.double(), dt.double(), A.double(), bm.double(), cm.double(), chunk_size=chunk,
+                              initial_state=None if init is None else init.double())
+    assert rel(y, ry) < tol
+    assert rel(s, rs) < tol
+
+
+@cpu_interp
+@pytest.mark.parametrize(("length", "chunk", "with_init"), [(37, 16, True), (20, 8, False), (64, 32, True), (150, 128, True)])
+def test_ssd_scan_interpreter(length: int, chunk: int, with_init: bool) -> None:
+    _check_ssd(torch.float32, "cpu", 20 + length, b=2, length=length, h=4, p=8, g=2, n=16, chunk=chunk,
+               with_init=with_init, tol=1e-5)
+
+
+@cpu_interp
+def test_ssd_scan_interpreter_fp16_inputs() -> None:
+    _check_ssd(torch.float16, "cpu", 3, b=1, length=45, h=6, p=16, g=3, n=24, chunk=16, with_init=True, tol=1e-4)
+
+
 # --- the references against the model's eager code -----------------------------------------------
 
 
@@ -184,6 +223,43 @@ def test_mamba_reference_equals_eager_mixer() -> None:
     assert torch.equal(states[1].conv, states[0].conv)
 
 
+@cpu_interp
+def test_mixer_fused_prefill_and_decode_equal_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mixer's CUDA path (Triton scan for prefill, fused step for decode), run under the
+    interpreter, equals its eager path over a chunked prefill and two decode steps."""
+    from secure_run.model.cache import MambaState
+    from secure_run.model.config import parse_config_json
+    from secure_run.model.mamba2 import Mamba2Mixer
+
+    monkeypatch.setenv("SECURE_RUN_KERNEL_BACKEND", "triton")
+    cfg = parse_config_json('''{"model_type": "nemotron_h", "vocab_size": 64, "hidden_size": 32,
+      "num_hidden_layers": 1, "hybrid_override_pattern": "M", "num_attention_heads": 4,
+      "num_key_value_heads": 2, "head_dim": 8, "mamba_num_heads": 4, "mamba_head_dim": 16,
+      "ssm_state_size": 16, "n_groups": 2, "conv_kernel": 4, "chunk_size": 16, "n_routed_experts": 4,
+      "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+      "moe_shared_expert_intermediate_size": 16, "torch_dtype": "float32"}''')
+    torch.manual_seed(1)
+    mixer = Mamba2Mixer(cfg)
+    with torch.no_grad():
+        mixer.dt_bias.copy_(torch.randn(4) - 1.0)
+        mixer.A_log.copy_(0.5 * torch.randn(4))
+
+    def new_state() -> MambaState:
+        return MambaState(conv=torch.zeros(1, cfg.mamba_conv_dim, 4), ssm=torch.zeros(1, 4, 16, 16))
+
+    se, sf = new_state(), new_state()
+    u = torch.randn(1, 45, 32)
+    with torch.no_grad():
+        outs_e = [mixer(u[:, :30], se, fused=False), mixer(u[:, 30:43], se, fused=False)]
+        outs_f = [mixer(u[:, :30], sf, fused=True), mixer(u[:, 30:43], sf, fused=True)]
+        for i in (43, 44):
+            outs_e.append(mixer(u[:, i:i + 1], se, fused=False))
+            outs_f.append(mixer(u[:, i:i + 1], sf, fused=True))
+    for a, b in zip(outs_f, outs_e):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sf.ssm, se.ssm, rtol=1e-4, atol=1e-5)
+
+
 def test_add_rmsnorm_reference_equals_block_math() -> None:
     from secure_run.model.norms import RMSNorm
 
@@ -210,6 +286,13 @@ def test_moe_kernels_gpu_released_shapes(t: int, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_mamba_decode_gpu_released_shapes(dtype: torch.dtype) -> None:
     _check_mamba(dtype, "cuda", seed=9, b=2, h=64, p=64, g=8, n=128, kw=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_ssd_scan_gpu_released_shapes(dtype: torch.dtype) -> None:
+    _check_ssd(dtype, "cuda", 4, b=1, length=1000, h=64, p=64, g=8, n=128, chunk=128, with_init=True,
+               tol=1e-4 if dtype == torch.float32 else 2e-3)
 
 
 @pytest.mark.gpu
