@@ -39,6 +39,7 @@ from secure_run.errors import KernelUnavailable, UsageError
 from secure_run.kernels._checks import KernelInputError, check_positions, check_shapes
 from secure_run.kernels.model_reference import (
     add_rmsnorm_reference,
+    causal_conv1d_reference,
     mamba_decode_step_reference,
     moe_experts_reference,
     moe_route_reference,
@@ -56,6 +57,7 @@ __all__ = [
     "KernelInputError",
     "SpanParams",
     "add_rmsnorm",
+    "causal_conv1d",
     "mamba_decode_step",
     "moe_experts",
     "moe_route",
@@ -210,3 +212,13 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, Bm: torch.Tenso
     from secure_run.kernels._triton_mamba import ssd_scan_triton
 
     return ssd_scan_triton(x, dt, A, Bm, Cm, chunk_size=chunk_size, initial_state=initial_state)
+
+
+def causal_conv1d(xbc: torch.Tensor, conv_state: torch.Tensor | None, weight: torch.Tensor,
+                  bias: torch.Tensor | None, *, backend: Backend | None = None) -> torch.Tensor:
+    """Causal depthwise conv + SiLU of a prefill chunk xbc [B, L, C] after ``conv_state`` [B, C, K] -> [B, L, C]."""
+    if resolve_backend(xbc.device, backend) == "reference":
+        return causal_conv1d_reference(xbc, conv_state, weight, bias)
+    from secure_run.kernels._triton_mamba import causal_conv1d_triton
+
+    return causal_conv1d_triton(xbc, conv_state, weight, bias)

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from secure_run.kernels._triton_common import next_pow2
 
-__all__ = ["mamba_decode_step_triton", "ssd_scan_triton"]
+__all__ = ["causal_conv1d_triton", "mamba_decode_step_triton", "ssd_scan_triton"]
 
 
 @triton.jit
@@ -279,3 +279,54 @@ def ssd_scan_triton(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, Bm: torc
                                                R=h // g, BLOCK_L=block_l, BLOCK_P=bp, BLOCK_N=bn, IEEE=ieee,
                                                num_warps=warps)
     return y, final
+
+
+# --- prefill: causal depthwise conv + SiLU ---------------------------------------------------------
+
+
+@triton.jit
+def _conv_prefill(x_ptr, sxb, sxl, state_ptr, w_ptr, b_ptr, out_ptr, L, C, KW: tl.constexpr,
+                  HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ml = offs_l < L
+    mc = offs_c < C
+    acc = tl.zeros([BLOCK_L, BLOCK_C], dtype=tl.float32)
+    for j in tl.static_range(KW):
+        src = offs_l - (KW - 1) + j  # input position read by tap j (negative: from the cached tail)
+        inside = src >= 0
+        xv = tl.load(x_ptr + b * sxb + tl.where(inside, src, 0)[:, None].to(tl.int64) * sxl + offs_c[None, :],
+                     mask=(ml & inside)[:, None] & mc[None, :], other=0.0).to(tl.float32)
+        if HAS_STATE:
+            sv = tl.load(state_ptr + b * C * KW + offs_c[None, :].to(tl.int64) * KW + tl.where(inside, 0, KW + src)[:, None],
+                         mask=(ml & ~inside)[:, None] & mc[None, :], other=0.0).to(tl.float32)
+            xv = tl.where(inside[:, None], xv, sv)
+        wj = tl.load(w_ptr + offs_c * KW + j, mask=mc, other=0.0).to(tl.float32)
+        acc += xv * wj[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_c, mask=mc, other=0.0).to(tl.float32)[None, :]
+    r = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+    silu = r / (1.0 + tl.exp(-r))
+    tl.store(out_ptr + (b * L + offs_l[:, None]) * C + offs_c[None, :], silu.to(out_ptr.dtype.element_ty),
+             mask=ml[:, None] & mc[None, :])
+
+
+def causal_conv1d_triton(xbc: torch.Tensor, conv_state: torch.Tensor | None, weight: torch.Tensor,
+                         bias: torch.Tensor | None) -> torch.Tensor:
+    """Triton version of :func:`secure_run.kernels.model_reference.causal_conv1d_reference`.
+
+    Reads xbc [B, L, C] in place (any row stride, unit channel stride): no transpose, no concat.
+    """
+    b, length, c = xbc.shape
+    kw = weight.shape[1]
+    if xbc.stride(-1) != 1:
+        xbc = xbc.contiguous()
+    out = torch.empty(b, length, c, device=xbc.device, dtype=xbc.dtype)
+    state = conv_state.contiguous() if conv_state is not None else out
+    block_l, block_c = 32, 128
+    _conv_prefill[(b, triton.cdiv(length, block_l), triton.cdiv(c, block_c))](
+        xbc, xbc.stride(0), xbc.stride(1), state, weight.contiguous(), bias if bias is not None else weight, out,
+        length, c, KW=kw, HAS_STATE=conv_state is not None, HAS_BIAS=bias is not None, BLOCK_L=block_l,
+        BLOCK_C=block_c)
+    return out

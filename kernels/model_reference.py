@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "add_rmsnorm_reference",
+    "causal_conv1d_reference",
     "mamba_decode_step_reference",
     "moe_experts_reference",
     "moe_route_reference",
@@ -120,3 +121,16 @@ def add_rmsnorm_reference(h: torch.Tensor, out: torch.Tensor, weight: torch.Tens
     xf = h2.to(weight.dtype).float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return h2, (weight.float() * xf).to(weight.dtype)
+
+
+def causal_conv1d_reference(xbc: torch.Tensor, conv_state: torch.Tensor | None, weight: torch.Tensor,
+                            bias: torch.Tensor | None) -> torch.Tensor:
+    """Causal depthwise conv + SiLU of a chunk: xbc [B, L, C] after the last K inputs ``conv_state``
+    [B, C, K] (zeros if None); weight [C, K]. Returns [B, L, C] in xbc's dtype (the state is not updated).
+    """
+    c, k = weight.shape
+    xt = xbc.transpose(1, 2)  # [B, C, L]
+    head = conv_state.to(xt.dtype) if conv_state is not None else xt.new_zeros(xt.shape[0], c, k)
+    full = torch.cat([head, xt], dim=-1)  # [B, C, K + L]
+    out = F.conv1d(full[..., 1:], weight[:, None, :], bias, groups=c)  # [B, C, L]
+    return F.silu(out).transpose(1, 2)

@@ -142,7 +142,7 @@ SSD_ENV = "SECURE_RUN_SSD"
 
 
 def _triton_ssd_enabled() -> bool:
-    """The Triton prefill scan is used on CUDA unless ``SECURE_RUN_SSD=torch`` (the PyTorch scan)."""
+    """The Triton prefill conv + scan are used on CUDA unless ``SECURE_RUN_SSD=torch`` (PyTorch's)."""
     import os
 
     return os.environ.get(SSD_ENV, "triton") != "torch"
@@ -210,9 +210,17 @@ class Mamba2Mixer(nn.Module):
         if fused and length == 1 and state is not None:
             return self._decode_fused(proj[:, 0], state)[:, None]
         z, xbc, dt_raw = torch.split(proj, [self.d_inner, self.conv_dim, h], dim=-1)
-        xbc = self._conv(xbc, state)
-        if fused:
-            xbc = xbc.contiguous()  # [B, L, C] rows: the Triton scan reads x / B / C as strided views
+        if fused and _triton_ssd_enabled():  # one kernel reading the in_proj rows in place, [B, L, C] rows out
+            from secure_run.kernels import causal_conv1d
+
+            w = self.conv1d.weight.reshape(self.conv_dim, self.kernel)
+            raw = xbc
+            xbc = causal_conv1d(raw, state.conv if state is not None else None, w, self.conv1d.bias)
+            if state is not None:  # the last K pre-conv inputs (after the kernel read the old ones)
+                tail = torch.cat([state.conv, raw[:, -self.kernel:].transpose(1, 2).to(state.conv.dtype)], dim=-1)
+                state.conv.copy_(tail[..., -self.kernel:])
+        else:
+            xbc = self._conv(xbc, state)
         x, bm, cm = torch.split(xbc, [self.d_inner, g * n, g * n], dim=-1)
         dt = F.softplus(dt_raw.float() + self.dt_bias.float()).clamp(self.dt_min, self.dt_max)  # [B, L, H]
         A = -torch.exp(self.A_log.float())  # [H]
@@ -224,6 +232,7 @@ class Mamba2Mixer(nn.Module):
             init = state.ssm if state is not None else None
             bm4, cm4 = bm.reshape(b, length, g, n), cm.reshape(b, length, g, n)
             if fused and _triton_ssd_enabled():  # CUDA: the Triton chunked scan (no [q, q] tensors in memory)
+                x = x if x.stride(-1) == 1 else x.contiguous()
                 from secure_run.kernels import ssd_scan
 
                 y, new = ssd_scan(x, dt, A, bm4, cm4, chunk_size=self.chunk_size, initial_state=init)

@@ -189,6 +189,26 @@ def test_ssd_scan_interpreter_fp16_inputs() -> None:
     _check_ssd(torch.float16, "cpu", 3, b=1, length=45, h=6, p=16, g=3, n=24, chunk=16, with_init=True, tol=1e-4)
 
 
+@cpu_interp
+@pytest.mark.parametrize(("length", "with_state", "bias"), [(37, True, True), (2, True, False), (50, False, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_causal_conv_interpreter(length: int, with_state: bool, bias: bool, dtype: torch.dtype) -> None:
+    from secure_run.kernels import causal_conv1d
+    from secure_run.kernels.model_reference import causal_conv1d_reference
+
+    gen = torch.Generator().manual_seed(length)
+    c, kw = 200, 4
+    proj = torch.randn(2, length, c + 30, generator=gen).to(dtype)
+    xbc = proj[..., 10:10 + c]  # a strided view of the in_proj rows, as in the mixer
+    state = torch.randn(2, c, kw, generator=gen).to(dtype) if with_state else None
+    w = (0.5 * torch.randn(c, kw, generator=gen)).to(dtype)
+    b = (0.1 * torch.randn(c, generator=gen)).to(dtype) if bias else None
+    got = causal_conv1d(xbc, state, w, b, backend="triton")
+    ref = causal_conv1d_reference(xbc.double(), None if state is None else state.double(), w.double(),
+                                  None if b is None else b.double())
+    assert rel(got, ref) < (1e-5 if dtype == torch.float32 else TOL[dtype])
+
+
 # --- the references against the model's eager code -----------------------------------------------
 
 
@@ -293,6 +313,21 @@ def test_mamba_decode_gpu_released_shapes(dtype: torch.dtype) -> None:
 def test_ssd_scan_gpu_released_shapes(dtype: torch.dtype) -> None:
     _check_ssd(dtype, "cuda", 4, b=1, length=1000, h=64, p=64, g=8, n=128, chunk=128, with_init=True,
                tol=1e-4 if dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.gpu
+def test_causal_conv_gpu_released_shapes() -> None:
+    from secure_run.kernels import causal_conv1d
+    from secure_run.kernels.model_reference import causal_conv1d_reference
+
+    proj = torch.randn(1, 1000, 10304, device="cuda", dtype=torch.bfloat16)
+    xbc = proj[..., 4096:4096 + 6144]
+    state = torch.randn(1, 6144, 4, device="cuda", dtype=torch.bfloat16)
+    w = 0.5 * torch.randn(6144, 4, device="cuda", dtype=torch.bfloat16)
+    b = 0.1 * torch.randn(6144, device="cuda", dtype=torch.bfloat16)
+    got = causal_conv1d(xbc, state, w, b, backend="triton")
+    ref = causal_conv1d_reference(xbc.double(), state.double(), w.double(), b.double())
+    assert rel(got, ref) < 1e-2
 
 
 @pytest.mark.gpu
