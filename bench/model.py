@@ -106,6 +106,9 @@ class _EagerStep:
         return out
 
 
+_JSON_PATH: list[str] = []  # where the results are written after every section (a timeout keeps what ran)
+
+
 @contextlib.contextmanager
 def section(results: dict[str, Any], name: str) -> Iterator[None]:
     t0 = time.perf_counter()
@@ -118,7 +121,11 @@ def section(results: dict[str, Any], name: str) -> Iterator[None]:
     finally:
         gc.collect()
         torch.cuda.empty_cache()
+        results.setdefault("seconds", {})[name] = time.perf_counter() - t0
         log(f"[{name}] {time.perf_counter() - t0:.1f} s")
+        if _JSON_PATH:
+            with open(_JSON_PATH[0], "w") as fh:
+                json.dump(results, fh, indent=1, default=str)
 
 
 def build_model(cfg: ModelConfig) -> HybridLM:
@@ -153,6 +160,36 @@ def fill_cache(model: HybridLM, ctx: int, extra: int) -> HybridCache:
     cache.filled = ctx
     sync()
     return cache
+
+
+def clone_cache(model: HybridLM, cache: HybridCache) -> HybridCache:
+    twin = model.new_cache(cache.batch_size, cache.max_len)
+    for i in model.config.attention_layers:
+        twin.kv(i).k.copy_(cache.kv(i).k)
+        twin.kv(i).v.copy_(cache.kv(i).v)
+    for i in model.config.layers_of("mamba"):
+        twin.mamba(i).conv.copy_(cache.mamba(i).conv)
+        twin.mamba(i).ssm.copy_(cache.mamba(i).ssm)
+    twin.filled = cache.filled
+    return twin
+
+
+def graph_vs_eager(model: HybridLM, ctx: int, steps: int = 8) -> dict[str, Any]:
+    """Greedy decode from one filled cache: CUDA-graph replay vs the eager step (full-size model)."""
+    cache = fill_cache(model, ctx, steps + 8)
+    twin = clone_cache(model, cache)
+    graph: Any = DecodeGraph(model, cache) if DEV == "cuda" else _EagerStep(model, cache)
+    tg = te = 17
+    toks_g, toks_e, worst = [], [], 0.0
+    for _ in range(steps):
+        lg = graph(tg).clone()
+        le = model(torch.tensor([[te]], device=DEV), twin, check_ids=False)
+        worst = max(worst, float((lg - le).abs().max() / le.abs().max()))
+        tg, te = int(lg[0, -1].argmax()), int(le[0, -1].argmax())
+        toks_g.append(tg)
+        toks_e.append(te)
+    return {"context": ctx, "steps": steps, "tokens_equal": toks_g == toks_e, "max_rel_logit_diff": worst,
+            "graph_tokens": toks_g, "eager_tokens": toks_e}
 
 
 def decode_row(model: HybridLM, ctx: int, steps: int) -> dict[str, Any]:
@@ -470,6 +507,10 @@ def table(res: dict[str, Any]) -> str:
         mix = ", ".join(f"{k[6:]} {v:.2f}" for k, v in p["per_mixer_ms"].items())
         lines.append(f"| decode @{p['context']:,} GPU busy ms/token (eager, {p['kernels_per_token']} kernels) | "
                      f"{p['gpu_busy_ms']:.2f} ({mix}, rest {p['outside_mixers_ms']:.2f}) | - |")
+    if "graph_vs_eager" in res:
+        gv = res["graph_vs_eager"]
+        lines.append(f"| graph vs eager, {gv['steps']} greedy steps @{gv['context']:,}: tokens equal / max rel logit diff | "
+                     f"{gv['tokens_equal']} / {gv['max_rel_logit_diff']:.2e} | - |")
     lines.append(f"| peak memory | {res.get('peak_gib', float('nan')):.1f} GiB | - |")
     for k, v in res.get("errors", {}).items():
         lines.append(f"| ERROR {k} | {v[:120]} | |")
@@ -501,35 +542,40 @@ def main(argv: list[str] | None = None) -> int:
     if a.prefill is not None:
         prefill_len = [int(x) for x in a.prefill.split(",") if x]
     cfg = config_from_dict(FULL if not a.smoke else FULL | SMOKE)
-    if a.tune:
-        with section(res, "tune"):
-            res["tune"] = tune_rows(cfg)
-            log("tune", json.dumps(res["tune"], indent=1))
+    res["prefill_mamba_kernels"] = os.environ.get("SECURE_RUN_SSD", "triton")
+    _JSON_PATH.append(os.path.join(a.out, "model_bench.json"))
     t0 = time.perf_counter()
     model = build_model(cfg)
     res["build_s"] = time.perf_counter() - t0
     res["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9
     res["weights_gib"] = torch.cuda.memory_allocated() / GIB if DEV == "cuda" else float("nan")
     log(f"built {res['params_b']:.2f} B params, {res['weights_gib']:.1f} GiB in {res['build_s']:.1f} s")
-    with section(res, "ttft"):
-        res["ttft"] = ttft_row(model, 4096 if not a.smoke else 100, 64 if not a.smoke else 4)
-        log("ttft", res["ttft"])
+    with section(res, "graph vs eager"):
+        res["graph_vs_eager"] = graph_vs_eager(model, 4096 if not a.smoke else 64)
+        log("graph vs eager", res["graph_vs_eager"])
     for ctx in decode_ctx:
         with section(res, f"decode {ctx}"):
             res["decode"].append(decode_row(model, ctx, a.steps))
             log("decode", res["decode"][-1])
+    with section(res, "ttft"):
+        res["ttft"] = ttft_row(model, 4096 if not a.smoke else 100, 64 if not a.smoke else 4)
+        log("ttft", res["ttft"])
     with section(res, "profile"):
         res["profile"] = profile_decode(model, 1 << 20 if (1 << 20) in decode_ctx else decode_ctx[-1])
         log("profile", json.dumps(res["profile"]))
-    with section(res, "profile prefill"):
-        res["profile_prefill"] = profile_decode(model, 1 << 20 if not a.smoke else 256, 32768 if not a.smoke else 64,
-                                                steps=1)
-        log("profile prefill", json.dumps(res["profile_prefill"]))
     for length in prefill_len:
         with section(res, f"prefill {length}"):
             res["prefill"].append(prefill_row(model, length))
             log("prefill", res["prefill"][-1])
+    with section(res, "profile prefill"):
+        res["profile_prefill"] = profile_decode(model, 1 << 20 if not a.smoke else 256, 32768 if not a.smoke else 64,
+                                                steps=1)
+        log("profile prefill", json.dumps(res["profile_prefill"]))
     res["peak_gib"] = peak_gib()
+    if a.tune:
+        with section(res, "tune"):
+            res["tune"] = tune_rows(cfg)
+            log("tune", json.dumps(res["tune"], indent=1))
     del model
     gc.collect()
     torch.cuda.empty_cache()

@@ -17,15 +17,19 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 status=0
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-  timeout "${TEST_TIMEOUT:-240}" python3 -P -m pytest -p no:cacheprovider -q -rfE -x \
+  timeout "${TEST_TIMEOUT:-240}" python3 -P -m pytest -p no:cacheprovider -q -rfE -m gpu \
     tests/kernels/test_moe_mamba_kernels.py tests/model/test_graph_decode.py >"$OUT/gpu_tests.log" 2>&1 || status=$?
-  tail -40 "$OUT/gpu_tests.log"
+  tail -25 "$OUT/gpu_tests.log"
   echo "gpu tests exit code: $status"
+  if grep -E "^(FAILED|ERROR).*(ssd|conv)" "$OUT/gpu_tests.log" >/dev/null; then
+    echo "Triton prefill conv/scan failed its GPU test: the bench uses PyTorch's (SECURE_RUN_SSD=torch)"
+    export SECURE_RUN_SSD=torch
+  fi
 fi
 if [ "${SKIP_BENCH:-0}" != "1" ]; then
   bstatus=0
   timeout "${BENCH_TIMEOUT:-420}" python3 -P bench/model.py --out "$OUT" "$@" >"$OUT/bench.log" 2>&1 || bstatus=$?
-  grep -v '^{' "$OUT/bench.log" | tail -80
+  grep -E '^(\||card:|\[|built)' "$OUT/bench.log" | tail -70
   echo "bench exit code: $bstatus"
   [ "$bstatus" -eq 0 ] || status=$bstatus
 fi
