@@ -435,8 +435,13 @@ def hf_rows(spec: dict[str, Any], shapes_prefill: list[int], decode_ctx: int, re
     results["hf_version"] = transformers.__version__
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    with torch.device(DEV):
-        model = NemotronHForCausalLM(hf_cfg).to(DT).eval()
+    saved_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(DT)  # build in bf16 directly (fp32 would need 126 GB)
+    try:
+        with torch.device(DEV):
+            model = NemotronHForCausalLM(hf_cfg).eval()
+    finally:
+        torch.set_default_dtype(saved_dtype)
     sync()
     results["hf_build_s"] = time.perf_counter() - t0
     hf: dict[str, Any] = {"decode": [], "prefill": []}
