@@ -171,6 +171,30 @@ def test_generate_chunk_choice_matches_fixed_chunks() -> None:
     assert auto == fixed
 
 
+def test_graph_decode_is_cuda_only_and_superlinear_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from secure_run.model.generate import use_graph
+
+    model = HybridLM(tiny_config(TINY_SL))
+    dense = HybridLM(tiny_config(TINY))
+    with pytest.raises(UsageError, match="CUDA graphs"):
+        DecodeGraph(model, model.new_cache(1, 8))
+    assert not use_graph(model, GenerationConfig())  # CPU: eager
+    monkeypatch.setattr(HybridLM, "device", property(lambda self: torch.device("cuda")))
+    assert use_graph(model, GenerationConfig())
+    assert not use_graph(model, GenerationConfig(cuda_graph=False))
+    assert not use_graph(dense, GenerationConfig())  # dense NemotronH attention reads a host position
+
+
+def test_full_cache_refused_before_any_device_work() -> None:
+    model = HybridLM(tiny_config(TINY))
+    cache = model.new_cache(1, 3)
+    model(torch.tensor([[1, 2, 3]]), cache)
+    with pytest.raises(UsageError, match="cache holds 3 positions"):
+        cache.check_room(1)
+    with pytest.raises(UsageError, match="cache holds 3 positions"):
+        model(torch.tensor([[4]]), cache)
+
+
 # --- GPU: graph replay equals eager ---------------------------------------------------------------
 
 
