@@ -20,6 +20,12 @@ entry points) over ``_triton_search`` (anchor scoring + top-k), ``_triton_prefil
 (query, head, slot) pair tiles + merge/gate), ``_triton_decode`` (split-K or deduplicated union
 decode, CUDA-graph safe), ``_schedule`` (stripe table and span extents shared by both backends),
 ``_checks`` (argument rules).
+
+Model kernels (same backend rule): :func:`moe_route` (sigmoid router top-k), :func:`moe_experts`
+(grouped expert GEMV for decode, grouped GEMM for prefill), :func:`mamba_decode_step` (conv + SSM
+update + gated norm), :func:`add_rmsnorm` (residual add + RMSNorm); Triton in ``_triton_moe``,
+``_triton_mamba``, ``_triton_norm``, references in ``model_reference``. None of them synchronises
+with the host, so a decode step built from them can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -31,6 +37,13 @@ import torch
 
 from secure_run.errors import KernelUnavailable, UsageError
 from secure_run.kernels._checks import KernelInputError, check_positions, check_shapes
+from secure_run.kernels.model_reference import (
+    add_rmsnorm_reference,
+    causal_conv1d_reference,
+    mamba_decode_step_reference,
+    moe_experts_reference,
+    moe_route_reference,
+)
 from secure_run.kernels.params import SpanParams
 from secure_run.kernels.reference import superlinear_attention_reference
 
@@ -43,7 +56,13 @@ __all__ = [
     "Backend",
     "KernelInputError",
     "SpanParams",
+    "add_rmsnorm",
+    "causal_conv1d",
+    "mamba_decode_step",
+    "moe_experts",
+    "moe_route",
     "resolve_backend",
+    "ssd_scan",
     "superlinear_attention",
     "superlinear_attention_reference",
 ]
@@ -128,3 +147,78 @@ def superlinear_attention(
     from secure_run.kernels.span_triton import superlinear_attention_triton
 
     return superlinear_attention_triton(q1, q2, k, v, cache_position, params, attention_mask)
+
+
+def moe_route(x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor, top_k: int, normalise: bool,
+              scale: float, *, backend: Backend | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sigmoid top-k router: x [T, d] -> (expert ids [T, k] int64, weights [T, k] fp32).
+
+    See :func:`~secure_run.kernels.model_reference.moe_route_reference` for the math.
+    """
+    if resolve_backend(x.device, backend) == "reference":
+        return moe_route_reference(x, gate_w, bias, top_k, normalise, scale)
+    from secure_run.kernels._triton_moe import moe_route_triton
+
+    return moe_route_triton(x, gate_w, bias, top_k, normalise, scale)
+
+
+def moe_experts(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                shared_up: torch.Tensor | None = None, shared_down: torch.Tensor | None = None, *,
+                backend: Backend | None = None) -> torch.Tensor:
+    """Routed relu^2 experts (stacked weights up [E, F, d], down [E, d, F]) plus the shared expert: [T, d]."""
+    if resolve_backend(x.device, backend) == "reference":
+        return moe_experts_reference(x, ids, w, up, down, shared_up, shared_down)
+    from secure_run.kernels._triton_moe import moe_experts_triton
+
+    return moe_experts_triton(x, ids, w, up, down, shared_up, shared_down)
+
+
+def mamba_decode_step(proj: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, conv_w: torch.Tensor,
+                      conv_b: torch.Tensor | None, dt_bias: torch.Tensor, A_log: torch.Tensor, D: torch.Tensor,
+                      norm_w: torch.Tensor, *, n_heads: int, head_dim: int, n_groups: int, state_size: int,
+                      dt_min: float, dt_max: float, eps: float, backend: Backend | None = None) -> torch.Tensor:
+    """One Mamba-2 decode step between ``in_proj`` and ``out_proj`` (updates both states in place)."""
+    kw = {"n_heads": n_heads, "head_dim": head_dim, "n_groups": n_groups, "state_size": state_size,
+          "dt_min": dt_min, "dt_max": dt_max, "eps": eps}
+    if resolve_backend(proj.device, backend) == "reference":
+        return mamba_decode_step_reference(proj, conv_state, ssm_state, conv_w, conv_b, dt_bias, A_log, D, norm_w,
+                                           **kw)
+    from secure_run.kernels._triton_mamba import mamba_decode_step_triton
+
+    return mamba_decode_step_triton(proj, conv_state, ssm_state, conv_w, conv_b, dt_bias, A_log, D, norm_w, **kw)
+
+
+def add_rmsnorm(h: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                backend: Backend | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + out, RMSNorm(h + out) * weight): the residual add of one block and the pre-norm of the next."""
+    if resolve_backend(h.device, backend) == "reference":
+        return add_rmsnorm_reference(h, out, weight, eps)
+    from secure_run.kernels._triton_norm import add_rmsnorm_triton
+
+    return add_rmsnorm_triton(h, out, weight, eps)
+
+
+def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor, *,
+             chunk_size: int, initial_state: torch.Tensor | None = None,
+             backend: Backend | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-2 chunked SSD scan (prefill): (y [B, L, H, P] fp32, final state [B, H, P, N] fp32).
+
+    The reference is :func:`secure_run.model.mamba2.ssd_chunked_scan`.
+    """
+    if resolve_backend(x.device, backend) == "reference":
+        from secure_run.model.mamba2 import ssd_chunked_scan
+
+        return ssd_chunked_scan(x, dt, A, Bm, Cm, chunk_size=chunk_size, initial_state=initial_state)
+    from secure_run.kernels._triton_mamba import ssd_scan_triton
+
+    return ssd_scan_triton(x, dt, A, Bm, Cm, chunk_size=chunk_size, initial_state=initial_state)
+
+
+def causal_conv1d(xbc: torch.Tensor, conv_state: torch.Tensor | None, weight: torch.Tensor,
+                  bias: torch.Tensor | None, *, backend: Backend | None = None) -> torch.Tensor:
+    """Causal depthwise conv + SiLU of a prefill chunk xbc [B, L, C] after ``conv_state`` [B, C, K] -> [B, L, C]."""
+    if resolve_backend(xbc.device, backend) == "reference":
+        return causal_conv1d_reference(xbc, conv_state, weight, bias)
+    from secure_run.kernels._triton_mamba import causal_conv1d_triton
+
+    return causal_conv1d_triton(xbc, conv_state, weight, bias)

@@ -97,9 +97,13 @@ class HybridCache:
 
     def positions_for(self, length: int, device: torch.device) -> torch.Tensor:
         """The absolute positions [length] of the next call; refuses to run past ``max_len``."""
+        self.check_room(length)
+        return torch.arange(self.filled, self.filled + length, device=device, dtype=torch.long)
+
+    def check_room(self, length: int) -> None:
+        """Refuse a call of ``length`` more tokens past ``max_len`` (host-side, no device work)."""
         if self.filled + length > self.max_len:
             raise UsageError(
                 f"cache holds {self.max_len} positions; {self.filled} used, {length} more requested",
                 rule="cache.full", hint="allocate the cache with a larger max_len",
             )
-        return torch.arange(self.filled, self.filled + length, device=device, dtype=torch.long)

@@ -138,6 +138,16 @@ def ssd_step(
     return y.reshape(b, h, p), s.reshape(b, h, p, n)
 
 
+SSD_ENV = "SECURE_RUN_SSD"
+
+
+def _triton_ssd_enabled() -> bool:
+    """The Triton prefill conv + scan are used on CUDA unless ``SECURE_RUN_SSD=torch`` (PyTorch's)."""
+    import os
+
+    return os.environ.get(SSD_ENV, "triton") != "torch"
+
+
 class Mamba2Mixer(nn.Module):
     """The Mamba-2 mixer of one ``M`` layer; parameter names match the checkpoint (``mixer.*``)."""
 
@@ -160,6 +170,18 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.n_groups, cfg.eps, **kw)
         self.out_proj = nn.Linear(self.d_inner, cfg.hidden_size, bias=False, **kw)
 
+    def _decode_fused(self, proj: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """proj [B, d_inner + C + H] of one token -> out_proj output [B, d]; updates ``state``."""
+        from secure_run.kernels import mamba_decode_step
+
+        v = mamba_decode_step(
+            proj, state.conv, state.ssm, self.conv1d.weight.reshape(self.conv_dim, self.kernel), self.conv1d.bias,
+            self.dt_bias, self.A_log, self.D, self.norm.weight, n_heads=self.n_heads, head_dim=self.head_dim,
+            n_groups=self.n_groups, state_size=self.state_size, dt_min=self.dt_min, dt_max=self.dt_max,
+            eps=self.norm.eps)
+        out: torch.Tensor = self.out_proj(v)
+        return out
+
     def _conv(self, xbc: torch.Tensor, state: MambaState | None) -> torch.Tensor:
         """Causal depthwise conv over [cached K inputs | new L inputs]; updates the conv cache."""
         b, length, c = xbc.shape
@@ -173,13 +195,32 @@ class Mamba2Mixer(nn.Module):
         out = F.conv1d(full[..., 1:], w, self.conv1d.bias, groups=c)  # [B, C, L]
         return F.silu(out).transpose(1, 2)  # [B, L, C]
 
-    def forward(self, u: torch.Tensor, state: MambaState | None = None) -> torch.Tensor:
-        """u: [B, L, d] (normed) -> [B, L, d]. With ``state``, starts from and updates the caches."""
+    def forward(self, u: torch.Tensor, state: MambaState | None = None, *, fused: bool | None = None) -> torch.Tensor:
+        """u: [B, L, d] (normed) -> [B, L, d]. With ``state``, starts from and updates the caches.
+
+        ``fused``: run a one-token step with state through :func:`secure_run.kernels.mamba_decode_step`
+        and longer inputs through :func:`secure_run.kernels.ssd_scan` (default: on CUDA; Triton there,
+        the PyTorch references elsewhere).
+        """
         b, length, _ = u.shape
         h, p, g, n = self.n_heads, self.head_dim, self.n_groups, self.state_size
         proj = self.in_proj(u)  # [B, L, d_inner + C + H]
+        if fused is None:
+            fused = u.is_cuda
+        if fused and length == 1 and state is not None:
+            return self._decode_fused(proj[:, 0], state)[:, None]
         z, xbc, dt_raw = torch.split(proj, [self.d_inner, self.conv_dim, h], dim=-1)
-        xbc = self._conv(xbc, state)
+        if fused and _triton_ssd_enabled():  # one kernel reading the in_proj rows in place, [B, L, C] rows out
+            from secure_run.kernels import causal_conv1d
+
+            w = self.conv1d.weight.reshape(self.conv_dim, self.kernel)
+            raw = xbc
+            xbc = causal_conv1d(raw, state.conv if state is not None else None, w, self.conv1d.bias)
+            if state is not None:  # the last K pre-conv inputs (after the kernel read the old ones)
+                tail = torch.cat([state.conv, raw[:, -self.kernel:].transpose(1, 2).to(state.conv.dtype)], dim=-1)
+                state.conv.copy_(tail[..., -self.kernel:])
+        else:
+            xbc = self._conv(xbc, state)
         x, bm, cm = torch.split(xbc, [self.d_inner, g * n, g * n], dim=-1)
         dt = F.softplus(dt_raw.float() + self.dt_bias.float()).clamp(self.dt_min, self.dt_max)  # [B, L, H]
         A = -torch.exp(self.A_log.float())  # [H]
@@ -189,8 +230,14 @@ class Mamba2Mixer(nn.Module):
             y = y1[:, None]
         else:
             init = state.ssm if state is not None else None
-            y, new = ssd_chunked_scan(x, dt, A, bm.reshape(b, length, g, n), cm.reshape(b, length, g, n),
-                                      chunk_size=self.chunk_size, initial_state=init)
+            bm4, cm4 = bm.reshape(b, length, g, n), cm.reshape(b, length, g, n)
+            if fused and _triton_ssd_enabled():  # CUDA: the Triton chunked scan (no [q, q] tensors in memory)
+                x = x if x.stride(-1) == 1 else x.contiguous()
+                from secure_run.kernels import ssd_scan
+
+                y, new = ssd_scan(x, dt, A, bm4, cm4, chunk_size=self.chunk_size, initial_state=init)
+            else:
+                y, new = ssd_chunked_scan(x, dt, A, bm4, cm4, chunk_size=self.chunk_size, initial_state=init)
         if state is not None:
             state.ssm.copy_(new)
         y = y + self.D.float()[:, None] * x.float()  # [B, L, H, P] fp32

@@ -35,7 +35,7 @@ from secure_run.model.mamba2 import Mamba2Mixer
 from secure_run.model.moe import MoE, Relu2MLP
 from secure_run.model.norms import RMSNorm
 
-__all__ = ["Block", "HybridLM"]
+__all__ = ["Block", "DecodeGraph", "HybridLM"]
 
 Device = torch.device | str | None
 
@@ -63,14 +63,19 @@ class Block(nn.Module):
     def forward(self, h: torch.Tensor, cache: HybridCache, positions: torch.Tensor) -> torch.Tensor:
         """h: [B, L, d] residual stream (model dtype) -> [B, L, d]."""
         x = self.norm(h.to(self.norm.weight.dtype))
+        result: torch.Tensor = h + self.mix(x, cache, positions)
+        return result
+
+    def mix(self, x: torch.Tensor, cache: HybridCache, positions: torch.Tensor) -> torch.Tensor:
+        """The mixer alone on the normed input x [B, L, d] -> [B, L, d] (no residual)."""
+        out: torch.Tensor
         if self.kind == "mamba":
             out = self.mixer(x, cache.mamba(self.index))
         elif self.kind == "attention":
             out = self.mixer(x, cache.kv(self.index), positions)
         else:
             out = self.mixer(x)
-        result: torch.Tensor = h + out
-        return result
+        return out
 
 
 class _Backbone(nn.Module):
@@ -104,15 +109,23 @@ class HybridLM(nn.Module):
         """Allocate a zeroed static cache for ``max_len`` positions on the model's device and dtype."""
         return HybridCache(self.config, batch_size, max_len, device=self.device, dtype=self.dtype)
 
+    def check_ids(self, input_ids: torch.Tensor) -> None:
+        """Refuse token ids outside [0, vocab_size) (one host sync: call once per request, not per step)."""
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise UsageError(f"token ids must be in [0, {self.config.vocab_size})", rule="model.input",
+                             hint="tokenize with the model's own tokenizer")
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, *,
-                logits_to_keep: int = 0) -> torch.Tensor:
+                logits_to_keep: int = 0, check_ids: bool = True) -> torch.Tensor:
         """Run ``input_ids`` [B, L] at the positions after ``cache.filled`` and advance the cache.
 
         Args:
             input_ids: [B, L] token ids (int64), all < vocab_size.
             cache: the sequence's cache; a temporary one is used when None (stateless call).
             logits_to_keep: 0 for logits at every position, n for the last n only.
+            check_ids: check the id range here (a host sync); pass False only for ids already
+                checked on the host (``generate`` checks the prompt once, sampled ids are in range).
 
         Returns:
             logits [B, L or n, V] in fp32.
@@ -124,14 +137,86 @@ class HybridLM(nn.Module):
             cache = self.new_cache(b, length)
         if cache.batch_size != b:
             raise UsageError(f"cache is for batch {cache.batch_size}, input has batch {b}", rule="model.input")
-        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size:
-            raise UsageError(f"token ids must be in [0, {self.config.vocab_size})", rule="model.input")
+        if check_ids:
+            self.check_ids(input_ids)
         positions = cache.positions_for(length, input_ids.device)  # [L] absolute
-        h = self.backbone.embeddings(input_ids)  # [B, L, d]
-        for block in self.backbone.layers:
-            h = block(h, cache, positions)
+        logits = self.step(input_ids, cache, positions, logits_to_keep=logits_to_keep)
         cache.filled += length
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        logits: torch.Tensor = self.lm_head(self.backbone.norm_f(h))
+        return logits
+
+    def step(self, input_ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor, *,
+             logits_to_keep: int = 0) -> torch.Tensor:
+        """The forward body without checks or host synchronisation; does not advance ``cache.filled``.
+
+        On CUDA the residual add of each block and the next pre-norm run as one fused kernel
+        (:func:`secure_run.kernels.add_rmsnorm`), and the MoE / Mamba decode take their
+        device paths; elsewhere the blocks run as written (eager reference).
+        """
+        h = self.backbone.embeddings(input_ids)  # [B, L, d]
+        layers = self.backbone.layers
+        if h.is_cuda:
+            from secure_run.kernels import add_rmsnorm
+
+            x = layers[0].norm(h)
+            for i, block in enumerate(layers):
+                nxt = layers[i + 1].norm if i + 1 < len(layers) else self.backbone.norm_f
+                h, x = add_rmsnorm(h, block.mix(x, cache, positions), nxt.weight, nxt.eps)
+            if logits_to_keep:
+                x = x[:, -logits_to_keep:]
+        else:
+            for block in layers:
+                h = block(h, cache, positions)
+            if logits_to_keep:
+                h = h[:, -logits_to_keep:]
+            x = self.backbone.norm_f(h)
+        logits: torch.Tensor = self.lm_head(x)
         return logits.float()  # [B, L', V]
+
+
+class DecodeGraph:
+    """One decode step of ``model`` on ``cache`` captured as a CUDA graph and replayed every token.
+
+    The graph is bound to the cache's buffers (one graph per cache, so per batch size); its inputs
+    are the static ``ids`` [B, 1] and ``positions`` [1] device tensors, filled before each replay
+    without a host sync. The first call runs the step eagerly (compiling the Triton kernels) and
+    then captures; later calls replay. Equal to the eager step (tests/model/test_graph_decode.py).
+    """
+
+    def __init__(self, model: HybridLM, cache: HybridCache) -> None:
+        if model.device.type != "cuda":
+            raise UsageError("CUDA graphs need the model on a CUDA device", rule="model.graph",
+                             hint="use the eager forward on CPU")
+        self.model, self.cache = model, cache
+        dev = model.device
+        self.ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(1, dtype=torch.long, device=dev)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    @torch.inference_mode()
+    def __call__(self, token_ids: torch.Tensor | int) -> torch.Tensor:
+        """Run one token per sequence (``token_ids`` [B, 1] on the device, or an int for batch 1).
+
+        Returns the logits [B, 1, V] (fp32) in a static buffer, valid until the next call; advances
+        ``cache.filled`` by one.
+        """
+        cache = self.cache
+        cache.check_room(1)  # refuses a full cache (host-side check only)
+        if isinstance(token_ids, int):
+            self.ids.fill_(token_ids)
+        else:
+            self.ids.copy_(token_ids)
+        self.positions.fill_(cache.filled)
+        if self.graph is None:
+            out = self.model.step(self.ids, cache, self.positions)  # eager warm-up, also the real step
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits = self.model.step(self.ids, cache, self.positions)
+            self.graph = graph
+        else:
+            self.graph.replay()
+            assert self.logits is not None
+            out = self.logits
+        cache.filled += 1
+        return out

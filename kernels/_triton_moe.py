@@ -1,0 +1,324 @@
+"""Triton MoE kernels: router (logits + sigmoid top-k) and routed + shared relu^2 experts.
+
+Decode (few tokens): grouped expert GEMV, two launches for all experts of all tokens:
+``_up_gemv`` (one program per (assignment, F block): ``relu(W_up[e] x)^2``; the shared expert is
+one more assignment per token) and ``_down_gemv`` (one program per (token, d block): the weighted
+sum over the token's k experts of ``W_down[e] h`` plus the shared expert's ``W_down h``).
+
+Prefill (many tokens): grouped GEMM over the (token, slot) assignments sorted by expert
+(``_align``: counts, block-padded offsets and the sorted assignment list are built on the device,
+no host sync), ``_up_gemm`` (tiles of BLOCK_M assignments of one expert x BLOCK_N of F, relu^2)
+and ``_down_gemm`` (tiles x BLOCK_N of d, times the routing weight, atomically added into the fp32
+per-token output). The shared expert runs as a plain dense matmul (cuBLAS) there.
+
+Every launch has a fixed grid that depends only on shapes, so the decode path can be captured
+in a CUDA graph. Loads are converted to fp32 right after ``tl.load`` (the interpreter's bf16
+arithmetic is wrong, see ``_triton_common``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from secure_run.kernels._triton_common import interpreting, next_pow2
+
+__all__ = ["moe_experts_triton", "moe_route_triton"]
+
+
+# --- router --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _router_logits(x_ptr, w_ptr, out_ptr, d, E, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    eb = tl.program_id(1)
+    offs_e = eb * BLOCK_E + tl.arange(0, BLOCK_E)
+    me = offs_e < E
+    acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+    for d0 in range(0, d, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        md = offs_d < d
+        xv = tl.load(x_ptr + t * d + offs_d, mask=md, other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + offs_e[:, None].to(tl.int64) * d + offs_d[None, :], mask=me[:, None] & md[None, :],
+                     other=0.0).to(tl.float32)
+        acc += tl.sum(wv * xv[None, :], axis=1)
+    tl.store(out_ptr + t * E + offs_e, acc, mask=me)
+
+
+@triton.jit
+def _router_topk(logit_ptr, bias_ptr, ids_ptr, w_ptr, E, scale, K: tl.constexpr, BLOCK_E: tl.constexpr,
+                 BLOCK_K: tl.constexpr, NORMALISE: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs_e = tl.arange(0, BLOCK_E)
+    me = offs_e < E
+    logits = tl.load(logit_ptr + t * E + offs_e, mask=me, other=0.0)
+    scores = 1.0 / (1.0 + tl.exp(-logits))
+    choice = tl.where(me, scores + tl.load(bias_ptr + offs_e, mask=me, other=0.0), float("-inf"))
+    offs_k = tl.arange(0, BLOCK_K)
+    ids = tl.zeros([BLOCK_K], dtype=tl.int64)
+    wts = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for s in tl.static_range(K):
+        best = tl.max(choice, axis=0)
+        idx = tl.min(tl.where(choice == best, offs_e, BLOCK_E), axis=0)  # lowest index among ties
+        sc = tl.sum(tl.where(offs_e == idx, scores, 0.0), axis=0)
+        ids = tl.where(offs_k == s, idx.to(tl.int64), ids)
+        wts = tl.where(offs_k == s, sc, wts)
+        choice = tl.where(offs_e == idx, float("-inf"), choice)
+    if NORMALISE:
+        wts = wts / (tl.sum(wts, axis=0) + 1e-20)
+    mk = offs_k < K
+    tl.store(ids_ptr + t * K + offs_k, ids, mask=mk)
+    tl.store(w_ptr + t * K + offs_k, wts * scale, mask=mk)
+
+
+_ROUTER_GEMV_MAX_TOKENS = 16
+
+
+def moe_route_triton(x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor, top_k: int, normalise: bool,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, d], gate_w [E, d], bias [E] fp32 -> (ids [T, k] int64, weights [T, k] fp32)."""
+    t, d = x.shape
+    e = gate_w.shape[0]
+    x, gate_w = x.contiguous(), gate_w.contiguous()
+    if t > _ROUTER_GEMV_MAX_TOKENS:  # prefill: one fp32 GEMM (same products as the reference)
+        logits = torch.nn.functional.linear(x.float(), gate_w.float()).contiguous()
+    else:  # decode: 2 experts per program, 64 programs for 128 experts
+        logits = torch.empty(t, e, device=x.device, dtype=torch.float32)
+        _router_logits[(t, triton.cdiv(e, 2))](x, gate_w, logits, d, e, BLOCK_E=2, BLOCK_D=1024)
+    ids = torch.empty(t, top_k, device=x.device, dtype=torch.int64)
+    w = torch.empty(t, top_k, device=x.device, dtype=torch.float32)
+    _router_topk[(t,)](logits, bias.float().contiguous(), ids, w, e, float(scale), K=top_k,
+                       BLOCK_E=next_pow2(e), BLOCK_K=next_pow2(top_k), NORMALISE=bool(normalise))
+    return ids, w
+
+
+# --- decode: grouped expert GEMV -----------------------------------------------------------------
+
+
+@triton.jit
+def _up_gemv(x_ptr, ids_ptr, up_ptr, h_ptr, sup_ptr, sh_ptr, d, F, FS, T,
+             K: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
+    a = tl.program_id(0).to(tl.int64)  # assignment t*K + s, then T shared ones
+    fb = tl.program_id(1)
+    offs_f = fb * BLOCK_F + tl.arange(0, BLOCK_F)
+    if a < T * K:
+        t = a // K
+        e = tl.load(ids_ptr + a)
+        wbase = up_ptr + e * F * d
+        width = F
+        hbase = h_ptr + a * F
+    else:
+        t = a - T * K
+        wbase = sup_ptr
+        width = FS
+        hbase = sh_ptr + t * FS
+    if fb * BLOCK_F < width:
+        mf = offs_f < width
+        acc = tl.zeros([BLOCK_F], dtype=tl.float32)
+        for d0 in range(0, d, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            md = offs_d < d
+            xv = tl.load(x_ptr + t * d + offs_d, mask=md, other=0.0).to(tl.float32)
+            wv = tl.load(wbase + offs_f[:, None].to(tl.int64) * d + offs_d[None, :], mask=mf[:, None] & md[None, :],
+                         other=0.0).to(tl.float32)
+            acc += tl.sum(wv * xv[None, :], axis=1)
+        r = tl.maximum(acc.to(h_ptr.dtype.element_ty).to(tl.float32), 0.0)  # round as nn.Linear does
+        tl.store(hbase + offs_f, (r * r).to(h_ptr.dtype.element_ty), mask=mf)
+
+
+@triton.jit
+def _down_gemv(h_ptr, ids_ptr, w_ptr, down_ptr, sh_ptr, sdown_ptr, out_ptr, d, F, FS,
+               K: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    db = tl.program_id(1)
+    offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
+    md = offs_d < d
+    routed = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s in tl.static_range(K):
+        e = tl.load(ids_ptr + t * K + s)
+        ws = tl.load(w_ptr + t * K + s)
+        part = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for f0 in range(0, F, BLOCK_F):
+            offs_f = f0 + tl.arange(0, BLOCK_F)
+            mf = offs_f < F
+            hv = tl.load(h_ptr + (t * K + s) * F + offs_f, mask=mf, other=0.0).to(tl.float32)
+            wv = tl.load(down_ptr + e * d * F + offs_d[:, None].to(tl.int64) * F + offs_f[None, :],
+                         mask=md[:, None] & mf[None, :], other=0.0).to(tl.float32)
+            part += tl.sum(wv * hv[None, :], axis=1)
+        routed += part.to(out_ptr.dtype.element_ty).to(tl.float32) * ws  # expert output in model dtype
+    res = routed.to(out_ptr.dtype.element_ty)
+    if HAS_SHARED:
+        sacc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for f0 in range(0, FS, BLOCK_F):
+            offs_f = f0 + tl.arange(0, BLOCK_F)
+            mf = offs_f < FS
+            hv = tl.load(sh_ptr + t * FS + offs_f, mask=mf, other=0.0).to(tl.float32)
+            wv = tl.load(sdown_ptr + offs_d[:, None].to(tl.int64) * FS + offs_f[None, :],
+                         mask=md[:, None] & mf[None, :], other=0.0).to(tl.float32)
+            sacc += tl.sum(wv * hv[None, :], axis=1)
+        res = (res.to(tl.float32) + sacc.to(out_ptr.dtype.element_ty).to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + t * d + offs_d, res, mask=md)
+
+
+# Launch shapes: the decode GEMVs are bandwidth-bound; small row blocks give enough programs to
+# fill 132 SMs at batch 1 (up: 7 x 3712/8 programs, the routed ones past 1856/8 exit at once;
+# down: 2688/4 = 672). Chosen on an H200 (bench/model.py --tune, bench/RESULTS.md): up 8x512 and
+# down 4x512 beat the first guess (16x256 / 8x256) by 18 and 31 us per MoE layer.
+_GEMV = {"up_block_f": 8, "up_block_d": 512, "down_block_d": 4, "down_block_f": 512, "warps": 4}
+_GEMV_MAX_ASSIGNMENTS = 64  # above this many (token, slot) pairs the grouped GEMM is used
+
+
+def _moe_decode(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                shared_up: torch.Tensor | None, shared_down: torch.Tensor | None) -> torch.Tensor:
+    t, d = x.shape
+    k = ids.shape[1]
+    f = up.shape[1]
+    has_shared = shared_up is not None and shared_down is not None
+    fs = shared_up.shape[0] if shared_up is not None else 1
+    h = torch.empty(t * k, f, device=x.device, dtype=x.dtype)
+    sh = torch.empty(t, fs, device=x.device, dtype=x.dtype)
+    sup = shared_up if shared_up is not None else up
+    sdown = shared_down if shared_down is not None else down
+    c = _GEMV
+    n_assign = t * k + (t if has_shared else 0)
+    grid_up = (n_assign, triton.cdiv(max(f, fs if has_shared else 1), c["up_block_f"]))
+    _up_gemv[grid_up](x, ids, up, h, sup, sh, d, f, fs, t, K=k, HAS_SHARED=has_shared,
+                      BLOCK_F=c["up_block_f"], BLOCK_D=c["up_block_d"], num_warps=c["warps"])
+    out = torch.empty(t, d, device=x.device, dtype=x.dtype)
+    _down_gemv[(t, triton.cdiv(d, c["down_block_d"]))](h, ids, w, down, sh, sdown, out, d, f, fs, K=k,
+                                                     HAS_SHARED=has_shared, BLOCK_D=c["down_block_d"],
+                                                     BLOCK_F=c["down_block_f"], num_warps=c["warps"])
+    return out
+
+
+# --- prefill: grouped GEMM over assignments sorted by expert -------------------------------------
+
+
+def _align(ids: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Sort assignments by expert and pad each expert's run to a multiple of ``block_m`` (on the device).
+
+    Returns (rows [n_blocks * block_m] assignment index or -1 for padding, expert of each block
+    [n_blocks] (-1 for unused blocks), n_blocks). ``n_blocks`` is an upper bound that depends only
+    on the shapes, so no host synchronisation is needed.
+    """
+    flat = ids.reshape(-1)
+    n = flat.numel()
+    dev = flat.device
+    counts = torch.zeros(n_experts, device=dev, dtype=torch.int64).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = torch.cumsum(padded, 0)
+    starts = ends - padded  # [E] first padded row of each expert
+    order = torch.argsort(flat, stable=True)  # assignments grouped by expert
+    sorted_e = flat[order]
+    first_sorted = torch.cumsum(counts, 0) - counts  # [E] first sorted index of each expert
+    rank = torch.arange(n, device=dev) - first_sorted[sorted_e]  # rank inside its expert
+    n_blocks = triton.cdiv(n, block_m) + min(n_experts, n)
+    rows = torch.full((n_blocks * block_m,), -1, device=dev, dtype=torch.int64)
+    rows[starts[sorted_e] + rank] = order
+    block_start = torch.arange(n_blocks, device=dev) * block_m
+    e_of_block = torch.searchsorted(ends, block_start, right=True)  # expert whose padded run holds the block
+    e_of_block = torch.where(e_of_block < n_experts, e_of_block, torch.full_like(e_of_block, -1))
+    return rows, e_of_block, n_blocks
+
+
+@triton.jit
+def _up_gemm(x_ptr, rows_ptr, eblk_ptr, up_ptr, h_ptr, d, F, K: tl.constexpr, IEEE: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    mb = tl.program_id(0).to(tl.int64)
+    nb = tl.program_id(1)
+    e = tl.load(eblk_ptr + mb)
+    if e >= 0:
+        rows = tl.load(rows_ptr + mb * BLOCK_M + tl.arange(0, BLOCK_M))  # assignment ids (-1 = pad)
+        valid = rows >= 0
+        tok = tl.where(valid, rows // K, 0)
+        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        mn = offs_n < F
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, d, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mk = offs_k < d
+            a = tl.load(x_ptr + tok[:, None] * d + offs_k[None, :], mask=valid[:, None] & mk[None, :], other=0.0)
+            b = tl.load(up_ptr + e * F * d + offs_n[None, :].to(tl.int64) * d + offs_k[:, None],
+                        mask=mn[None, :] & mk[:, None], other=0.0)
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        r = tl.maximum(acc.to(h_ptr.dtype.element_ty).to(tl.float32), 0.0)
+        tl.store(h_ptr + tl.where(valid, rows, 0)[:, None] * F + offs_n[None, :], (r * r).to(h_ptr.dtype.element_ty),
+                 mask=valid[:, None] & mn[None, :])
+
+
+@triton.jit
+def _down_gemm(h_ptr, rows_ptr, eblk_ptr, w_ptr, down_ptr, out_ptr, d, F, K: tl.constexpr, IEEE: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    mb = tl.program_id(0).to(tl.int64)
+    nb = tl.program_id(1)
+    e = tl.load(eblk_ptr + mb)
+    if e >= 0:
+        rows = tl.load(rows_ptr + mb * BLOCK_M + tl.arange(0, BLOCK_M))
+        valid = rows >= 0
+        safe = tl.where(valid, rows, 0)
+        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        mn = offs_n < d
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, F, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mk = offs_k < F
+            a = tl.load(h_ptr + safe[:, None] * F + offs_k[None, :], mask=valid[:, None] & mk[None, :], other=0.0)
+            b = tl.load(down_ptr + e * d * F + offs_n[None, :].to(tl.int64) * F + offs_k[:, None],
+                        mask=mn[None, :] & mk[:, None], other=0.0)
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        wt = tl.load(w_ptr + safe, mask=valid, other=0.0)
+        val = acc.to(h_ptr.dtype.element_ty).to(tl.float32) * wt[:, None]
+        tl.atomic_add(out_ptr + (safe // K)[:, None] * d + offs_n[None, :], val, mask=valid[:, None] & mn[None, :])
+
+
+_GEMM = {"block_m": 64, "block_n": 128, "block_k": 64, "warps": 4, "stages": 3}
+
+
+def _moe_prefill(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                 shared_up: torch.Tensor | None, shared_down: torch.Tensor | None) -> torch.Tensor:
+    t, d = x.shape
+    k = ids.shape[1]
+    e, f, _ = up.shape
+    c = dict(_GEMM)
+    if interpreting():
+        c.update(block_m=16, block_n=32, block_k=32)
+    bm = c["block_m"]
+    rows, e_of_block, n_blocks = _align(ids, e, bm)
+    ieee = x.dtype == torch.float32
+    x = x.contiguous()
+    h = torch.empty(t * k, f, device=x.device, dtype=x.dtype)
+    kw = {"num_warps": c["warps"]} if interpreting() else {"num_warps": c["warps"], "num_stages": c["stages"]}
+    _up_gemm[(n_blocks, triton.cdiv(f, c["block_n"]))](x, rows, e_of_block, up, h, d, f, K=k, IEEE=ieee, BLOCK_M=bm,
+                                                     BLOCK_N=c["block_n"], BLOCK_K=c["block_k"], **kw)
+    routed = torch.zeros(t, d, device=x.device, dtype=torch.float32)
+    wf = w.reshape(-1).float().contiguous()
+    _down_gemm[(n_blocks, triton.cdiv(d, c["block_n"]))](h, rows, e_of_block, wf, down, routed, d, f, K=k, IEEE=ieee,
+                                                       BLOCK_M=bm, BLOCK_N=c["block_n"], BLOCK_K=c["block_k"], **kw)
+    result = routed.to(x.dtype)
+    if shared_up is not None and shared_down is not None:
+        hs = torch.relu(torch.nn.functional.linear(x, shared_up)).square()
+        result = result + torch.nn.functional.linear(hs, shared_down)
+    return result
+
+
+def moe_experts_triton(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                       shared_up: torch.Tensor | None = None, shared_down: torch.Tensor | None = None) -> torch.Tensor:
+    """Routed (+ shared) relu^2 experts: x [T, d], ids/w [T, k], up [E, F, d], down [E, d, F] -> [T, d].
+
+    GEMV kernels when there are at most 64 (token, slot) assignments (decode), else the grouped
+    GEMM. Both have shape-only grids (CUDA-graph safe).
+    """
+    x, ids, w = x.contiguous(), ids.contiguous(), w.float().contiguous()
+    if up.stride(-1) != 1 or down.stride(-1) != 1 or not up.is_contiguous() or not down.is_contiguous():
+        raise ValueError("stacked expert weights must be contiguous")
+    if ids.numel() <= _GEMV_MAX_ASSIGNMENTS:
+        return _moe_decode(x, ids, w, up, down, shared_up, shared_down)
+    return _moe_prefill(x, ids, w, up, down, shared_up, shared_down)
