@@ -15,27 +15,13 @@ rename survives a crash. Readers see the old file or the new one, never a partia
 
 from __future__ import annotations
 
-import errno
 import os
 import tempfile
 from pathlib import Path
 
-from secure_run.errors import EnvironmentProblem
+from ._io import storage_error
 
 __all__ = ["write_atomic"]
-
-
-def _storage_error(err: OSError, action: str, path: Path) -> EnvironmentProblem:
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        hint = "free disk space (or quota) on that file system, then run the command again"
-    elif err.errno == errno.EROFS:
-        hint = "the file system is read-only; write to a writable location"
-    elif err.errno in (errno.EACCES, errno.EPERM):
-        hint = "make the folder writable for the current user"
-    else:
-        hint = "check the disk and the file system, then run the command again"
-    return EnvironmentProblem(f"cannot {action} {path}: {err.strerror or err}; nothing was changed", path=str(path),
-                              rule="io.write", hint=hint)
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644, action: str = "write") -> None:
@@ -67,7 +53,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644
         finally:
             os.close(dir_fd)
     except OSError as err:
-        raise _storage_error(err, action, p) from None
+        raise storage_error(err, action, p) from None
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)

@@ -100,4 +100,5 @@ def storage_error(exc: OSError, action: str, path: str | os.PathLike[str]) -> En
     else:
         hint = "check the disk and the file system, then run the command again"
     reason = exc.strerror or str(exc)
-    return EnvironmentProblem(f"cannot {action} {os.fspath(path)}: {reason}; nothing was changed", path=os.fspath(path), hint=hint)
+    return EnvironmentProblem(f"cannot {action} {os.fspath(path)}: {reason}; nothing was changed", path=os.fspath(path),
+                              rule="io.write", hint=hint)

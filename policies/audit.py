@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from secure_run.errors import Refusal, UsageError
+from secure_run.errors import EnvironmentProblem, Refusal, UsageError
 
 from ._state import (
     Appender,
@@ -278,20 +278,13 @@ class AuditLog:
 
 
 def _write_private_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """The signed head, private (0600), through the one atomic writer of secure-run."""
+    from secure_run.manifests._atomic import write_atomic
+
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise StateFileError(f"cannot write the signed head {path}: {err.strerror}", path=str(path), rule="state.write") from None
+        write_atomic(path, data, mode=0o600, action="write the signed head")
+    except EnvironmentProblem as err:
+        raise StateFileError(err.message, path=str(path), rule="state.write", hint=err.hint) from None
 
 
 # --- verification ------------------------------------------------------------------------------
