@@ -23,6 +23,7 @@ import functools
 import hashlib
 import importlib.metadata
 import io
+import json
 import os
 import re
 import subprocess
@@ -42,7 +43,7 @@ from ..errors import ImageMissing
 from ..policy import JIT_CACHE_MOUNT, MODEL_MOUNT, SCRATCH_MOUNT
 from .layout import OPT, code_files
 
-__all__ = ["IMAGE_REPO", "ImagePlan", "ensure_image", "image_tag", "plan_image"]
+__all__ = ["DIGEST_LABEL", "IMAGE_REPO", "ImagePlan", "check_image", "ensure_image", "image_tag", "plan_image"]
 
 IMAGE_REPO = "secure-run-sandbox"
 SITE_DIR = f"{OPT}/site"
@@ -206,7 +207,10 @@ def plan_image() -> ImagePlan:
     for d in ("tmp", "dev", "proc", "sys", "etc", "lib64", "usr", "usr/lib", "usr/local", "usr/local/bin",
               "usr/local/lib", "opt", OPT.lstrip("/"), MODEL_MOUNT.lstrip("/"), "var", "var/cache",
               JIT_CACHE_MOUNT.lstrip("/")):
-        entries.append(Entry(dst=d, mode=0o1777 if d == SCRATCH_MOUNT.lstrip("/") else 0o755))
+        # the engine copies the image directory's mode onto a tmpfs mounted over it (tmpcopyup):
+        # both tmpfs mount points must be world-writable and sticky in the image itself
+        sticky = d in (SCRATCH_MOUNT.lstrip("/"), JIT_CACHE_MOUNT.lstrip("/"))
+        entries.append(Entry(dst=d, mode=0o1777 if sticky else 0o755))
     entries.append(Entry(dst=f"usr/local/bin/python{ver}", mode=0o755, src=python))
     entries.append(Entry(dst="usr/local/bin/python3", mode=0o777, link=f"python{ver}"))
     entries.extend(_tree(stdlib, f"usr/local/lib/python{ver}", skip_dirs=_STDLIB_EXCLUDE_DIRS,
@@ -269,19 +273,86 @@ def _write_context(plan: ImagePlan, out: io.BufferedWriter) -> None:
                 tar.addfile(info)
 
 
+#: Image label holding the digest of the build inputs.
+DIGEST_LABEL = "org.secure-run.digest"
+
+
+def _record_path() -> Path:
+    """Where the ids of the images this user built are recorded (``$XDG_CACHE_HOME/secure-run``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "secure-run" / "sandbox-images.json"
+
+
+def _recorded() -> dict[str, str]:
+    try:
+        data = json.loads(_record_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _record(digest: str, image_id: str) -> None:
+    """Remember that the build of ``digest`` produced ``image_id`` (atomic replace; best effort)."""
+    path = _record_path()
+    data = _recorded()
+    data[digest] = image_id
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".sandbox-images-")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(dict(sorted(data.items())[-64:]), f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def check_image(image: Any, plan: ImagePlan) -> None:
+    """Refuse an image under our tag that is not the one our build produced (rule ``sandbox.image.digest``).
+
+    The image's content id (``sha256:`` of its config, which names every layer's content digest)
+    must equal the id recorded when this user built it from the same inputs, and its digest
+    label must match the inputs. A different image retagged as ours fails both.
+    """
+    label = (image.labels or {}).get(DIGEST_LABEL)
+    want = _recorded().get(plan.digest)
+    problems = []
+    if label != plan.digest:
+        problems.append(f"label {DIGEST_LABEL} is {label!r}, expected {plan.digest!r}")
+    if want is None:
+        problems.append("no build of these inputs is recorded for this user")
+    elif image.id != want:
+        problems.append(f"content id {image.id}, but the build recorded {want}")
+    if problems:
+        raise SandboxError(f"the image tagged {plan.tag} is not the sandbox image secure-run built",
+                           details=problems, rule="sandbox.image.digest",
+                           hint="let secure-run rebuild it (pass --build / build=True); never tag other images as "
+                           f"{IMAGE_REPO}")
+
+
 def ensure_image(client: Any, *, build: bool) -> str:
-    """The runtime image's tag, building it first when missing and ``build`` is true.
+    """The runtime image, by content id, building it first when missing (or not ours) and ``build`` is true.
+
+    Returns the image's content id (``sha256:...``), which is what containers are created from,
+    so that a tag moved after the check changes nothing.
 
     Raises:
         ImageMissing: not present and ``build`` is false.
-        SandboxError: the build failed (rule ``sandbox.image.build``).
+        SandboxError: the image under our tag is not the one we built and ``build`` is false (rule
+            ``sandbox.image.digest``), or the build failed (rule ``sandbox.image.build``).
     """
     import docker
 
     plan = plan_image()
     try:
-        client.images.get(plan.tag)
-        return plan.tag
+        image = client.images.get(plan.tag)
+        try:
+            check_image(image, plan)
+            return str(image.id)
+        except SandboxError:
+            if not build:
+                raise
     except docker.errors.ImageNotFound:
         if not build:
             raise ImageMissing(plan.tag) from None
@@ -290,13 +361,16 @@ def ensure_image(client: Any, *, build: bool) -> str:
         ctx.seek(0)
         try:
             client.images.build(fileobj=ctx, custom_context=True, tag=plan.tag, pull=False, rm=True, forcerm=True,
-                                network_mode="none", labels={"org.secure-run.digest": plan.digest})
+                                network_mode="none", labels={DIGEST_LABEL: plan.digest})
         except docker.errors.BuildError as err:
             log = [str(x.get("stream") or x.get("error") or "").strip() for x in err.build_log]
             raise SandboxError("building the sandbox image failed", details=[x for x in log if x][-10:],
                                rule="sandbox.image.build", hint="see the build log above") from None
+    image = client.images.get(plan.tag)
+    _record(plan.digest, str(image.id))
+    check_image(image, plan)
     prune_images(client, keep=plan.tag)
-    return plan.tag
+    return str(image.id)
 
 
 def prune_images(client: Any, *, keep: str, min_age_s: float = 3600.0, repo: str = IMAGE_REPO) -> list[str]:
