@@ -27,6 +27,8 @@ imports only ``jinja2``.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import signal
@@ -96,7 +98,8 @@ def _run_child(source: str, variables: dict[str, Any] | None, *, path: str, limi
     except (TypeError, ValueError) as err:
         raise _refuse(f"chat template variables are not plain JSON values: {err}", rule="chat-template.render",
                       path=path) from None
-    argv = [sys.executable, "-I", "-B", "-c", _CHILD_BOOT, str(limits.cpu_s), str(limits.memory_mib)]
+    argv = [sys.executable, "-I", "-S", "-B", "-c", _CHILD_BOOT, str(limits.cpu_s), str(limits.memory_mib),
+            *_jinja_path()]
     started = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             env={"LANG": "C.UTF-8"}, start_new_session=True, close_fds=True)
@@ -111,6 +114,21 @@ def _run_child(source: str, variables: dict[str, Any] | None, *, path: str, limi
         raise
     _kill_group(proc)  # nothing may outlive the render
     return _parse_reply(out, proc.returncode, path=path, limits=limits, seconds=time.monotonic() - started)
+
+
+@functools.cache
+def _jinja_path() -> tuple[str, ...]:
+    """The folders holding jinja2 and markupsafe: the child's whole ``sys.path`` beyond the standard library."""
+    out: list[str] = []
+    for name in ("jinja2", "markupsafe"):
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise ModelError(f"the chat template renderer needs {name}, which is not installed",
+                             rule="chat-template.limit", hint="install secure-run with its dependencies")
+        folder = os.path.dirname(os.path.dirname(spec.origin))
+        if folder not in out:
+            out.append(folder)
+    return tuple(out)
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -157,8 +175,9 @@ def _parse_reply(out: bytes, returncode: int, *, path: str, limits: TemplateLimi
 
 
 # --- the child ------------------------------------------------------------------------------------
-# Runs as ``python -I -B -c _CHILD_BOOT CPU_S MEMORY_MIB`` with one JSON request on stdin and one
-# JSON reply on stdout. Self-contained (standard library + jinja2): nothing of secure_run, no torch.
+# Runs as ``python -I -S -B -c _CHILD_BOOT CPU_S MEMORY_MIB PATH...`` with one JSON request on stdin
+# and one JSON reply on stdout; PATH... (the folders of jinja2 and markupsafe) is its only sys.path
+# beyond the standard library. Self-contained: nothing of secure_run, no torch.
 
 _CHILD_BOOT = r'''
 import sys, resource
@@ -169,6 +188,7 @@ resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 resource.setrlimit(resource.RLIMIT_NOFILE, (16, 16))
 for name in ("torch", "numpy", "triton", "secure_run"):
     sys.modules[name] = None  # any import of these fails
+sys.path[:0] = sys.argv[3:]
 import json
 
 def reply(obj):

@@ -85,6 +85,6 @@ def test_child_cannot_import_torch() -> None:
     from secure_run.model import template
 
     boot = template._CHILD_BOOT.split("import json", 1)[0]  # the limits and the import block
-    proc = subprocess.run([sys.executable, "-I", "-c", boot + "import torch\n", "5", "1024"], capture_output=True)
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", boot + "import torch\n", "5", "1024"], capture_output=True)
     assert proc.returncode != 0
     assert b"import of torch halted" in proc.stderr
