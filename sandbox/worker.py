@@ -201,7 +201,7 @@ def _no_jit_code() -> None:
     """Turn off oneDNN: its CPU JIT writes machine code into W+X memory, which the sandbox's seccomp refuses."""
     import torch
 
-    torch.backends.mkldnn.enabled = False
+    torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # a module-level flag property
 
 
 def main() -> int:
