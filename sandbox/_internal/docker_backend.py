@@ -27,6 +27,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -37,7 +38,7 @@ from ..backends import STDERR, STDOUT, Backend, Outcome, SandboxRun
 from ..errors import EngineUnavailable, GpuUnavailable, ImageMissing
 from ..policy import JIT_CACHE_MOUNT, MODEL_MOUNT, SCRATCH_MOUNT, SandboxPolicy
 from .image import PYTHON_IN_IMAGE, SITE_DIR, ensure_image
-from .layout import CODE_DIR, sandbox_env
+from .layout import CODE_DIR, OPT, sandbox_env
 from .owner import owner_alive, owner_token
 from .seccomp import load_profile, profile_text
 
@@ -241,15 +242,53 @@ def reap_containers(client: Any, *, now: float | None = None) -> list[str]:
     return removed
 
 
+def host_runtime_mounts(*, gpu: bool) -> tuple[list[Any], list[str], dict[str, str]]:
+    """Mounts, sandbox site paths and environment of the ``host`` runtime (see ``plan_host_image``).
+
+    The host's interpreter is bound at the image's interpreter path, so the command line is the
+    same in both runtimes; ``PYTHONHOME`` points it at its standard library.
+    """
+    from docker.types import Mount
+
+    from .namespace_backend import runtime_layout, worker_site_dirs
+
+    python = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    binds, _symlinks = runtime_layout(python, [], gpu=gpu)  # the image carries the same symlinks
+    mounts = [Mount(target=b["dst"], source=b["src"], type="bind", read_only=True) for b in binds
+              if b["dst"] != python]
+    mounts.append(Mount(target=PYTHON_IN_IMAGE, source=python, type="bind", read_only=True))
+    sites = worker_site_dirs(gpu=gpu)
+    paths = [f"{OPT}/site{i}" for i in range(len(sites))]
+    mounts += [Mount(target=dst, source=src, type="bind", read_only=True) for src, dst in zip(sites, paths)]
+    return mounts, paths, {"PYTHONHOME": os.path.realpath(sys.base_prefix)}
+
+
 class DockerBackend(Backend):
-    """Containers from the locally built runtime image."""
+    """Containers from a locally built image.
+
+    ``runtime``: ``"image"`` (a self-contained image holding the interpreter, torch and the worker),
+    ``"host"`` (a minimal image; the host's runtime bound read-only, as in the namespace backend),
+    or ``"auto"`` (default): ``host`` for GPU runs (the CUDA stack, the driver and Triton's C
+    toolchain stay on the host), ``image`` otherwise.
+    """
 
     name = "docker"
 
-    def __init__(self, *, build: bool = False, client: Any = None, check_gpu_runtime: bool = True) -> None:
+    def __init__(self, *, build: bool = False, client: Any = None, check_gpu_runtime: bool = True,
+                 runtime: str = "auto") -> None:
+        if runtime not in ("auto", "image", "host"):
+            raise SandboxError(f"unknown docker runtime {runtime!r}", rule="sandbox.docker.runtime",
+                               hint="use auto, image or host")
         self.build = build
         self._client = client
         self.check_gpu_runtime = check_gpu_runtime
+        self.runtime = runtime
+
+    def runtime_for(self, policy: SandboxPolicy) -> str:
+        """The runtime a run with ``policy`` uses."""
+        if self.runtime != "auto":
+            return self.runtime
+        return "host" if policy.gpu else "image"
 
     @property
     def client(self) -> Any:
@@ -262,9 +301,9 @@ class DockerBackend(Backend):
         """The image's interpreter, without ``site``."""
         return [PYTHON_IN_IMAGE, "-S"]
 
-    def image(self) -> str:
-        """The runtime image tag (built when missing and ``build`` is true)."""
-        return ensure_image(self.client, build=self.build)
+    def image(self, runtime: str = "image") -> str:
+        """The runtime image's content id (built when missing and ``build`` is true; checked by content id)."""
+        return ensure_image(self.client, build=self.build, runtime=runtime)
 
     def start(self, argv: Sequence[str], policy: SandboxPolicy, *, stdin: bytes = b"") -> SandboxRun:
         """Create, attach, start; write ``stdin`` and close it."""
@@ -278,11 +317,17 @@ class DockerBackend(Backend):
         missing = _check_engine(info, policy, check_gpu_runtime=self.check_gpu_runtime)
         gpu_mode = _gpu_mode(info, check_gpu_runtime=self.check_gpu_runtime) if policy.gpu else "runtime"
         reap_containers(client)
-        tag = self.image()
+        runtime = self.runtime_for(policy)
+        tag = self.image(runtime)
         command = [PYTHON_IN_IMAGE, "-S", DEADLINE_WRAPPER, f"{policy.wall_clock_s:.3f}", "--", *argv]
+        kwargs = container_kwargs(policy, gpu_mode=gpu_mode)
+        if runtime == "host":
+            mounts, paths, env = host_runtime_mounts(gpu=policy.gpu)
+            kwargs["mounts"].extend(mounts)
+            kwargs["environment"]["PYTHONPATH"] = ":".join([CODE_DIR, *paths])
+            kwargs["environment"].update(env)
         try:
-            container = client.containers.create(tag, command=command,
-                                                 **container_kwargs(policy, gpu_mode=gpu_mode))
+            container = client.containers.create(tag, command=command, **kwargs)
         except docker.errors.ImageNotFound:
             raise ImageMissing(tag) from None
         except docker.errors.APIError as err:

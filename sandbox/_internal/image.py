@@ -43,7 +43,8 @@ from ..errors import ImageMissing
 from ..policy import JIT_CACHE_MOUNT, MODEL_MOUNT, SCRATCH_MOUNT
 from .layout import OPT, code_files
 
-__all__ = ["DIGEST_LABEL", "IMAGE_REPO", "ImagePlan", "check_image", "ensure_image", "image_tag", "plan_image"]
+__all__ = ["DIGEST_LABEL", "IMAGE_REPO", "ImagePlan", "check_image", "ensure_image", "image_tag", "plan_host_image",
+           "plan_image"]
 
 IMAGE_REPO = "secure-run-sandbox"
 SITE_DIR = f"{OPT}/site"
@@ -117,8 +118,9 @@ class ImagePlan:
 
     @property
     def tag(self) -> str:
-        """``secure-run-sandbox:<first 16 hex digits of the digest>``."""
-        return f"{IMAGE_REPO}:{self.digest[:16]}"
+        """``secure-run-sandbox:<first 16 hex digits of the digest>`` (``host-`` before them for the host runtime)."""
+        kind = "host-" if self.dockerfile.endswith(b"# runtime: host\n") else ""
+        return f"{IMAGE_REPO}:{kind}{self.digest[:16]}"
 
 
 def _is_elf(path: Path) -> bool:
@@ -244,6 +246,41 @@ def plan_image() -> ImagePlan:
     return ImagePlan(dockerfile=dockerfile, entries=tuple(unique))
 
 
+@functools.cache
+def plan_host_image() -> ImagePlan:
+    """The ``host`` runtime's image: our code, ``/etc`` and mount points only (tag ``host-<digest>``).
+
+    The interpreter, the libraries, the worker's site-packages (and on GPU hosts the CUDA stack
+    and Triton's C toolchain) are bound read-only from the host at run time, exactly as the
+    namespace backend does (``namespace_backend.runtime_layout``): used where copying the CUDA
+    stack into an image is impractical (GPU hosts without the NVIDIA container runtime).
+    """
+    dockerfile = resources.files("secure_run.sandbox").joinpath("Dockerfile").read_bytes()
+    entries: list[Entry] = []
+    for d in ("tmp", "dev", "proc", "sys", "etc", "opt", OPT.lstrip("/"), MODEL_MOUNT.lstrip("/"), "var",
+              "var/cache", JIT_CACHE_MOUNT.lstrip("/")):
+        sticky = d in (SCRATCH_MOUNT.lstrip("/"), JIT_CACHE_MOUNT.lstrip("/"))
+        entries.append(Entry(dst=d, mode=0o1777 if sticky else 0o755))
+    for name in ("bin", "sbin", "lib", "lib64", "lib32", "libx32"):
+        if os.path.islink(f"/{name}"):
+            entries.append(Entry(dst=name, mode=0o777, link=os.readlink(f"/{name}")))
+    for src, dst in code_files():
+        parent = dst.rsplit("/", 1)[0]
+        entries.append(Entry(dst=parent.lstrip("/"), mode=0o755))
+        entries.append(Entry(dst=dst.lstrip("/"), mode=0o644, src=src, hash_content=True))
+    for rel, text in _ETC.items():
+        entries.append(Entry(dst=rel, mode=0o644, data=text.encode()))
+    if os.path.isfile("/etc/ld.so.cache"):
+        entries.append(Entry(dst="etc/ld.so.cache", mode=0o644, data=Path("/etc/ld.so.cache").read_bytes()))
+    seen: set[str] = set()
+    unique = []
+    for e in entries:
+        if e.dst not in seen:
+            seen.add(e.dst)
+            unique.append(e)
+    return ImagePlan(dockerfile=dockerfile + b"# runtime: host\n", entries=tuple(unique))
+
+
 def image_tag() -> str:
     """The tag the current build inputs give."""
     return plan_image().tag
@@ -331,7 +368,7 @@ def check_image(image: Any, plan: ImagePlan) -> None:
                            f"{IMAGE_REPO}")
 
 
-def ensure_image(client: Any, *, build: bool) -> str:
+def ensure_image(client: Any, *, build: bool, runtime: str = "image") -> str:
     """The runtime image, by content id, building it first when missing (or not ours) and ``build`` is true.
 
     Returns the image's content id (``sha256:...``), which is what containers are created from,
@@ -344,7 +381,7 @@ def ensure_image(client: Any, *, build: bool) -> str:
     """
     import docker
 
-    plan = plan_image()
+    plan = plan_host_image() if runtime == "host" else plan_image()
     try:
         image = client.images.get(plan.tag)
         try:

@@ -132,10 +132,18 @@ _TOOLCHAIN = re.compile(r"^(gcc|cc|c\+\+|g\+\+|as|ld|ld\.bfd|ld\.gold|x86_64-lin
                         r"gcc-\d+|g\+\+-\d+)$")
 
 
-def _usr_layout(python: str, setpriv: str, *, gpu: bool) -> tuple[list[dict[str, Any]], list[str]]:
-    """Binds that make up the sandbox's ``/usr``: libraries, the interpreter, setpriv (+ toolchain on GPU).
+def runtime_layout(python: str, programs: list[str], *, gpu: bool) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Read-only binds (and root symlinks) that give a sandbox the host's runtime, and no more of the host.
 
-    Returns (binds, missing) where missing lists wanted paths this host lacks.
+    Of ``/usr`` only the library folders, ``python`` and ``programs`` (each bound alone), and with
+    ``gpu`` the C toolchain, ``/usr/libexec`` and ``/usr/include`` (Triton compiles its launcher);
+    the Python installation when it lives outside ``/usr/lib``; ``/lib*`` folders (or their
+    merged-``/usr`` symlinks). Never ``/usr/share``, ``/usr/sbin``, ``/usr/local`` as a whole or a
+    real ``/bin``/``/sbin`` full of host programs. Used by the namespace backend and by the docker
+    backend's ``host`` runtime.
+
+    Returns (binds, symlinks): binds as ``{"src", "dst", "exec", "control", "file"?}``, symlinks as
+    ``{"path", "target"}``.
     """
     binds: list[dict[str, Any]] = []
     for d in ("/usr/lib", "/usr/lib64", "/usr/lib32", "/usr/libx32"):
@@ -145,18 +153,31 @@ def _usr_layout(python: str, setpriv: str, *, gpu: bool) -> tuple[list[dict[str,
         for d in ("/usr/libexec", "/usr/include"):
             if os.path.isdir(d):
                 binds.append({"src": d, "dst": d, "exec": True, "control": "read_only_root"})
-    files = {python, setpriv}
+    files = {python, *programs}
     if gpu and os.path.isdir("/usr/bin"):
         for entry in sorted(os.listdir("/usr/bin")):
             if _TOOLCHAIN.match(entry):
                 files.add(f"/usr/bin/{entry}")
     for path in sorted(files):
-        if not path.startswith("/usr/") or path.startswith(("/usr/lib/", "/usr/lib64/")):
-            continue  # outside /usr (bound with the Python installation) or already inside a bound library dir
+        if not path or path.startswith(("/usr/lib/", "/usr/lib64/")):
+            continue  # already inside a bound library folder
         real = os.path.realpath(path)
         if os.path.isfile(real):
             binds.append({"src": real, "dst": path, "exec": True, "control": "read_only_root", "file": True})
-    return binds, []
+    prefix = os.path.realpath(sys.base_prefix)
+    if prefix != "/usr" and not prefix.startswith("/usr/lib"):
+        # the interpreter's installation (stdlib; e.g. /usr/local or a pyenv build), read-only
+        src = f"{prefix}/lib" if prefix.startswith("/usr/") else prefix
+        if os.path.isdir(src):
+            binds.append({"src": src, "dst": src, "exec": True, "control": "read_only_root"})
+    symlinks: list[dict[str, str]] = []
+    for name in ("/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"):
+        if os.path.islink(name):
+            symlinks.append({"path": name, "target": os.readlink(name)})
+        elif os.path.isdir(name) and name.startswith("/lib"):
+            binds.append({"src": name, "dst": name, "exec": True, "control": "read_only_root"})
+        # a real /bin or /sbin (no merged /usr) holds host programs: not mounted
+    return binds, symlinks
 
 
 #: Prefix of the temporary root folders; the owner's pid and start time follow.
@@ -215,19 +236,7 @@ class NamespaceBackend(Backend):
                           "install util-linux, or use --sandbox docker")
 
     def _layout(self, policy: SandboxPolicy, root: str) -> dict[str, Any]:
-        binds, _ = _usr_layout(self.python, os.path.realpath(self.setpriv), gpu=policy.gpu)
-        symlinks = []
-        for name in ("/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"):
-            if os.path.islink(name):
-                symlinks.append({"path": name, "target": os.readlink(name)})
-            elif os.path.isdir(name) and name.startswith("/lib"):
-                binds.append({"src": name, "dst": name, "exec": True, "control": "read_only_root"})
-            # a real /bin or /sbin (no merged /usr) holds host programs: not mounted
-        if not self.base_prefix.startswith("/usr/"):
-            binds.append({"src": self.base_prefix, "dst": self.base_prefix, "exec": True, "control": "read_only_root"})
-        if os.path.isdir("/etc/alternatives"):
-            binds.append({"src": "/etc/alternatives", "dst": "/etc/alternatives", "exec": True,
-                          "control": "read_only_root"})
+        binds, symlinks = runtime_layout(self.python, [os.path.realpath(self.setpriv)], gpu=policy.gpu)
         sites = worker_site_dirs(gpu=policy.gpu)
         site_paths = [f"{OPT}/site{i}" for i in range(len(sites))]
         for src, dst in zip(sites, site_paths):

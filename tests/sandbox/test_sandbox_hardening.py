@@ -184,3 +184,27 @@ def test_leftovers_of_a_killed_host_are_reaped(namespace_backend: NamespaceBacke
         for d in made:
             if d.exists():
                 d.rmdir()
+
+
+@pytest.mark.docker
+def test_docker_host_runtime_mounts_only_the_runtime(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The docker ``host`` runtime (GPU hosts): the host's runtime bound read-only, nothing else of the host."""
+    from secure_run.sandbox import SelftestRequest, run_worker
+    from secure_run.sandbox._internal.docker_backend import DockerBackend
+
+    backend = DockerBackend(build=True, runtime="host")
+    assert backend.runtime_for(SandboxPolicy(gpu=True)) == "host"
+    assert DockerBackend().runtime_for(SandboxPolicy()) == "image"
+    marker = tmp_path / "host-secret"
+    marker.write_text("x")
+    monkeypatch.setenv("PYTHONPATH", f"/:{tmp_path}")
+    res = py(backend, POLICY, VIEW, str(marker))
+    assert res.exit_code == 0, res.stderr.decode(errors="replace")[-2000:]
+    r = json.loads(res.stdout.decode().splitlines()[-1])
+    assert r["marker"] is False and len(r["sites"]) == len(worker_site_dirs())
+    for listing in r["sites"].values():
+        assert not {"etc", "proc", "root", "home"} & set(listing), listing
+    assert not {"share", "include", "games", "src"} & set(r["usr"]), r["usr"]
+    assert r["firmware"] in ([], "error:FileNotFoundError", "error:PermissionError")
+    events = list(run_worker(backend, POLICY.with_overrides(memory_mib=2048), SelftestRequest(task="selftest", seed=2)))
+    assert events[-1].type == "stats" and events[-1].detail["uid"] == 65534  # type: ignore[union-attr]
