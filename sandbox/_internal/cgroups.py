@@ -178,9 +178,12 @@ def _v2(policy: SandboxPolicy, cg: RunCgroup) -> None:
     wanted = [c for c in ("pids", "memory", "cpu") if c in controllers]
     try:
         parent.mkdir(exist_ok=True)
-        if wanted:
-            _write(_ROOT / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted))
-            _write(parent / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted))
+        for c in wanted:  # one at a time: a controller the host cannot delegate must not block the others
+            for d in (_ROOT, parent):
+                try:
+                    _write(d / "cgroup.subtree_control", f"+{c}")
+                except OSError:
+                    pass  # checked below against the child's cgroup.controllers
         child = parent / f"run-{_owner_part()}-{uuid.uuid4().hex[:12]}"
         child.mkdir()
     except OSError as err:

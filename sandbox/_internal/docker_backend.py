@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from secure_run.errors import SandboxError
@@ -154,7 +155,8 @@ def _check_engine(info: dict[str, Any], policy: SandboxPolicy, *, check_gpu_runt
     missing: list[str] = []
     checks = (("cgroup_pids", bool(info.get("PidsLimit", True))),
               ("cgroup_memory", bool(info.get("MemoryLimit", True))),
-              ("swap_limit", bool(info.get("SwapLimit", True))),
+              ("cgroup_cpu", bool(info.get("CpuCfsQuota", True))),
+              ("swap_limit", bool(info.get("SwapLimit", True)) or _local_engine_without_swap()),
               ("seccomp", any("seccomp" in str(o) for o in info.get("SecurityOptions") or [])))
     for control, ok in checks:
         if ok:
@@ -164,6 +166,17 @@ def _check_engine(info: dict[str, Any], policy: SandboxPolicy, *, check_gpu_runt
                                hint=f"enable it on the engine's host, or (knowingly) add {control!r} to allow_missing")
         missing.append(control)
     return missing
+
+
+def _local_engine_without_swap() -> bool:
+    """True when the engine runs on this host and this host has no active swap (nothing to limit)."""
+    host = os.environ.get("DOCKER_HOST", "unix://")
+    if not host.startswith("unix://"):
+        return False
+    try:
+        return len(Path("/proc/swaps").read_text(encoding="ascii").splitlines()) <= 1
+    except OSError:
+        return False
 
 
 def _gpu_mode(info: dict[str, Any], *, check_gpu_runtime: bool) -> str:
