@@ -38,7 +38,7 @@ from secure_run.errors import SandboxError
 from ..backends import STDERR, STDOUT, Backend, Outcome, SandboxRun
 from ..errors import EngineUnavailable, GpuUnavailable, ImageMissing
 from ..policy import JIT_CACHE_MOUNT, MODEL_MOUNT, SCRATCH_MOUNT, SandboxPolicy
-from .image import PYTHON_IN_IMAGE, SITE_DIR, ensure_image
+from .image import PYTHON_IN_IMAGE, SITE_DIR, ensure_image_id
 from .layout import CODE_DIR, OPT, sandbox_env
 from .owner import owner_alive, owner_token
 from .seccomp import load_profile, profile_text
@@ -316,7 +316,7 @@ class DockerBackend(Backend):
 
     def image(self, runtime: str = "image") -> str:
         """The runtime image's content id (built when missing and ``build`` is true; checked by content id)."""
-        return ensure_image(self.client, build=self.build, runtime=runtime)
+        return ensure_image_id(self.client, build=self.build, runtime=runtime)
 
     def start(self, argv: Sequence[str], policy: SandboxPolicy, *, stdin: bytes = b"") -> SandboxRun:
         """Create, attach, start; write ``stdin`` and close it."""

@@ -43,8 +43,8 @@ from ..errors import ImageMissing
 from ..policy import JIT_CACHE_MOUNT, MODEL_MOUNT, SCRATCH_MOUNT
 from .layout import OPT, code_files
 
-__all__ = ["DIGEST_LABEL", "IMAGE_REPO", "ImagePlan", "check_image", "ensure_image", "image_tag", "plan_host_image",
-           "plan_image"]
+__all__ = ["DIGEST_LABEL", "IMAGE_REPO", "ImagePlan", "check_image", "ensure_image", "ensure_image_id", "image_tag",
+           "plan_host_image", "plan_image"]
 
 IMAGE_REPO = "secure-run-sandbox"
 SITE_DIR = f"{OPT}/site"
@@ -369,16 +369,25 @@ def check_image(image: Any, plan: ImagePlan) -> None:
 
 
 def ensure_image(client: Any, *, build: bool, runtime: str = "image") -> str:
-    """The runtime image, by content id, building it first when missing (or not ours) and ``build`` is true.
+    """The runtime image's tag, building it first when missing (or not ours) and ``build`` is true.
 
-    Returns the image's content id (``sha256:...``), which is what containers are created from,
-    so that a tag moved after the check changes nothing.
+    The image under the tag is checked by content id (:func:`check_image`); containers are
+    created from :func:`ensure_image_id`'s id, so a tag moved after the check changes nothing.
 
     Raises:
         ImageMissing: not present and ``build`` is false.
         SandboxError: the image under our tag is not the one we built and ``build`` is false (rule
             ``sandbox.image.digest``), or the build failed (rule ``sandbox.image.build``).
     """
+    return _ensure(client, build=build, runtime=runtime)[0]
+
+
+def ensure_image_id(client: Any, *, build: bool, runtime: str = "image") -> str:
+    """Like :func:`ensure_image`, but the checked image's content id (``sha256:...``)."""
+    return _ensure(client, build=build, runtime=runtime)[1]
+
+
+def _ensure(client: Any, *, build: bool, runtime: str) -> tuple[str, str]:
     import docker
 
     plan = plan_host_image() if runtime == "host" else plan_image()
@@ -386,7 +395,7 @@ def ensure_image(client: Any, *, build: bool, runtime: str = "image") -> str:
         image = client.images.get(plan.tag)
         try:
             check_image(image, plan)
-            return str(image.id)
+            return plan.tag, str(image.id)
         except SandboxError:
             if not build:
                 raise
@@ -407,7 +416,7 @@ def ensure_image(client: Any, *, build: bool, runtime: str = "image") -> str:
     _record(plan.digest, str(image.id))
     check_image(image, plan)
     prune_images(client, keep=plan.tag)
-    return str(image.id)
+    return plan.tag, str(image.id)
 
 
 def prune_images(client: Any, *, keep: str, min_age_s: float = 3600.0, repo: str = IMAGE_REPO) -> list[str]:
