@@ -98,7 +98,7 @@ def test_gpu_requested_without_nvidia_runtime(docker_backend: DockerBackend) -> 
     # container it had created is removed
     before = {c.id for c in client.containers.list(all=True, filters={"label": LABEL})}
     with pytest.raises(GpuUnavailable) as info:
-        DockerBackend(client=client, check_gpu_runtime=False).run(["true"], gpu)
+        DockerBackend(client=client, check_gpu_runtime=False, runtime="image").run(["true"], gpu)
     assert "could not select device driver" in " ".join(info.value.details)
     assert {c.id for c in client.containers.list(all=True, filters={"label": LABEL,
                                                                      "status": "created"})} <= before
