@@ -322,6 +322,8 @@ class DockerBackend(Backend):
         """Create, attach, start; write ``stdin`` and close it."""
         import docker
 
+        from .namespace_backend import covered
+
         client = self.client
         try:
             info = client.info()
@@ -334,8 +336,13 @@ class DockerBackend(Backend):
         tag = self.image(runtime)
         command = [PYTHON_IN_IMAGE, "-S", DEADLINE_WRAPPER, f"{policy.wall_clock_s:.3f}", "--", *argv]
         kwargs = container_kwargs(policy, gpu_mode=gpu_mode)
+        libdirs = _manual_gpu()[1] if policy.gpu and gpu_mode == "devices" else []
         if runtime == "host":
             mounts, paths, env = host_runtime_mounts(gpu=policy.gpu)
+            targets = [str(m["Target"]) for m in mounts]
+            # a driver library folder the runtime already shows (e.g. under /usr/lib) is not mounted twice
+            kwargs["mounts"] = [m for m in kwargs["mounts"]
+                                if not (str(m["Target"]) in libdirs and covered(str(m["Target"]), targets))]
             kwargs["mounts"].extend(mounts)
             kwargs["environment"]["PYTHONPATH"] = ":".join([CODE_DIR, *paths])
             kwargs["environment"].update(env)
