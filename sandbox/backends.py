@@ -14,6 +14,7 @@ violation, or a failure the worker reports.
 from __future__ import annotations
 
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from .protocol import (
 )
 
 __all__ = ["Backend", "Outcome", "RunResult", "SandboxRun", "WorkerFailure", "WorkerRefusal", "get_backend",
-           "run_worker"]
+           "run_worker", "stop_all"]
 
 STDOUT, STDERR = 1, 2
 
@@ -120,14 +121,43 @@ class RunResult:
         return self.exit_code == 0 and not self.timed_out and not self.oom_killed
 
 
+#: Every sandbox this process started and has not finished (see :func:`stop_all`).
+_ACTIVE: weakref.WeakSet[SandboxRun] = weakref.WeakSet()
+
+
 class SandboxRun(ABC):
-    """A started sandbox: read its output, then :meth:`finish` (always; it cleans up)."""
+    """A started sandbox: read its output, then :meth:`finish` (always; it cleans up).
+
+    Use it as a context manager, or call :meth:`stop`; :func:`stop_all` stops every sandbox of
+    this process (for signal handlers).
+    """
+
+    _outcome: Outcome | None = None
 
     def __init__(self, policy: SandboxPolicy) -> None:
         self.policy = policy
         self.started = time.monotonic()
         self.deadline = self.started + policy.wall_clock_s
         self.timed_out = False
+        _ACTIVE.add(self)
+
+    @property
+    def done(self) -> bool:
+        """Whether :meth:`finish` has collected the outcome (and cleaned up)."""
+        return self._outcome is not None
+
+    def stop(self) -> Outcome | None:
+        """Kill now and clean up (idempotent). Returns the outcome, or None if cleanup reported an error."""
+        try:
+            self.kill()
+        except SandboxError:
+            pass  # finish() removes whatever is left
+        try:
+            return self.finish()
+        except SandboxError:
+            return None
+        finally:
+            _ACTIVE.discard(self)
 
     def remaining(self) -> float:
         """Seconds left before the wall-clock limit."""
@@ -149,8 +179,22 @@ class SandboxRun(ABC):
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.kill()
-        self.finish()
+        self.stop()
+
+
+def stop_all() -> int:
+    """Kill and clean up every sandbox this process started and has not finished; how many were stopped.
+
+    Safe to call from a SIGINT/SIGTERM handler (the cleanup of each backend does not depend on the
+    engine answering in time) and more than once.
+    """
+    stopped = 0
+    for run in list(_ACTIVE):
+        if not run.done:
+            run.stop()
+            stopped += 1
+        _ACTIVE.discard(run)
+    return stopped
 
 
 class Backend(ABC):

@@ -379,7 +379,7 @@ class _DockerRun(SandboxRun):
         self._holder = sock  # keeps the HTTP response (and so the connection) alive
         self.sock: socket.socket = getattr(sock, "_sock", sock)
         self.missing = missing
-        self._outcome: Outcome | None = None
+        self._outcome = None
         self._removed = False
         self._sock_closed = False
         try:

@@ -330,7 +330,7 @@ class _NamespaceRun(SandboxRun):
         self.root = cfg["root"]
         self.pid1: int | None = None
         self.setup_error: dict[str, str] | None = None
-        self._outcome: Outcome | None = None
+        self._outcome = None
         cfg_r, cfg_w = os.pipe()
         st_r, st_w = os.pipe()
         try:
