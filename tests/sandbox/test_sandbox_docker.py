@@ -291,3 +291,34 @@ def test_host_runtime_gpu_mounts_have_no_duplicate_targets(monkeypatch: pytest.M
     assert "/usr/local/nvidia/lib64" in targets and "/usr/lib" in targets
     assert created["devices"] == ["/dev/nvidia0:/dev/nvidia0:rwm", "/dev/nvidiactl:/dev/nvidiactl:rwm"]
     assert created["image"] == "sha256:" + "1" * 64
+
+
+def test_engine_timeouts_are_sandbox_errors_not_tracebacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 10 item 12: a requests.ReadTimeout from the engine escaped as a traceback (exit 1)."""
+    import requests
+
+    from secure_run.sandbox._internal import docker_backend as db
+
+    monkeypatch.setattr(db, "ensure_image_id", lambda client, build, runtime: "sha256:" + "2" * 64)
+    monkeypatch.setattr(db, "reap_containers", lambda client: [])
+
+    class _Containers:
+        def create(self, *a: object, **k: object) -> None:
+            raise requests.exceptions.ReadTimeout("Read timed out. (read timeout=60)")
+
+    class _Client:
+        containers = _Containers()
+
+        def info(self) -> dict[str, object]:
+            return {"SecurityOptions": ["name=seccomp,profile=default"]}
+
+    with pytest.raises(SandboxError) as info:
+        DockerBackend(client=_Client()).start(["true"], SandboxPolicy())
+    assert info.value.rule == "sandbox.docker.create" and info.value.exit_code == 2
+
+    class _Slow:
+        def info(self) -> dict[str, object]:
+            raise requests.exceptions.ReadTimeout("Read timed out.")
+
+    with pytest.raises(EngineUnavailable):
+        DockerBackend(client=_Slow()).start(["true"], SandboxPolicy())
