@@ -79,7 +79,7 @@ class _ScriptedBackend(Backend):
 
 
 POLICY = SandboxPolicy()
-GEN8 = GenerateRequest(task="generate", prompt="hi", max_new_tokens=8)
+GEN8 = SelftestRequest(task="selftest", steps=8)  # the same bounds as generate with --max-new-tokens 8
 
 
 def _lines(*docs: dict[str, object]) -> bytes:
@@ -207,6 +207,12 @@ def test_invisible_characters_are_removed(ch: str) -> None:
 def test_visible_text_is_kept() -> None:
     s = "héllo ☕ 日本語 Ελληνικά\n\tok"
     assert terminal_safe(s) == s
+
+
+def test_generate_bounds_come_from_max_new_tokens() -> None:
+    req = GenerateRequest.model_construct(task="generate", max_new_tokens=8)  # only the field the bounds read
+    bounds = RunBounds.for_request(req, uid=65534)
+    assert bounds.max_tokens == 8 and bounds.expected_uid == 65534
 
 
 def test_selftest_bounds_come_from_steps() -> None:
