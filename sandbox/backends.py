@@ -45,20 +45,30 @@ __all__ = ["Backend", "Outcome", "RunResult", "SandboxRun", "WorkerFailure", "Wo
 
 STDOUT, STDERR = 1, 2
 
-#: Rule ids a worker may report as its own; anything else (a host rule such as a signature or
-#: policy refusal) is never shown as a rule id, only as a worker-reported detail.
+#: Namespace of the rules the worker invents for itself.
 WORKER_RULE_PREFIX = "sandbox.worker."
+#: Rules a worker may report, because the worker itself checks them (re-checking the verified
+#: files' identities, loading, config, tokenizer, template, generation). Anything else, such as
+#: a signature, lock, manifest, header or policy rule, is a host verdict: a worker claiming one is
+#: shown ``sandbox.worker.<code>`` with the claim as an untrusted detail.
+WORKER_RULE_PREFIXES = (WORKER_RULE_PREFIX, "folder.", "loader.", "model.", "config.", "tokenizer.",
+                        "chat-template.", "chat.", "generate.", "cache.", "kernel.")
+
+
+def _worker_may_report(rule: str | None) -> bool:
+    return rule is not None and rule.startswith(WORKER_RULE_PREFIXES)
 
 
 def _worker_details(ev: ErrorEvent) -> tuple[str, ...]:
     claimed = ev.rule or "(none)"
-    own = claimed.startswith(WORKER_RULE_PREFIX)
+    trusted = _worker_may_report(ev.rule) or ev.rule is None
     return (f"worker-reported code: {ev.code}",
-            f"worker-reported rule: {claimed}" + ("" if own else " (not a worker rule; not trusted)"))
+            f"worker-reported rule: {claimed}" + ("" if trusted else " (not a rule the worker checks; not trusted)"))
 
 
 def _worker_rule(ev: ErrorEvent) -> str:
-    if ev.rule is not None and ev.rule.startswith(WORKER_RULE_PREFIX):
+    if _worker_may_report(ev.rule):
+        assert ev.rule is not None
         return ev.rule
     return f"{WORKER_RULE_PREFIX}{ev.code}"
 
@@ -66,11 +76,12 @@ def _worker_rule(ev: ErrorEvent) -> str:
 class WorkerRefusal(ModelError):
     """The sandboxed worker refused the model files (exit 1); its text is shown as the worker's claim only.
 
-    The rule id is always in the ``sandbox.worker.`` namespace and the kind is ``worker``: a worker
-    cannot make its refusal look like a host verdict (a signature, digest or policy refusal).
+    Kind ``worker-refused``, message "the sandboxed worker refused the model: ...", and a rule id
+    only from :data:`WORKER_RULE_PREFIXES`: a worker cannot make its refusal look like a host
+    verdict (a signature, digest, lock or policy refusal).
     """
 
-    kind = "worker"
+    kind = "worker-refused"
 
     def __init__(self, ev: ErrorEvent) -> None:
         super().__init__(f"the sandboxed worker refused the model: {ev.message}", details=_worker_details(ev),
@@ -79,7 +90,7 @@ class WorkerRefusal(ModelError):
 
 
 class WorkerFailure(SandboxError):
-    """The sandboxed worker failed (bad request, unavailable device, internal error; exit 2)."""
+    """The sandboxed worker failed (bad request, unavailable device, internal error; exit 2, kind ``worker``)."""
 
     kind = "worker"
 

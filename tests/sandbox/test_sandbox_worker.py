@@ -164,21 +164,21 @@ def test_run_worker_maps_how_the_sandbox_ended(outcome: Outcome, error: type, ru
         assert "boom" in info.value.details[0] and "\x1b" not in info.value.details[0]
 
 
-@pytest.mark.parametrize("code, error, exit_code", [
-    ("model_refused", ModelError, 1),
-    ("bad_request", SandboxError, 2),
-    ("unavailable", SandboxError, 2),
-    ("internal", SandboxError, 2),
+@pytest.mark.parametrize("code, error, exit_code, kind", [
+    ("model_refused", ModelError, 1, "worker-refused"),
+    ("bad_request", SandboxError, 2, "worker"),
+    ("unavailable", SandboxError, 2, "worker"),
+    ("internal", SandboxError, 2, "worker"),
 ])
-def test_run_worker_maps_worker_errors(code: str, error: type, exit_code: int) -> None:
-    # the worker claims a host rule id ("model.identity"): it is kept only as a worker-reported detail
-    line = json.dumps({"type": "error", "code": code, "message": "shard changed \x1b[2J", "rule": "model.identity"})
+def test_run_worker_maps_worker_errors(code: str, error: type, exit_code: int, kind: str) -> None:
+    # the worker claims a host rule id ("verify.signature"): it is kept only as a worker-reported detail
+    line = json.dumps({"type": "error", "code": code, "message": "shard changed \x1b[2J", "rule": "verify.signature"})
     with pytest.raises(error) as info:
         _drain(_FakeBackend([(1, line.encode() + b"\n")], Outcome(exit_code=3, timed_out=False, oom_killed=False)))
-    assert info.value.rule == f"sandbox.worker.{code}" and info.value.kind == "worker"
+    assert info.value.rule == f"sandbox.worker.{code}" and info.value.kind == kind
     assert info.value.exit_code == exit_code
     assert info.value.message.endswith(": shard changed ") and "sandboxed worker" in info.value.message
-    assert "worker-reported rule: model.identity (not a worker rule; not trusted)" in info.value.details
+    assert "worker-reported rule: verify.signature (not a rule the worker checks; not trusted)" in info.value.details
 
 
 def test_run_worker_refuses_events_after_the_final_one_and_kills() -> None:
