@@ -14,6 +14,7 @@ violation, or a failure the worker reports.
 from __future__ import annotations
 
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,8 +27,10 @@ from .policy import SandboxPolicy
 from .protocol import (
     ErrorEvent,
     EventReader,
+    EventValidator,
     GenerateRequest,
     ProtocolError,
+    RunBounds,
     SelftestRequest,
     StatsEvent,
     StreamLimits,
@@ -37,9 +40,65 @@ from .protocol import (
     terminal_safe,
 )
 
-__all__ = ["Backend", "Outcome", "RunResult", "SandboxRun", "get_backend", "run_worker"]
+__all__ = ["Backend", "Outcome", "RunResult", "SandboxRun", "WorkerFailure", "WorkerRefusal", "get_backend",
+           "run_worker", "stop_all"]
 
 STDOUT, STDERR = 1, 2
+
+#: Namespace of the rules the worker invents for itself.
+WORKER_RULE_PREFIX = "sandbox.worker."
+#: Rules a worker may report, because the worker itself checks them (re-checking the verified
+#: files' identities, loading, config, tokenizer, template, generation). Anything else, such as
+#: a signature, lock, manifest, header or policy rule, is a host verdict: a worker claiming one is
+#: shown ``sandbox.worker.<code>`` with the claim as an untrusted detail.
+WORKER_RULE_PREFIXES = (WORKER_RULE_PREFIX, "folder.", "loader.", "model.", "config.", "tokenizer.",
+                        "chat-template.", "chat.", "generate.", "cache.", "kernel.")
+
+
+def _worker_may_report(rule: str | None) -> bool:
+    return rule is not None and rule.startswith(WORKER_RULE_PREFIXES)
+
+
+def _worker_details(ev: ErrorEvent) -> tuple[str, ...]:
+    claimed = ev.rule or "(none)"
+    trusted = _worker_may_report(ev.rule) or ev.rule is None
+    return (f"worker-reported code: {ev.code}",
+            f"worker-reported rule: {claimed}" + ("" if trusted else " (not a rule the worker checks; not trusted)"))
+
+
+def _worker_rule(ev: ErrorEvent) -> str:
+    if _worker_may_report(ev.rule):
+        assert ev.rule is not None
+        return ev.rule
+    return f"{WORKER_RULE_PREFIX}{ev.code}"
+
+
+class WorkerRefusal(ModelError):
+    """The sandboxed worker refused the model files (exit 1); its text is shown as the worker's claim only.
+
+    Kind ``worker-refused``, message "the sandboxed worker refused the model: ...", and a rule id
+    only from :data:`WORKER_RULE_PREFIXES`: a worker cannot make its refusal look like a host
+    verdict (a signature, digest, lock or policy refusal).
+    """
+
+    kind = "worker-refused"
+
+    def __init__(self, ev: ErrorEvent) -> None:
+        super().__init__(f"the sandboxed worker refused the model: {ev.message}", details=_worker_details(ev),
+                         rule=_worker_rule(ev),
+                         hint="the worker's own checks failed (e.g. a file changed after verification); verify again")
+
+
+class WorkerFailure(SandboxError):
+    """The sandboxed worker failed (bad request, unavailable device, internal error; exit 2, kind ``worker``)."""
+
+    kind = "worker"
+
+    def __init__(self, ev: ErrorEvent) -> None:
+        hint = ("check the generation options" if ev.code == "bad_request"
+                else "see the message; re-run with a GPU/CPU setting the host supports")
+        super().__init__(f"the sandboxed worker failed: {ev.message}", details=_worker_details(ev),
+                         rule=_worker_rule(ev), hint=hint)
 
 
 @dataclass(frozen=True)
@@ -73,14 +132,43 @@ class RunResult:
         return self.exit_code == 0 and not self.timed_out and not self.oom_killed
 
 
+#: Every sandbox this process started and has not finished (see :func:`stop_all`).
+_ACTIVE: weakref.WeakSet[SandboxRun] = weakref.WeakSet()
+
+
 class SandboxRun(ABC):
-    """A started sandbox: read its output, then :meth:`finish` (always; it cleans up)."""
+    """A started sandbox: read its output, then :meth:`finish` (always; it cleans up).
+
+    Use it as a context manager, or call :meth:`stop`; :func:`stop_all` stops every sandbox of
+    this process (for signal handlers).
+    """
+
+    _outcome: Outcome | None = None
 
     def __init__(self, policy: SandboxPolicy) -> None:
         self.policy = policy
         self.started = time.monotonic()
         self.deadline = self.started + policy.wall_clock_s
         self.timed_out = False
+        _ACTIVE.add(self)
+
+    @property
+    def done(self) -> bool:
+        """Whether :meth:`finish` has collected the outcome (and cleaned up)."""
+        return self._outcome is not None
+
+    def stop(self) -> Outcome | None:
+        """Kill now and clean up (idempotent). Returns the outcome, or None if cleanup reported an error."""
+        try:
+            self.kill()
+        except SandboxError:
+            pass  # finish() removes whatever is left
+        try:
+            return self.finish()
+        except SandboxError:
+            return None
+        finally:
+            _ACTIVE.discard(self)
 
     def remaining(self) -> float:
         """Seconds left before the wall-clock limit."""
@@ -102,8 +190,22 @@ class SandboxRun(ABC):
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.kill()
-        self.finish()
+        self.stop()
+
+
+def stop_all() -> int:
+    """Kill and clean up every sandbox this process started and has not finished; how many were stopped.
+
+    Safe to call from a SIGINT/SIGTERM handler (the cleanup of each backend does not depend on the
+    engine answering in time) and more than once.
+    """
+    stopped = 0
+    for run in list(_ACTIVE):
+        if not run.done:
+            run.stop()
+            stopped += 1
+        _ACTIVE.discard(run)
+    return stopped
 
 
 class Backend(ABC):
@@ -165,26 +267,29 @@ def _tail(data: bytes, limit: int = 2000) -> str:
 
 
 def _raise_worker_error(ev: ErrorEvent) -> None:
-    message = f"worker: {ev.message}"
-    rule = ev.rule or f"sandbox.worker.{ev.code}"
+    """Map the worker's error event to a worker error: it cannot borrow a host rule id or error kind."""
     if ev.code == "model_refused":
-        raise ModelError(message, rule=rule, hint="the model files did not pass the worker's checks; verify again")
-    if ev.code == "bad_request":
-        raise UsageError(message, rule=rule, hint="check the generation options")
-    raise SandboxError(message, rule=rule, hint="see the message; re-run with a GPU/CPU setting the host supports")
+        raise WorkerRefusal(ev)
+    raise WorkerFailure(ev)
 
 
 def run_worker(backend: Backend, policy: SandboxPolicy, request: SelftestRequest | GenerateRequest,
-               limits: StreamLimits | None = None) -> Iterator[TokenEvent | TextEvent | StatsEvent]:
+               limits: StreamLimits | None = None,
+               bounds: RunBounds | None = None) -> Iterator[TokenEvent | TextEvent | StatsEvent]:
     """Run the worker with ``request``; yield its validated token, text and stats events.
 
+    Every event passes :class:`EventReader` (each line) and :class:`EventValidator` (the sequence,
+    against ``bounds``, by default derived from ``request`` and the policy's uid): the host counts
+    the tokens and bounds the text; the worker's numbers are only believed when they agree.
+
     Raises:
-        ProtocolError: the worker broke the protocol (the sandbox is killed at once).
+        ProtocolError: the worker broke the protocol or its bounds (the sandbox is killed at once).
+        WorkerRefusal / WorkerFailure: the worker reported an error (rule ``sandbox.worker.<code>``).
         SandboxTimeout / SandboxOOM: the wall-clock or memory limit ended the run.
-        ModelError / UsageError / SandboxError: the worker reported an error event.
         SandboxError: the worker exited non-zero without reporting why (stderr tail attached).
     """
     reader = EventReader(limits)
+    validator = EventValidator(bounds or RunBounds.for_request(request, uid=policy.uid))
     stderr = bytearray()
     error: ErrorEvent | None = None
     stats = False
@@ -201,6 +306,7 @@ def run_worker(backend: Backend, policy: SandboxPolicy, request: SelftestRequest
                 if isinstance(ev, ErrorEvent):
                     error = ev
                     continue
+                validator.check(ev)
                 stats = isinstance(ev, StatsEvent)
                 yield ev
         reader.close()

@@ -47,14 +47,17 @@ __all__ = [
     "Event",
     "EventReader",
     "GenerateRequest",
+    "EventValidator",
     "PinnedFileModel",
     "ProtocolError",
     "Request",
+    "RunBounds",
     "SelftestRequest",
     "StatsEvent",
     "StreamLimits",
     "TextEvent",
     "TokenEvent",
+    "WorkerStats",
     "encode_event",
     "encode_request",
     "parse_request",
@@ -76,15 +79,22 @@ _ESCAPES = re.compile(
     r"|\x9b[0-?]*[ -/]*[@-~]?"
     r"|\x9d[^\x07\x1b\x9c]*(?:\x07|\x9c)?"
 )
-# Bidirectional overrides and isolates ("Trojan Source"), zero-width joiners are left alone.
-_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Bidirectional overrides, isolates and marks ("Trojan Source"); all are also format characters (Cf).
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+#: Unicode categories removed: controls, surrogates, format characters (zero-width space/joiners,
+#: BOM, soft hyphen, bidi controls, tag characters U+E0001, U+E0020-E007F), line/paragraph
+#: separators (U+2028/U+2029, which some terminals and editors break lines on), unassigned code
+#: points (U+E0000, U+E0002-E001F ...) and private-use characters.
+_DROPPED_CATEGORIES = frozenset({"Cc", "Cs", "Cf", "Zl", "Zp", "Cn", "Co"})
 
 
 def terminal_safe(text: str) -> str:
-    """``text`` without escape sequences, control characters (except newline and tab), bidi overrides or surrogates.
+    """``text`` without escape sequences, controls (except newline and tab) or invisible characters.
 
     >>> terminal_safe("a\\x1b]0;title\\x07b\\rc\\x00d\\u202e")
     'abcd'
+    >>> terminal_safe("pay\\u200bpal\\ufeff\\U000e0041\\u2028!")
+    'paypal!'
     """
     text = _ESCAPES.sub("", text)
     out = []
@@ -92,8 +102,7 @@ def terminal_safe(text: str) -> str:
         if ch in "\n\t":
             out.append(ch)
             continue
-        cat = unicodedata.category(ch)
-        if cat in ("Cc", "Cs") or ch in _BIDI:
+        if unicodedata.category(ch) in _DROPPED_CATEGORIES or ch in _BIDI:
             continue
         out.append(ch)
     return "".join(out)
@@ -378,3 +387,120 @@ class EventReader:
             raise ProtocolError(
                 f"worker line {self.lines} is not a valid {kind} event: {_short(err)}", what="invalid_event"
             ) from None
+
+
+# --- host-side rules over the event stream ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunBounds:
+    """What the host allows one run to produce, fixed from the request before the worker starts.
+
+    Attributes:
+        max_tokens: most token events (the request's ``max_new_tokens`` / ``steps``).
+        max_chars_per_token: text characters allowed per token event received so far; text that
+            runs ahead of the tokens (or arrives without any) is refused.
+        vocab_size: token ids must be below this, when known.
+        prompt_tokens: the host's own count of prompt tokens, when known (stats must agree).
+        expected_uid: the uid the sandbox runs as; a worker reporting another uid is refused.
+        max_tokens_per_second: a worker reporting more than this is refused as implausible.
+    """
+
+    max_tokens: int
+    max_chars_per_token: int = 256
+    vocab_size: int | None = None
+    prompt_tokens: int | None = None
+    expected_uid: int | None = None
+    max_tokens_per_second: float = 100_000.0
+
+    @classmethod
+    def for_request(cls, request: SelftestRequest | GenerateRequest, *, uid: int | None = None) -> RunBounds:
+        """Bounds derived from the request the host itself wrote."""
+        most = request.steps if isinstance(request, SelftestRequest) else request.max_new_tokens
+        return cls(max_tokens=most, expected_uid=uid)
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """The worker's final stats, labelled as worker-reported; ``generated_tokens`` is the host's count."""
+
+    generated_tokens: int
+    worker_reported: dict[str, Any]
+
+    @classmethod
+    def from_event(cls, ev: StatsEvent, *, host_counted_tokens: int) -> WorkerStats:
+        """Label a stats event (already checked by :func:`~secure_run.sandbox.run_worker`) for the audit log."""
+        return cls(generated_tokens=host_counted_tokens, worker_reported=ev.model_dump(mode="json", exclude={"type"}))
+
+    def as_record(self) -> dict[str, Any]:
+        """JSON form for the audit log (``source`` says who measured what)."""
+        return {"source": "worker-reported (checked by the host: token count, uid, rate)",
+                "host_counted_tokens": self.generated_tokens, **self.worker_reported}
+
+
+class EventValidator:
+    """Checks the *sequence* of validated events against :class:`RunBounds` (host side).
+
+    :class:`EventReader` checks each line; this checks what the lines add up to: tokens numbered
+    0, 1, 2 ... and no more than asked for, text no longer than the tokens can account for, and
+    final stats that agree with what the host counted. Violations raise :class:`ProtocolError`
+    (``sandbox.protocol.too_many_tokens``, ``token_order``, ``token_out_of_vocab``,
+    ``text_exceeds_tokens``, ``stats_mismatch``, ``stats_implausible``).
+    """
+
+    def __init__(self, bounds: RunBounds) -> None:
+        self.bounds = bounds
+        self.tokens = 0
+        self.text_chars = 0
+
+    def check(self, ev: TokenEvent | TextEvent | StatsEvent | ErrorEvent) -> None:
+        """Accept ``ev`` or raise :class:`ProtocolError`."""
+        if isinstance(ev, TokenEvent):
+            self._token(ev)
+        elif isinstance(ev, TextEvent):
+            self._text(ev)
+        elif isinstance(ev, StatsEvent):
+            self.stats(ev)
+
+    def _token(self, ev: TokenEvent) -> None:
+        if ev.index != self.tokens:
+            raise ProtocolError(f"worker sent token index {ev.index}, expected {self.tokens}", what="token_order")
+        if self.tokens >= self.bounds.max_tokens:
+            raise ProtocolError(f"worker sent more than the {self.bounds.max_tokens} tokens asked for",
+                                what="too_many_tokens")
+        vocab = self.bounds.vocab_size
+        if vocab is not None and ev.token_id >= vocab:
+            raise ProtocolError(f"worker sent token id {ev.token_id}, outside the vocabulary of {vocab}",
+                                what="token_out_of_vocab")
+        self.tokens += 1
+
+    def _text(self, ev: TextEvent) -> None:
+        allowed = self.tokens * self.bounds.max_chars_per_token
+        if self.text_chars + len(ev.text) > allowed:
+            raise ProtocolError(
+                f"worker sent {self.text_chars + len(ev.text)} characters of text for {self.tokens} tokens "
+                f"(at most {self.bounds.max_chars_per_token} per token)", what="text_exceeds_tokens")
+        self.text_chars += len(ev.text)
+
+    def stats(self, ev: StatsEvent) -> WorkerStats:
+        """Check the final stats against the host's counts; return them labelled as worker-reported."""
+        problems: list[str] = []
+        if ev.generated_tokens != self.tokens:
+            problems.append(f"generated_tokens {ev.generated_tokens} but the host counted {self.tokens} token events")
+        if self.bounds.prompt_tokens is not None and ev.prompt_tokens != self.bounds.prompt_tokens:
+            problems.append(f"prompt_tokens {ev.prompt_tokens} but the host counted {self.bounds.prompt_tokens}")
+        if problems:
+            raise ProtocolError("worker stats disagree with the host's count", what="stats_mismatch",
+                                details=tuple(problems))
+        if ev.tokens_per_second > self.bounds.max_tokens_per_second:
+            problems.append(f"tokens_per_second {ev.tokens_per_second:g} > {self.bounds.max_tokens_per_second:g}")
+        if ev.seconds > 0 and ev.tokens_per_second > 2.0 * ev.generated_tokens / ev.seconds + 1.0:
+            problems.append(f"tokens_per_second {ev.tokens_per_second:g} does not match "
+                            f"{ev.generated_tokens} tokens in {ev.seconds:g} s")
+        uid = ev.detail.get("uid")
+        if "uid" in ev.detail and (not isinstance(uid, int) or isinstance(uid, bool)
+                                   or (self.bounds.expected_uid is not None and uid != self.bounds.expected_uid)):
+            problems.append(f"uid {uid!r}, but the sandbox runs as {self.bounds.expected_uid}")
+        if problems:
+            raise ProtocolError("worker stats are implausible", what="stats_implausible", details=tuple(problems))
+        return WorkerStats.from_event(ev, host_counted_tokens=self.tokens)

@@ -264,12 +264,20 @@ def serve(data: bytes, out: IO[bytes]) -> int:
         return _EXIT[code]
 
 
+def _no_jit_code() -> None:
+    """Turn off oneDNN: its CPU JIT writes machine code into W+X memory, which the sandbox's seccomp refuses."""
+    import torch
+
+    torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # a module-level flag property
+
+
 def main() -> int:
     """Entry point inside the sandbox: divert fd 1 to stderr, keep a private fd for events."""
     events_fd = os.dup(1)
     os.dup2(2, 1)  # stray prints from libraries (Python or C) go to stderr, not into the protocol
     sys.stdout = sys.stderr
     data = sys.stdin.buffer.read(MAX_REQUEST_BYTES + 1)
+    _no_jit_code()
     with os.fdopen(events_fd, "wb", buffering=0) as out:
         return serve(data, out)
 
