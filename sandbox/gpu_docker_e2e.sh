@@ -127,7 +127,7 @@ step probe_table "$PY" -P tests/sandbox/sb_probe_table.py --gpu namespace docker
 
 # --- nothing left behind ----------------------------------------------------------------------
 "$PY" -c 'import docker; c = docker.from_env(); print("containers left:", len(c.containers.list(all=True, filters={"label": "org.secure-run.sandbox"})))' || true
-ls -d /tmp/secure-run-root-* 2>/dev/null | wc -l | sed 's/^/namespace roots left: /'
+echo "namespace roots left: $(find /tmp -maxdepth 1 -name 'secure-run-root-*' | wc -l)"
 
 echo
 echo "| step | rc | seconds |"
