@@ -17,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "kernels" / "gpu_session.sh"
 
 _STUB_PYTHON = """#!/usr/bin/env bash
+if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then
+  exit 0  # carried wheels (.whl/ on a GPU box) are not installed by the stub
+fi
 if [ "$1" = "-P" ] && [ "$3" = "pytest" ]; then
   echo "stub pytest: 1 failed, 3 passed"; echo "$*" > "$STUB_DIR/pytest_args"; exit "${STUB_PYTEST_RC:-0}"
 fi
