@@ -26,8 +26,10 @@ from .policy import SandboxPolicy
 from .protocol import (
     ErrorEvent,
     EventReader,
+    EventValidator,
     GenerateRequest,
     ProtocolError,
+    RunBounds,
     SelftestRequest,
     StatsEvent,
     StreamLimits,
@@ -37,9 +39,54 @@ from .protocol import (
     terminal_safe,
 )
 
-__all__ = ["Backend", "Outcome", "RunResult", "SandboxRun", "get_backend", "run_worker"]
+__all__ = ["Backend", "Outcome", "RunResult", "SandboxRun", "WorkerFailure", "WorkerRefusal", "get_backend",
+           "run_worker"]
 
 STDOUT, STDERR = 1, 2
+
+#: Rule ids a worker may report as its own; anything else (a host rule such as a signature or
+#: policy refusal) is never shown as a rule id, only as a worker-reported detail.
+WORKER_RULE_PREFIX = "sandbox.worker."
+
+
+def _worker_details(ev: ErrorEvent) -> tuple[str, ...]:
+    claimed = ev.rule or "(none)"
+    own = claimed.startswith(WORKER_RULE_PREFIX)
+    return (f"worker-reported code: {ev.code}",
+            f"worker-reported rule: {claimed}" + ("" if own else " (not a worker rule; not trusted)"))
+
+
+def _worker_rule(ev: ErrorEvent) -> str:
+    if ev.rule is not None and ev.rule.startswith(WORKER_RULE_PREFIX):
+        return ev.rule
+    return f"{WORKER_RULE_PREFIX}{ev.code}"
+
+
+class WorkerRefusal(ModelError):
+    """The sandboxed worker refused the model files (exit 1); its text is shown as the worker's claim only.
+
+    The rule id is always in the ``sandbox.worker.`` namespace and the kind is ``worker``: a worker
+    cannot make its refusal look like a host verdict (a signature, digest or policy refusal).
+    """
+
+    kind = "worker"
+
+    def __init__(self, ev: ErrorEvent) -> None:
+        super().__init__(f"the sandboxed worker refused the model: {ev.message}", details=_worker_details(ev),
+                         rule=_worker_rule(ev),
+                         hint="the worker's own checks failed (e.g. a file changed after verification); verify again")
+
+
+class WorkerFailure(SandboxError):
+    """The sandboxed worker failed (bad request, unavailable device, internal error; exit 2)."""
+
+    kind = "worker"
+
+    def __init__(self, ev: ErrorEvent) -> None:
+        hint = ("check the generation options" if ev.code == "bad_request"
+                else "see the message; re-run with a GPU/CPU setting the host supports")
+        super().__init__(f"the sandboxed worker failed: {ev.message}", details=_worker_details(ev),
+                         rule=_worker_rule(ev), hint=hint)
 
 
 @dataclass(frozen=True)
@@ -165,26 +212,29 @@ def _tail(data: bytes, limit: int = 2000) -> str:
 
 
 def _raise_worker_error(ev: ErrorEvent) -> None:
-    message = f"worker: {ev.message}"
-    rule = ev.rule or f"sandbox.worker.{ev.code}"
+    """Map the worker's error event to a worker error: it cannot borrow a host rule id or error kind."""
     if ev.code == "model_refused":
-        raise ModelError(message, rule=rule, hint="the model files did not pass the worker's checks; verify again")
-    if ev.code == "bad_request":
-        raise UsageError(message, rule=rule, hint="check the generation options")
-    raise SandboxError(message, rule=rule, hint="see the message; re-run with a GPU/CPU setting the host supports")
+        raise WorkerRefusal(ev)
+    raise WorkerFailure(ev)
 
 
 def run_worker(backend: Backend, policy: SandboxPolicy, request: SelftestRequest | GenerateRequest,
-               limits: StreamLimits | None = None) -> Iterator[TokenEvent | TextEvent | StatsEvent]:
+               limits: StreamLimits | None = None,
+               bounds: RunBounds | None = None) -> Iterator[TokenEvent | TextEvent | StatsEvent]:
     """Run the worker with ``request``; yield its validated token, text and stats events.
 
+    Every event passes :class:`EventReader` (each line) and :class:`EventValidator` (the sequence,
+    against ``bounds``, by default derived from ``request`` and the policy's uid): the host counts
+    the tokens and bounds the text; the worker's numbers are only believed when they agree.
+
     Raises:
-        ProtocolError: the worker broke the protocol (the sandbox is killed at once).
+        ProtocolError: the worker broke the protocol or its bounds (the sandbox is killed at once).
+        WorkerRefusal / WorkerFailure: the worker reported an error (rule ``sandbox.worker.<code>``).
         SandboxTimeout / SandboxOOM: the wall-clock or memory limit ended the run.
-        ModelError / UsageError / SandboxError: the worker reported an error event.
         SandboxError: the worker exited non-zero without reporting why (stderr tail attached).
     """
     reader = EventReader(limits)
+    validator = EventValidator(bounds or RunBounds.for_request(request, uid=policy.uid))
     stderr = bytearray()
     error: ErrorEvent | None = None
     stats = False
@@ -201,6 +251,7 @@ def run_worker(backend: Backend, policy: SandboxPolicy, request: SelftestRequest
                 if isinstance(ev, ErrorEvent):
                     error = ev
                     continue
+                validator.check(ev)
                 stats = isinstance(ev, StatsEvent)
                 yield ev
         reader.close()
