@@ -21,8 +21,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
+from typing import Protocol
 
 from secure_run.errors import SandboxError
 
@@ -49,12 +50,20 @@ from .protocol import (
     encode_request,
 )
 
-__all__ = ["PersistentWorker", "SESSION_LIMITS"]
+__all__ = ["SESSION_LIMITS", "CancelFlag", "PersistentWorker"]
 
 #: Caps on everything one persistent worker may write over its life (many requests).
 SESSION_LIMITS = StreamLimits(max_line_bytes=64 * 1024, max_lines=50_000_000, max_total_bytes=8 * 1024**3)
 #: seconds the worker gets to stop after ``cancel`` before the sandbox is killed
 CANCEL_GRACE_S = 10.0
+
+
+class CancelFlag(Protocol):
+    """Anything with ``is_set()`` (a :class:`threading.Event`, or several combined)."""
+
+    def is_set(self) -> bool:
+        """True once the turn should stop."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -117,8 +126,8 @@ class PersistentWorker:
         """False once the worker ended (closed, died, or was killed)."""
         return not self._closed and self._dead is None
 
-    def turn(self, req: TurnRequest, *, cancel: threading.Event | None = None,
-             timeout_s: float = 600.0) -> Iterator[TokenEvent | TextEvent | StatsEvent]:
+    def turn(self, req: TurnRequest, *, cancel: CancelFlag | None = None,
+             timeout_s: float = 600.0) -> Generator[TokenEvent | TextEvent | StatsEvent, None, None]:
         """Run one turn; yield its validated events, the last one :class:`StatsEvent`.
 
         ``cancel`` (when set) or the deadline sends ``cancel`` to the worker, which ends the turn
