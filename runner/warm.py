@@ -281,13 +281,15 @@ class WarmSession:
                     if first_token is None:
                         first_token = time.monotonic() - started
                 elif isinstance(ev, TextEvent) and finish is None:
-                    released = guard_out.feed(ev.text)
+                    # stop strings first (on the worker's text, so the worker is stopped at once),
+                    # then the output guardrail on what comes before the stop
+                    cut, hit = stops.feed(ev.text)
+                    released = guard_out.feed(cut) if cut else ""
                     if guard_out.blocked:
                         finish = "blocked"
                         stop_now.set()
-                    out, hit = stops.feed(released)
-                    if out:
-                        yield Text(out)
+                    if released:
+                        yield Text(released)
                     if hit and finish is None:
                         finish = "stop"
                         stop_now.set()
@@ -307,15 +309,15 @@ class WarmSession:
             raise
         finally:
             stream.close()
-        if finish is None:
-            tail = guard_out.finish()
+        if finish in (None, "stop"):
+            cut, hit = stops.feed("", final=True)
+            tail = (guard_out.feed(cut) if cut else "") + guard_out.finish()
             if guard_out.blocked:
                 finish = "blocked"
-            out, hit = stops.feed(tail, final=True)
-            if out:
-                yield Text(out)
-            if hit:
+            elif hit:
                 finish = "stop"
+            if tail:
+                yield Text(tail)
         events.extend(guard_out.events)
         detail = worker_stats.get("detail")
         detail = detail if isinstance(detail, dict) else {}
