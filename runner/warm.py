@@ -219,6 +219,7 @@ class WarmSession:
         from secure_run.sandbox.protocol import StatsEvent, TextEvent, TokenEvent, TurnRequest
 
         s = self._session
+        received = time.monotonic()
         self._counters.requests_total += 1
         events: list[GuardrailEvent] = []
         seed = req.sampling.seed if req.sampling.seed is not None else secrets.randbelow(2**63)
@@ -249,6 +250,7 @@ class WarmSession:
             turn = TurnRequest.model_validate({
                 "task": "turn", "request": req.request_id, "session": req.session_id,
                 "messages": turn_input.messages, "prompt": turn_input.prompt,
+                "rendered": prompt_text if turn_input.messages is not None else None,
                 "max_new_tokens": req.sampling.max_tokens, "temperature": float(req.sampling.temperature),
                 "top_k": req.sampling.top_k, "top_p": float(req.sampling.top_p), "seed": seed}, strict=False)
         except Interrupted as err:
@@ -269,6 +271,7 @@ class WarmSession:
         stops = _StopStrings(req.sampling.stop)
         started = time.monotonic()
         first_token: float | None = None
+        first_text: float | None = None
         tokens = 0
         worker_stats: dict[str, object] = {}
         finish: str | None = None
@@ -279,7 +282,7 @@ class WarmSession:
                 if isinstance(ev, TokenEvent):
                     tokens += 1
                     if first_token is None:
-                        first_token = time.monotonic() - started
+                        first_token = time.monotonic() - received
                 elif isinstance(ev, TextEvent) and finish is None:
                     # stop strings first (on the worker's text, so the worker is stopped at once),
                     # then the output guardrail on what comes before the stop
@@ -289,6 +292,8 @@ class WarmSession:
                         finish = "blocked"
                         stop_now.set()
                     if released:
+                        if first_text is None:
+                            first_text = time.monotonic() - received
                         yield Text(released)
                     if hit and finish is None:
                         finish = "stop"
@@ -317,6 +322,8 @@ class WarmSession:
             elif hit:
                 finish = "stop"
             if tail:
+                if first_text is None:
+                    first_text = time.monotonic() - received
                 yield Text(tail)
         events.extend(guard_out.events)
         detail = worker_stats.get("detail")
@@ -340,7 +347,10 @@ class WarmSession:
             "worker_loads": detail.get("loads"),
             "session_turns": detail.get("session_turns"),
             "seconds": round(time.monotonic() - started, 4),
+            # both from the moment the request was received (host checks included)
             "first_token_seconds": None if first_token is None else round(first_token, 4),
+            "first_text_seconds": None if first_text is None else round(first_text, 4),
+            "worker_first_token_seconds": worker_stats.get("first_token_seconds"),
             "tokens_per_second": worker_stats.get("tokens_per_second"),
             "output_blocked": finish == "blocked",
         }
