@@ -275,3 +275,20 @@ def test_stop_strings(pieces: list[str], stops: tuple[str, ...], expected: str, 
         out += text
         got = got or h
     assert (out, got) == (expected, hit)
+
+
+def test_a_consumer_that_goes_away_still_gets_one_audit_record(fake: dict[str, Any], tmp_path: Path) -> None:
+    fake["script"] = lambda req: ["word " * 3] * 6
+    with WarmSession.open(GenerateOptions()) as warm:
+        before = len(_audit(tmp_path))
+        stream = warm.complete(_req("gone"), threading.Event())
+        first = next(stream)
+        assert isinstance(first, Text)
+        stream.close()  # e.g. the HTTP client disconnected
+        records = _audit(tmp_path)[before:]
+        assert len(records) == 1
+        r = records[0]["run_stats"]
+        assert records[0]["run_id"] == "gone" and r["finish_reason"] == "cancelled" and r["client_gone"] is True
+        assert 1 <= r["completion_tokens"] < 6
+        assert warm.metrics()["requests_cancelled_total"] == 1.0
+        _collect(warm, _req("after"))  # the lock was released: the next request runs
