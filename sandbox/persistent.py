@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from secure_run.errors import SandboxError
 
@@ -167,9 +167,8 @@ class PersistentWorker:
             if not done and self.alive:  # the consumer stopped early: stop the turn, drain its events
                 self._drain(req.request)
             raise
-        except ProtocolError:
-            self._stop()
-            raise
+        except ProtocolError as err:
+            self._fail(err)
 
     def session(self, req: SessionRequest, *, timeout_s: float = 60.0) -> SessionEvent:
         """Fork, roll back or drop a conversation; returns the worker's answer."""
@@ -178,9 +177,9 @@ class PersistentWorker:
         if isinstance(ev, ErrorEvent):
             _raise_worker_error(ev)
         if not isinstance(ev, SessionEvent):
-            self._stop()
             kind = "no" if ev is None else f"a {ev.type}"
-            raise ProtocolError(f"worker answered a session request with {kind} event", what="unexpected_event")
+            self._fail(ProtocolError(f"worker answered a session request with {kind} event", what="unexpected_event"))
+        assert isinstance(ev, SessionEvent)
         return ev
 
     def close(self) -> None:
@@ -236,10 +235,16 @@ class PersistentWorker:
             self._died(item.error)
         assert not isinstance(item, _End)
         if item.request != request:
-            self._stop()
-            raise ProtocolError(f"worker sent an event for request {item.request!r} during request {request!r}",
-                                what="wrong_request")
+            self._fail(ProtocolError(f"worker sent an event for request {item.request!r} during request "
+                                     f"{request!r}", what="wrong_request"))
         return item
+
+    def _fail(self, err: SandboxError) -> NoReturn:
+        """End the session for ``err`` (the sandbox is killed and removed) and raise it."""
+        self._stop()
+        if self._dead is None:
+            self._dead = err
+        raise err
 
     def _died(self, error: BaseException | None) -> None:
         """The worker's output ended: collect how, clean up, raise."""
