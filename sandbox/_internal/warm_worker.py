@@ -196,12 +196,13 @@ class WarmWorker:
             new_ids = m.tokenizer.encode(req.prompt or "")
         if not new_ids:
             raise UsageError("the prompt is empty after tokenization", rule="sandbox.worker.empty_prompt")
+        slack = CLOSE_SLACK if req.session is not None else 0  # room to close the reply in a session
         if conv is None:
-            conv = self.conversations.new(len(new_ids) + req.max_new_tokens + CLOSE_SLACK)
+            conv = self.conversations.new(len(new_ids) + req.max_new_tokens + slack)
         else:
             conv.go_back(start)
         reused = conv.cache.filled
-        conv.ensure_room(m.model, reused + len(new_ids) + req.max_new_tokens + CLOSE_SLACK,
+        conv.ensure_room(m.model, reused + len(new_ids) + req.max_new_tokens + slack,
                          self.conversations.max_context)
         cfg = GenerationConfig(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_k=req.top_k,
                                top_p=req.top_p, seed=req.seed)
