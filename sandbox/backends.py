@@ -14,6 +14,7 @@ violation, or a failure the worker reports.
 from __future__ import annotations
 
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -42,24 +43,34 @@ from .protocol import (
 )
 
 __all__ = ["Backend", "Outcome", "RunResult", "SandboxRun", "WorkerFailure", "WorkerRefusal", "get_backend",
-           "run_worker"]
+           "run_worker", "stop_all"]
 
 STDOUT, STDERR = 1, 2
 
-#: Rule ids a worker may report as its own; anything else (a host rule such as a signature or
-#: policy refusal) is never shown as a rule id, only as a worker-reported detail.
+#: Namespace of the rules the worker invents for itself.
 WORKER_RULE_PREFIX = "sandbox.worker."
+#: Rules a worker may report, because the worker itself checks them (re-checking the verified
+#: files' identities, loading, config, tokenizer, template, generation). Anything else, such as
+#: a signature, lock, manifest, header or policy rule, is a host verdict: a worker claiming one is
+#: shown ``sandbox.worker.<code>`` with the claim as an untrusted detail.
+WORKER_RULE_PREFIXES = (WORKER_RULE_PREFIX, "folder.", "loader.", "model.", "config.", "tokenizer.",
+                        "chat-template.", "chat.", "generate.", "cache.", "kernel.")
+
+
+def _worker_may_report(rule: str | None) -> bool:
+    return rule is not None and rule.startswith(WORKER_RULE_PREFIXES)
 
 
 def _worker_details(ev: ErrorEvent) -> tuple[str, ...]:
     claimed = ev.rule or "(none)"
-    own = claimed.startswith(WORKER_RULE_PREFIX)
+    trusted = _worker_may_report(ev.rule) or ev.rule is None
     return (f"worker-reported code: {ev.code}",
-            f"worker-reported rule: {claimed}" + ("" if own else " (not a worker rule; not trusted)"))
+            f"worker-reported rule: {claimed}" + ("" if trusted else " (not a rule the worker checks; not trusted)"))
 
 
 def _worker_rule(ev: ErrorEvent) -> str:
-    if ev.rule is not None and ev.rule.startswith(WORKER_RULE_PREFIX):
+    if _worker_may_report(ev.rule):
+        assert ev.rule is not None
         return ev.rule
     return f"{WORKER_RULE_PREFIX}{ev.code}"
 
@@ -67,11 +78,12 @@ def _worker_rule(ev: ErrorEvent) -> str:
 class WorkerRefusal(ModelError):
     """The sandboxed worker refused the model files (exit 1); its text is shown as the worker's claim only.
 
-    The rule id is always in the ``sandbox.worker.`` namespace and the kind is ``worker``: a worker
-    cannot make its refusal look like a host verdict (a signature, digest or policy refusal).
+    Kind ``worker-refused``, message "the sandboxed worker refused the model: ...", and a rule id
+    only from :data:`WORKER_RULE_PREFIXES`: a worker cannot make its refusal look like a host
+    verdict (a signature, digest, lock or policy refusal).
     """
 
-    kind = "worker"
+    kind = "worker-refused"
 
     def __init__(self, ev: ErrorEvent) -> None:
         super().__init__(f"the sandboxed worker refused the model: {ev.message}", details=_worker_details(ev),
@@ -80,7 +92,7 @@ class WorkerRefusal(ModelError):
 
 
 class WorkerFailure(SandboxError):
-    """The sandboxed worker failed (bad request, unavailable device, internal error; exit 2)."""
+    """The sandboxed worker failed (bad request, unavailable device, internal error; exit 2, kind ``worker``)."""
 
     kind = "worker"
 
@@ -122,14 +134,43 @@ class RunResult:
         return self.exit_code == 0 and not self.timed_out and not self.oom_killed
 
 
+#: Every sandbox this process started and has not finished (see :func:`stop_all`).
+_ACTIVE: weakref.WeakSet[SandboxRun] = weakref.WeakSet()
+
+
 class SandboxRun(ABC):
-    """A started sandbox: read its output, then :meth:`finish` (always; it cleans up)."""
+    """A started sandbox: read its output, then :meth:`finish` (always; it cleans up).
+
+    Use it as a context manager, or call :meth:`stop`; :func:`stop_all` stops every sandbox of
+    this process (for signal handlers).
+    """
+
+    _outcome: Outcome | None = None
 
     def __init__(self, policy: SandboxPolicy) -> None:
         self.policy = policy
         self.started = time.monotonic()
         self.deadline = self.started + policy.wall_clock_s
         self.timed_out = False
+        _ACTIVE.add(self)
+
+    @property
+    def done(self) -> bool:
+        """Whether :meth:`finish` has collected the outcome (and cleaned up)."""
+        return self._outcome is not None
+
+    def stop(self) -> Outcome | None:
+        """Kill now and clean up (idempotent). Returns the outcome, or None if cleanup reported an error."""
+        try:
+            self.kill()
+        except SandboxError:
+            pass  # finish() removes whatever is left
+        try:
+            return self.finish()
+        except SandboxError:
+            return None
+        finally:
+            _ACTIVE.discard(self)
 
     def remaining(self) -> float:
         """Seconds left before the wall-clock limit."""
@@ -166,8 +207,22 @@ class SandboxRun(ABC):
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.kill()
-        self.finish()
+        self.stop()
+
+
+def stop_all() -> int:
+    """Kill and clean up every sandbox this process started and has not finished; how many were stopped.
+
+    Safe to call from a SIGINT/SIGTERM handler (the cleanup of each backend does not depend on the
+    engine answering in time) and more than once.
+    """
+    stopped = 0
+    for run in list(_ACTIVE):
+        if not run.done:
+            run.stop()
+            stopped += 1
+        _ACTIVE.discard(run)
+    return stopped
 
 
 class Backend(ABC):

@@ -27,7 +27,7 @@ from typing import NoReturn, Protocol
 
 from secure_run.errors import SandboxError
 
-from .backends import STDERR, Backend, Outcome, SandboxRun, WorkerFailure, WorkerRefusal, _tail
+from .backends import STDERR, Backend, Outcome, SandboxRun, _raise_worker_error, _tail
 from .errors import SandboxOOM, SandboxTimeout
 from .policy import SandboxPolicy
 from .protocol import (
@@ -297,8 +297,3 @@ class PersistentWorker:
         finally:
             self._events.put(_End(error))
 
-
-def _raise_worker_error(ev: ErrorEvent) -> None:
-    if ev.code == "model_refused":
-        raise WorkerRefusal(ev)
-    raise WorkerFailure(ev)

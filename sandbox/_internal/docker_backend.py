@@ -321,23 +321,39 @@ class DockerBackend(Backend):
 
     def start(self, argv: Sequence[str], policy: SandboxPolicy, *, stdin: bytes = b"",
               keep_stdin_open: bool = False) -> SandboxRun:
-        """Create, attach, start; write ``stdin`` and close it (unless ``keep_stdin_open``)."""
+        """Create, attach, start; write ``stdin`` and close it (unless ``keep_stdin_open``).
+
+        An engine that does not answer in time is a :class:`SandboxError` (exit 2), never a raw
+        ``requests`` exception; a container created before the engine stopped answering is removed
+        (or reaped by the next start once this process is gone).
+        """
         import docker
+        import requests
+
+        from .namespace_backend import covered
 
         client = self.client
         try:
             info = client.info()
-        except docker.errors.DockerException as err:
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as err:
             raise EngineUnavailable(str(err)[:500]) from None
         missing = _check_engine(info, policy, check_gpu_runtime=self.check_gpu_runtime)
         gpu_mode = _gpu_mode(info, check_gpu_runtime=self.check_gpu_runtime) if policy.gpu else "runtime"
         reap_containers(client)
         runtime = self.runtime_for(policy)
-        tag = self.image(runtime)
+        try:
+            tag = self.image(runtime)
+        except requests.exceptions.RequestException as err:
+            raise EngineUnavailable(str(err)[:500]) from None
         command = [PYTHON_IN_IMAGE, "-S", DEADLINE_WRAPPER, f"{policy.wall_clock_s:.3f}", "--", *argv]
         kwargs = container_kwargs(policy, gpu_mode=gpu_mode)
+        libdirs = _manual_gpu()[1] if policy.gpu and gpu_mode == "devices" else []
         if runtime == "host":
             mounts, paths, env = host_runtime_mounts(gpu=policy.gpu)
+            targets = [str(m["Target"]) for m in mounts]
+            # a driver library folder the runtime already shows (e.g. under /usr/lib) is not mounted twice
+            kwargs["mounts"] = [m for m in kwargs["mounts"]
+                                if not (str(m["Target"]) in libdirs and covered(str(m["Target"]), targets))]
             kwargs["mounts"].extend(mounts)
             kwargs["environment"]["PYTHONPATH"] = ":".join([CODE_DIR, *paths])
             kwargs["environment"].update(env)
@@ -349,6 +365,11 @@ class DockerBackend(Backend):
             raise SandboxError("the Docker engine refused to create the sandbox container",
                                details=(str(err)[:500],), rule="sandbox.docker.create",
                                hint="check the engine's version and the policy values") from None
+        except requests.exceptions.RequestException as err:
+            raise SandboxError("the Docker engine did not answer while creating the sandbox container",
+                               details=(str(err)[:500],), rule="sandbox.docker.create",
+                               hint="check the engine (docker info); a half-created container is reaped by the "
+                               "next run") from None
         try:
             sock = client.api.attach_socket(container.id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
             container.start()
@@ -359,6 +380,11 @@ class DockerBackend(Backend):
                 raise GpuUnavailable(text[:500], backend="docker") from None
             raise SandboxError("the Docker engine could not start the sandbox container", details=(text[:500],),
                                rule="sandbox.docker.start", hint="see the engine's message") from None
+        except requests.exceptions.RequestException as err:
+            _force_remove(client, container.id)
+            raise SandboxError("the Docker engine did not answer while starting the sandbox container",
+                               details=(str(err)[:500],), rule="sandbox.docker.start",
+                               hint="check the engine (docker info)") from None
         except BaseException:
             _force_remove(client, container.id)
             raise
@@ -374,7 +400,7 @@ class _DockerRun(SandboxRun):
         self._holder = sock  # keeps the HTTP response (and so the connection) alive
         self.sock: socket.socket = getattr(sock, "_sock", sock)
         self.missing = missing
-        self._outcome: Outcome | None = None
+        self._outcome = None
         self._removed = False
         self._sock_closed = False
         self._stdin_open = True

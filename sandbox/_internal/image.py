@@ -364,8 +364,8 @@ def check_image(image: Any, plan: ImagePlan) -> None:
     if problems:
         raise SandboxError(f"the image tagged {plan.tag} is not the sandbox image secure-run built",
                            details=problems, rule="sandbox.image.digest",
-                           hint="let secure-run rebuild it (pass --build / build=True); never tag other images as "
-                           f"{IMAGE_REPO}")
+                           hint="let secure-run rebuild it: `secure-run sandbox build-image` (or run without --no-build); "
+                           f"never tag other images as {IMAGE_REPO}")
 
 
 def ensure_image(client: Any, *, build: bool, runtime: str = "image") -> str:

@@ -50,7 +50,7 @@ from .layout import CODE_DIR, OPT, code_packages, sandbox_env
 from .owner import owner_alive, owner_token
 from .seccomp import compile_bpf, load_profile
 
-__all__ = ["NamespaceBackend", "reap_leftovers", "worker_site_dirs"]
+__all__ = ["NamespaceBackend", "covered", "reap_leftovers", "runtime_layout", "worker_site_dirs"]
 
 NSINIT = Path(__file__).with_name("nsinit.py")
 SECCOMP_EXEC = f"{CODE_DIR}/secure_run/sandbox/_internal/seccomp_exec.py"
@@ -180,6 +180,11 @@ def runtime_layout(python: str, programs: list[str], *, gpu: bool) -> tuple[list
     return binds, symlinks
 
 
+def covered(path: str, folders: list[str]) -> bool:
+    """Whether ``path`` is one of ``folders`` or lies inside one of them."""
+    return any(path == f or path.startswith(f.rstrip("/") + "/") for f in folders)
+
+
 #: Prefix of the temporary root folders; the owner's pid and start time follow.
 ROOT_PREFIX = "secure-run-root-"
 _ROOT_NAME = re.compile(r"^secure-run-root-(\d+)-(\d+)-")
@@ -267,8 +272,9 @@ class NamespaceBackend(Backend):
             libdirs = _gpu_library_dirs()
             if not libdirs:
                 raise GpuUnavailable("the NVIDIA driver library libcuda.so was not found", backend="namespace")
+            bound = [b["dst"] for b in binds if not b.get("file")]
             for d in libdirs:
-                if not d.startswith(("/usr/", self.base_prefix + "/")):
+                if not covered(d, bound):  # e.g. /usr/local/nvidia/lib64 (no longer inside a whole-/usr bind)
                     binds.append({"src": d, "dst": d, "exec": True, "control": "gpu"})
             backend_env = {"LD_LIBRARY_PATH": ":".join(libdirs), "TRITON_LIBCUDA_PATH": libdirs[0]}
         copy_trees = [{"src": str(p.src), "dst": p.dst, "suffixes": [".py"]} for p in code_packages()]
@@ -326,7 +332,7 @@ class _NamespaceRun(SandboxRun):
         self.root = cfg["root"]
         self.pid1: int | None = None
         self.setup_error: dict[str, str] | None = None
-        self._outcome: Outcome | None = None
+        self._outcome = None
         cfg_r, cfg_w = os.pipe()
         st_r, st_w = os.pipe()
         try:

@@ -48,6 +48,7 @@ class _Interactive(SandboxRun):
         self.killed = False
         self.finished = 0
         self.stdin_closed = False
+        self._outcome: Outcome | None = None
 
     def write_stdin(self, data: bytes) -> None:
         if self.killed:
@@ -75,7 +76,8 @@ class _Interactive(SandboxRun):
 
     def finish(self) -> Outcome:
         self.finished += 1
-        return Outcome(exit_code=137 if self.killed else 0, timed_out=False, oom_killed=False)
+        self._outcome = Outcome(exit_code=137 if self.killed else 0, timed_out=False, oom_killed=False)
+        return self._outcome
 
 
 class _Backend(Backend):
@@ -228,7 +230,7 @@ def test_a_refused_load_is_reported_and_the_sandbox_removed() -> None:
     load = LoadRequest.model_validate({"task": "load", "request": "load", "files": {"config.json": PIN}}, strict=False)
     with pytest.raises(WorkerRefusal) as err:
         PersistentWorker.start(backend, POLICY, load)
-    assert err.value.rule.startswith("sandbox.worker.")  # a worker cannot borrow a host rule id
+    assert err.value.rule == "folder.changed" and err.value.kind == "worker-refused"  # a worker-side check
     assert backend.runs[0].killed and backend.runs[0].finished >= 1
 
 

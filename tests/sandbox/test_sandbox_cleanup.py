@@ -210,3 +210,26 @@ def test_jit_tmpfs_is_world_writable_and_sticky(backend_name: str, request: pyte
              "open('/var/cache/jit/probe', 'w').write('1'); print('written')")
     assert res.exit_code == 0, res.stderr.decode(errors="replace")[-2000:]
     assert res.stdout.decode().split() == ["0o1777", "written"]
+
+
+def test_stop_all_for_signal_handlers(backend: Backend) -> None:
+    """Item 16: one call stops every sandbox of the process (what the pipeline's SIGINT/SIGTERM handlers call)."""
+    from secure_run.sandbox.backends import stop_all
+
+    stop_all()  # nothing of earlier tests
+    marker = f"sr-stop-{uuid.uuid4().hex}"
+    runs = [backend.start([*backend.python_argv(), "-c", f"import time; time.sleep(600)  # {marker}"], POLICY)
+            for _ in range(2)]
+    t0 = time.monotonic()
+    assert stop_all() == 2
+    assert time.monotonic() - t0 < 30
+    assert all(r.done for r in runs)
+    assert all(r.stop() is not None for r in runs)  # idempotent
+    assert stop_all() == 0
+    if backend.name == "docker":
+        ids = {r.container.id for r in runs}  # type: ignore[attr-defined]
+        assert not ids & _ours(backend.client)  # type: ignore[attr-defined]
+    else:
+        from sb_helpers import host_processes_with
+
+        assert host_processes_with(marker) == []

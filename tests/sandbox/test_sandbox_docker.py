@@ -98,7 +98,7 @@ def test_gpu_requested_without_nvidia_runtime(docker_backend: DockerBackend) -> 
     # container it had created is removed
     before = {c.id for c in client.containers.list(all=True, filters={"label": LABEL})}
     with pytest.raises(GpuUnavailable) as info:
-        DockerBackend(client=client, check_gpu_runtime=False).run(["true"], gpu)
+        DockerBackend(client=client, check_gpu_runtime=False, runtime="image").run(["true"], gpu)
     assert "could not select device driver" in " ".join(info.value.details)
     assert {c.id for c in client.containers.list(all=True, filters={"label": LABEL,
                                                                      "status": "created"})} <= before
@@ -258,3 +258,67 @@ def test_gpu_without_nvidia_runtime_passes_devices_and_driver_libraries(monkeypa
     info = {"Runtimes": {"runc": {}}}
     assert db._gpu_mode(info, check_gpu_runtime=True) == "devices"
     assert db._gpu_mode({"Runtimes": {"nvidia": {}}}, check_gpu_runtime=True) == "runtime"
+
+
+def test_host_runtime_gpu_mounts_have_no_duplicate_targets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The H200 run (2026-12-02): 'Duplicate mount point: /usr/lib' when a driver folder was /usr/lib itself."""
+    from secure_run.sandbox._internal import docker_backend as db
+
+    monkeypatch.setattr(db, "_manual_gpu", lambda: (["/dev/nvidia0", "/dev/nvidiactl"],
+                                                    ["/usr/lib", "/usr/local/nvidia/lib64"]))
+    monkeypatch.setattr(db, "ensure_image_id", lambda client, build, runtime: "sha256:" + "1" * 64)
+    monkeypatch.setattr(db, "reap_containers", lambda client: [])
+    created: dict[str, object] = {}
+
+    class _Stop(Exception):
+        pass
+
+    class _Containers:
+        def create(self, image: str, command: list[str], **kwargs: object) -> None:
+            created.update(kwargs, image=image, command=command)
+            raise _Stop
+
+    class _Client:
+        containers = _Containers()
+
+        def info(self) -> dict[str, object]:
+            return {"Runtimes": {"runc": {}}, "SecurityOptions": ["name=seccomp,profile=default"]}
+
+    with pytest.raises(_Stop):
+        DockerBackend(client=_Client()).start(["true"], SandboxPolicy(gpu=True, jit_cache_mib=64))
+    targets = [m["Target"] for m in created["mounts"]]  # type: ignore[attr-defined]
+    assert len(targets) == len(set(targets)), targets
+    assert "/usr/local/nvidia/lib64" in targets and "/usr/lib" in targets
+    assert created["devices"] == ["/dev/nvidia0:/dev/nvidia0:rwm", "/dev/nvidiactl:/dev/nvidiactl:rwm"]
+    assert created["image"] == "sha256:" + "1" * 64
+
+
+def test_engine_timeouts_are_sandbox_errors_not_tracebacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 10 item 12: a requests.ReadTimeout from the engine escaped as a traceback (exit 1)."""
+    import requests
+
+    from secure_run.sandbox._internal import docker_backend as db
+
+    monkeypatch.setattr(db, "ensure_image_id", lambda client, build, runtime: "sha256:" + "2" * 64)
+    monkeypatch.setattr(db, "reap_containers", lambda client: [])
+
+    class _Containers:
+        def create(self, *a: object, **k: object) -> None:
+            raise requests.exceptions.ReadTimeout("Read timed out. (read timeout=60)")
+
+    class _Client:
+        containers = _Containers()
+
+        def info(self) -> dict[str, object]:
+            return {"SecurityOptions": ["name=seccomp,profile=default"]}
+
+    with pytest.raises(SandboxError) as info:
+        DockerBackend(client=_Client()).start(["true"], SandboxPolicy())
+    assert info.value.rule == "sandbox.docker.create" and info.value.exit_code == 2
+
+    class _Slow:
+        def info(self) -> dict[str, object]:
+            raise requests.exceptions.ReadTimeout("Read timed out.")
+
+    with pytest.raises(EngineUnavailable):
+        DockerBackend(client=_Slow()).start(["true"], SandboxPolicy())

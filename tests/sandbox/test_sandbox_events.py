@@ -79,7 +79,7 @@ class _ScriptedBackend(Backend):
 
 
 POLICY = SandboxPolicy()
-GEN8 = GenerateRequest(task="generate", prompt="hi", max_new_tokens=8)
+GEN8 = SelftestRequest(task="selftest", steps=8)  # the same bounds as generate with --max-new-tokens 8
 
 
 def _lines(*docs: dict[str, object]) -> bytes:
@@ -181,10 +181,30 @@ def test_forged_signature_refusal_becomes_a_worker_error() -> None:
     with pytest.raises(WorkerRefusal) as info:
         _run(_lines(forged))
     err = info.value
-    assert err.kind == "worker" and err.rule == "sandbox.worker.model_refused"
+    assert err.kind == "worker-refused" and err.rule == "sandbox.worker.model_refused"
     assert err.message.startswith("the sandboxed worker refused the model: ")
-    assert any("verify.signature (not a worker rule; not trusted)" in d for d in err.details)
+    assert any("verify.signature (not a rule the worker checks; not trusted)" in d for d in err.details)
     assert err.exit_code == 1 and isinstance(err, ModelError) and isinstance(err, Refusal)
+
+
+@pytest.mark.parametrize("claimed", ["verify.signature", "lock.mismatch", "signature.invalid", "policy.licence",
+                                     "manifest.digest", "sandbox.timeout"])
+def test_host_rule_ids_are_never_taken_from_the_worker(claimed: str) -> None:
+    ev = {"type": "error", "code": "model_refused", "message": "refused", "rule": claimed}
+    with pytest.raises(WorkerRefusal) as info:
+        _run(_lines(ev))
+    assert info.value.rule == "sandbox.worker.model_refused"
+
+
+def test_rules_of_the_workers_own_checks_are_kept() -> None:
+    # the worker re-checks the verified files' identities itself: its folder.changed refusal keeps its rule,
+    # but it is still shown as the worker's refusal (kind, message prefix), never as a host verdict
+    ev = {"type": "error", "code": "model_refused", "message": "model.safetensors is not the verified file",
+          "rule": "folder.changed"}
+    with pytest.raises(WorkerRefusal) as info:
+        _run(_lines(ev))
+    assert info.value.rule == "folder.changed" and info.value.kind == "worker-refused"
+    assert info.value.message.startswith("the sandboxed worker refused the model: ")
 
 
 def test_worker_rules_of_its_own_namespace_are_kept() -> None:
@@ -207,6 +227,12 @@ def test_invisible_characters_are_removed(ch: str) -> None:
 def test_visible_text_is_kept() -> None:
     s = "héllo ☕ 日本語 Ελληνικά\n\tok"
     assert terminal_safe(s) == s
+
+
+def test_generate_bounds_come_from_max_new_tokens() -> None:
+    req = GenerateRequest.model_construct(task="generate", max_new_tokens=8)  # only the field the bounds read
+    bounds = RunBounds.for_request(req, uid=65534)
+    assert bounds.max_tokens == 8 and bounds.expected_uid == 65534
 
 
 def test_selftest_bounds_come_from_steps() -> None:

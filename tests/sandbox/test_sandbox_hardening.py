@@ -208,3 +208,19 @@ def test_docker_host_runtime_mounts_only_the_runtime(monkeypatch: pytest.MonkeyP
     assert r["firmware"] in ([], "error:FileNotFoundError", "error:PermissionError")
     events = list(run_worker(backend, POLICY.with_overrides(memory_mib=2048), SelftestRequest(task="selftest", seed=2)))
     assert events[-1].type == "stats" and events[-1].detail["uid"] == 65534  # type: ignore[union-attr]
+
+
+def test_gpu_driver_folders_are_bound_when_not_already_visible(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The H200 run (2026-12-02): /usr/local/nvidia/lib64 was no longer inside a whole-/usr bind, so CUDA saw no
+    driver in the namespace sandbox; and a driver folder under /usr/lib was mounted twice in docker."""
+    from secure_run.sandbox._internal import namespace_backend as nb
+
+    monkeypatch.setattr(nb, "_gpu_nodes", lambda: ["/dev/nvidia0", "/dev/nvidiactl"])
+    monkeypatch.setattr(nb, "_gpu_library_dirs", lambda: ["/usr/local/nvidia/lib64", "/usr/lib/x86_64-linux-gnu"])
+    monkeypatch.setattr(os.path, "isdir", lambda p: True)
+    backend = NamespaceBackend()
+    layout = backend._layout(SandboxPolicy(gpu=True), "/nonexistent-root")
+    dsts = [b["dst"] for b in layout["binds"]]
+    assert "/usr/local/nvidia/lib64" in dsts and "/usr/lib/x86_64-linux-gnu" not in dsts
+    assert dsts.count("/usr/lib") == 1
+    assert nb.covered("/usr/lib/x86_64-linux-gnu", ["/usr/lib"]) and not nb.covered("/usr/libexec", ["/usr/lib"])

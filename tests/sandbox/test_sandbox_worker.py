@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
-from secure_run.errors import ModelError, SandboxError, UsageError
+from secure_run.errors import ModelError, SandboxError
 from secure_run.sandbox import (
     ProtocolError,
     SandboxOOM,
@@ -164,22 +164,25 @@ def test_run_worker_maps_how_the_sandbox_ended(outcome: Outcome, error: type, ru
         assert "boom" in info.value.details[0] and "\x1b" not in info.value.details[0]
 
 
-@pytest.mark.parametrize("code, error, rule", [
-    ("model_refused", ModelError, "model.identity"),
-    ("bad_request", UsageError, "model.identity"),
-    ("unavailable", SandboxError, "model.identity"),
-    ("internal", SandboxError, "model.identity"),
+@pytest.mark.parametrize("code, error, exit_code, kind", [
+    ("model_refused", ModelError, 1, "worker-refused"),
+    ("bad_request", SandboxError, 2, "worker"),
+    ("unavailable", SandboxError, 2, "worker"),
+    ("internal", SandboxError, 2, "worker"),
 ])
-def test_run_worker_maps_worker_errors(code: str, error: type, rule: str) -> None:
-    line = json.dumps({"type": "error", "code": code, "message": "shard changed \x1b[2J", "rule": rule}).encode()
+def test_run_worker_maps_worker_errors(code: str, error: type, exit_code: int, kind: str) -> None:
+    # the worker claims a host rule id ("verify.signature"): it is kept only as a worker-reported detail
+    line = json.dumps({"type": "error", "code": code, "message": "shard changed \x1b[2J", "rule": "verify.signature"})
     with pytest.raises(error) as info:
-        _drain(_FakeBackend([(1, line + b"\n")], Outcome(exit_code=3, timed_out=False, oom_killed=False)))
-    assert info.value.rule == rule
-    assert info.value.message == "worker: shard changed "
+        _drain(_FakeBackend([(1, line.encode() + b"\n")], Outcome(exit_code=3, timed_out=False, oom_killed=False)))
+    assert info.value.rule == f"sandbox.worker.{code}" and info.value.kind == kind
+    assert info.value.exit_code == exit_code
+    assert info.value.message.endswith(": shard changed ") and "sandboxed worker" in info.value.message
+    assert "worker-reported rule: verify.signature (not a rule the worker checks; not trusted)" in info.value.details
 
 
 def test_run_worker_refuses_events_after_the_final_one_and_kills() -> None:
-    b = _FakeBackend([(1, STATS + TOKEN)], OK)
+    b = _FakeBackend([(1, TOKEN + STATS + TOKEN)], OK)  # a token after the (consistent) final stats
     with pytest.raises(ProtocolError) as info:
         _drain(b)
     assert info.value.rule == "sandbox.protocol.after_final"
