@@ -19,7 +19,6 @@ Special tokens and stop ids come from ``tokenizer_config.json``, ``special_token
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -7,6 +7,12 @@ length-capped, the number of lines and the total size are capped, each line must
 (no NaN, no duplicate keys) and a known event type with no extra fields, and all text is stripped
 of escape sequences and control characters before anything can reach a terminal.
 
+Persistent mode (``secure-run serve``, ``generate --chat``): the first line is a
+:class:`LoadRequest` (the same pins as ``generate``); the worker answers :class:`LoadedEvent` and
+then reads one :data:`PersistentRequest` per line (``turn``, ``cancel``, ``session``) until stdin
+ends. Every event then carries the ``request`` id it belongs to; a one-shot run refuses events
+that do.
+
     >>> req = SelftestRequest(task="selftest", seed=7, steps=3)
     >>> parse_request(encode_request(req)).seed
     7

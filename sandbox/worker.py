@@ -11,6 +11,10 @@ Run inside the sandbox as ``python -S -m secure_run.sandbox.worker``. Tasks:
   and after each read, small files re-hashed), renders the chat template, and streams ``token`` /
   ``text`` events and final ``stats``.
 
+* ``load`` (persistent mode): the same checks and load as ``generate``, once; then one request per
+  stdin line (``turn``, ``cancel``, ``session``) with conversations kept in the worker
+  (:mod:`secure_run.sandbox._internal.warm_worker`), until stdin ends.
+
 Anything else a library prints on file descriptor 1 is diverted to stderr, so stdout carries only
 protocol lines. Exit status: 0 ok, 2 bad request, 3 model refused, 4 unavailable, 1 internal error.
 
