@@ -292,3 +292,20 @@ def test_a_consumer_that_goes_away_still_gets_one_audit_record(fake: dict[str, A
         assert 1 <= r["completion_tokens"] < 6
         assert warm.metrics()["requests_cancelled_total"] == 1.0
         _collect(warm, _req("after"))  # the lock was released: the next request runs
+
+
+def test_concurrent_requests_are_serialized(fake: dict[str, Any]) -> None:
+    fake["script"] = lambda req: [f"{req.request}-{i} " for i in range(5)]
+    with WarmSession.open(GenerateOptions()) as warm:
+        results: dict[str, str] = {}
+
+        def worker(rid: str) -> None:
+            results[rid] = _collect(warm, _req(rid))[0]
+
+        threads = [threading.Thread(target=worker, args=(f"c{i}",)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert results == {f"c{i}": "".join(f"c{i}-{j} " for j in range(5)) for i in range(4)}
+        assert warm.metrics()["requests_total"] == 4.0

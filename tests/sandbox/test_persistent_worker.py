@@ -141,3 +141,22 @@ def test_snapshots_restore_and_copy_the_cache() -> None:
     cache.filled = 1
     with pytest.raises(Exception, match="ahead"):
         cache.restore(ahead)
+
+
+def test_the_reply_is_matched_as_sent_after_sanitizing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: the session recorded the raw reply, so a client sending back the (sanitized) text it
+    received never matched, and every turn re-prefilled the whole conversation."""
+    from secure_run.model.inference import InferenceModel
+
+    real = InferenceModel.decode_stream
+
+    def noisy(self: InferenceModel, ids: Any, **kw: Any) -> Any:
+        for piece in real(self, ids, **kw):
+            yield piece + "\x1b[31m\u200b"  # escapes and invisible characters the protocol strips
+
+    monkeypatch.setattr(InferenceModel, "decode_stream", noisy)
+    ev = run(monkeypatch, [turn("t1", [U1])])
+    sent = text(ev, "t1")
+    assert "\x1b" not in sent and "\u200b" not in sent
+    events = run(monkeypatch, [turn("t1", [U1]), turn("t2", [U1, {"role": "assistant", "content": sent}, U2])])
+    assert of(events, "t2", "stats")[0]["detail"]["reused_tokens"] > 0
