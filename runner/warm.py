@@ -136,8 +136,11 @@ class WarmSession:
 
     @classmethod
     def open(cls, options: GenerateOptions, *, progress: ProgressSink | None = None,
-             confirm_license: Callable[[str], bool] | None = None) -> WarmSession:
+             confirm_license: Callable[[str], bool] | None = None, max_sessions: int = 16) -> WarmSession:
         """The gate once (verify, architecture, policy), then one persistent sandbox, weights loaded once.
+
+        ``max_sessions``: conversations the worker keeps (least recently used dropped beyond it; a
+        dropped one is re-prefilled in full on its next turn).
 
         Raises:
             SecureRunError: any refusal (exit 1) or usage/environment problem (exit 2), audited.
@@ -156,6 +159,7 @@ class WarmSession:
             load = LoadRequest.model_validate({
                 "task": "load", "request": "load", "device": "cuda" if options.gpu else "cpu", "dtype": options.dtype,
                 "max_context": min(_CONTEXT_CAP, max(16, 4 * (limits.max_input_tokens + limits.max_new_tokens))),
+                "max_sessions": max_sessions,
                 "files": pins}, strict=False)
             folder.check_root_path()  # the path handed to the mount still names the verified folder
             worker = PersistentWorker.start(session.backend, policy, load, load_timeout_s=LOAD_ALLOWANCE_S * 5)
