@@ -29,9 +29,11 @@ from .protocol import (
     EventReader,
     EventValidator,
     GenerateRequest,
+    LoadedEvent,
     ProtocolError,
     RunBounds,
     SelftestRequest,
+    SessionEvent,
     StatsEvent,
     StreamLimits,
     TextEvent,
@@ -182,6 +184,21 @@ class SandboxRun(ABC):
     def kill(self) -> None:
         """Kill the whole sandbox now (idempotent)."""
 
+    def write_stdin(self, data: bytes) -> None:
+        """Write to the sandbox's stdin (only for a run started with ``keep_stdin_open``).
+
+        Raises:
+            SandboxError: rule ``sandbox.stdin`` when stdin is closed or the sandbox is gone.
+        """
+        raise SandboxError("this sandbox run does not take more input", rule="sandbox.stdin")
+
+    def close_stdin(self) -> None:
+        """End the sandbox's stdin (idempotent; a persistent worker then exits).
+
+        Runs started without ``keep_stdin_open`` have it closed already: nothing to do.
+        """
+        return None
+
     @abstractmethod
     def finish(self) -> Outcome:
         """Wait for the end (killing at the deadline), collect the outcome, remove everything."""
@@ -218,8 +235,10 @@ class Backend(ABC):
         """How to start the sandbox's Python (``[interpreter, flags...]``)."""
 
     @abstractmethod
-    def start(self, argv: Sequence[str], policy: SandboxPolicy, *, stdin: bytes = b"") -> SandboxRun:
-        """Start ``argv`` in a new sandbox; ``stdin`` is written to it and then closed."""
+    def start(self, argv: Sequence[str], policy: SandboxPolicy, *, stdin: bytes = b"",
+              keep_stdin_open: bool = False) -> SandboxRun:
+        """Start ``argv`` in a new sandbox; ``stdin`` is written to it and then closed, unless
+        ``keep_stdin_open`` (a persistent worker: more is sent with :meth:`SandboxRun.write_stdin`)."""
 
     def worker_argv(self) -> list[str]:
         """The worker's command line inside the sandbox."""
@@ -303,6 +322,9 @@ def run_worker(backend: Backend, policy: SandboxPolicy, request: SelftestRequest
             for ev in reader.feed(data):
                 if error is not None or stats:
                     raise ProtocolError("worker wrote events after its final event", what="after_final")
+                if isinstance(ev, (LoadedEvent, SessionEvent)) or ev.request is not None:
+                    raise ProtocolError(f"a one-shot worker sent a {ev.type} event of a persistent worker",
+                                        what="unexpected_event")
                 if isinstance(ev, ErrorEvent):
                     error = ev
                     continue

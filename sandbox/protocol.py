@@ -7,6 +7,12 @@ length-capped, the number of lines and the total size are capped, each line must
 (no NaN, no duplicate keys) and a known event type with no extra fields, and all text is stripped
 of escape sequences and control characters before anything can reach a terminal.
 
+Persistent mode (``secure-run serve``, ``generate --chat``): the first line is a
+:class:`LoadRequest` (the same pins as ``generate``); the worker answers :class:`LoadedEvent` and
+then reads one :data:`PersistentRequest` per line (``turn``, ``cancel``, ``session``) until stdin
+ends. Every event then carries the ``request`` id it belongs to; a one-shot run refuses events
+that do.
+
     >>> req = SelftestRequest(task="selftest", seed=7, steps=3)
     >>> parse_request(encode_request(req)).seed
     7
@@ -45,13 +51,20 @@ __all__ = [
     "ChatMessage",
     "ErrorEvent",
     "Event",
+    "CancelRequest",
     "EventReader",
-    "GenerateRequest",
     "EventValidator",
+    "GenerateRequest",
+    "LoadRequest",
+    "LoadedEvent",
+    "PersistentRequest",
     "PinnedFileModel",
     "ProtocolError",
     "Request",
     "RunBounds",
+    "SessionEvent",
+    "SessionRequest",
+    "TurnRequest",
     "SelftestRequest",
     "StatsEvent",
     "StreamLimits",
@@ -60,6 +73,7 @@ __all__ = [
     "WorkerStats",
     "encode_event",
     "encode_request",
+    "parse_persistent_request",
     "parse_request",
     "terminal_safe",
 ]
@@ -192,16 +206,109 @@ class GenerateRequest(_Frozen):
 
 
 Request = Annotated[SelftestRequest | GenerateRequest, Field(discriminator="task")]
-_REQUEST = TypeAdapter[SelftestRequest | GenerateRequest](Request)
+
+# --- persistent mode (one sandbox, many requests; every message and event carries a request id) ----
+
+_RequestId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
+_SessionId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
 
 
-def encode_request(request: SelftestRequest | GenerateRequest) -> bytes:
+class LoadRequest(_Frozen):
+    """The first line to a persistent worker: verify the pins, load the model once, then serve.
+
+    The worker checks and loads exactly as for ``generate`` (same pins, same refusals), answers
+    with one :class:`LoadedEvent` (or an error event, and exits), then reads one
+    :data:`PersistentRequest` per line until stdin ends.
+    """
+
+    task: Literal["load"]
+    version: Literal[1] = 1
+    request: _RequestId
+    device: Annotated[str, Field(pattern=r"^(cpu|cuda(:[0-9]{1,2})?)$")] = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    #: most tokens one conversation may hold (prompt and replies of all its turns)
+    max_context: int = Field(default=8192, ge=16, le=1 << 22)
+    #: most conversations kept at once (the least recently used one is dropped beyond it)
+    max_sessions: int = Field(default=16, ge=1, le=4096)
+    files: dict[_FileName, PinnedFileModel] = Field(min_length=1, max_length=4096)
+
+    def pins(self) -> list[PinnedFile]:
+        """The pins as the verified folder takes them."""
+        return [PinnedFile(name, p.sha256, p.identity) for name, p in self.files.items()]
+
+
+class TurnRequest(_Frozen):
+    """One completion in a persistent worker.
+
+    With ``session`` the conversation's cache is kept: the part of the rendered conversation the
+    session already holds (at the end of an earlier turn) is not prefilled again.
+    """
+
+    task: Literal["turn"]
+    request: _RequestId
+    session: _SessionId | None = None
+    messages: tuple[ChatMessage, ...] | None = Field(default=None, max_length=1024)
+    #: the chat template's output for ``messages``, rendered (bounded) by the host; saves a render
+    rendered: str | None = Field(default=None, max_length=1 << 24)
+    prompt: str | None = Field(default=None, max_length=1 << 22)
+    max_new_tokens: int = Field(default=64, ge=1, le=1 << 20)
+    temperature: float = Field(default=0.0, ge=0.0, le=100.0)
+    top_k: int = Field(default=0, ge=0, le=1 << 20)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TurnRequest:
+        if self.rendered is not None and self.messages is None:
+            raise ValueError("rendered goes with messages")
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("exactly one of messages and prompt must be given")
+        if self.session is not None and self.messages is None:
+            raise ValueError("a session continues a chat: give messages, not prompt")
+        return self
+
+
+class CancelRequest(_Frozen):
+    """Stop the in-flight turn ``request`` (it ends with stats whose finish reason is ``cancelled``)."""
+
+    task: Literal["cancel"]
+    request: _RequestId
+
+
+class SessionRequest(_Frozen):
+    """Manage a conversation: ``fork`` (copy ``session`` up to ``turn`` into ``target``),
+    ``rollback`` (keep only the first ``turn`` turns) or ``drop``."""
+
+    task: Literal["session"]
+    request: _RequestId
+    op: Literal["fork", "rollback", "drop"]
+    session: _SessionId
+    target: _SessionId | None = None
+    turn: int | None = Field(default=None, ge=0, le=1 << 20)
+
+    @model_validator(mode="after")
+    def _fields(self) -> SessionRequest:
+        if (self.op == "fork") != (self.target is not None):
+            raise ValueError("fork needs target (and only fork takes one)")
+        if self.op == "rollback" and self.turn is None:
+            raise ValueError("rollback needs turn")
+        return self
+
+
+PersistentRequest = Annotated[TurnRequest | CancelRequest | SessionRequest, Field(discriminator="task")]
+_PERSISTENT = TypeAdapter[TurnRequest | CancelRequest | SessionRequest](PersistentRequest)
+_FIRST = TypeAdapter[SelftestRequest | GenerateRequest | LoadRequest](
+    Annotated[SelftestRequest | GenerateRequest | LoadRequest, Field(discriminator="task")])
+
+
+def encode_request(request: SelftestRequest | GenerateRequest | LoadRequest | TurnRequest | CancelRequest
+                   | SessionRequest) -> bytes:
     """The request as one JSON line (what the host writes to the worker's stdin)."""
     return (json.dumps(request.model_dump(mode="json"), ensure_ascii=True, allow_nan=False) + "\n").encode()
 
 
-def parse_request(data: bytes) -> SelftestRequest | GenerateRequest:
-    """Parse and validate a request (worker side).
+def parse_request(data: bytes) -> SelftestRequest | GenerateRequest | LoadRequest:
+    """Parse and validate the first request (worker side): one-shot ``selftest``/``generate`` or ``load``.
 
     Raises:
         ProtocolError: rule ``sandbox.protocol.bad_request``.
@@ -210,7 +317,22 @@ def parse_request(data: bytes) -> SelftestRequest | GenerateRequest:
         raise ProtocolError(f"request is {len(data)} bytes, more than {MAX_REQUEST_BYTES}", what="bad_request")
     try:
         _strict_json(data)  # no NaN/Infinity, no duplicate keys
-        return _REQUEST.validate_json(data, strict=True)
+        return _FIRST.validate_json(data, strict=True)
+    except (ValueError, ValidationError, RecursionError) as err:
+        raise ProtocolError(f"invalid request: {_short(err)}", what="bad_request") from None
+
+
+def parse_persistent_request(data: bytes) -> TurnRequest | CancelRequest | SessionRequest:
+    """Parse one request line of a persistent worker (after :class:`LoadRequest`).
+
+    Raises:
+        ProtocolError: rule ``sandbox.protocol.bad_request``.
+    """
+    if len(data) > MAX_REQUEST_BYTES:
+        raise ProtocolError(f"request is {len(data)} bytes, more than {MAX_REQUEST_BYTES}", what="bad_request")
+    try:
+        _strict_json(data)
+        return _PERSISTENT.validate_json(data, strict=True)
     except (ValueError, ValidationError, RecursionError) as err:
         raise ProtocolError(f"invalid request: {_short(err)}", what="bad_request") from None
 
@@ -222,6 +344,7 @@ class TokenEvent(_Frozen):
     """One generated token id (its text arrives in ``text`` events, whole characters only)."""
 
     type: Literal["token"]
+    request: _RequestId | None = None
     index: int = Field(ge=0)
     token_id: int = Field(ge=0, le=2**31 - 1)
 
@@ -230,6 +353,7 @@ class TextEvent(_Frozen):
     """A piece of generated text, already safe to print."""
 
     type: Literal["text"]
+    request: _RequestId | None = None
     text: SafeText = Field(max_length=16384)
 
 
@@ -240,6 +364,7 @@ class StatsEvent(_Frozen):
     """The final summary of a run."""
 
     type: Literal["stats"]
+    request: _RequestId | None = None
     prompt_tokens: int = Field(ge=0)
     generated_tokens: int = Field(ge=0)
     seconds: float = Field(ge=0.0)
@@ -259,17 +384,41 @@ class ErrorEvent(_Frozen):
     """
 
     type: Literal["error"]
+    request: _RequestId | None = None
     code: Literal["bad_request", "model_refused", "unavailable", "internal"]
     message: SafeText = Field(max_length=4096)
     rule: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.-]{0,127}$")] | None = None
 
 
-Event = Annotated[TokenEvent | TextEvent | StatsEvent | ErrorEvent, Field(discriminator="type")]
-_EVENT = TypeAdapter[TokenEvent | TextEvent | StatsEvent | ErrorEvent](Event)
-_EVENT_TYPES = frozenset({"token", "text", "stats", "error"})
+class LoadedEvent(_Frozen):
+    """A persistent worker loaded the model (the answer to :class:`LoadRequest`)."""
+
+    type: Literal["loaded"]
+    request: _RequestId
+    loads: int = Field(ge=0)
+    load_seconds: float = Field(ge=0.0)
+    vocab_size: int = Field(ge=1, le=2**31 - 1)
+    device: SafeText = Field(max_length=128)
+    uid: int = Field(ge=0)
 
 
-def encode_event(event: TokenEvent | TextEvent | StatsEvent | ErrorEvent) -> bytes:
+class SessionEvent(_Frozen):
+    """The answer to :class:`SessionRequest`: the conversation ``session`` now holds ``turns`` turns."""
+
+    type: Literal["session"]
+    request: _RequestId
+    session: _SessionId
+    turns: int = Field(ge=0)
+    tokens: int = Field(ge=0)
+
+
+AnyEvent = TokenEvent | TextEvent | StatsEvent | ErrorEvent | LoadedEvent | SessionEvent
+Event = Annotated[AnyEvent, Field(discriminator="type")]
+_EVENT = TypeAdapter[AnyEvent](Event)
+_EVENT_TYPES = frozenset({"token", "text", "stats", "error", "loaded", "session"})
+
+
+def encode_event(event: AnyEvent) -> bytes:
     """One event as a JSON line (ASCII only; what the worker writes)."""
     return (json.dumps(event.model_dump(mode="json"), ensure_ascii=True, allow_nan=False) + "\n").encode()
 
@@ -335,7 +484,7 @@ class EventReader:
         self.lines = 0
         self.total_bytes = 0
 
-    def feed(self, chunk: bytes) -> Iterator[TokenEvent | TextEvent | StatsEvent | ErrorEvent]:
+    def feed(self, chunk: bytes) -> Iterator[AnyEvent]:
         """Add raw bytes; yield every event completed by them."""
         self.total_bytes += len(chunk)
         if self.total_bytes > self.limits.max_total_bytes:
@@ -360,7 +509,7 @@ class EventReader:
         if self._buf:
             raise ProtocolError("worker output ends with an incomplete line", what="truncated_line")
 
-    def parse_line(self, line: bytes) -> TokenEvent | TextEvent | StatsEvent | ErrorEvent:
+    def parse_line(self, line: bytes) -> AnyEvent:
         """Validate one line (without its newline) into an event."""
         if len(line) > self.limits.max_line_bytes:
             raise ProtocolError(f"worker line longer than {self.limits.max_line_bytes} bytes", what="line_too_long")
@@ -453,7 +602,7 @@ class EventValidator:
         self.tokens = 0
         self.text_chars = 0
 
-    def check(self, ev: TokenEvent | TextEvent | StatsEvent | ErrorEvent) -> None:
+    def check(self, ev: AnyEvent) -> None:
         """Accept ``ev`` or raise :class:`ProtocolError`."""
         if isinstance(ev, TokenEvent):
             self._token(ev)

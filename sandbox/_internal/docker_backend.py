@@ -28,6 +28,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -318,8 +319,9 @@ class DockerBackend(Backend):
         """The runtime image's content id (built when missing and ``build`` is true; checked by content id)."""
         return ensure_image_id(self.client, build=self.build, runtime=runtime)
 
-    def start(self, argv: Sequence[str], policy: SandboxPolicy, *, stdin: bytes = b"") -> SandboxRun:
-        """Create, attach, start; write ``stdin`` and close it.
+    def start(self, argv: Sequence[str], policy: SandboxPolicy, *, stdin: bytes = b"",
+              keep_stdin_open: bool = False) -> SandboxRun:
+        """Create, attach, start; write ``stdin`` and close it (unless ``keep_stdin_open``).
 
         An engine that does not answer in time is a :class:`SandboxError` (exit 2), never a raw
         ``requests`` exception; a container created before the engine stopped answering is removed
@@ -386,12 +388,12 @@ class DockerBackend(Backend):
         except BaseException:
             _force_remove(client, container.id)
             raise
-        return _DockerRun(policy, container, sock, stdin, frozenset(missing), client)
+        return _DockerRun(policy, container, sock, stdin, frozenset(missing), client, keep_stdin_open=keep_stdin_open)
 
 
 class _DockerRun(SandboxRun):
     def __init__(self, policy: SandboxPolicy, container: Any, sock: Any, stdin: bytes,
-                 missing: frozenset[str], client: Any) -> None:
+                 missing: frozenset[str], client: Any, *, keep_stdin_open: bool = False) -> None:
         super().__init__(policy)
         self.container = container
         self.client = client
@@ -401,12 +403,38 @@ class _DockerRun(SandboxRun):
         self._outcome = None
         self._removed = False
         self._sock_closed = False
+        self._stdin_open = True
+        self._stdin_lock = threading.Lock()
         try:
             if stdin:
                 self.sock.sendall(stdin)
-            self.sock.shutdown(socket.SHUT_WR)  # EOF on the container's stdin (StdinOnce)
         except OSError:
             pass  # the container already went away; finish() reports how it ended
+        if not keep_stdin_open:
+            self.close_stdin()
+
+    def write_stdin(self, data: bytes) -> None:
+        """Send ``data`` to the container's stdin over the attach socket."""
+        with self._stdin_lock:
+            if not self._stdin_open or self._sock_closed:
+                raise SandboxError("the sandbox's stdin is closed", rule="sandbox.stdin",
+                                   hint="the sandbox has ended; start a new one")
+            try:
+                self.sock.sendall(data)
+            except OSError as err:
+                raise SandboxError(f"could not write to the sandbox: {err}", rule="sandbox.stdin",
+                                   hint="the sandbox has ended; start a new one") from None
+
+    def close_stdin(self) -> None:
+        """EOF on the container's stdin (StdinOnce)."""
+        with self._stdin_lock:
+            if not self._stdin_open:
+                return
+            self._stdin_open = False
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
 
     def chunks(self) -> Iterator[tuple[int, bytes]]:
         """Demultiplex the attach stream (8-byte frame headers) until it ends or the deadline."""

@@ -302,7 +302,8 @@ class NamespaceBackend(Backend):
             "env": sandbox_env(policy, site_paths, backend_env=backend_env),
         }
 
-    def start(self, argv: Sequence[str], policy: SandboxPolicy, *, stdin: bytes = b"") -> SandboxRun:
+    def start(self, argv: Sequence[str], policy: SandboxPolicy, *, stdin: bytes = b"",
+              keep_stdin_open: bool = False) -> SandboxRun:
         """Start ``argv`` in a new namespace sandbox."""
         if policy.seccomp != "secure-run":
             raise _refuse("seccomp", f"profile {policy.seccomp!r} is only available with docker",
@@ -320,11 +321,12 @@ class NamespaceBackend(Backend):
         cfg["cgroup_procs"] = cg.procs_files
         cfg["nproc"] = policy.pids_limit if "cgroup_pids" in cg.missing else 0
         cfg["argv"] = list(argv)
-        return _NamespaceRun(policy, cfg, cg, stdin)
+        return _NamespaceRun(policy, cfg, cg, stdin, keep_stdin_open=keep_stdin_open)
 
 
 class _NamespaceRun(SandboxRun):
-    def __init__(self, policy: SandboxPolicy, cfg: dict[str, Any], cg: cgroups.RunCgroup, stdin: bytes) -> None:
+    def __init__(self, policy: SandboxPolicy, cfg: dict[str, Any], cg: cgroups.RunCgroup, stdin: bytes, *,
+                 keep_stdin_open: bool = False) -> None:
         super().__init__(policy)
         self.cg = cg
         self.root = cfg["root"]
@@ -351,16 +353,39 @@ class _NamespaceRun(SandboxRun):
         self.status_fd = st_r
         with os.fdopen(cfg_w, "wb") as f:
             f.write(json.dumps(cfg).encode())
+        self._stdin_lock = threading.Lock()
+        self._keep_stdin_open = keep_stdin_open
         self._writer = threading.Thread(target=self._feed_stdin, args=(stdin,), daemon=True)
         self._writer.start()
 
     def _feed_stdin(self, data: bytes) -> None:
         assert self.proc.stdin is not None
         try:
-            self.proc.stdin.write(data)
+            with self._stdin_lock:
+                self.proc.stdin.write(data)
+                self.proc.stdin.flush()
         except (BrokenPipeError, ValueError, OSError):
             pass
         finally:
+            if not self._keep_stdin_open:
+                self.close_stdin()
+
+    def write_stdin(self, data: bytes) -> None:
+        """Write ``data`` to the sandbox's stdin (after what was given at start)."""
+        self._writer.join()  # the initial data goes first
+        assert self.proc.stdin is not None
+        with self._stdin_lock:
+            try:
+                self.proc.stdin.write(data)
+                self.proc.stdin.flush()
+            except (BrokenPipeError, ValueError, OSError) as err:
+                raise SandboxError(f"could not write to the sandbox: {err}", rule="sandbox.stdin",
+                                   hint="the sandbox has ended; start a new one") from None
+
+    def close_stdin(self) -> None:
+        """EOF on the sandbox's stdin."""
+        assert self.proc.stdin is not None
+        with self._stdin_lock:
             try:
                 self.proc.stdin.close()
             except OSError:
