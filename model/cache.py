@@ -31,7 +31,7 @@ import torch
 from secure_run.errors import UsageError
 from secure_run.model.config import ModelConfig
 
-__all__ = ["HybridCache", "KVState", "MambaState"]
+__all__ = ["CacheSnapshot", "HybridCache", "KVState", "MambaState"]
 
 
 @dataclass
@@ -103,3 +103,41 @@ class HybridCache:
                 rule="cache.full", hint="allocate the cache with a larger max_len",
             )
         return torch.arange(self.filled, self.filled + length, device=device, dtype=torch.long)
+
+    # --- per-conversation snapshots (the persistent worker's sessions, rollback and fork) -----------
+
+    def snapshot(self) -> CacheSnapshot:
+        """The state after ``filled`` positions: a copy of every Mamba state (K/V below ``filled`` are
+        never overwritten by later calls, so they are shared with the live cache, not copied)."""
+        return CacheSnapshot(filled=self.filled,
+                             mamba={i: MambaState(conv=s.conv.clone(), ssm=s.ssm.clone()) for i, s in self._mamba.items()})
+
+    def restore(self, snap: CacheSnapshot) -> None:
+        """Go back to ``snap`` (taken from this cache, at or below the current ``filled``)."""
+        if snap.filled > self.filled:
+            raise UsageError(f"snapshot at {snap.filled} is ahead of the cache ({self.filled})", rule="cache.restore")
+        for i, s in self._mamba.items():
+            s.conv.copy_(snap.mamba[i].conv)
+            s.ssm.copy_(snap.mamba[i].ssm)
+        self.filled = snap.filled
+
+    def copy_prefix_to(self, other: HybridCache, snap: CacheSnapshot) -> None:
+        """Make ``other`` hold the state of ``snap`` (K/V of its first ``snap.filled`` positions copied)."""
+        if snap.filled > min(self.filled, other.max_len):
+            raise UsageError(f"cannot copy {snap.filled} positions", rule="cache.copy")
+        n = snap.filled
+        for i, kv in self._kv.items():
+            other._kv[i].k[:, :, :n].copy_(kv.k[:, :, :n])
+            other._kv[i].v[:, :, :n].copy_(kv.v[:, :, :n])
+        for i, s in other._mamba.items():
+            s.conv.copy_(snap.mamba[i].conv)
+            s.ssm.copy_(snap.mamba[i].ssm)
+        other.filled = n
+
+
+@dataclass
+class CacheSnapshot:
+    """What :meth:`HybridCache.snapshot` keeps: the position count and copies of the Mamba states."""
+
+    filled: int
+    mamba: dict[int, MambaState]

@@ -4,7 +4,8 @@ Everything here reads untrusted files: ``tokenizer.json`` goes to the Rust ``tok
 (``Tokenizer.from_file``, no Python code); the chat template is a Jinja template rendered in a
 hardened :class:`jinja2.sandbox.ImmutableSandboxedEnvironment` where any access to an unsafe
 attribute (``__class__``, ``__globals__``, mutating methods, ...) raises at once instead of
-rendering as an empty string, the output size is capped and only a tiny set of helpers is exposed.
+rendering as an empty string, the output size is capped and only a tiny set of helpers is exposed;
+it is parsed and rendered in a child process bounded in time, memory and recursion (``template.py``).
 Special tokens and stop ids come from ``tokenizer_config.json``, ``special_tokens_map.json`` and
 ``generation_config.json``; each special token must be a single token of the vocabulary.
 
@@ -24,14 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jinja2 import TemplateError, TemplateSyntaxError, Undefined, ext
-from jinja2.exceptions import SecurityError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from secure_run.errors import ModelError, UsageError
 from secure_run.manifests._jsoncheck import JsonProblem, loads_strict
 from secure_run.manifests.folder import FolderReader, UnverifiedFolder
+from secure_run.model.template import (  # noqa: F401  (re-exported limits)
+    MAX_RENDER_CHARS,
+    MAX_TEMPLATE_CHARS,
+    check_chat_template,
+    render_chat_template,
+)
 
 __all__ = [
     "ChatTemplate",
@@ -39,9 +43,6 @@ __all__ = [
     "ModelTokenizer",
 ]
 
-#: Largest accepted template source and rendered prompt (characters).
-MAX_TEMPLATE_CHARS = 256 * 1024
-MAX_RENDER_CHARS = 16 * 1024 * 1024
 #: Message roles a chat may contain.
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -94,63 +95,26 @@ def _ids(value: Any, *, where: str, key: str) -> list[int]:
 # --- chat template ------------------------------------------------------------------------------
 
 
-class _HardenedEnvironment(ImmutableSandboxedEnvironment):
-    """Immutable sandbox in which touching an unsafe attribute is an error, not an empty string."""
-
-    def unsafe_undefined(self, obj: Any, attribute: str) -> Undefined:
-        raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is unsafe")
-
-
-def _raise_exception(message: str) -> None:
-    raise TemplateError(str(message))
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
 class ChatTemplate:
-    """A compiled, sandboxed chat template.
+    """A chat template, checked and rendered only in a bounded child process (:mod:`.template`).
 
     Args:
         source: the template text (untrusted).
         path: file name used in error messages.
+
+    Parsing and compiling happen in the child too: Jinja's compiler folds constants, so
+    ``{{ 10 ** (10 ** 9) }}`` would hang the host at construction.
     """
 
     def __init__(self, source: str, *, path: str = "chat_template.jinja") -> None:
         self.path = path
-        if len(source) > MAX_TEMPLATE_CHARS:
-            raise _refuse(f"{path} is {len(source)} characters (limit {MAX_TEMPLATE_CHARS})",
-                          rule="chat-template.size", path=path)
-        env = _HardenedEnvironment(trim_blocks=True, lstrip_blocks=True, autoescape=False,
-                                   extensions=[ext.loopcontrols])
-        env.filters["tojson"] = _tojson
-        env.globals = {"raise_exception": _raise_exception, "range": env.globals["range"],
-                       "namespace": env.globals["namespace"], "dict": dict}
-        try:
-            self._template = env.from_string(source)
-        except TemplateSyntaxError as err:
-            raise _refuse(f"{path} is not a valid template: {err.message} (line {err.lineno})",
-                          rule="chat-template.syntax", path=path) from None
+        self.source = source
+        check_chat_template(source, path=path)
 
     def render(self, **variables: Any) -> str:
-        """Render with ``variables``; refuses unsafe access, template errors and oversized output."""
-        pieces: list[str] = []
-        size = 0
-        try:
-            for piece in self._template.generate(**variables):
-                size += len(piece)
-                if size > MAX_RENDER_CHARS:
-                    raise _refuse(f"{self.path} produced more than {MAX_RENDER_CHARS} characters",
-                                  rule="chat-template.size", path=self.path)
-                pieces.append(piece)
-        except SecurityError as err:
-            raise _refuse(f"{self.path} tried an unsafe operation: {err}", rule="chat-template.unsafe",
-                          path=self.path, hint="the chat template is untrusted; review it, it may be malicious") from None
-        except (TemplateError, OverflowError, TypeError, ValueError, RecursionError) as err:
-            raise _refuse(f"{self.path} failed to render: {err}", rule="chat-template.render", path=self.path) from None
-        return "".join(pieces)
+        """Render with ``variables``; refuses unsafe access, template errors, limits and oversized output."""
+        messages = variables.pop("messages", [])
+        return render_chat_template(self.source, messages, path=self.path, **variables)
 
 
 # --- tokenizer ----------------------------------------------------------------------------------

@@ -87,6 +87,8 @@ class GenerateOptions:
     accept_license: str | None = None
     acknowledgements: tuple[str, ...] = ()
     audit_log: Path | None = None
+    #: wall clock of a warm session's sandbox (``generate --chat``, ``serve``); None: 24 h
+    session_wall_clock_s: float | None = None
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,13 @@ from .policy import SandboxPolicy
 from .protocol import (
     ErrorEvent,
     EventReader,
+    EventValidator,
     GenerateRequest,
+    LoadedEvent,
     ProtocolError,
+    RunBounds,
     SelftestRequest,
+    SessionEvent,
     StatsEvent,
     StreamLimits,
     TextEvent,
@@ -37,9 +41,54 @@ from .protocol import (
     terminal_safe,
 )
 
-__all__ = ["Backend", "Outcome", "RunResult", "SandboxRun", "get_backend", "run_worker"]
+__all__ = ["Backend", "Outcome", "RunResult", "SandboxRun", "WorkerFailure", "WorkerRefusal", "get_backend",
+           "run_worker"]
 
 STDOUT, STDERR = 1, 2
+
+#: Rule ids a worker may report as its own; anything else (a host rule such as a signature or
+#: policy refusal) is never shown as a rule id, only as a worker-reported detail.
+WORKER_RULE_PREFIX = "sandbox.worker."
+
+
+def _worker_details(ev: ErrorEvent) -> tuple[str, ...]:
+    claimed = ev.rule or "(none)"
+    own = claimed.startswith(WORKER_RULE_PREFIX)
+    return (f"worker-reported code: {ev.code}",
+            f"worker-reported rule: {claimed}" + ("" if own else " (not a worker rule; not trusted)"))
+
+
+def _worker_rule(ev: ErrorEvent) -> str:
+    if ev.rule is not None and ev.rule.startswith(WORKER_RULE_PREFIX):
+        return ev.rule
+    return f"{WORKER_RULE_PREFIX}{ev.code}"
+
+
+class WorkerRefusal(ModelError):
+    """The sandboxed worker refused the model files (exit 1); its text is shown as the worker's claim only.
+
+    The rule id is always in the ``sandbox.worker.`` namespace and the kind is ``worker``: a worker
+    cannot make its refusal look like a host verdict (a signature, digest or policy refusal).
+    """
+
+    kind = "worker"
+
+    def __init__(self, ev: ErrorEvent) -> None:
+        super().__init__(f"the sandboxed worker refused the model: {ev.message}", details=_worker_details(ev),
+                         rule=_worker_rule(ev),
+                         hint="the worker's own checks failed (e.g. a file changed after verification); verify again")
+
+
+class WorkerFailure(SandboxError):
+    """The sandboxed worker failed (bad request, unavailable device, internal error; exit 2)."""
+
+    kind = "worker"
+
+    def __init__(self, ev: ErrorEvent) -> None:
+        hint = ("check the generation options" if ev.code == "bad_request"
+                else "see the message; re-run with a GPU/CPU setting the host supports")
+        super().__init__(f"the sandboxed worker failed: {ev.message}", details=_worker_details(ev),
+                         rule=_worker_rule(ev), hint=hint)
 
 
 @dataclass(frozen=True)
@@ -94,6 +143,21 @@ class SandboxRun(ABC):
     def kill(self) -> None:
         """Kill the whole sandbox now (idempotent)."""
 
+    def write_stdin(self, data: bytes) -> None:
+        """Write to the sandbox's stdin (only for a run started with ``keep_stdin_open``).
+
+        Raises:
+            SandboxError: rule ``sandbox.stdin`` when stdin is closed or the sandbox is gone.
+        """
+        raise SandboxError("this sandbox run does not take more input", rule="sandbox.stdin")
+
+    def close_stdin(self) -> None:
+        """End the sandbox's stdin (idempotent; a persistent worker then exits).
+
+        Runs started without ``keep_stdin_open`` have it closed already: nothing to do.
+        """
+        return None
+
     @abstractmethod
     def finish(self) -> Outcome:
         """Wait for the end (killing at the deadline), collect the outcome, remove everything."""
@@ -116,8 +180,10 @@ class Backend(ABC):
         """How to start the sandbox's Python (``[interpreter, flags...]``)."""
 
     @abstractmethod
-    def start(self, argv: Sequence[str], policy: SandboxPolicy, *, stdin: bytes = b"") -> SandboxRun:
-        """Start ``argv`` in a new sandbox; ``stdin`` is written to it and then closed."""
+    def start(self, argv: Sequence[str], policy: SandboxPolicy, *, stdin: bytes = b"",
+              keep_stdin_open: bool = False) -> SandboxRun:
+        """Start ``argv`` in a new sandbox; ``stdin`` is written to it and then closed, unless
+        ``keep_stdin_open`` (a persistent worker: more is sent with :meth:`SandboxRun.write_stdin`)."""
 
     def worker_argv(self) -> list[str]:
         """The worker's command line inside the sandbox."""
@@ -165,26 +231,29 @@ def _tail(data: bytes, limit: int = 2000) -> str:
 
 
 def _raise_worker_error(ev: ErrorEvent) -> None:
-    message = f"worker: {ev.message}"
-    rule = ev.rule or f"sandbox.worker.{ev.code}"
+    """Map the worker's error event to a worker error: it cannot borrow a host rule id or error kind."""
     if ev.code == "model_refused":
-        raise ModelError(message, rule=rule, hint="the model files did not pass the worker's checks; verify again")
-    if ev.code == "bad_request":
-        raise UsageError(message, rule=rule, hint="check the generation options")
-    raise SandboxError(message, rule=rule, hint="see the message; re-run with a GPU/CPU setting the host supports")
+        raise WorkerRefusal(ev)
+    raise WorkerFailure(ev)
 
 
 def run_worker(backend: Backend, policy: SandboxPolicy, request: SelftestRequest | GenerateRequest,
-               limits: StreamLimits | None = None) -> Iterator[TokenEvent | TextEvent | StatsEvent]:
+               limits: StreamLimits | None = None,
+               bounds: RunBounds | None = None) -> Iterator[TokenEvent | TextEvent | StatsEvent]:
     """Run the worker with ``request``; yield its validated token, text and stats events.
 
+    Every event passes :class:`EventReader` (each line) and :class:`EventValidator` (the sequence,
+    against ``bounds``, by default derived from ``request`` and the policy's uid): the host counts
+    the tokens and bounds the text; the worker's numbers are only believed when they agree.
+
     Raises:
-        ProtocolError: the worker broke the protocol (the sandbox is killed at once).
+        ProtocolError: the worker broke the protocol or its bounds (the sandbox is killed at once).
+        WorkerRefusal / WorkerFailure: the worker reported an error (rule ``sandbox.worker.<code>``).
         SandboxTimeout / SandboxOOM: the wall-clock or memory limit ended the run.
-        ModelError / UsageError / SandboxError: the worker reported an error event.
         SandboxError: the worker exited non-zero without reporting why (stderr tail attached).
     """
     reader = EventReader(limits)
+    validator = EventValidator(bounds or RunBounds.for_request(request, uid=policy.uid))
     stderr = bytearray()
     error: ErrorEvent | None = None
     stats = False
@@ -198,9 +267,13 @@ def run_worker(backend: Backend, policy: SandboxPolicy, request: SelftestRequest
             for ev in reader.feed(data):
                 if error is not None or stats:
                     raise ProtocolError("worker wrote events after its final event", what="after_final")
+                if isinstance(ev, (LoadedEvent, SessionEvent)) or ev.request is not None:
+                    raise ProtocolError(f"a one-shot worker sent a {ev.type} event of a persistent worker",
+                                        what="unexpected_event")
                 if isinstance(ev, ErrorEvent):
                     error = ev
                     continue
+                validator.check(ev)
                 stats = isinstance(ev, StatsEvent)
                 yield ev
         reader.close()

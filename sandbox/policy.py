@@ -50,7 +50,7 @@ SCRATCH_MOUNT = "/tmp"
 JIT_CACHE_MOUNT = "/var/cache/jit"
 
 #: Controls a backend may be allowed to miss (nothing else can ever be waived).
-ControlName = Literal["cgroup_pids", "cgroup_memory", "swap_limit", "seccomp"]
+ControlName = Literal["cgroup_pids", "cgroup_memory", "cgroup_cpu", "swap_limit", "seccomp"]
 
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
 #: Variables the backends set themselves; a policy may not override them.
@@ -81,6 +81,8 @@ class SandboxPolicy(BaseModel):
         shm_mib: size of the private ``/dev/shm`` (never the host's IPC namespace).
         pids_limit: most processes + threads at once (cgroup pids controller).
         memory_mib: memory limit (cgroup); swap is limited to the same value (no swap).
+        cpus: CPU quota in cores (docker ``nano_cpus``; cgroup ``cpu.max`` / CFS quota); the default
+            is every core of this host, so a sandbox cannot take more than the machine has.
         wall_clock_s: the sandbox is killed (the whole process tree) after this many seconds.
         nofile: open-file limit (soft = hard).
         gpu: pass NVIDIA GPUs through (docker: ``device_requests``; namespace: ``/dev/nvidia*``).
@@ -106,6 +108,7 @@ class SandboxPolicy(BaseModel):
     shm_mib: int = Field(default=64, ge=1, le=65536)
     pids_limit: int = Field(default=256, ge=8, le=65536)
     memory_mib: int = Field(default=8192, ge=32, le=4 * 1024 * 1024)
+    cpus: float = Field(default_factory=lambda: float(os.cpu_count() or 1), ge=0.01, le=4096.0)
     wall_clock_s: float = Field(default=1800.0, gt=0.0, le=7 * 24 * 3600.0)
     nofile: int = Field(default=1024, ge=16, le=1 << 20)
     gpu: bool = False

@@ -36,14 +36,17 @@ from secure_run.errors import EnvironmentProblem, Refusal, SecureRunError, Usage
 from .policy import MODEL_MOUNT
 from .protocol import (
     MAX_REQUEST_BYTES,
+    AnyEvent,
     ErrorEvent,
     GenerateRequest,
+    LoadRequest,
     ProtocolError,
     SelftestRequest,
     StatsEvent,
     TextEvent,
     TokenEvent,
     encode_event,
+    parse_persistent_request,
     parse_request,
 )
 
@@ -52,9 +55,9 @@ if TYPE_CHECKING:
 
     from secure_run.manifests.folder import VerifiedFolder
 
-__all__ = ["main", "serve"]
+__all__ = ["main", "serve", "serve_persistent"]
 
-Emit = Callable[[TokenEvent | TextEvent | StatsEvent | ErrorEvent], None]
+Emit = Callable[[AnyEvent], None]
 _EXIT = {"bad_request": 2, "model_refused": 3, "unavailable": 4, "internal": 1}
 
 
@@ -142,7 +145,7 @@ WORKER_FILES = (
 REQUIRED_FILES = ("config.json", "tokenizer.json")
 
 
-def open_pinned_folder(req: GenerateRequest, root: str = MODEL_MOUNT) -> VerifiedFolder:
+def open_pinned_folder(req: GenerateRequest | LoadRequest, root: str = MODEL_MOUNT) -> VerifiedFolder:
     """The verified folder over the read-only mount, with the pins the host sent.
 
     Refuses (``sandbox.worker.unpinned``) a request that does not pin a file the worker would open:
@@ -243,7 +246,7 @@ def _error_code(err: BaseException) -> str:
 def serve(data: bytes, out: IO[bytes]) -> int:
     """Handle one request given as bytes, writing events to ``out``; returns the exit status."""
 
-    def emit(event: TokenEvent | TextEvent | StatsEvent | ErrorEvent) -> None:
+    def emit(event: AnyEvent) -> None:
         out.write(encode_event(event))
         out.flush()
 
@@ -251,17 +254,53 @@ def serve(data: bytes, out: IO[bytes]) -> int:
         req = parse_request(data)
         if isinstance(req, SelftestRequest):
             run_selftest(req, emit)
-        else:
+        elif isinstance(req, GenerateRequest):
             run_generate(req, emit)
+        else:
+            raise ProtocolError("a load request starts a persistent worker; it needs a stdin that stays open",
+                                what="bad_request")
         return 0
     except Exception as err:  # every failure becomes one error event
         code = _error_code(err)
-        if isinstance(err, SecureRunError):
-            message, rule = err.message, err.rule
-        else:
-            message, rule = f"{type(err).__name__}: {err}", None
-        emit(ErrorEvent(type="error", code=code, message=message[:4000], rule=rule))  # type: ignore[arg-type]
+        emit(_error_event(err, None))
         return _EXIT[code]
+
+
+def _error_event(err: BaseException, request: str | None) -> ErrorEvent:
+    code = _error_code(err)
+    if isinstance(err, SecureRunError):
+        message, rule = err.message, err.rule
+    else:
+        message, rule = f"{type(err).__name__}: {err}", None
+    return ErrorEvent(type="error", request=request, code=code, message=message[:4000],  # type: ignore[arg-type]
+                      rule=rule)
+
+
+def serve_persistent(load: LoadRequest, stdin: IO[bytes], out: IO[bytes]) -> int:
+    """The persistent worker: verify and load once (``load``), then one request per stdin line until EOF.
+
+    Returns the exit status: 0 at the end of stdin, or the load failure's status.
+    """
+    from ._internal.warm_worker import WarmWorker
+
+    def emit(event: AnyEvent) -> None:
+        out.write(encode_event(event))
+        out.flush()
+
+    try:
+        worker = WarmWorker.load(load, emit)
+    except Exception as err:  # the model was not loaded: report and end
+        emit(_error_event(err, load.request))
+        return _EXIT[_error_code(err)]
+    worker.serve(stdin, emit, parse=parse_persistent_request, error_event=_error_event)
+    return 0
+
+
+def _no_jit_code() -> None:
+    """Turn off oneDNN: its CPU JIT writes machine code into W+X memory, which the sandbox's seccomp refuses."""
+    import torch
+
+    torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # a module-level flag property
 
 
 def main() -> int:
@@ -269,8 +308,15 @@ def main() -> int:
     events_fd = os.dup(1)
     os.dup2(2, 1)  # stray prints from libraries (Python or C) go to stderr, not into the protocol
     sys.stdout = sys.stderr
-    data = sys.stdin.buffer.read(MAX_REQUEST_BYTES + 1)
+    data = sys.stdin.buffer.readline(MAX_REQUEST_BYTES + 1)  # one line: the request (or ``load``)
+    _no_jit_code()
     with os.fdopen(events_fd, "wb", buffering=0) as out:
+        try:
+            first = parse_request(data)
+        except ProtocolError:
+            first = None  # serve() reports it
+        if isinstance(first, LoadRequest):
+            return serve_persistent(first, sys.stdin.buffer, out)
         return serve(data, out)
 
 

@@ -24,11 +24,33 @@ from pathlib import Path
 from secure_run.errors import SandboxError
 
 from ..policy import ControlName, SandboxPolicy
+from .owner import owner_alive, owner_token
 
-__all__ = ["RunCgroup", "create_run_cgroup"]
+__all__ = ["RunCgroup", "create_run_cgroup", "reap_cgroups"]
 
 _ROOT = Path("/sys/fs/cgroup")
 _PARENT = "secure-run"
+#: CFS period for the CPU quota (microseconds).
+_CPU_PERIOD_US = 100_000
+
+
+def _owner_part() -> str:
+    """``<pid>-<start ticks>`` of this process, put into every run cgroup's name (for reaping)."""
+    _, pid, ticks = owner_token().split(":")
+    return f"{pid}-{ticks}"
+
+
+def _owner_of(name: str) -> str | None:
+    """The owner token encoded in a run cgroup's name (``...-<pid>-<ticks>-<hex>``), if any."""
+    parts = name.split("-")
+    if len(parts) < 4 or not (parts[-3].isdigit() and parts[-2].isdigit()):
+        return None
+    boot = owner_token().split(":")[0]
+    return f"{boot}:{parts[-3]}:{parts[-2]}"
+
+
+def _cpu_quota(policy: SandboxPolicy) -> int:
+    return max(1000, int(policy.cpus * _CPU_PERIOD_US))
 
 
 def _write(path: Path, value: str) -> None:
@@ -58,7 +80,7 @@ def _v1_mounts() -> dict[str, Path]:
             continue
         mount_point = Path(pre.split()[4])
         for opt in fields[2].split(","):
-            if opt in ("pids", "memory"):
+            if opt in ("pids", "memory", "cpu"):
                 out[opt] = mount_point
     return out
 
@@ -153,17 +175,21 @@ def _require(policy: SandboxPolicy, control: ControlName, why: str, cg: RunCgrou
 def _v2(policy: SandboxPolicy, cg: RunCgroup) -> None:
     controllers = set((_ROOT / "cgroup.controllers").read_text(encoding="ascii").split())
     parent = _ROOT / _PARENT
-    wanted = [c for c in ("pids", "memory") if c in controllers]
+    wanted = [c for c in ("pids", "memory", "cpu") if c in controllers]
     try:
         parent.mkdir(exist_ok=True)
-        if wanted:
-            _write(_ROOT / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted))
-            _write(parent / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted))
-        child = parent / f"run-{uuid.uuid4().hex[:12]}"
+        for c in wanted:  # one at a time: a controller the host cannot delegate must not block the others
+            for d in (_ROOT, parent):
+                try:
+                    _write(d / "cgroup.subtree_control", f"+{c}")
+                except OSError:
+                    pass  # checked below against the child's cgroup.controllers
+        child = parent / f"run-{_owner_part()}-{uuid.uuid4().hex[:12]}"
         child.mkdir()
     except OSError as err:
         _require(policy, "cgroup_pids", f"cannot create a cgroup under {parent}: {err.strerror}", cg)
         _require(policy, "cgroup_memory", f"cannot create a cgroup under {parent}: {err.strerror}", cg)
+        _require(policy, "cgroup_cpu", f"cannot create a cgroup under {parent}: {err.strerror}", cg)
         return
     cg.dirs.append(child)
     enabled = set((child / "cgroup.controllers").read_text(encoding="ascii").split())
@@ -180,11 +206,15 @@ def _v2(policy: SandboxPolicy, cg: RunCgroup) -> None:
             _require(policy, "swap_limit", "swap is on but memory.swap.max is missing", cg)
     else:
         _require(policy, "cgroup_memory", "the memory controller is not available", cg)
+    if "cpu" in enabled:
+        _write(child / "cpu.max", f"{_cpu_quota(policy)} {_CPU_PERIOD_US}")
+    else:
+        _require(policy, "cgroup_cpu", "the cpu controller is not available", cg)
 
 
 def _v1(policy: SandboxPolicy, cg: RunCgroup) -> None:
     mounts = _v1_mounts()
-    name = f"{_PARENT}-{uuid.uuid4().hex[:12]}"
+    name = f"{_PARENT}-{_owner_part()}-{uuid.uuid4().hex[:12]}"
     if "pids" in mounts:
         try:
             d = mounts["pids"] / name
@@ -213,6 +243,17 @@ def _v1(policy: SandboxPolicy, cg: RunCgroup) -> None:
             _require(policy, "swap_limit", "swap is on but memory.memsw.limit_in_bytes is missing", cg)
     else:
         _require(policy, "cgroup_memory", "no cgroup v1 memory hierarchy is mounted", cg)
+    if "cpu" in mounts:
+        try:
+            d = mounts["cpu"] / name
+            d.mkdir()
+            cg.dirs.append(d)
+            _write(d / "cpu.cfs_period_us", str(_CPU_PERIOD_US))
+            _write(d / "cpu.cfs_quota_us", str(_cpu_quota(policy)))
+        except OSError as err:
+            _require(policy, "cgroup_cpu", f"cannot set a CPU quota in {mounts['cpu'] / name}: {err.strerror}", cg)
+    else:
+        _require(policy, "cgroup_cpu", "no cgroup v1 cpu hierarchy is mounted", cg)
 
 
 def create_run_cgroup(policy: SandboxPolicy) -> RunCgroup:
@@ -229,3 +270,28 @@ def create_run_cgroup(policy: SandboxPolicy) -> RunCgroup:
         cg = RunCgroup(version=1)
         _v1(policy, cg)
     return cg
+
+
+def _run_dirs() -> list[Path]:
+    """Every run cgroup directory of secure-run on this host (v2 children, v1 hierarchies)."""
+    if (_ROOT / "cgroup.controllers").exists():
+        parent = _ROOT / _PARENT
+        return sorted(parent.glob("run-*")) if parent.is_dir() else []
+    out: list[Path] = []
+    for mount in set(_v1_mounts().values()):
+        out.extend(sorted(mount.glob(f"{_PARENT}-*")))
+    return out
+
+
+def reap_cgroups() -> list[Path]:
+    """Kill and remove the run cgroups whose creating process is gone (left by a killed host)."""
+    reaped: list[Path] = []
+    version = 2 if (_ROOT / "cgroup.controllers").exists() else 1
+    for d in _run_dirs():
+        owner = _owner_of(d.name)
+        if owner is None or owner_alive(owner):
+            continue
+        RunCgroup(version=version, dirs=[d]).destroy()
+        if not d.exists():
+            reaped.append(d)
+    return reaped

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import importlib.metadata
 import io
+import json
 import os
 import re
 import subprocess
@@ -42,7 +43,8 @@ from ..errors import ImageMissing
 from ..policy import JIT_CACHE_MOUNT, MODEL_MOUNT, SCRATCH_MOUNT
 from .layout import OPT, code_files
 
-__all__ = ["IMAGE_REPO", "ImagePlan", "ensure_image", "image_tag", "plan_image"]
+__all__ = ["DIGEST_LABEL", "IMAGE_REPO", "ImagePlan", "check_image", "ensure_image", "ensure_image_id", "image_tag",
+           "plan_host_image", "plan_image"]
 
 IMAGE_REPO = "secure-run-sandbox"
 SITE_DIR = f"{OPT}/site"
@@ -116,8 +118,9 @@ class ImagePlan:
 
     @property
     def tag(self) -> str:
-        """``secure-run-sandbox:<first 16 hex digits of the digest>``."""
-        return f"{IMAGE_REPO}:{self.digest[:16]}"
+        """``secure-run-sandbox:<first 16 hex digits of the digest>`` (``host-`` before them for the host runtime)."""
+        kind = "host-" if self.dockerfile.endswith(b"# runtime: host\n") else ""
+        return f"{IMAGE_REPO}:{kind}{self.digest[:16]}"
 
 
 def _is_elf(path: Path) -> bool:
@@ -206,7 +209,10 @@ def plan_image() -> ImagePlan:
     for d in ("tmp", "dev", "proc", "sys", "etc", "lib64", "usr", "usr/lib", "usr/local", "usr/local/bin",
               "usr/local/lib", "opt", OPT.lstrip("/"), MODEL_MOUNT.lstrip("/"), "var", "var/cache",
               JIT_CACHE_MOUNT.lstrip("/")):
-        entries.append(Entry(dst=d, mode=0o1777 if d == SCRATCH_MOUNT.lstrip("/") else 0o755))
+        # the engine copies the image directory's mode onto a tmpfs mounted over it (tmpcopyup):
+        # both tmpfs mount points must be world-writable and sticky in the image itself
+        sticky = d in (SCRATCH_MOUNT.lstrip("/"), JIT_CACHE_MOUNT.lstrip("/"))
+        entries.append(Entry(dst=d, mode=0o1777 if sticky else 0o755))
     entries.append(Entry(dst=f"usr/local/bin/python{ver}", mode=0o755, src=python))
     entries.append(Entry(dst="usr/local/bin/python3", mode=0o777, link=f"python{ver}"))
     entries.extend(_tree(stdlib, f"usr/local/lib/python{ver}", skip_dirs=_STDLIB_EXCLUDE_DIRS,
@@ -240,6 +246,41 @@ def plan_image() -> ImagePlan:
     return ImagePlan(dockerfile=dockerfile, entries=tuple(unique))
 
 
+@functools.cache
+def plan_host_image() -> ImagePlan:
+    """The ``host`` runtime's image: our code, ``/etc`` and mount points only (tag ``host-<digest>``).
+
+    The interpreter, the libraries, the worker's site-packages (and on GPU hosts the CUDA stack
+    and Triton's C toolchain) are bound read-only from the host at run time, exactly as the
+    namespace backend does (``namespace_backend.runtime_layout``): used where copying the CUDA
+    stack into an image is impractical (GPU hosts without the NVIDIA container runtime).
+    """
+    dockerfile = resources.files("secure_run.sandbox").joinpath("Dockerfile").read_bytes()
+    entries: list[Entry] = []
+    for d in ("tmp", "dev", "proc", "sys", "etc", "opt", OPT.lstrip("/"), MODEL_MOUNT.lstrip("/"), "var",
+              "var/cache", JIT_CACHE_MOUNT.lstrip("/")):
+        sticky = d in (SCRATCH_MOUNT.lstrip("/"), JIT_CACHE_MOUNT.lstrip("/"))
+        entries.append(Entry(dst=d, mode=0o1777 if sticky else 0o755))
+    for name in ("bin", "sbin", "lib", "lib64", "lib32", "libx32"):
+        if os.path.islink(f"/{name}"):
+            entries.append(Entry(dst=name, mode=0o777, link=os.readlink(f"/{name}")))
+    for src, dst in code_files():
+        parent = dst.rsplit("/", 1)[0]
+        entries.append(Entry(dst=parent.lstrip("/"), mode=0o755))
+        entries.append(Entry(dst=dst.lstrip("/"), mode=0o644, src=src, hash_content=True))
+    for rel, text in _ETC.items():
+        entries.append(Entry(dst=rel, mode=0o644, data=text.encode()))
+    if os.path.isfile("/etc/ld.so.cache"):
+        entries.append(Entry(dst="etc/ld.so.cache", mode=0o644, data=Path("/etc/ld.so.cache").read_bytes()))
+    seen: set[str] = set()
+    unique = []
+    for e in entries:
+        if e.dst not in seen:
+            seen.add(e.dst)
+            unique.append(e)
+    return ImagePlan(dockerfile=dockerfile + b"# runtime: host\n", entries=tuple(unique))
+
+
 def image_tag() -> str:
     """The tag the current build inputs give."""
     return plan_image().tag
@@ -269,19 +310,95 @@ def _write_context(plan: ImagePlan, out: io.BufferedWriter) -> None:
                 tar.addfile(info)
 
 
-def ensure_image(client: Any, *, build: bool) -> str:
-    """The runtime image's tag, building it first when missing and ``build`` is true.
+#: Image label holding the digest of the build inputs.
+DIGEST_LABEL = "org.secure-run.digest"
+
+
+def _record_path() -> Path:
+    """Where the ids of the images this user built are recorded (``$XDG_CACHE_HOME/secure-run``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "secure-run" / "sandbox-images.json"
+
+
+def _recorded() -> dict[str, str]:
+    try:
+        data = json.loads(_record_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _record(digest: str, image_id: str) -> None:
+    """Remember that the build of ``digest`` produced ``image_id`` (atomic replace; best effort)."""
+    path = _record_path()
+    data = _recorded()
+    data[digest] = image_id
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".sandbox-images-")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(dict(sorted(data.items())[-64:]), f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def check_image(image: Any, plan: ImagePlan) -> None:
+    """Refuse an image under our tag that is not the one our build produced (rule ``sandbox.image.digest``).
+
+    The image's content id (``sha256:`` of its config, which names every layer's content digest)
+    must equal the id recorded when this user built it from the same inputs, and its digest
+    label must match the inputs. A different image retagged as ours fails both.
+    """
+    label = (image.labels or {}).get(DIGEST_LABEL)
+    want = _recorded().get(plan.digest)
+    problems = []
+    if label != plan.digest:
+        problems.append(f"label {DIGEST_LABEL} is {label!r}, expected {plan.digest!r}")
+    if want is None:
+        problems.append("no build of these inputs is recorded for this user")
+    elif image.id != want:
+        problems.append(f"content id {image.id}, but the build recorded {want}")
+    if problems:
+        raise SandboxError(f"the image tagged {plan.tag} is not the sandbox image secure-run built",
+                           details=problems, rule="sandbox.image.digest",
+                           hint="let secure-run rebuild it (pass --build / build=True); never tag other images as "
+                           f"{IMAGE_REPO}")
+
+
+def ensure_image(client: Any, *, build: bool, runtime: str = "image") -> str:
+    """The runtime image's tag, building it first when missing (or not ours) and ``build`` is true.
+
+    The image under the tag is checked by content id (:func:`check_image`); containers are
+    created from :func:`ensure_image_id`'s id, so a tag moved after the check changes nothing.
 
     Raises:
         ImageMissing: not present and ``build`` is false.
-        SandboxError: the build failed (rule ``sandbox.image.build``).
+        SandboxError: the image under our tag is not the one we built and ``build`` is false (rule
+            ``sandbox.image.digest``), or the build failed (rule ``sandbox.image.build``).
     """
+    return _ensure(client, build=build, runtime=runtime)[0]
+
+
+def ensure_image_id(client: Any, *, build: bool, runtime: str = "image") -> str:
+    """Like :func:`ensure_image`, but the checked image's content id (``sha256:...``)."""
+    return _ensure(client, build=build, runtime=runtime)[1]
+
+
+def _ensure(client: Any, *, build: bool, runtime: str) -> tuple[str, str]:
     import docker
 
-    plan = plan_image()
+    plan = plan_host_image() if runtime == "host" else plan_image()
     try:
-        client.images.get(plan.tag)
-        return plan.tag
+        image = client.images.get(plan.tag)
+        try:
+            check_image(image, plan)
+            return plan.tag, str(image.id)
+        except SandboxError:
+            if not build:
+                raise
     except docker.errors.ImageNotFound:
         if not build:
             raise ImageMissing(plan.tag) from None
@@ -290,13 +407,16 @@ def ensure_image(client: Any, *, build: bool) -> str:
         ctx.seek(0)
         try:
             client.images.build(fileobj=ctx, custom_context=True, tag=plan.tag, pull=False, rm=True, forcerm=True,
-                                network_mode="none", labels={"org.secure-run.digest": plan.digest})
+                                network_mode="none", labels={DIGEST_LABEL: plan.digest})
         except docker.errors.BuildError as err:
             log = [str(x.get("stream") or x.get("error") or "").strip() for x in err.build_log]
             raise SandboxError("building the sandbox image failed", details=[x for x in log if x][-10:],
                                rule="sandbox.image.build", hint="see the build log above") from None
+    image = client.images.get(plan.tag)
+    _record(plan.digest, str(image.id))
+    check_image(image, plan)
     prune_images(client, keep=plan.tag)
-    return plan.tag
+    return plan.tag, str(image.id)
 
 
 def prune_images(client: Any, *, keep: str, min_age_s: float = 3600.0, repo: str = IMAGE_REPO) -> list[str]:

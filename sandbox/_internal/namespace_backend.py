@@ -4,20 +4,29 @@ The host side (this module) checks the host, creates the run's cgroup, writes th
 config, and starts ``nsinit.py`` (standard library only) as root; see that module for the
 process structure inside. The sandbox sees:
 
-* ``/usr`` (and the ``/bin``, ``/lib*`` links), the Python installation and the host's
-  site-packages directories (as ``/opt/secure-run/site<N>``), all bound read-only (nosuid,
+* of the host's ``/usr`` only the libraries (``/usr/lib*``), the interpreter and ``setpriv`` (and,
+  with ``policy.gpu``, the C toolchain and headers Triton compiles its launcher with); the Python
+  installation; and the site-packages directories that hold the worker's distributions (as
+  ``/opt/secure-run/site<N>``), never ``$PYTHONPATH`` entries as such; all read-only (nosuid,
   nodev); the base interpreter's own site-packages is hidden;
 * a copy of our code at ``/opt/secure-run/code``; ``/etc`` with only passwd, group, hosts,
   nsswitch.conf and ld.so.cache;
 * the model folder read-only (noexec) at ``/model``; tmpfs ``/tmp`` (noexec) and ``/dev/shm``;
   ``/dev`` with null, zero, full, random, urandom (and ``/dev/nvidia*`` when ``policy.gpu``);
-* a new ``/proc`` of its own pid namespace; a network namespace with only ``lo`` (down).
+* a new ``/proc`` of its own pid namespace; ``/sys`` read-only without ``/sys/firmware``; a
+  network namespace with only ``lo`` (down).
+
+pid 1 of the sandbox is ``nsinit`` itself, not the program: it forwards SIGTERM/SIGINT/SIGHUP,
+kills everything at ``policy.wall_clock_s`` on its own (exit 124) and dies with its launcher.
+Temporary roots and cgroups carry their creator's pid and start time; the next start removes
+those whose creator is gone (:func:`reap_leftovers`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -36,10 +45,12 @@ from ..backends import STDERR, STDOUT, Backend, Outcome, SandboxRun
 from ..errors import GpuUnavailable
 from ..policy import JIT_CACHE_MOUNT, MODEL_MOUNT, SCRATCH_MOUNT, SandboxPolicy
 from . import cgroups
+from .image import WORKER_DISTRIBUTIONS
 from .layout import CODE_DIR, OPT, code_packages, sandbox_env
+from .owner import owner_alive, owner_token
 from .seccomp import compile_bpf, load_profile
 
-__all__ = ["NamespaceBackend"]
+__all__ = ["NamespaceBackend", "reap_leftovers", "worker_site_dirs"]
 
 NSINIT = Path(__file__).with_name("nsinit.py")
 SECCOMP_EXEC = f"{CODE_DIR}/secure_run/sandbox/_internal/seccomp_exec.py"
@@ -79,18 +90,124 @@ def _gpu_library_dirs() -> list[str]:
     return out
 
 
-def _site_dirs() -> list[str]:
-    """Host directories of third-party packages: this interpreter's site-packages plus PYTHONPATH entries."""
-    import site
+#: Extra distributions the worker imports on a GPU host (Triton compiles the kernels).
+GPU_DISTRIBUTIONS = ("triton",)
+_NEVER_SITE = frozenset({"/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/opt", "/proc", "/root",
+                         "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/usr/lib", "/usr/local", "/var"})
 
-    dirs = [*site.getsitepackages(), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+
+def worker_site_dirs(*, gpu: bool = False) -> list[str]:
+    """The site-packages directories that hold the worker's distributions (and nothing chosen by $PYTHONPATH).
+
+    Each directory is where a distribution of :data:`WORKER_DISTRIBUTIONS` (plus Triton for
+    ``gpu``) is installed, found through its metadata; a directory such as ``/`` or ``/usr`` is
+    refused whatever put it on ``sys.path``.
+
+    Raises:
+        SandboxError: a distribution is missing, or lives in a system directory (rule
+            ``sandbox.control.read_only_root``).
+    """
+    import importlib.metadata
+
+    names = [*WORKER_DISTRIBUTIONS, *(GPU_DISTRIBUTIONS if gpu else ())]
     out: list[str] = []
-    for d in dirs:
-        if d and os.path.isdir(d):
-            real = os.path.realpath(d)
-            if real not in out:
-                out.append(real)
+    for name in names:
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            if name in GPU_DISTRIBUTIONS:
+                continue  # without Triton the worker uses the PyTorch reference path
+            raise _refuse("read_only_root", f"the worker's distribution {name!r} is not installed",
+                          "run scripts/bootstrap (or install secure-run with its dependencies)") from None
+        real = os.path.realpath(str(dist.locate_file("")))
+        if real in _NEVER_SITE or not os.path.isdir(real):
+            raise _refuse("read_only_root", f"the distribution {name!r} is installed in {real!r}, which cannot be "
+                          "mounted into the sandbox", "install the worker's packages into a virtual environment")
+        if real not in out:
+            out.append(real)
     return out
+
+
+_TOOLCHAIN = re.compile(r"^(gcc|cc|c\+\+|g\+\+|as|ld|ld\.bfd|ld\.gold|x86_64-linux-gnu-(gcc|g\+\+|as|ld)\S*|"
+                        r"gcc-\d+|g\+\+-\d+)$")
+
+
+def runtime_layout(python: str, programs: list[str], *, gpu: bool) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Read-only binds (and root symlinks) that give a sandbox the host's runtime, and no more of the host.
+
+    Of ``/usr`` only the library folders, ``python`` and ``programs`` (each bound alone), and with
+    ``gpu`` the C toolchain, ``/usr/libexec`` and ``/usr/include`` (Triton compiles its launcher);
+    the Python installation when it lives outside ``/usr/lib``; ``/lib*`` folders (or their
+    merged-``/usr`` symlinks). Never ``/usr/share``, ``/usr/sbin``, ``/usr/local`` as a whole or a
+    real ``/bin``/``/sbin`` full of host programs. Used by the namespace backend and by the docker
+    backend's ``host`` runtime.
+
+    Returns (binds, symlinks): binds as ``{"src", "dst", "exec", "control", "file"?}``, symlinks as
+    ``{"path", "target"}``.
+    """
+    binds: list[dict[str, Any]] = []
+    for d in ("/usr/lib", "/usr/lib64", "/usr/lib32", "/usr/libx32"):
+        if os.path.isdir(d) and not os.path.islink(d):
+            binds.append({"src": d, "dst": d, "exec": True, "control": "read_only_root"})
+    if gpu:
+        for d in ("/usr/libexec", "/usr/include"):
+            if os.path.isdir(d):
+                binds.append({"src": d, "dst": d, "exec": True, "control": "read_only_root"})
+    files = {python, *programs}
+    if gpu and os.path.isdir("/usr/bin"):
+        for entry in sorted(os.listdir("/usr/bin")):
+            if _TOOLCHAIN.match(entry):
+                files.add(f"/usr/bin/{entry}")
+    for path in sorted(files):
+        if not path or path.startswith(("/usr/lib/", "/usr/lib64/")):
+            continue  # already inside a bound library folder
+        real = os.path.realpath(path)
+        if os.path.isfile(real):
+            binds.append({"src": real, "dst": path, "exec": True, "control": "read_only_root", "file": True})
+    prefix = os.path.realpath(sys.base_prefix)
+    if prefix != "/usr" and not prefix.startswith("/usr/lib"):
+        # the interpreter's installation (stdlib; e.g. /usr/local or a pyenv build), read-only
+        src = f"{prefix}/lib" if prefix.startswith("/usr/") else prefix
+        if os.path.isdir(src):
+            binds.append({"src": src, "dst": src, "exec": True, "control": "read_only_root"})
+    symlinks: list[dict[str, str]] = []
+    for name in ("/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"):
+        if os.path.islink(name):
+            symlinks.append({"path": name, "target": os.readlink(name)})
+        elif os.path.isdir(name) and name.startswith("/lib"):
+            binds.append({"src": name, "dst": name, "exec": True, "control": "read_only_root"})
+        # a real /bin or /sbin (no merged /usr) holds host programs: not mounted
+    return binds, symlinks
+
+
+#: Prefix of the temporary root folders; the owner's pid and start time follow.
+ROOT_PREFIX = "secure-run-root-"
+_ROOT_NAME = re.compile(r"^secure-run-root-(\d+)-(\d+)-")
+
+
+def reap_leftovers() -> dict[str, list[str]]:
+    """Remove temporary roots and cgroups left by a namespace sandbox whose host process was killed.
+
+    A root folder is removed only when empty (after the run it is an empty mount point on the
+    host); cgroups are killed and removed. Runs of live processes are never touched.
+    """
+    removed_roots: list[str] = []
+    tmp = tempfile.gettempdir()
+    boot = owner_token().split(":")[0]
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        names = []
+    for name in names:
+        m = _ROOT_NAME.match(name)
+        if m is None or owner_alive(f"{boot}:{m.group(1)}:{m.group(2)}"):
+            continue
+        try:
+            os.rmdir(os.path.join(tmp, name))
+            removed_roots.append(name)
+        except OSError:
+            continue
+    return {"roots": removed_roots, "cgroups": [str(p) for p in cgroups.reap_cgroups()]}
 
 
 class NamespaceBackend(Backend):
@@ -119,19 +236,8 @@ class NamespaceBackend(Backend):
                           "install util-linux, or use --sandbox docker")
 
     def _layout(self, policy: SandboxPolicy, root: str) -> dict[str, Any]:
-        binds: list[dict[str, Any]] = [{"src": "/usr", "dst": "/usr", "exec": True, "control": "read_only_root"}]
-        symlinks = []
-        for name in ("/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"):
-            if os.path.islink(name):
-                symlinks.append({"path": name, "target": os.readlink(name)})
-            elif os.path.isdir(name):
-                binds.append({"src": name, "dst": name, "exec": True, "control": "read_only_root"})
-        if not self.base_prefix.startswith("/usr/"):
-            binds.append({"src": self.base_prefix, "dst": self.base_prefix, "exec": True, "control": "read_only_root"})
-        if os.path.isdir("/etc/alternatives"):
-            binds.append({"src": "/etc/alternatives", "dst": "/etc/alternatives", "exec": True,
-                          "control": "read_only_root"})
-        sites = _site_dirs()
+        binds, symlinks = runtime_layout(self.python, [os.path.realpath(self.setpriv)], gpu=policy.gpu)
+        sites = worker_site_dirs(gpu=policy.gpu)
         site_paths = [f"{OPT}/site{i}" for i in range(len(sites))]
         for src, dst in zip(sites, site_paths):
             binds.append({"src": src, "dst": dst, "exec": True, "control": "read_only_root"})
@@ -179,6 +285,7 @@ class NamespaceBackend(Backend):
             "shm_mib": policy.shm_mib,
             "hostname": "sandbox",
             "nofile": policy.nofile,
+            "wall_clock_s": policy.wall_clock_s,
             "uid": policy.uid,
             "gid": policy.gid,
             "cwd": SCRATCH_MOUNT,
@@ -189,13 +296,16 @@ class NamespaceBackend(Backend):
             "env": sandbox_env(policy, site_paths, backend_env=backend_env),
         }
 
-    def start(self, argv: Sequence[str], policy: SandboxPolicy, *, stdin: bytes = b"") -> SandboxRun:
+    def start(self, argv: Sequence[str], policy: SandboxPolicy, *, stdin: bytes = b"",
+              keep_stdin_open: bool = False) -> SandboxRun:
         """Start ``argv`` in a new namespace sandbox."""
         if policy.seccomp != "secure-run":
             raise _refuse("seccomp", f"profile {policy.seccomp!r} is only available with docker",
                           "use seccomp='secure-run' (the default)")
         self._check_host()
-        root = tempfile.mkdtemp(prefix="secure-run-root-")
+        reap_leftovers()
+        _, pid, ticks = owner_token().split(":")
+        root = tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{pid}-{ticks}-")
         try:
             cfg = self._layout(policy, root)
             cg = cgroups.create_run_cgroup(policy)
@@ -205,11 +315,12 @@ class NamespaceBackend(Backend):
         cfg["cgroup_procs"] = cg.procs_files
         cfg["nproc"] = policy.pids_limit if "cgroup_pids" in cg.missing else 0
         cfg["argv"] = list(argv)
-        return _NamespaceRun(policy, cfg, cg, stdin)
+        return _NamespaceRun(policy, cfg, cg, stdin, keep_stdin_open=keep_stdin_open)
 
 
 class _NamespaceRun(SandboxRun):
-    def __init__(self, policy: SandboxPolicy, cfg: dict[str, Any], cg: cgroups.RunCgroup, stdin: bytes) -> None:
+    def __init__(self, policy: SandboxPolicy, cfg: dict[str, Any], cg: cgroups.RunCgroup, stdin: bytes, *,
+                 keep_stdin_open: bool = False) -> None:
         super().__init__(policy)
         self.cg = cg
         self.root = cfg["root"]
@@ -236,16 +347,39 @@ class _NamespaceRun(SandboxRun):
         self.status_fd = st_r
         with os.fdopen(cfg_w, "wb") as f:
             f.write(json.dumps(cfg).encode())
+        self._stdin_lock = threading.Lock()
+        self._keep_stdin_open = keep_stdin_open
         self._writer = threading.Thread(target=self._feed_stdin, args=(stdin,), daemon=True)
         self._writer.start()
 
     def _feed_stdin(self, data: bytes) -> None:
         assert self.proc.stdin is not None
         try:
-            self.proc.stdin.write(data)
+            with self._stdin_lock:
+                self.proc.stdin.write(data)
+                self.proc.stdin.flush()
         except (BrokenPipeError, ValueError, OSError):
             pass
         finally:
+            if not self._keep_stdin_open:
+                self.close_stdin()
+
+    def write_stdin(self, data: bytes) -> None:
+        """Write ``data`` to the sandbox's stdin (after what was given at start)."""
+        self._writer.join()  # the initial data goes first
+        assert self.proc.stdin is not None
+        with self._stdin_lock:
+            try:
+                self.proc.stdin.write(data)
+                self.proc.stdin.flush()
+            except (BrokenPipeError, ValueError, OSError) as err:
+                raise SandboxError(f"could not write to the sandbox: {err}", rule="sandbox.stdin",
+                                   hint="the sandbox has ended; start a new one") from None
+
+    def close_stdin(self) -> None:
+        """EOF on the sandbox's stdin."""
+        assert self.proc.stdin is not None
+        with self._stdin_lock:
             try:
                 self.proc.stdin.close()
             except OSError:
@@ -331,6 +465,8 @@ class _NamespaceRun(SandboxRun):
                 hint="the sandbox refused to start rather than run with a weaker policy; use --sandbox docker, "
                 "or fix the host (kernel with user namespaces, cgroups, mount_setattr)",
             )
+        if self.proc.returncode == 124:
+            self.timed_out = True  # pid 1 of the sandbox enforced the wall clock itself
         self._outcome = Outcome(exit_code=self.proc.returncode, timed_out=self.timed_out, oom_killed=oom,
                                 missing_controls=frozenset(self.cg.missing))
         return self._outcome

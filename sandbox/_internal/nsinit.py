@@ -9,12 +9,15 @@ and stderr for the sandboxed program. Three processes:
    relays 2's exit status.
 2. **holder** (new user namespace): ``unshare(USER|NS|PID|NET|IPC|UTS|CGROUP)``, waits for its
    maps, forks 3 (pid 1 of the new pid namespace) and waits for it.
-3. **init** (pid 1): private mounts; a fresh tmpfs root with read-only binds of the runtime
+3. **init** (pid 1, and it stays pid 1): private mounts; a fresh tmpfs root with read-only binds of the runtime
    (``/usr``, the Python installation, site-packages), a copy of our code, the model folder
    read-only at ``/model``, tmpfs ``/tmp`` (noexec), a minimal ``/dev``, new ``/proc``; then
    ``pivot_root``, detach the old root, remount ``/`` read-only, set the hostname and rlimits,
-   and exec ``setpriv`` (non-root uid/gid, no groups, no capabilities in any set, no_new_privs)
-   -> ``seccomp_exec.py`` (loads the BPF filter) -> the program.
+   and fork the program: ``setpriv`` (non-root uid/gid, no groups, no capabilities in any set,
+   no_new_privs) -> ``seccomp_exec.py`` (loads the BPF filter) -> the program. pid 1 then only
+   supervises: it forwards SIGTERM/SIGINT/SIGHUP to the program (SIGKILL for all after 5 s),
+   reaps orphans, kills everything when the program exits, and at the wall-clock limit kills
+   everything and exits 124, so the sandbox is bounded in time even if the host is gone.
 
 Killing pid 1 (the host does that on timeout) kills every process of the sandbox. The network
 namespace has only ``lo`` (down). Any failure before the exec is reported on STATUS_FD as
@@ -170,7 +173,7 @@ def build_root(cfg: dict[str, Any]) -> None:
     for link in cfg["symlinks"]:
         os.symlink(link["target"], root + link["path"])
     for b in cfg["binds"]:
-        _bind(b["src"], b["dst"], root, exec_ok=b["exec"], control=b["control"])
+        _bind(b["src"], b["dst"], root, exec_ok=b["exec"], control=b["control"], is_file=bool(b.get("file")))
     for hidden in cfg["hide"]:
         if os.path.isdir(root + hidden):
             mount("tmpfs", root + hidden, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0555",
@@ -197,9 +200,14 @@ def build_root(cfg: dict[str, Any]) -> None:
     try:
         mount("sysfs", root + "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, None, "sysfs")
     except SetupError:
-        pass  # /sys is a convenience (CPU topology); without it the directory stays empty
+        return  # /sys is a convenience (CPU topology); without it the directory stays empty
+    for hidden in _SYS_MASKED_DIRS:  # firmware tables (ACPI, DMI, EFI variables) are the host's business
+        if os.path.isdir(f"{root}/sys/{hidden}"):
+            mount("tmpfs", f"{root}/sys/{hidden}", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                  "size=4k,mode=0555", "sysfs")
 
 
+_SYS_MASKED_DIRS = ("firmware", "kernel/security", "kernel/debug", "fs/cgroup", "power")
 _PROC_MASKED_FILES = ("kcore", "keys", "latency_stats", "timer_list", "timer_stats", "sched_debug", "sysrq-trigger")
 _PROC_MASKED_DIRS = ("acpi", "asound", "scsi")
 _PROC_READ_ONLY = ("bus", "fs", "irq", "sys")
@@ -236,9 +244,10 @@ def enter_root(root: str) -> None:
 
 
 def _init(cfg: dict[str, Any], status_fd: int) -> None:
-    """pid 1: build the root, then exec setpriv -> seccomp loader -> program. Never returns."""
+    """pid 1: build the root, then run setpriv -> seccomp loader -> program as its child. Never returns."""
     import resource
 
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the sandbox dies with its holder
     try:
         build_root(cfg)
         enter_root(cfg["root"])
@@ -249,7 +258,6 @@ def _init(cfg: dict[str, Any], status_fd: int) -> None:
         if cfg["nproc"]:
             resource.setrlimit(resource.RLIMIT_NPROC, (cfg["nproc"], cfg["nproc"]))
         os.chdir(cfg["cwd"])
-        os.setsid()
     except SetupError as err:
         _status(status_fd, event="error", control=err.control, message=err.message)
         os._exit(SETUP_FAILED)
@@ -260,11 +268,66 @@ def _init(cfg: dict[str, Any], status_fd: int) -> None:
     argv = [cfg["setpriv"], f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs",
             "--inh-caps=-all", "--bounding-set=-all", "--", cfg["python"], "-S", "-E", cfg["seccomp_exec"],
             cfg["seccomp_filter"], *cfg["argv"]]
-    try:
-        os.execve(argv[0], argv, cfg["env"])
-    except OSError as err:
-        _status(status_fd, event="error", control="setpriv", message=f"exec {argv[0]}: {err.strerror}")
+    child = os.fork()
+    if child == 0:
+        os.setsid()
+        try:
+            os.execve(argv[0], argv, cfg["env"])
+        except OSError as err:
+            _status(status_fd, event="error", control="setpriv", message=f"exec {argv[0]}: {err.strerror}")
         os._exit(SETUP_FAILED)
+    os.close(status_fd)
+    os._exit(_supervise(child, float(cfg["wall_clock_s"])))
+
+
+#: Seconds between a forwarded SIGTERM/SIGINT/SIGHUP and SIGKILL for everything.
+TERM_GRACE_S = 5.0
+EXIT_TIMEOUT = 124
+
+
+def _supervise(child: int, wall_clock_s: float) -> int:
+    """pid 1's loop: forward termination signals, reap orphans, enforce the wall clock; the child's status."""
+    import time
+
+    deadline = time.monotonic() + wall_clock_s
+    term_deadline: list[float] = []
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):  # pid 1 holds none of the sandbox's streams (EOF comes when the program ends)
+        os.dup2(null, fd)
+
+    def forward(signum: int, _frame: object) -> None:
+        try:
+            os.kill(child, signum)
+        except ProcessLookupError:
+            pass
+        if not term_deadline:
+            term_deadline.append(time.monotonic() + TERM_GRACE_S)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    while True:
+        now = time.monotonic()
+        if now >= deadline or (term_deadline and now >= term_deadline[0]):
+            _kill_everything()
+            return EXIT_TIMEOUT if now >= deadline else 128 + signal.SIGTERM
+        try:
+            while True:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+                if pid == 0:
+                    break
+                if pid == child:
+                    _kill_everything()  # nothing outlives the program
+                    return _exit_code(status)
+        except ChildProcessError:
+            return 0
+        time.sleep(0.02)
+
+
+def _kill_everything() -> None:
+    try:
+        os.kill(-1, signal.SIGKILL)  # as pid 1 of the namespace: every other process in it
+    except ProcessLookupError:
+        pass
 
 
 def _exit_code(status: int) -> int:

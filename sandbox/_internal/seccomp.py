@@ -103,16 +103,26 @@ class SeccompProfile(_Profile):
         for i, rule in enumerate(self.syscalls):
             for name in rule.names:
                 if name in seen:
-                    raise ValueError(f"syscall {name} appears in rules {seen[name]} and {i}; give each name one rule")
+                    first = self.syscalls[seen[name]]
+                    # several rules for one name are alternatives (ORed, as in Docker's format):
+                    # allowed only when each has argument conditions and all share one action
+                    if not (rule.args and first.args and rule.action == first.action):
+                        raise ValueError(f"syscall {name} appears in rules {seen[name]} and {i}; several rules for "
+                                         "one name must all have argument conditions and the same action")
+                    continue
                 seen[name] = i
         return self
 
     def rule_for(self, name: str) -> SyscallRule | None:
-        """The rule naming ``name``, if any."""
+        """The (first) rule naming ``name``, if any."""
         for rule in self.syscalls:
             if name in rule.names:
                 return rule
         return None
+
+    def rules_for(self, name: str) -> tuple[SyscallRule, ...]:
+        """Every rule naming ``name`` (alternatives: the action applies when any one's conditions hold)."""
+        return tuple(rule for rule in self.syscalls if name in rule.names)
 
     def default_ret(self) -> int:
         """The seccomp return value of the default action."""
@@ -123,7 +133,7 @@ class SeccompProfile(_Profile):
     def action_for(self, name: str) -> str:
         """A short description of what happens to ``name`` when its arguments pass (``allow``, ``errno:N``, ``kill``)."""
         rule = self.rule_for(name)
-        return _describe(_ret_of(rule) if rule else self.default_ret())
+        return _describe(_ret_of(rule) if rule else self.default_ret())  # alternatives share one action
 
 
 def _describe(ret: int) -> str:
@@ -206,16 +216,21 @@ def _cond_block(cond: ArgCondition, fail: int) -> list[tuple[int, int, int, int]
     return out
 
 
-def _rule_block(rule: SyscallRule, default_ret: int) -> list[tuple[int, int, int, int]]:
-    """Instructions for one syscall's rule, entered with A = nr; always ends in a return."""
-    if not rule.args:
-        return [_insn(_RET_K, _ret_of(rule))]
+def _rule_block(rules: tuple[SyscallRule, ...], default_ret: int) -> list[tuple[int, int, int, int]]:
+    """Instructions for one syscall's rules, entered with A = nr; always ends in a return.
+
+    Each rule is its conditions followed by its action's return; a failed condition jumps to the
+    next rule's first instruction, and after the last rule comes the default action.
+    """
+    if len(rules) == 1 and not rules[0].args:
+        return [_insn(_RET_K, _ret_of(rules[0]))]
     out: list[tuple[int, int, int, int]] = []
-    sizes = [len(_cond_block(c, 0)) for c in rule.args]
-    for i, cond in enumerate(rule.args):
-        after = sum(sizes[i + 1:]) + 1  # remaining condition instructions + the success return
-        out.extend(_cond_block(cond, after))
-    out.append(_insn(_RET_K, _ret_of(rule)))
+    for rule in rules:
+        sizes = [len(_cond_block(c, 0)) for c in rule.args]
+        for i, cond in enumerate(rule.args):
+            after = sum(sizes[i + 1:]) + 1  # remaining condition instructions + the success return
+            out.extend(_cond_block(cond, after))
+        out.append(_insn(_RET_K, _ret_of(rule)))
     out.append(_insn(_RET_K, default_ret))
     return out
 
@@ -236,11 +251,10 @@ def compile_bpf(profile: SeccompProfile) -> bytes:
         _insn(_JGE_K, max(SYSCALLS_X86_64.values()) + 1, 0, 1),
         _insn(_RET_K, RET_ERRNO | ENOSYS),
     ]
-    named = sorted(
-        ((SYSCALLS_X86_64[name], rule) for rule in profile.syscalls for name in rule.names), key=lambda p: p[0]
-    )
-    for nr, rule in named:
-        block = _rule_block(rule, default_ret)
+    names = {name for rule in profile.syscalls for name in rule.names}
+    named = sorted((SYSCALLS_X86_64[name], profile.rules_for(name)) for name in names)
+    for nr, rules in named:
+        block = _rule_block(rules, default_ret)
         prog.append(_insn(_JEQ_K, nr, 0, len(block)))
         prog.extend(block)
     prog.append(_insn(_RET_K, default_ret))

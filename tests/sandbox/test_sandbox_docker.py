@@ -238,3 +238,23 @@ def test_prune_removes_only_old_builds_of_its_repository(docker_backend: DockerB
     finally:
         for img in client.images.list(name=repo):
             client.images.remove(img.id, force=True)
+
+
+def test_gpu_without_nvidia_runtime_passes_devices_and_driver_libraries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 10 item 8: no NVIDIA container runtime -> the backend passes /dev/nvidia* and the driver itself."""
+    from secure_run.sandbox._internal import docker_backend as db
+
+    monkeypatch.setattr(db, "_manual_gpu", lambda: (["/dev/nvidia0", "/dev/nvidiactl", "/dev/nvidia-uvm"],
+                                                    ["/usr/local/nvidia/lib64"]))
+    kw = container_kwargs(SandboxPolicy(gpu=True), gpu_mode="devices")
+    assert "device_requests" not in kw
+    assert kw["devices"] == ["/dev/nvidia0:/dev/nvidia0:rwm", "/dev/nvidiactl:/dev/nvidiactl:rwm",
+                             "/dev/nvidia-uvm:/dev/nvidia-uvm:rwm"]
+    lib = [m for m in kw["mounts"] if m["Target"] == "/usr/local/nvidia/lib64"]
+    assert lib and lib[0]["ReadOnly"] is True and lib[0]["Type"] == "bind"
+    assert kw["environment"]["LD_LIBRARY_PATH"] == "/usr/local/nvidia/lib64"
+    assert kw["environment"]["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
+    assert kw["cap_drop"] == ["ALL"] and "privileged" not in kw
+    info = {"Runtimes": {"runc": {}}}
+    assert db._gpu_mode(info, check_gpu_runtime=True) == "devices"
+    assert db._gpu_mode({"Runtimes": {"nvidia": {}}}, check_gpu_runtime=True) == "runtime"

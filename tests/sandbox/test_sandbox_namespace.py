@@ -47,14 +47,19 @@ def test_refuses_to_start_without_cgroup_limits(namespace_backend: NamespaceBack
     with pytest.raises(SandboxError) as info:
         py(namespace_backend, policy.with_overrides(allow_missing=frozenset({"cgroup_pids"})), "print('x')")
     assert info.value.rule == "sandbox.control.cgroup_memory"
+    with pytest.raises(SandboxError) as info:  # issue 10 item 13: no CPU quota, no run
+        py(namespace_backend, policy.with_overrides(allow_missing=frozenset({"cgroup_pids", "cgroup_memory"})),
+           "print('x')")
+    assert info.value.rule == "sandbox.control.cgroup_cpu"
 
 
 def test_explicitly_allowed_missing_controls_are_reported(namespace_backend: NamespaceBackend, policy: SandboxPolicy,
                                                           monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     _no_cgroups(monkeypatch, tmp_path)
-    allowed = policy.with_overrides(allow_missing=frozenset({"cgroup_pids", "cgroup_memory"}), pids_limit=24)
+    allowed = policy.with_overrides(allow_missing=frozenset({"cgroup_pids", "cgroup_memory", "cgroup_cpu"}),
+                                    pids_limit=24)
     res = py(namespace_backend, allowed, BOMB)
-    assert res.missing_controls == {"cgroup_pids", "cgroup_memory"}
+    assert res.missing_controls == {"cgroup_pids", "cgroup_memory", "cgroup_cpu"}
     # without the pids cgroup, RLIMIT_NPROC (per user namespace) still bounds the fork bomb
     forks, err = res.stdout.decode().split()
     assert err == "EAGAIN" and int(forks) < 24
@@ -134,9 +139,9 @@ def test_only_the_runtime_is_visible(namespace_backend: NamespaceBackend, policy
                               "tmp", "usr", python_top}
     assert r["etc"] == sorted(["alternatives", "group", "hosts", "ld.so.cache", "nsswitch.conf", "passwd"]) or \
         r["etc"] == sorted(["group", "hosts", "ld.so.cache", "nsswitch.conf", "passwd"])
-    from secure_run.sandbox._internal.namespace_backend import _site_dirs
+    from secure_run.sandbox._internal.namespace_backend import worker_site_dirs
 
-    if site not in _site_dirs():  # the base interpreter's own site-packages is hidden unless it is the runtime
+    if site not in worker_site_dirs():  # the base interpreter's own site-packages is hidden unless it is the runtime
         assert r["hidden_site"] in (None, [])
     assert r["repo_visible"] is False
     assert r["dev"] == ["fd", "full", "null", "random", "shm", "stderr", "stdin", "stdout", "urandom", "zero"]

@@ -189,3 +189,30 @@ def test_syscall_numbers_match_the_running_kernel() -> None:
     assert libc.syscall(SYSCALLS_X86_64["getuid"]) == os.getuid()
     assert libc.syscall(SYSCALLS_X86_64["getppid"]) == os.getppid()
     assert libc.syscall(SYSCALLS_X86_64["gettid"]) == __import__("threading").get_native_id()
+
+
+PROT_R, PROT_W, PROT_X = 1, 2, 4
+
+
+@pytest.mark.parametrize("name", ["mmap", "mprotect", "pkey_mprotect"])
+def test_write_xor_execute(prog: bytes, name: str) -> None:
+    """Issue 10 item 13: anonymous W+X memory ran native code; writable-and-executable is now refused."""
+    nr = SYSCALLS_X86_64[name]
+    for prot in (0, PROT_R, PROT_R | PROT_W, PROT_R | PROT_X, PROT_X, PROT_W):
+        assert run_bpf(prog, nr, (0, 4096, prot)) == ALLOW, prot
+    for prot in (PROT_W | PROT_X, PROT_R | PROT_W | PROT_X, PROT_R | PROT_W | PROT_X | 0x1000000):
+        assert run_bpf(prog, nr, (0, 4096, prot)) == EPERM, prot
+
+
+@pytest.mark.parametrize("name", ["memfd_create", "execveat"])
+def test_no_code_from_anonymous_files(prog: bytes, name: str) -> None:
+    assert run_bpf(prog, SYSCALLS_X86_64[name]) == EPERM
+
+
+def test_alternative_rules_must_share_an_action() -> None:
+    doc = json.loads(profile_text())
+    doc["syscalls"].append({"names": ["mmap"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1,
+                            "args": [{"index": 2, "value": 6, "valueTwo": 6, "op": "SCMP_CMP_MASKED_EQ"}]})
+    with pytest.raises(SandboxError) as info:
+        parse_profile(json.dumps(doc))
+    assert "same action" in " ".join(info.value.details)
