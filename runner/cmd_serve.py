@@ -98,9 +98,7 @@ def serve_cmd(**kw: Any) -> None:
 
 def _serve(options: Any, listener: socket.socket, kw: dict[str, Any], api_key: str | None,
            socket_path: str | None) -> None:
-    import uvicorn
-
-    from secure_run.runner.serve import ServeSettings, create_app
+    from secure_run.runner.serve import ServeSettings, create_app, server
     from secure_run.runner.warm import WarmSession
 
     def status(stage: str, message: str) -> None:
@@ -121,11 +119,10 @@ def _serve(options: Any, listener: socket.socket, kw: dict[str, Any], api_key: s
         where = f"http://{_url_host(addr[0])}:{addr[1]}"
     status("serve", f"model {session.model_id!r} at {where}/v1 (API key {'required' if api_key else 'off'}); "
            "SIGTERM or Ctrl-C stops")
-    config = uvicorn.Config(app, log_level="warning", access_log=False, server_header=False,
-                            timeout_graceful_shutdown=int(kw["shutdown_grace"] + 0.999), lifespan="on")
     # uvicorn runs the lifespan shutdown (cancel what is left, wait for the audit records, close the
     # worker) before it re-raises the signal it caught, so the process ends 143 after SIGTERM.
-    uvicorn.Server(config).run(sockets=[listener])
+    server(app, grace_s=kw["shutdown_grace"], log_level="warning", access_log=False,
+           server_header=False).run(sockets=[listener])
 
 
 def read_api_key(path: Path) -> str:

@@ -590,7 +590,7 @@ async def _sse(run: _Run, first: object, request_id: str, created: int, model: s
 
 
 def _metric_name(key: str) -> str:
-    safe = "".join(c if c.isalnum() or c == "_" else "_" for c in key)
+    safe = "".join(c if c.isalnum() or c == "_" else "_" for c in key.removeprefix("worker_"))
     return f"secure_run_worker_{safe}"
 
 
@@ -618,6 +618,35 @@ def _prometheus(state: _State) -> str:
         lines += [f"# HELP {name} Worker metric {key} (WarmSession.metrics).", f"# TYPE {name} {kind}",
                   f"{name} {float(value)!r}"]
     return "\n".join(lines) + "\n"
+
+
+def cancel_in_flight(app: FastAPI) -> int:
+    """Set the cancel event of every request still running or queued; how many there were."""
+    state: _State = app.state.serve
+    cancels = list(state.cancels)
+    for cancel in cancels:
+        cancel.set()
+    return len(cancels)
+
+
+def server(app: FastAPI, *, grace_s: float, **config: Any) -> Any:
+    """A uvicorn server for ``app`` whose shutdown (SIGTERM, SIGINT) lets in-flight requests run for
+    ``grace_s`` seconds, then cancels them: their streams end with an error event and ``[DONE]``,
+    each request is audited ``cancelled``, and the app's shutdown closes the session."""
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            timer = asyncio.get_running_loop().call_later(grace_s, cancel_in_flight, app)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+    # uvicorn's own grace is a backstop: it cancels the connection tasks only if the cancelled
+    # requests did not end by themselves
+    cfg = uvicorn.Config(app, timeout_graceful_shutdown=int(grace_s) + 15, lifespan="on", **config)
+    return _Server(cfg)
 
 
 def parse_metrics(text: str) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""A scripted stand-in for runner.warm.WarmSession (the HTTP layer's unit tests) and a thread server.
+"""A scripted stand-in for runner.warm.WarmSession (with its real request types) (the HTTP layer's unit tests) and a thread server.
 
 The fake keeps to WarmSession's contract: ``complete`` yields Text events then one Final whose
 stats carry prompt_tokens, completion_tokens and finish_reason in {stop, length, blocked,
@@ -12,31 +12,12 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from secure_run.errors import PolicyViolation
 from secure_run.runner.pipeline import Final, Text
-
-
-@dataclass(frozen=True)
-class FakeSampling:
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    max_tokens: int
-    stop: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class FakeRequest:
-    request_id: str
-    messages: tuple[Mapping[str, str], ...] | None
-    prompt: str | None
-    sampling: FakeSampling
-    client: str
-    session_id: str | None = None
+from secure_run.runner.warm import CompletionRequest as FakeRequest
+from secure_run.runner.warm import SamplingParams as FakeSampling
 
 
 class FakeSession:
@@ -105,14 +86,13 @@ class FakeSession:
 class ThreadServer:
     """uvicorn in a thread on a free loopback port (what ``secure-run serve`` runs, minus the gate)."""
 
-    def __init__(self, app: Any) -> None:
-        import uvicorn
+    def __init__(self, app: Any, grace_s: float = 1.0) -> None:
+        from secure_run.runner.serve import server
 
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
-                                                    timeout_graceful_shutdown=2))
+        self.server = server(app, grace_s=grace_s, log_level="warning")
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     @property

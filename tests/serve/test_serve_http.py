@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 from click.testing import CliRunner
-from serve_fakes import FakeRequest, FakeSession, ThreadServer
+from serve_fakes import FakeSession, ThreadServer
 
 from secure_run.runner.serve import MAX_BODY_BYTES, ServeSettings, create_app, parse_metrics
 
@@ -27,7 +27,7 @@ KEY = "k" * 20 + "-test-key"
 
 
 def _settings(**kw: Any) -> ServeSettings:
-    return ServeSettings(request_type=FakeRequest, **kw)
+    return ServeSettings(**kw)  # the real runner.warm.CompletionRequest is built
 
 
 @pytest.fixture
@@ -147,7 +147,7 @@ def test_models_health_and_metrics(server: ThreadServer) -> None:
     r = httpx.get(server.url + "/metrics")
     assert r.headers["content-type"].startswith("text/plain")
     m = parse_metrics(r.text)
-    assert m["secure_run_worker_worker_loads_total"] == 1.0 and m["secure_run_worker_requests_total"] == 1.0
+    assert m["secure_run_worker_loads_total"] == 1.0 and m["secure_run_worker_requests_total"] == 1.0
     assert 'secure_run_http_requests_total{endpoint="/v1/completions",status="200"} 1' in r.text
 
 
@@ -241,18 +241,33 @@ def test_a_queued_request_whose_client_leaves_is_cancelled_and_audited(fake: Fak
 def test_shutdown_cancels_in_flight_requests_audits_them_then_closes_the_session(fake: FakeSession) -> None:
     fake.delay = 0.2
     fake.words = [f"w{i} " for i in range(200)]
-    srv = ThreadServer(create_app(fake, _settings()))
+    srv = ThreadServer(create_app(fake, _settings()), grace_s=1.0)
     srv.__enter__()
     stream = _client(srv).chat.completions.create(model="fake-model", messages=_chat(), stream=True, max_tokens=200)
     next(stream)
-    srv.server.should_exit = True  # what SIGTERM does; the grace (2 s) is shorter than the request (40 s)
-    with pytest.raises(openai.APIError):
+    t0 = time.monotonic()
+    srv.server.should_exit = True  # what SIGTERM does; the grace (1 s) is shorter than the request (40 s)
+    with pytest.raises(openai.APIError) as err:
         for _ in stream:
             pass
+    assert isinstance(err.value.body, dict) and err.value.body["code"] == "serve.cancelled"
     srv.thread.join(timeout=20)
-    assert not srv.thread.is_alive()
+    assert not srv.thread.is_alive() and time.monotonic() - t0 < 10
     assert [r["finish_reason"] for r in fake.records] == ["cancelled"]
     assert fake.closed
+
+
+def test_shutdown_lets_a_request_finish_within_the_grace(fake: FakeSession) -> None:
+    fake.delay = 0.2
+    srv = ThreadServer(create_app(fake, _settings()), grace_s=5.0)
+    srv.__enter__()
+    stream = _client(srv).chat.completions.create(model="fake-model", messages=_chat(), stream=True, max_tokens=5)
+    next(stream)
+    srv.server.should_exit = True
+    text = "".join(c.choices[0].delta.content or "" for c in stream)
+    srv.thread.join(timeout=20)
+    assert text == "alpha beta gamma delta epsilon "
+    assert [r["finish_reason"] for r in fake.records] == ["length"] and fake.closed
 
 
 # --- the command's checks -------------------------------------------------------------------------
