@@ -242,6 +242,7 @@ class _Guard:
 
 
 _END = object()
+_NONE = object()
 
 
 @dataclass
@@ -377,6 +378,7 @@ class _Run:
         self.state, self.request, self.loop = state, request, loop
         self.cancel = threading.Event()
         self.queue: asyncio.Queue[object] = asyncio.Queue()
+        self.pending: object = _NONE
         self.done = False
 
     def start(self) -> None:
@@ -414,7 +416,22 @@ class _Run:
         self.finish()
 
     async def next(self) -> object:
+        if self.pending is not _NONE:
+            item, self.pending = self.pending, _NONE
+            return item
         return await self.queue.get()
+
+    def more_text(self, text_type: type) -> str:
+        """The text of the Text events already waiting (a client slower than the worker gets them as one
+        chunk, instead of paying one SSE event per token); the first other event is kept for next()."""
+        parts: list[str] = []
+        while self.pending is _NONE and not self.queue.empty():
+            item = self.queue.get_nowait()
+            if isinstance(item, text_type):
+                parts.append(item.text)  # type: ignore[attr-defined]
+            else:
+                self.pending = item
+        return "".join(parts)
 
 
 async def _complete(state: _State, request: Request, body: _Sampling, *, messages: tuple[dict[str, str], ...] | None,
@@ -564,7 +581,7 @@ async def _sse(run: _Run, first: object, request_id: str, created: int, model: s
                     500, f"the completion failed: {type(item).__name__}", type_="server_error", code="serve.failed")
                 yield _sse_data(err.body())
             elif isinstance(item, text_type):
-                yield _sse_data(chunk(item.text, None))  # type: ignore[attr-defined]
+                yield _sse_data(chunk(item.text + run.more_text(text_type), None))  # type: ignore[attr-defined]
             elif isinstance(item, final_type):
                 stats: Mapping[str, object] = item.stats  # type: ignore[attr-defined]
                 reason = str(stats.get("finish_reason"))

@@ -330,5 +330,16 @@ def test_sse_lines_are_plain_json(server: ThreadServer) -> None:
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     docs = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
-    assert [d["choices"][0]["text"] for d in docs] == ["alpha ", "beta ", ""]
-    assert docs[-1]["choices"][0]["finish_reason"] == "length"
+    assert "".join(d["choices"][0]["text"] for d in docs) == "alpha beta "
+    assert docs[-1]["choices"][0]["text"] == "" and docs[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_text_streams_event_by_event_and_coalesces_only_what_waits(fake: FakeSession) -> None:
+    fake.delay = 0.05  # a client that keeps up gets one chunk per released text
+    with ThreadServer(create_app(fake, _settings())) as srv:
+        chunks = list(_client(srv).completions.create(model="fake-model", prompt="p", stream=True))
+    assert [c.choices[0].text for c in chunks] == ["alpha ", "beta ", "gamma ", "delta ", "epsilon ", ""]
+    fake.delay = 0.0  # texts already queued when the loop gets to them go out as one chunk
+    with ThreadServer(create_app(fake, _settings())) as srv:
+        chunks = list(_client(srv).completions.create(model="fake-model", prompt="p", stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == "alpha beta gamma delta epsilon "
