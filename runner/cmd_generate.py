@@ -30,7 +30,7 @@ from secure_run.runner.output import emit_line
 from secure_run.runner.progress import hashing_progress
 
 if TYPE_CHECKING:
-    from secure_run.runner.pipeline import Final, GenerateOptions, Session
+    from secure_run.runner.pipeline import Final, GenerateOptions
 
 #: the signals generate handles (exit 128 + signal number: 130 for SIGINT, 143 for SIGTERM)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -129,6 +129,9 @@ def _run(options: GenerateOptions, kw: dict[str, Any], as_json: bool) -> None:
             click.secho(f"[{stage}] {message}", err=True, dim=True)
 
     interactive = _stdin_is_tty() and not as_json
+    if kw["chat"]:
+        _chat(options, kw, status, confirm=_confirm if interactive else None)
+        return
     status("verify", "verifying the model folder (inventory, signature, sha256 of every file, lock)")
     session = prepare(options, progress=hashing_progress(as_json, "verifying"),
                       confirm_license=_confirm if interactive else None)
@@ -163,12 +166,60 @@ def _run(options: GenerateOptions, kw: dict[str, Any], as_json: bool) -> None:
         return "".join(reply)
 
     try:
-        _turns(session, kw, one_turn)
+        _turns(kw, one_turn)
     finally:
         session.close()
 
 
-def _turns(session: Session, kw: dict[str, Any], one_turn: Callable[[list[dict[str, str]]], str]) -> None:
+def _chat(options: GenerateOptions, kw: dict[str, Any], status: Callable[[str, str], None], *,
+          confirm: Callable[[str], bool] | None) -> None:
+    """``--chat``: one warm session (the gate once, one sandbox, the weights loaded once); each turn
+    prefills only the new messages."""
+    import threading
+    import uuid
+
+    from secure_run.runner.pipeline import Final, Text
+    from secure_run.runner.warm import CompletionRequest, SamplingParams, WarmSession
+
+    status("verify", "verifying the model folder (inventory, signature, sha256 of every file, lock)")
+    warm = WarmSession.open(options, progress=hashing_progress(False, "verifying"), confirm_license=confirm)
+    try:
+        v = warm.session.verification
+        status("verify", f"verified {v.root}: {len(v.files)} files, root sha256:{v.root_digest}"
+               + (f" = lock entry {v.lock_name!r}" if v.lock_name else ""))
+        status("policy", f"policy {warm.session.policy.name} ({warm.session.policy.mode}): allowed")
+        for note in warm.notices:
+            status("policy", note)
+        if warm.session.decision.banner:
+            status("licence", warm.session.decision.banner)
+        status("sandbox", f"model loaded once in a {warm.session.backend.name} sandbox (no network, read-only "
+                          "model); the conversation stays warm")
+        sampling = SamplingParams(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
+                                  seed=options.seed, max_tokens=warm.session.max_new_tokens)
+        chat_id = f"chat-{uuid.uuid4().hex[:12]}"
+        turn_no = 0
+
+        def one_turn(messages: list[dict[str, str]]) -> str:
+            nonlocal turn_no
+            turn_no += 1
+            reply: list[str] = []
+            req = CompletionRequest(request_id=f"{chat_id}-{turn_no}", messages=tuple(messages), prompt=None,
+                                    sampling=sampling, client="cli", session_id=chat_id)
+            # an Interrupted (Ctrl-C) propagates: complete() cancels the turn in the worker and audits it
+            for ev in warm.complete(req, threading.Event()):
+                if isinstance(ev, Text):
+                    reply.append(ev.text)
+                    click.echo(ev.text, nl=False)
+                elif isinstance(ev, Final):
+                    _final(ev, False)
+            return "".join(reply)
+
+        _turns(kw, one_turn)
+    finally:
+        warm.close()
+
+
+def _turns(kw: dict[str, Any], one_turn: Callable[[list[dict[str, str]]], str]) -> None:
     history: list[dict[str, str]] = [{"role": "system", "content": kw["system"]}] if kw["system"] else []
     if not kw["chat"]:
         one_turn([*history, {"role": "user", "content": kw["prompt"]}])

@@ -219,6 +219,7 @@ class WarmSession:
         from secure_run.sandbox.protocol import StatsEvent, TextEvent, TokenEvent, TurnRequest
 
         s = self._session
+        received = time.monotonic()
         self._counters.requests_total += 1
         events: list[GuardrailEvent] = []
         seed = req.sampling.seed if req.sampling.seed is not None else secrets.randbelow(2**63)
@@ -249,6 +250,7 @@ class WarmSession:
             turn = TurnRequest.model_validate({
                 "task": "turn", "request": req.request_id, "session": req.session_id,
                 "messages": turn_input.messages, "prompt": turn_input.prompt,
+                "rendered": prompt_text if turn_input.messages is not None else None,
                 "max_new_tokens": req.sampling.max_tokens, "temperature": float(req.sampling.temperature),
                 "top_k": req.sampling.top_k, "top_p": float(req.sampling.top_p), "seed": seed}, strict=False)
         except Interrupted as err:
@@ -269,84 +271,112 @@ class WarmSession:
         stops = _StopStrings(req.sampling.stop)
         started = time.monotonic()
         first_token: float | None = None
+        first_text: float | None = None
         tokens = 0
         worker_stats: dict[str, object] = {}
         finish: str | None = None
         stream = self._worker.turn(turn, cancel=_AnyOf((cancel, stop_now)),
                                    timeout_s=limits.timeout_s + LOAD_ALLOWANCE_S)
+        audited = False
+
+        def finished(reason: str | None, *, client_gone: bool = False) -> dict[str, object]:
+            """Write the request's one ``finished`` record; returns its statistics."""
+            nonlocal audited
+            audited = True
+            events.extend(guard_out.events)
+            detail = worker_stats.get("detail")
+            detail = detail if isinstance(detail, dict) else {}
+            if reason is None:
+                reason = "cancelled" if cancel.is_set() else str(detail.get("finish_reason", "length"))
+                if reason not in ("stop", "length", "cancelled"):
+                    reason = "length"
+            if reason == "cancelled":
+                self._counters.requests_cancelled_total += 1
+            self._count(req, tokens, detail)
+            stats: dict[str, object] = {
+                **base,
+                "prompt_tokens": worker_stats.get("prompt_tokens", prompt_tokens),
+                "host_prompt_tokens": prompt_tokens,
+                "completion_tokens": tokens,
+                "generated_tokens": tokens,
+                "finish_reason": reason,
+                "client_gone": client_gone,
+                "prefilled_tokens": detail.get("prefilled_tokens"),
+                "reused_tokens": detail.get("reused_tokens"),
+                "worker_loads": detail.get("loads"),
+                "session_turns": detail.get("session_turns"),
+                "seconds": round(time.monotonic() - started, 4),
+                # both from the moment the request was received (host checks included)
+                "first_token_seconds": None if first_token is None else round(first_token, 4),
+                "first_text_seconds": None if first_text is None else round(first_text, 4),
+                "worker_first_token_seconds": worker_stats.get("first_token_seconds"),
+                "tokens_per_second": worker_stats.get("tokens_per_second"),
+                "output_blocked": reason == "blocked",
+            }
+            s.audit.append(audit_record(s.decision, event="finished", run_id=req.request_id, parameters=params,
+                                        run_stats=stats, guardrail_events=events, sandbox_backend=s.backend.name,
+                                        host_measured={"generated_tokens": tokens, "prompt_tokens": prompt_tokens,
+                                                       "seconds": stats["seconds"]},
+                                        worker_reported=worker_stats))
+            return stats
+
         try:
-            for ev in stream:
-                if isinstance(ev, TokenEvent):
-                    tokens += 1
-                    if first_token is None:
-                        first_token = time.monotonic() - started
-                elif isinstance(ev, TextEvent) and finish is None:
-                    released = guard_out.feed(ev.text)
-                    if guard_out.blocked:
-                        finish = "blocked"
-                        stop_now.set()
-                    out, hit = stops.feed(released)
-                    if out:
-                        yield Text(out)
-                    if hit and finish is None:
-                        finish = "stop"
-                        stop_now.set()
-                elif isinstance(ev, StatsEvent):
-                    worker_stats = ev.model_dump(exclude={"type", "request"})
-                if finish is None:
-                    deadline.check()
-        except Interrupted as err:
-            stream.close()  # cancels the turn in the worker
-            events.extend(guard_out.events)
-            refuse(err, "interrupted")
-            raise
-        except SecureRunError as err:
+            try:
+                for ev in stream:
+                    if isinstance(ev, TokenEvent):
+                        tokens += 1
+                        if first_token is None:
+                            first_token = time.monotonic() - received
+                    elif isinstance(ev, TextEvent) and finish is None:
+                        # stop strings first (on the worker's text, so the worker is stopped at once),
+                        # then the output guardrail on what comes before the stop
+                        cut, hit = stops.feed(ev.text)
+                        released = guard_out.feed(cut) if cut else ""
+                        if guard_out.blocked:
+                            finish = "blocked"
+                            stop_now.set()
+                        if released:
+                            if first_text is None:
+                                first_text = time.monotonic() - received
+                            yield Text(released)
+                        if hit and finish is None:
+                            finish = "stop"
+                            stop_now.set()
+                    elif isinstance(ev, StatsEvent):
+                        worker_stats = ev.model_dump(exclude={"type", "request"})
+                    if finish is None:
+                        deadline.check()
+            except Interrupted as err:
+                stream.close()  # cancels the turn in the worker
+                events.extend(guard_out.events)
+                audited = True
+                refuse(err, "interrupted")
+                raise
+            except SecureRunError as err:
+                stream.close()
+                events.extend(guard_out.events)
+                audited = True
+                refuse(err)
+                raise
+            finally:
+                stream.close()
+            if finish in (None, "stop"):
+                cut, hit = stops.feed("", final=True)
+                tail = (guard_out.feed(cut) if cut else "") + guard_out.finish()
+                if guard_out.blocked:
+                    finish = "blocked"
+                elif hit:
+                    finish = "stop"
+                if tail:
+                    if first_text is None:
+                        first_text = time.monotonic() - received
+                    yield Text(tail)
+            stats = finished(finish)
+        except GeneratorExit:  # the consumer went away (client disconnect): the turn was cancelled
             stream.close()
-            events.extend(guard_out.events)
-            refuse(err)
+            if not audited:
+                finished("cancelled", client_gone=True)
             raise
-        finally:
-            stream.close()
-        if finish is None:
-            tail = guard_out.finish()
-            if guard_out.blocked:
-                finish = "blocked"
-            out, hit = stops.feed(tail, final=True)
-            if out:
-                yield Text(out)
-            if hit:
-                finish = "stop"
-        events.extend(guard_out.events)
-        detail = worker_stats.get("detail")
-        detail = detail if isinstance(detail, dict) else {}
-        if finish is None:
-            finish = "cancelled" if cancel.is_set() else str(detail.get("finish_reason", "length"))
-            if finish not in ("stop", "length", "cancelled"):
-                finish = "length"
-        if finish == "cancelled":
-            self._counters.requests_cancelled_total += 1
-        self._count(req, tokens, detail)
-        stats: dict[str, object] = {
-            **base,
-            "prompt_tokens": worker_stats.get("prompt_tokens", prompt_tokens),
-            "host_prompt_tokens": prompt_tokens,
-            "completion_tokens": tokens,
-            "generated_tokens": tokens,
-            "finish_reason": finish,
-            "prefilled_tokens": detail.get("prefilled_tokens"),
-            "reused_tokens": detail.get("reused_tokens"),
-            "worker_loads": detail.get("loads"),
-            "session_turns": detail.get("session_turns"),
-            "seconds": round(time.monotonic() - started, 4),
-            "first_token_seconds": None if first_token is None else round(first_token, 4),
-            "tokens_per_second": worker_stats.get("tokens_per_second"),
-            "output_blocked": finish == "blocked",
-        }
-        s.audit.append(audit_record(s.decision, event="finished", run_id=req.request_id, parameters=params,
-                                    run_stats=stats, guardrail_events=events, sandbox_backend=s.backend.name,
-                                    host_measured={"generated_tokens": tokens, "prompt_tokens": prompt_tokens,
-                                                   "seconds": stats["seconds"]},
-                                    worker_reported=worker_stats))
         yield Final(stats=stats, blocked=finish == "blocked", audit_path=str(s.audit.path))
 
     def _check_open(self) -> None:

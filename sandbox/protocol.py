@@ -242,6 +242,8 @@ class TurnRequest(_Frozen):
     request: _RequestId
     session: _SessionId | None = None
     messages: tuple[ChatMessage, ...] | None = Field(default=None, max_length=1024)
+    #: the chat template's output for ``messages``, rendered (bounded) by the host; saves a render
+    rendered: str | None = Field(default=None, max_length=1 << 24)
     prompt: str | None = Field(default=None, max_length=1 << 22)
     max_new_tokens: int = Field(default=64, ge=1, le=1 << 20)
     temperature: float = Field(default=0.0, ge=0.0, le=100.0)
@@ -251,6 +253,8 @@ class TurnRequest(_Frozen):
 
     @model_validator(mode="after")
     def _one_input(self) -> TurnRequest:
+        if self.rendered is not None and self.messages is None:
+            raise ValueError("rendered goes with messages")
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("exactly one of messages and prompt must be given")
         if self.session is not None and self.messages is None:

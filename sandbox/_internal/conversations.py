@@ -37,6 +37,8 @@ class Point:
 
     messages: tuple[Message, ...]
     snap: CacheSnapshot
+    #: the chat template's output for ``messages`` (no generation prompt); "" for the start
+    rendered: str = ""
 
 
 @dataclass

@@ -181,11 +181,12 @@ class WarmWorker:
         if req.session is not None and req.session in self.conversations:
             conv = self.conversations.get(req.session)
         if req.messages is not None:
-            full = m.render_chat([{"role": r, "content": c} for r, c in msgs])
+            full = req.rendered if req.rendered is not None else m.render_chat(
+                [{"role": r, "content": c} for r, c in msgs])
             start = 0
             if conv is not None:
                 start = conv.match(msgs)
-                base = self._rendered(conv.points[start].messages)
+                base = conv.points[start].rendered
                 if not full.startswith(base):
                     start, base = 0, ""
             else:
@@ -255,10 +256,6 @@ class WarmWorker:
                     "loads": _LOADS, "requests": self.requests, "uid": os.getuid(),
                     "session_turns": conv.turns, "session_tokens": conv.cache.filled}))
 
-    def _rendered(self, messages: tuple[tuple[str, str], ...]) -> str:
-        if not messages:
-            return ""
-        return self.model.render_chat([{"role": r, "content": c} for r, c in messages], add_generation_prompt=False)
 
     def _close_turn(self, session: str, conv: Conversation, msgs: tuple[tuple[str, str], ...], reply: str,
                     generated: list[int]) -> None:
@@ -275,7 +272,7 @@ class WarmWorker:
         if not reply or not generated:
             return
         messages = (*msgs, ("assistant", reply))
-        rendered = self._rendered(messages)
+        rendered = m.render_chat([{"role": r, "content": c} for r, c in messages], add_generation_prompt=False)
         at = rendered.rfind(reply)
         if at < 0:
             return
@@ -290,4 +287,4 @@ class WarmWorker:
             return
         with torch.no_grad():
             m.model(torch.tensor([tail], dtype=torch.long, device=m.model.device), conv.cache, logits_to_keep=1)
-        conv.points.append(Point(messages=messages, snap=conv.cache.snapshot()))
+        conv.points.append(Point(messages=messages, snap=conv.cache.snapshot(), rendered=rendered))

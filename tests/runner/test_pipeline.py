@@ -119,21 +119,7 @@ def test_a_worker_that_exceeds_its_token_budget_is_stopped(scripted: dict[str, A
     assert _audit(tmp_path)[-1]["event"] == "refused"
 
 
-def test_chat_keeps_the_history_across_turns(scripted: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    from click.testing import CliRunner
-
-    from secure_run.runner.cli import cli
-
-    scripted["events"] = [*_tokens(["first ", "reply"]), _stats(2)]
-    monkeypatch.setattr("secure_run.runner.cmd_generate._stdin_is_tty", lambda: True)
-    result = CliRunner().invoke(cli, ["generate", "--chat", "--max-new-tokens", "4"],
-                                input="hi there\nand again\n\n", catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    assert result.output.count("first reply") == 2
-    (_, turn1), (_, turn2) = scripted["requests"]
-    assert [m.role for m in turn1.messages] == ["user"]
-    assert [(m.role, m.content) for m in turn2.messages] == [
-        ("user", "hi there"), ("assistant", "first reply"), ("user", "and again")]
+# generate --chat runs a warm session: tests/runner/test_warm.py::test_chat_uses_one_warm_session_and_keeps_the_history
 
 
 def _policy_requiring_acceptance(tmp_path: Path) -> Path:
