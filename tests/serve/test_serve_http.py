@@ -319,6 +319,30 @@ def test_loopback_and_unix_socket_need_no_key_and_the_socket_is_private(tmp_path
         sock.close()
 
 
+def test_serving_on_a_unix_socket(fake: FakeSession, tmp_path: Path) -> None:
+    from secure_run.runner.cmd_serve import bind
+    from secure_run.runner.serve import server
+
+    path = tmp_path / "serve.sock"
+    sock = bind("127.0.0.1", 0, str(path))
+    srv = server(create_app(fake, _settings()), grace_s=1.0, log_level="warning")
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not srv.started:
+            time.sleep(0.01)
+        http = httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), base_url="http://localhost")
+        client = openai.OpenAI(base_url="http://localhost/v1", api_key="x", http_client=http, max_retries=0)
+        r = client.chat.completions.create(model="fake-model", messages=_chat(), max_tokens=2)
+        assert r.choices[0].message.content == "alpha beta "
+        assert fake.requests[-1].client == "unix-socket"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+    assert fake.closed
+
+
 def test_socket_and_host_together_is_a_usage_error(tmp_path: Path) -> None:
     result = _cli("--socket", str(tmp_path / "s"), "--port", "9")
     assert result.exit_code == 2 and "not both" in result.output
