@@ -49,7 +49,7 @@ class Served:
     audit: Path
     stderr: list[str]
 
-    def client(self, key: str = KEY) -> openai.OpenAI:
+    def client(self, key: str = KEY) -> openai.OpenAI:  # a server without a key ignores it
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120)
 
     def metrics(self) -> dict[str, float]:
@@ -88,17 +88,11 @@ def _policy(tmp: Path) -> Path:
     return dst
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    tmp = tmp_path_factory.mktemp("serve")
-    key = tmp / "api-key"
-    key.write_text(KEY + "\n")
-    key.chmod(0o600)
+def _start(tmp: Path, *args: str) -> Served:
+    """``secure-run serve --port 0 ARGS`` with its own state folder; returns once it listens."""
     env = {**os.environ, "XDG_STATE_HOME": str(tmp / "state")}
-    proc = subprocess.Popen([*CLI, "serve", "--port", "0", "--policy", str(_policy(tmp)), "--api-key-file", str(key),
-                             "--max-concurrent", "1", "--max-queue", "0", "--shutdown-grace", "1"],
+    proc = subprocess.Popen([*CLI, "serve", "--port", "0", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    assert proc.stderr is not None
     stderr: list[str] = []
     url: list[str] = []
     ready = threading.Event()
@@ -114,14 +108,30 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         ready.set()
 
     threading.Thread(target=read, daemon=True).start()
-    assert ready.wait(300) and url, "serve did not start:\n" + "".join(stderr)
-    srv = Served(proc, url[0], tmp / "state" / "secure-run" / "audit.jsonl", stderr)
+    if not (ready.wait(300) and url):
+        proc.kill()
+        raise AssertionError("serve did not start:\n" + "".join(stderr))
+    return Served(proc, url[0], tmp / "state" / "secure-run" / "audit.jsonl", stderr)
+
+
+def _stop(srv: Served) -> None:
+    if srv.proc.poll() is None:
+        srv.proc.send_signal(signal.SIGTERM)
+        srv.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    tmp = tmp_path_factory.mktemp("serve")
+    key = tmp / "api-key"
+    key.write_text(KEY + "\n")
+    key.chmod(0o600)
+    srv = _start(tmp, "--policy", str(_policy(tmp)), "--api-key-file", str(key), "--max-concurrent", "1",
+                 "--max-queue", "0", "--shutdown-grace", "1")
     try:
         yield srv
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+        _stop(srv)
 
 
 def _chat(text: str) -> list[Any]:
@@ -242,6 +252,32 @@ def test_sigterm_during_a_request_cancels_it_audits_it_and_stops_the_worker(serv
     assert rec["run_stats"]["finish_reason"] == "cancelled" and rec["run_stats"]["completion_tokens"] < 400
     assert "Traceback" not in "".join(served.stderr)
     assert not _containers_of(served.proc.pid)
+
+
+def test_several_requests_in_flight_are_each_answered_correctly(tmp_path: Path) -> None:
+    """A second server without a key and with a queue: 4 concurrent greedy requests get exactly the
+    answers they get one at a time, each with its own audit record, from the same single worker."""
+    srv = _start(tmp_path, "--max-queue", "8")
+    try:
+        client = srv.client(key="unused")
+        prompts = [f"question number {i}" for i in range(4)]
+
+        def ask(p: str) -> Any:
+            return client.chat.completions.create(model=MODEL, messages=_chat(p), max_tokens=8, temperature=0.0)
+
+        alone = [ask(p).choices[0].message.content for p in prompts]
+        results: dict[str, Any] = {}
+        threads = [threading.Thread(target=lambda p=p: results.__setitem__(p, ask(p))) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert [results[p].choices[0].message.content for p in prompts] == alone
+        for p in prompts:
+            assert srv.record(results[p].id)["run_stats"]["finish_reason"] in ("length", "stop")
+        assert srv.metrics()["secure_run_worker_loads_total"] == 1
+    finally:
+        _stop(srv)
 
 
 def _containers_of(pid: int) -> list[str]:
