@@ -662,7 +662,10 @@ def server(app: FastAPI, *, grace_s: float, **config: Any) -> Any:
 
     # uvicorn's own grace is a backstop: it cancels the connection tasks only if the cancelled
     # requests did not end by themselves
-    cfg = uvicorn.Config(app, timeout_graceful_shutdown=int(grace_s) + 15, lifespan="on", **config)
+    # proxy_headers off: uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1, and any
+    # local client could write another address into the audit record's client field
+    cfg = uvicorn.Config(app, timeout_graceful_shutdown=int(grace_s) + 15, lifespan="on", proxy_headers=False,
+                         **config)
     return _Server(cfg)
 
 

@@ -63,6 +63,13 @@ def test_non_streaming_chat_uses_the_verified_defaults_and_passes_id_and_client(
     assert [rec["request_id"] for rec in fake.records] == [r.id]
 
 
+def test_the_audited_client_cannot_be_spoofed_with_forwarding_headers(server: ThreadServer, fake: FakeSession) -> None:
+    r = httpx.post(server.url + "/v1/completions", json={"model": "fake-model", "prompt": "p", "max_tokens": 1},
+                   headers={"X-Forwarded-For": "203.0.113.9", "Forwarded": "for=203.0.113.9"})
+    assert r.status_code == 200
+    assert fake.requests[-1].client.startswith("127.0.0.1:")
+
+
 def test_sampling_fields_reach_the_session(server: ThreadServer, fake: FakeSession) -> None:
     _client(server).chat.completions.create(model="fake-model", messages=_chat(), temperature=0.0, top_p=0.5,
                                             seed=42, max_tokens=3, stop=["x"], extra_body={"top_k": 4})
