@@ -400,17 +400,22 @@ class _Run:
             self._deliver(err)
         finally:
             self._deliver(_END)
+            try:  # the slot is free only now: the queue bound counts what the pool really holds
+                self.loop.call_soon_threadsafe(self._released)
+            except RuntimeError:
+                pass  # the loop is gone (shutdown)
+
+    def _released(self) -> None:
+        self.state.admitted -= 1
+        self.state.cancels.discard(self.cancel)
 
     def finish(self) -> None:
         """Called once on the loop when the handler is done with this run (normally or not)."""
-        if not self.done:
-            self.done = True
-            self.state.admitted -= 1
-            self.state.cancels.discard(self.cancel)
+        self.done = True
 
     def abandon(self) -> None:
         """The client is gone: cancel the request (the session writes its ``cancelled`` record)."""
-        if not self.cancel.is_set():
+        if not self.done and not self.cancel.is_set():
             self.cancel.set()
             self.state.cancelled_by_client += 1
         self.finish()
@@ -512,7 +517,7 @@ async def _whole(run: _Run, first: object, watcher: asyncio.Task[None], request_
         return Response(status_code=499)  # nobody reads it; the request was cancelled and audited
     finally:
         watcher.cancel()
-        if item is _END:
+        if item is _END or isinstance(item, BaseException):  # ended (or failed) by itself
             run.finish()
         else:
             run.abandon()

@@ -69,6 +69,11 @@ class Served:
                 assert len(found) == 1, f"{len(found)} audit records for {request_id}"
                 assert found[0]["run_stats"]["request_id"] == request_id
                 assert found[0]["run_stats"]["client"].startswith("127.0.0.1:")
+                # audited before its slot is released: wait for that too (the next test may need it)
+                while self.proc.poll() is None and time.monotonic() < deadline + 10:
+                    if not httpx.get(self.url + "/health").json()["in_flight"]:
+                        break
+                    time.sleep(0.05)
                 return found[0]
             time.sleep(0.1)
 

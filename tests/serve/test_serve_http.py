@@ -210,7 +210,9 @@ def test_client_disconnect_mid_stream_cancels_the_request(fake: FakeSession) -> 
             time.sleep(0.02)
         assert fake.records[0]["finish_reason"] == "cancelled" and fake.records[0]["completion_tokens"] < 10
         assert parse_metrics(httpx.get(srv.url + "/metrics").text)["secure_run_client_cancelled_total"] == 1
-        assert httpx.get(srv.url + "/health").json()["in_flight"] == 0
+        while httpx.get(srv.url + "/health").json()["in_flight"] != 0:  # the slot frees when the run ends
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
 
 
 def test_non_streamed_request_is_cancelled_when_the_client_goes_away(fake: FakeSession) -> None:
