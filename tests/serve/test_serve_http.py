@@ -352,6 +352,15 @@ def test_serving_on_a_unix_socket(fake: FakeSession, tmp_path: Path) -> None:
     assert fake.closed
 
 
+def test_a_refused_model_is_refused_before_serving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    result = _cli("--model", str(folder), "--policy", "builtin:demo", "--port", "0")
+    assert result.exit_code == 1, result.output  # unsigned: verification refuses, nothing listens
+
+
 def test_socket_and_host_together_is_a_usage_error(tmp_path: Path) -> None:
     result = _cli("--socket", str(tmp_path / "s"), "--port", "9")
     assert result.exit_code == 2 and "not both" in result.output
