@@ -34,7 +34,7 @@ import hmac
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
@@ -80,8 +80,6 @@ class ServeSettings:
     api_key: str | None = None
     max_concurrent: int = 1
     max_queue: int = 8
-    #: called with the CompletionRequest fields; default: runner.warm.CompletionRequest
-    request_type: Callable[..., Any] | None = None
 
 
 # --- request bodies ---------------------------------------------------------------------------------
@@ -454,8 +452,9 @@ async def _complete(state: _State, request: Request, body: _Sampling, *, message
                        f"{capacity}); retry later", type_="rate_limit_exceeded", code="serve.queue-full",
                        headers={"Retry-After": "1"})
     request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-    make = state.settings.request_type or _default_request_type()
-    req = make(request_id=request_id, messages=messages, prompt=prompt,
+    from secure_run.runner.warm import CompletionRequest
+
+    req = CompletionRequest(request_id=request_id, messages=messages, prompt=prompt,
                sampling=_sampling(session.generation_defaults, body), client=_client(request, body.user))
     run = _Run(state, req, asyncio.get_running_loop())
     run.start()
@@ -482,13 +481,6 @@ async def _complete(state: _State, request: Request, body: _Sampling, *, message
         return StreamingResponse(stream, media_type="text/event-stream", headers={"x-request-id": request_id,
                                                                                  "Cache-Control": "no-cache"})
     return await _whole(run, first, watcher, request_id, created, session.model_id, kind, Text, Final)
-
-
-def _default_request_type() -> Callable[..., Any]:
-    from secure_run.runner.warm import CompletionRequest
-
-    factory: Callable[..., Any] = CompletionRequest
-    return factory
 
 
 def _usage(stats: Mapping[str, object]) -> dict[str, int]:
