@@ -98,31 +98,34 @@ def serve_cmd(**kw: Any) -> None:
 
 def _serve(options: Any, listener: socket.socket, kw: dict[str, Any], api_key: str | None,
            socket_path: str | None) -> None:
+    from secure_run.runner.cmd_generate import interrupts_raise
     from secure_run.runner.serve import ServeSettings, create_app, server
     from secure_run.runner.warm import WarmSession
 
     def status(stage: str, message: str) -> None:
         click.secho(f"[{stage}] {message}", err=True, dim=True)
 
-    status("verify", "verifying the model folder and starting one sandboxed worker (loaded once)")
-    session = WarmSession.open(options, progress=hashing_progress(False, "verifying"))
-    try:
-        app = create_app(session, ServeSettings(api_key=api_key, max_concurrent=kw["max_concurrent"],
-                                                max_queue=kw["max_queue"]))
-    except BaseException:
-        session.close()
-        raise
-    if socket_path:
-        where = f"unix:{socket_path}"
-    else:
-        addr = listener.getsockname()
-        where = f"http://{_url_host(addr[0])}:{addr[1]}"
-    status("serve", f"model {session.model_id!r} at {where}/v1 (API key {'required' if api_key else 'off'}); "
-           "SIGTERM or Ctrl-C stops")
-    # uvicorn runs the lifespan shutdown (cancel what is left, wait for the audit records, close the
-    # worker) before it re-raises the signal it caught, so the process ends 143 after SIGTERM.
-    server(app, grace_s=kw["shutdown_grace"], log_level="warning", access_log=False,
-           server_header=False).run(sockets=[listener])
+    # SIGTERM/SIGINT raise Interrupted (exit 143 / 130) while the session opens. While serving,
+    # uvicorn holds them: it runs the app's shutdown (grace, cancel what is left, wait for the
+    # audit records, close the worker), restores these handlers and re-raises the signal. The
+    # finally closes the session (idempotent) also when a second Ctrl-C made uvicorn skip that.
+    with interrupts_raise():
+        status("verify", "verifying the model folder and starting one sandboxed worker (loaded once)")
+        session = WarmSession.open(options, progress=hashing_progress(False, "verifying"))
+        try:
+            app = create_app(session, ServeSettings(api_key=api_key, max_concurrent=kw["max_concurrent"],
+                                                    max_queue=kw["max_queue"]))
+            if socket_path:
+                where = f"unix:{socket_path}"
+            else:
+                addr = listener.getsockname()
+                where = f"http://{_url_host(addr[0])}:{addr[1]}"
+            status("serve", f"model {session.model_id!r} at {where}/v1 (API key {'required' if api_key else 'off'}); "
+                   "SIGTERM or Ctrl-C stops")
+            server(app, grace_s=kw["shutdown_grace"], log_level="warning", access_log=False,
+                   server_header=False).run(sockets=[listener])
+        finally:
+            session.close()
 
 
 def read_api_key(path: Path) -> str:
