@@ -54,7 +54,7 @@ def _inprocess(session: Any, max_tokens: int, run: int) -> dict[str, float]:
 
 
 def _http(client: Any, model: str, max_tokens: int) -> dict[str, float]:
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, k0 = time.perf_counter(), time.process_time(), time.thread_time()
     first: float | None = None
     tokens = 0
     stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}],
@@ -65,7 +65,10 @@ def _http(client: Any, model: str, max_tokens: int) -> dict[str, float]:
             first = time.perf_counter() - t0
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
-    return _summary(t0, c0, first, tokens)
+    out = _summary(t0, c0, first, tokens)
+    out["client_cpu_s_per_token"] = (time.thread_time() - k0) / tokens  # this thread: the openai client
+    out["server_cpu_s_per_token"] = out["host_cpu_s_per_token"] - out["client_cpu_s_per_token"]
+    return out
 
 
 def _summary(t0: float, c0: float, first: float | None, tokens: int) -> dict[str, float]:
@@ -133,6 +136,7 @@ def main() -> None:
     # paired (each HTTP run against the in-process run just before it): the machine's load drifts
     paired = statistics.median(h["s_per_token"] / i["s_per_token"] - 1.0 for i, h in zip(inproc, http))
     cpu_extra = _median(http, "host_cpu_s_per_token") - _median(inproc, "host_cpu_s_per_token")
+    server_extra = _median(http, "server_cpu_s_per_token") - _median(inproc, "host_cpu_s_per_token")
     doc = {
         "bench": "serve", "backend": args.sandbox, "gpu": args.gpu, "model": session.model_id,
         "max_tokens": args.max_tokens, "runs": args.runs, "open_s": round(open_s, 3),
@@ -148,6 +152,9 @@ def main() -> None:
         # per token: what it costs on an otherwise idle machine, independent of the load of a shared one
         "http_extra_cpu_s_per_token": cpu_extra,
         "http_cpu_overhead_per_token": cpu_extra / per_tok_in,
+        # the same without the openai client's own work (its thread's CPU): what the server adds
+        "server_extra_cpu_s_per_token": server_extra,
+        "server_cpu_overhead_per_token": server_extra / per_tok_in,
         "http_first_token_overhead_s": _median(http, "first_token_s") - _median(inproc, "first_token_s"),
         "target_overhead": 0.05,
         "host": {"python": sys.version.split()[0], "machine": platform.machine(), "cpus": os.cpu_count()},
@@ -164,7 +171,8 @@ def main() -> None:
     ok = doc["http_overhead_per_token"] < doc["target_overhead"]
     print(f"HTTP overhead per token (wall, paired median): {100 * doc['http_overhead_per_token']:+.2f} % "
           f"(target < 5 %: {'met' if ok else 'NOT met'}); extra host CPU per token "
-          f"{1000 * cpu_extra:.3f} ms = {100 * doc['http_cpu_overhead_per_token']:.2f} % of the time per token; "
+          f"{1000 * cpu_extra:.3f} ms = {100 * doc['http_cpu_overhead_per_token']:.2f} % of the time per token "
+          f"(server side alone {1000 * server_extra:.3f} ms = {100 * doc['server_cpu_overhead_per_token']:.2f} %); "
           f"first-token overhead {1000 * doc['http_first_token_overhead_s']:+.1f} ms; "
           f"session open (gate + sandbox + load) {open_s:.2f} s; JSON: {args.out}")
 
