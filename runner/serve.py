@@ -516,6 +516,9 @@ async def _whole(run: _Run, first: object, watcher: asyncio.Task[None], request_
     if final is None:
         raise ApiError(500, "the worker ended without a final event", type_="server_error", code="serve.no-final")
     reason = finish_reason(final.stats.get("finish_reason"))
+    if reason == "cancelled":  # the client is still here, so the server cancelled it (shutdown)
+        raise ApiError(503, "the request was cancelled: the server is shutting down", type_="server_error",
+                       code="serve.cancelled")
     text = "".join(parts)
     choice: dict[str, Any] = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                                "finish_reason": reason} if kind == "chat" else

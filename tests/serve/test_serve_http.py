@@ -266,6 +266,30 @@ def test_shutdown_cancels_in_flight_requests_audits_them_then_closes_the_session
     assert fake.closed
 
 
+def test_shutdown_cancels_a_non_streamed_request_with_503(fake: FakeSession) -> None:
+    fake.delay = 0.2
+    fake.words = [f"w{i} " for i in range(200)]
+    srv = ThreadServer(create_app(fake, _settings()), grace_s=0.5)
+    srv.__enter__()
+    result: list[Any] = []
+
+    def ask() -> None:
+        try:
+            _client(srv).completions.create(model="fake-model", prompt="p", max_tokens=200)
+        except openai.APIStatusError as err:
+            result.append(err)
+
+    t = threading.Thread(target=ask)
+    t.start()
+    assert fake.started.wait(5)
+    srv.server.should_exit = True
+    t.join(timeout=20)
+    srv.thread.join(timeout=20)
+    assert result and result[0].status_code == 503
+    assert isinstance(result[0].body, dict) and result[0].body["code"] == "serve.cancelled"
+    assert [r["finish_reason"] for r in fake.records] == ["cancelled"] and fake.closed
+
+
 def test_shutdown_lets_a_request_finish_within_the_grace(fake: FakeSession) -> None:
     fake.delay = 0.2
     srv = ThreadServer(create_app(fake, _settings()), grace_s=5.0)
