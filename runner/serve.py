@@ -137,6 +137,9 @@ class _Message(BaseModel):
 
 class ChatBody(_Sampling):
     messages: Annotated[list[_Message], Field(min_length=1)]
+    #: extension: a conversation kept warm in the worker (its cache), so that the next turn with the
+    #: same id prefills only the new messages
+    session_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")] | None = None
 
 
 class CompletionBody(_Sampling):
@@ -455,7 +458,8 @@ async def _complete(state: _State, request: Request, body: _Sampling, *, message
     from secure_run.runner.warm import CompletionRequest
 
     req = CompletionRequest(request_id=request_id, messages=messages, prompt=prompt,
-               sampling=_sampling(session.generation_defaults, body), client=_client(request, body.user))
+                            sampling=_sampling(session.generation_defaults, body), client=_client(request, body.user),
+                            session_id=getattr(body, "session_id", None))
     run = _Run(state, req, asyncio.get_running_loop())
     run.start()
     created = int(time.time())

@@ -166,6 +166,19 @@ def test_streaming_chat_matches_the_non_streamed_answer(served: Served) -> None:
     assert rec["run_stats"]["finish_reason"] == whole.choices[0].finish_reason
 
 
+def test_a_conversation_kept_warm_prefills_only_the_new_turn(served: Served) -> None:
+    client = served.client()
+    history = _chat("first turn of a kept conversation")
+    one = client.chat.completions.create(model=MODEL, messages=history, max_tokens=4, temperature=0.0,
+                                         extra_body={"session_id": "serve-conv-1"})
+    history += [{"role": "assistant", "content": one.choices[0].message.content}, *_chat("and the second turn")]
+    two = client.chat.completions.create(model=MODEL, messages=history, max_tokens=4, temperature=0.0,
+                                         extra_body={"session_id": "serve-conv-1"})
+    first, second = served.record(one.id)["run_stats"], served.record(two.id)["run_stats"]
+    assert first["session_id"] == second["session_id"] == "serve-conv-1"
+    assert second["reused_tokens"] > 0 and second["prefilled_tokens"] < second["prompt_tokens"]
+
+
 def test_stop_strings_cut_the_completion(served: Served) -> None:
     client = served.client()
     full = client.completions.create(model=MODEL, prompt="once upon a time", max_tokens=10, temperature=0.0)

@@ -77,6 +77,17 @@ def test_sampling_fields_reach_the_session(server: ThreadServer, fake: FakeSessi
     assert (s.temperature, s.top_p, s.top_k, s.seed, s.max_tokens, s.stop) == (0.0, 0.5, 4, 42, 3, ("x",))
 
 
+def test_session_id_extension_reaches_the_session(server: ThreadServer, fake: FakeSession) -> None:
+    client = _client(server)
+    client.chat.completions.create(model="fake-model", messages=_chat(), extra_body={"session_id": "conv-1"})
+    assert fake.requests[-1].session_id == "conv-1"
+    client.chat.completions.create(model="fake-model", messages=_chat())
+    assert fake.requests[-1].session_id is None
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="fake-model", messages=_chat(), extra_body={"session_id": "../x"})
+    assert isinstance(err.value.body, dict) and err.value.body["param"] == "session_id"
+
+
 def test_streaming_chat_sends_role_then_deltas_then_finish(server: ThreadServer, fake: FakeSession) -> None:
     stream = _client(server).chat.completions.create(model="fake-model", messages=_chat(), stream=True,
                                                      stream_options={"include_usage": True})
