@@ -152,6 +152,7 @@ from secure_run.runner.cmd_lock import register as _register_lock  # noqa: E402
 from secure_run.runner.cmd_manifests import register as _register_manifests  # noqa: E402
 from secure_run.runner.cmd_policy import register as _register_policy  # noqa: E402
 from secure_run.runner.cmd_sandbox import register as _register_sandbox  # noqa: E402
+from secure_run.runner.cmd_serve import register as _register_serve  # noqa: E402
 
 _register_audit(cli)
 _register_ci(cli)
@@ -160,6 +161,7 @@ _register_lock(cli)
 _register_manifests(cli)
 _register_policy(cli)
 _register_sandbox(cli)
+_register_serve(cli)
 
 
 def main() -> None:
