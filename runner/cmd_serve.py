@@ -12,6 +12,7 @@ worker's sandbox, exit.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
@@ -21,7 +22,7 @@ from typing import Any
 
 import click
 
-from secure_run.runner.options import trust_options
+from secure_run.runner.options import json_option, trust_options
 from secure_run.runner.progress import hashing_progress
 
 #: shortest API key accepted (``openssl rand -hex 32`` gives 64 characters)
@@ -62,6 +63,7 @@ MIN_KEY_CHARS = 16
 @click.option("--audit-log", "audit_log", type=click.Path(dir_okay=False), metavar="FILE",
               help="Audit log (default: the policy's, under $XDG_STATE_HOME/secure-run).")
 @trust_options
+@json_option
 def serve_cmd(**kw: Any) -> None:
     """Serve a verified model over an OpenAI-compatible HTTP API (one warm sandboxed worker)."""
     from secure_run.errors import UsageError
@@ -103,7 +105,10 @@ def _serve(options: Any, listener: socket.socket, kw: dict[str, Any], api_key: s
     from secure_run.runner.warm import WarmSession
 
     def status(stage: str, message: str) -> None:
-        click.secho(f"[{stage}] {message}", err=True, dim=True)
+        if kw["as_json"]:  # JSON lines on stdout, like generate --json (errors: one JSON error line)
+            click.echo(json.dumps({"type": "status", "stage": stage, "message": message}), nl=True)
+        else:
+            click.secho(f"[{stage}] {message}", err=True, dim=True)
 
     # SIGTERM/SIGINT raise Interrupted (exit 143 / 130) while the session opens. While serving,
     # uvicorn holds them: it runs the app's shutdown (grace, cancel what is left, wait for the

@@ -160,6 +160,7 @@ CASES: list[Case] = [
     (("audit", "verify"), lambda w: ["--log", str(w.tmp / "bad.jsonl")], 1, "audit", "AUDIT-FORMAT"),
     (("sandbox", "build-image"), lambda w: [], 2, "sandbox", None),  # with DOCKER_HOST unreachable
     (("sandbox", "selftest"), lambda w: ["--triton"], 2, "usage", None),
+    (("serve",), lambda w: ["--host", "0.0.0.0"], 2, "usage", "serve.bind-needs-key"),
     (("sign",), lambda w: [str(w.tmp / "code"), "--key", str(w.key)], 1, "manifest", "INV-CODE"),
     (("verify",), lambda w: [str(w.tampered), "--public-key", str(w.pub)], 1, "verification", "DIGEST-MISMATCH"),
     (("verify",), lambda w: [str(w.model)], 2, "usage", None),
