@@ -382,10 +382,13 @@ def parse_line(path: Path, lineno: int, raw: bytes) -> dict[str, object]:
     Raises:
         StateFileError: ``state.format`` naming ``path:lineno``.
     """
+    from secure_run.manifests._jsoncheck import JsonProblem, loads_strict  # the one strict JSON loader
+
     try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        value = None
+        value = loads_strict(raw)
+    except JsonProblem as exc:
+        raise StateFileError(f"{path}:{lineno}: not a JSON object ({exc.message})", path=str(path),
+                             rule="state.format") from None
     if not isinstance(value, dict):
         raise StateFileError(f"{path}:{lineno}: not a JSON object", path=str(path), rule="state.format")
     return value

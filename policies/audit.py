@@ -116,9 +116,11 @@ def _chain_of(line: bytes | None) -> tuple[int, str]:
     """(next seq, prev) after ``line``; a record without a chain (schema 1) restarts seq at 0."""
     if line is None:
         return 0, GENESIS
+    from secure_run.manifests._jsoncheck import JsonProblem, loads_strict  # the one strict JSON loader
+
     try:
-        doc = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+        doc = loads_strict(line)
+    except JsonProblem:
         doc = None
     seq = doc.get("seq") if isinstance(doc, dict) else None
     if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0:

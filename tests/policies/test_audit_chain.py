@@ -279,3 +279,19 @@ def test_a_crash_between_link_and_rename_leaves_a_readable_chain(tmp_path: Path)
     assert verify_log(log.path).records == 3
     log.append({"event": "run", "i": 3})
     assert verify_log(log.path).records == 4 and log.files() == [log.path]
+
+
+@pytest.mark.parametrize("bad", [b"[" * 100_000 + b"]" * 100_000, b'{"seq": 1, "seq": 2}', b'{"seq": NaN}'],
+                         ids=["nested-100k", "duplicate-key", "nan"])
+def test_hostile_lines_are_refused_with_a_rule_not_a_traceback(tmp_path: Path, bad: bytes) -> None:
+    # a line 100,000 brackets deep crashed the plain json.loads with RecursionError; duplicate keys
+    # and NaN were accepted: the audit log is read with the one strict loader
+    log = _log(tmp_path, 3)
+    lines = _lines(log)
+    _write(log, [lines[0], bad + b"\n", *lines[1:]])
+    err = _refusal(log.path)
+    assert err.rule and ":2" in err.message
+    with pytest.raises(StateFileError) as info:
+        log.records()
+    assert info.value.rule == "state.format" and ":2: not a JSON object" in info.value.message
+    log.append({"event": "after"})  # appending after a hostile line still works (the chain reads it strictly)
