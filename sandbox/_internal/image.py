@@ -335,14 +335,15 @@ def _record(digest: str, image_id: str) -> None:
     path = _record_path()
     data = _recorded()
     data[digest] = image_id
+    from secure_run.errors import EnvironmentProblem
+    from secure_run.manifests._atomic import write_atomic
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".sandbox-images-")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(dict(sorted(data.items())[-64:]), f, indent=1)
-        os.replace(tmp, path)
-    except OSError:
-        pass
+        write_atomic(path, (json.dumps(dict(sorted(data.items())[-64:]), indent=1) + "\n").encode("utf-8"),
+                     mode=0o600, action="record the sandbox image id in")
+    except (OSError, EnvironmentProblem):
+        pass  # best effort: without the record the next run refuses the image and rebuilds it (check_image)
 
 
 def check_image(image: Any, plan: ImagePlan) -> None:
@@ -402,16 +403,25 @@ def _ensure(client: Any, *, build: bool, runtime: str) -> tuple[str, str]:
     except docker.errors.ImageNotFound:
         if not build:
             raise ImageMissing(plan.tag) from None
-    with tempfile.TemporaryFile(prefix="secure-run-context-") as ctx:
-        _write_context(plan, ctx)  # type: ignore[arg-type]
-        ctx.seek(0)
-        try:
-            client.images.build(fileobj=ctx, custom_context=True, tag=plan.tag, pull=False, rm=True, forcerm=True,
-                                network_mode="none", labels={DIGEST_LABEL: plan.digest})
-        except docker.errors.BuildError as err:
-            log = [str(x.get("stream") or x.get("error") or "").strip() for x in err.build_log]
-            raise SandboxError("building the sandbox image failed", details=[x for x in log if x][-10:],
-                               rule="sandbox.image.build", hint="see the build log above") from None
+    try:
+        with tempfile.TemporaryFile(prefix="secure-run-context-") as ctx:
+            _write_context(plan, ctx)  # type: ignore[arg-type]
+            ctx.seek(0)
+            try:
+                client.images.build(fileobj=ctx, custom_context=True, tag=plan.tag, pull=False, rm=True,
+                                    forcerm=True, network_mode="none", labels={DIGEST_LABEL: plan.digest})
+            except docker.errors.BuildError as err:
+                log = [str(x.get("stream") or x.get("error") or "").strip() for x in err.build_log]
+                raise SandboxError("building the sandbox image failed", details=[x for x in log if x][-10:],
+                                   rule="sandbox.image.build", hint="see the build log above") from None
+            except docker.errors.APIError as err:  # e.g. the engine's disk is full
+                raise SandboxError(f"the Docker engine refused to build the sandbox image: {err.explanation or err}",
+                                   rule="sandbox.image.build",
+                                   hint="check the engine's free disk space (docker system df), then retry") from None
+    except OSError as err:  # the build context in the temporary folder (disk full, read-only /tmp)
+        from secure_run.manifests._io import storage_error
+
+        raise storage_error(err, "write the sandbox image's build context to", tempfile.gettempdir()) from None
     image = client.images.get(plan.tag)
     _record(plan.digest, str(image.id))
     check_image(image, plan)
