@@ -224,6 +224,25 @@ def import_provenance(report: ImportReport, source_repo: str, source_revision: s
     return statement([(k.name, k.sha256) for k in report.kept], SLSA_PROVENANCE_TYPE, predicate)
 
 
+def provenance_source(data: bytes) -> tuple[str, str]:
+    """(repository id, revision) that an import provenance statement names.
+
+    Raises:
+        ValueError: not strict JSON, or not a secure-run import provenance statement.
+    """
+    try:
+        doc = loads_strict(data, allow_infinity=False)
+        source = doc["predicate"]["buildDefinition"]["externalParameters"]["source"]
+        repo, revision = source["repository"], source["revision"]
+    except JsonProblem as exc:
+        raise ValueError(f"not strict JSON ({exc.message})") from None
+    except (KeyError, TypeError):
+        raise ValueError("not a secure-run import provenance statement") from None
+    if not isinstance(repo, str) or not isinstance(revision, str):
+        raise ValueError("its source repository / revision are not strings")
+    return repo, revision
+
+
 def read_provenance(root: Path) -> dict[str, Any] | None:
     """A summary of ``root/provenance.intoto.json`` for ``inspect`` (as claimed: not verified here;
     ``verify`` covers it through the folder's signature). None when absent."""

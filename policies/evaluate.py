@@ -21,6 +21,7 @@ S6      the sandbox is used and mounts the model read-only                      
 S7      every ``files.pinned`` file has its pinned sha256                              yes
 S8      the policy has not expired (``metadata.expires``)                              no
 S9      every file matches ``files.allow``, none matches ``files.deny``, no links      no
+S10     with ``artifact.source``: the signed provenance statement names that repo + rev no
 A1      LICENSE identified exactly, allowed, and the expected weights licence          no
 A2      required notice files and strings present (normalised match)                   no
 A3      README front matter equals the policy's ``card`` values                        no
@@ -285,6 +286,33 @@ def _check_pinned_files(ctx: _Ctx) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # 3. licence and notices
+
+
+def _check_provenance(ctx: _Ctx) -> None:
+    """S10: the policy's ``artifact.source`` (a reviewed upstream repository and commit) must be the
+    source named by the folder's provenance statement, which the folder's signature covers."""
+    from secure_run.manifests.provenance import PROVENANCE_FILE, provenance_source
+
+    src = ctx.policy.spec.artifact.source
+    if src is None:
+        ctx.add("S10", "info", "the policy names no source; import provenance is not required")
+        return
+    remedy = (f"re-import the reviewed snapshot with 'secure-run import SRC DEST --source-repo {src.hf_repo} "
+              f"--source-revision {src.revision}', then sign it again")
+    try:
+        repo, revision = provenance_source(ctx.read_bytes(PROVENANCE_FILE))
+    except _files.UnsafeFile as err:
+        ctx.add("S10", "deny", f"the policy requires a provenance statement from {src.hf_repo}@{src.revision}, "
+                f"but {PROVENANCE_FILE} is {err.reason}", hint=remedy)
+        return
+    except ValueError as err:
+        ctx.add("S10", "deny", f"{PROVENANCE_FILE} is {err}", hint=remedy)
+        return
+    if (repo, revision) != (src.hf_repo, src.revision):
+        ctx.add("S10", "deny", f"the model was imported from {repo}@{revision}; the policy requires "
+                f"{src.hf_repo}@{src.revision}", source=f"{repo}@{revision}", hint=remedy)
+    else:
+        ctx.add("S10", "pass", f"imported from {repo}@{revision}, as the policy requires", source=f"{repo}@{revision}")
 
 
 def _check_license(ctx: _Ctx) -> None:
@@ -658,6 +686,7 @@ _CHECKLIST: tuple[Callable[[_Ctx], None], ...] = (
     _check_signature,  # 2. artifact integrity
     _check_folder,
     _check_pinned_files,
+    _check_provenance,
     _check_license,  # 3. licence and notices
     _check_notices,
     _load_card,

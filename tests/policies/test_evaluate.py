@@ -13,7 +13,7 @@ from policies_support import APACHE, CHATML, DELETE, PolicyFactory, good_facts, 
 from secure_run.errors import PolicyViolation
 from secure_run.policies import FLOOR_CHECKS, GuardrailFacts, SandboxFacts, SignatureFacts, evaluate
 
-ALL_CHECKS = {f"S{i}" for i in range(1, 10)} | {f"A{i}" for i in range(1, 6)} | {"L1", "L2"} | {f"G{i}" for i in range(1, 8)}
+ALL_CHECKS = {f"S{i}" for i in range(1, 11)} | {f"A{i}" for i in range(1, 6)} | {"L1", "L2"} | {f"G{i}" for i in range(1, 8)}
 
 
 def test_everything_in_order_is_allowed(make_policy: PolicyFactory, model_dir: Path) -> None:
@@ -364,3 +364,39 @@ def test_evaluation_never_writes_to_the_model_folder(make_policy: PolicyFactory,
     evaluate(make_policy(), good_facts(model_dir))
     assert sorted((p.name, p.stat().st_mtime_ns) for p in model_dir.iterdir()) == before
     assert not os.access(model_dir / "LICENSE", os.X_OK)
+
+
+REV = "0123456789abcdef0123456789abcdef01234567"
+SOURCE = {"spec": {"artifact": {"source": {"hf_repo": "org/model", "revision": REV}}}}
+
+
+def _provenance(model_dir: Path, repo: str, revision: str) -> None:
+    doc = {"_type": "https://in-toto.io/Statement/v1",
+           "predicate": {"buildDefinition": {"externalParameters": {"source": {"repository": repo, "revision": revision}}}}}
+    (model_dir / "provenance.intoto.json").write_text(json.dumps(doc))
+
+
+def test_s10_source_in_the_policy_requires_the_signed_provenance(make_policy: PolicyFactory, model_dir: Path) -> None:
+    message = deny(make_policy, model_dir, "S10", SOURCE)
+    assert "provenance.intoto.json is missing" in message and f"org/model@{REV}" in message
+
+
+def test_s10_provenance_naming_another_revision_is_denied(make_policy: PolicyFactory, model_dir: Path) -> None:
+    _provenance(model_dir, "org/model", "f" * 40)
+    message = deny(make_policy, model_dir, "S10", SOURCE)
+    assert f"imported from org/model@{'f' * 40}" in message and f"requires org/model@{REV}" in message
+
+
+def test_s10_provenance_naming_the_policy_source_passes(make_policy: PolicyFactory, model_dir: Path) -> None:
+    _provenance(model_dir, "org/model", REV)
+    decision = evaluate(make_policy(SOURCE), good_facts(model_dir))
+    assert result(decision, "S10") == "pass" and decision.allowed, decision.render_text()
+
+
+def test_s10_malformed_provenance_is_denied(make_policy: PolicyFactory, model_dir: Path) -> None:
+    (model_dir / "provenance.intoto.json").write_text('{"predicate": {}, "predicate": {}}')
+    assert "not strict JSON" in deny(make_policy, model_dir, "S10", SOURCE)
+
+
+def test_s10_without_a_source_is_info(make_policy: PolicyFactory, model_dir: Path) -> None:
+    assert result(evaluate(make_policy(), good_facts(model_dir)), "S10") == "info"

@@ -39,7 +39,7 @@ def test_audit_record_of_a_decision_and_run(make_policy: PolicyFactory, model_di
     assert rec["license_id"] == "Apache-2.0" and rec["license_fingerprint"] == decision.license["fingerprint"]  # type: ignore[index]
     assert rec["host"] and rec["allowed"] is True and rec["event"] == "run" and rec["run_stats"] == {"tokens": 3, "tokens_per_s": 1.5}
     assert rec["guardrail_events"] == [{"stage": "output", "action": "refuse", "rule": "literal:pipe bomb", "offset": 2}]
-    assert len(rec["findings"]) == 23  # type: ignore[arg-type]
+    assert len(rec["findings"]) == 24  # type: ignore[arg-type]
     assert stat.S_IMODE(os.stat(state / "audit.jsonl").st_mode) == 0o600
     raw = (state / "audit.jsonl").read_bytes()
     assert raw.count(b"\n") == 1 and raw.endswith(b"\n")

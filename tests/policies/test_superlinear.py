@@ -5,6 +5,8 @@ Run with ``-s`` to see both decisions as the operator would (the closing note qu
 
 from __future__ import annotations
 
+import json
+
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +39,7 @@ def test_upstream_snapshot_is_denied_with_actionable_findings(tmp_path: Path, st
     print("\n" + decision.render_text())
     assert not decision.allowed
     denied = {f.check: f for f in decision.denials()}
-    assert set(denied) == {"S1", "S2", "S3", "S4", "S7", "A1", "G1", "L1", "L2"}
+    assert set(denied) == {"S1", "S2", "S3", "S4", "S7", "S10", "A1", "G1", "L1", "L2"}  # S10: not imported
     assert {c for c, f in denied.items() if f.floor} == {"S1", "S2", "S3", "S4", "S7", "G1"}
     assert denied["S4"].message == (
         "code or pickle-capable files present: __pycache__/modeling_superlinear_exp.cpython-311.pyc, "
@@ -73,6 +75,11 @@ def test_reviewed_signed_snapshot_is_allowed_after_acceptance(tmp_path: Path, st
     files = {k: v for k, v in upstream_superlinear_files().items() if not k.endswith((".py", ".pyc"))}
     folder = write_files(tmp_path / "superlinear-exp-v0.1", files)
     policy = load_policy(reviewed_policy(folder, tmp_path / "reviewed"))
+    assert [f.check for f in evaluate(policy, good_facts(folder), now=NOW).denials()] == ["S10", "L1", "L2"]
+    source = policy.spec.artifact.source  # imported with --source-repo / --source-revision (S10)
+    assert source is not None
+    (folder / "provenance.intoto.json").write_text(json.dumps({"predicate": {"buildDefinition": {
+        "externalParameters": {"source": {"repository": source.hf_repo, "revision": source.revision}}}}}))
     signed = SignatureFacts(verified=True, signer="org-release-key", digests_matched=True, root_digest="5e" * 32,
                             lock_matched=True)
     facts = good_facts(folder, signature=signed)

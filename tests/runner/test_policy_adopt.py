@@ -48,7 +48,9 @@ def _upstream_model(tmp_path: Path) -> Path:
     snap = tmp_path / "snapshot"
     build_upstream_like_snapshot(snap)
     dest = tmp_path / "model"
-    code, _, err = run("import", str(snap), str(dest))
+    # as the README does: the template's artifact.source requires the import provenance (S10)
+    code, _, err = run("import", str(snap), str(dest), "--source-repo", "concavity-ai/superlinear-exp-v0.1",
+                       "--source-revision", "06ea7933166a63d3bd13b808d6f8d8aead7ed25c")
     assert code == 0, err
     return dest
 
