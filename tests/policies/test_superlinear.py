@@ -6,7 +6,6 @@ Run with ``-s`` to see both decisions as the operator would (the closing note qu
 from __future__ import annotations
 
 import json
-
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
