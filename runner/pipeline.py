@@ -31,6 +31,7 @@ guardrail events (``refused`` or ``interrupted`` when the turn does not finish).
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import signal
@@ -133,6 +134,39 @@ class Interrupted(SecureRunError):
         self.exit_code = 128 + signum
 
 
+#: the signals a run handles (exit 128 + signal number: 130 for SIGINT, 143 for SIGTERM)
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def interrupts_stop_sandboxes() -> Iterator[None]:
+    """While active, SIGINT/SIGTERM stop every sandbox of this process, then raise :class:`Interrupted`.
+
+    The handler first ignores both signals (so that the cleanup is not itself interrupted), then
+    kills and removes every running sandbox through the sandbox's stop API
+    (:func:`secure_run.sandbox.stop_all`: one-shot workers and a :class:`~secure_run.runner.warm.WarmSession`'s
+    persistent worker alike), then raises :class:`Interrupted` so that the turn in progress is
+    audited ``interrupted``. The previous handlers are restored when the block is left.
+    """
+
+    def handler(signum: int, _frame: object) -> None:
+        for s in HANDLED_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        from secure_run.sandbox import stop_all
+
+        stop_all()
+        raise Interrupted(signum)
+
+    previous = {s: signal.getsignal(s) for s in HANDLED_SIGNALS}
+    for s in HANDLED_SIGNALS:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
 def _default_operator() -> str:
     try:
         return getpass.getuser()
@@ -174,7 +208,13 @@ class Session:
         """Run one completion for ``messages`` (chat roles ``system``/``user``/``assistant``)."""
         from secure_run.runner.stops import StopStrings
         from secure_run.sandbox import GenerateRequest, run_worker
-        from secure_run.sandbox.protocol import PinnedFileModel, StatsEvent, TextEvent, TokenEvent, WorkerStats
+        from secure_run.sandbox.protocol import (
+            PinnedFileModel,
+            StatsEvent,
+            TextEvent,
+            TokenEvent,
+            WorkerStats,
+        )
 
         run_id = f"run-{uuid.uuid4().hex[:16]}"
         released_text: list[str] = []

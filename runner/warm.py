@@ -36,8 +36,8 @@ from secure_run.runner.pipeline import (
     GenerateOptions,
     Interrupted,
     Text,
-    worker_device,
     prepare,
+    worker_device,
 )
 
 if TYPE_CHECKING:
