@@ -404,7 +404,8 @@ class Session:
         if isinstance(gpu, dict) and worker_device is not None:
             ident["gpu"] = {**gpu, "worker_reported_device": worker_device,
                             "worker_reported_source": "worker torch.cuda.get_device_name (untrusted)"}
-        return audit_record(self.decision, event=event, **ident, **fields)  # type: ignore[arg-type]
+        record: dict[str, object] = audit_record(self.decision, event=event, **ident, **fields)  # type: ignore[arg-type,unused-ignore]
+        return record
 
 
 # --- shared by verify --policy and ci-check --------------------------------------------------------
