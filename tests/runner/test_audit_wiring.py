@@ -376,3 +376,36 @@ class _closing:
 
     def __exit__(self, *exc: object) -> None:
         self.session.close()
+
+
+# --- secure-run serve: an HTTP request through the real WarmSession ----------------------------------
+
+
+def test_served_request_record_carries_request_fields_and_identity(state: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from starlette.testclient import TestClient
+
+    from secure_run.runner.pipeline import GenerateOptions
+    from secure_run.runner.serve import ServeSettings, create_app
+    from secure_run.runner.warm import WarmSession
+
+    monkeypatch.setattr("secure_run.sandbox.backends.get_backend", lambda *a, **k: FakeBackend())
+    monkeypatch.setattr("secure_run.sandbox.persistent.PersistentWorker.start", lambda *a, **k: FakeWorker())
+    warm = WarmSession.open(GenerateOptions())
+    try:
+        with TestClient(create_app(warm, ServeSettings())) as client:
+            r = client.post("/v1/chat/completions", json={"model": warm.model_id, "user": "alice",
+                                                          "messages": [{"role": "user", "content": "hello"}]})
+            assert r.status_code == 200, r.text
+            body = r.json()
+    finally:
+        warm.close()
+    finished = [rec for rec in _records(state) if rec["event"] == "finished"]
+    assert len(finished) == 1
+    rec = finished[0]
+    assert rec["run_id"] == body["id"] and rec["run_stats"]["request_id"] == body["id"]
+    assert str(rec["run_stats"]["client"]).startswith("alice@")
+    _assert_identity(rec)
+    assert rec["prompt_sha256"] == _sha(_rendered("hello"))
+    assert rec["output_sha256"] == _sha(body["choices"][0]["message"]["content"])
+    assert rec["host_measured"]["source"] == "host" and rec["worker_reported"]["host_counted_tokens"] == 2
