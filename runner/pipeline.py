@@ -423,16 +423,20 @@ def policy_check(policy_ref: str, verification: VerificationResult) -> Decision:
 
 
 def audit_gate_refusal(audit: AuditLog, err: BaseException, *, model_dir: Path, policy: Policy,
-                       operator: str, event: str = "refused") -> None:
-    """Audit a refusal (or interrupt) that came before the policy decided (verification, architecture)."""
-    from secure_run.policies.audit import AUDIT_SCHEMA
+                       operator: str, event: str = "refused", sandbox_backend: str | None = None) -> None:
+    """Audit a refusal (or interrupt) that came before the policy decided (verification, architecture).
+
+    No signer verified yet (``signer`` is null); the code identity and the chosen backend are stated.
+    """
+    from secure_run.policies.audit import AUDIT_SCHEMA, code_identity
 
     error = err.to_json() if isinstance(err, SecureRunError) else {"kind": type(err).__name__, "message": str(err)}
     audit.append({
         "schema": AUDIT_SCHEMA, "ts": datetime.now(UTC).isoformat(timespec="milliseconds"), "event": event,
         "allowed": False, "stage": "verify", "policy_name": policy.name, "policy_sha256": policy.sha256,
         "model_dir": str(model_dir), "operator": operator, "run_stats": {"refused": error},
-        "findings": [], "guardrail_events": [],
+        "findings": [], "guardrail_events": [], "signer": None, "code": code_identity(),
+        "sandbox": {"backend": sandbox_backend, "image_digest": None} if sandbox_backend else None,
     })
 
 
@@ -501,6 +505,7 @@ def prepare(options: GenerateOptions, *, progress: ProgressSink | None = None,
     def refused(err: BaseException, _verification: VerificationResult | None) -> None:
         if isinstance(err, SecureRunError):
             audit_gate_refusal(audit, err, model_dir=model_dir, policy=policy, operator=operator,
+                               sandbox_backend=options.sandbox,
                                event="interrupted" if isinstance(err, Interrupted) else "refused")
 
     gate = run_gate(model_dir, options.trust, lock=lock, signature=options.signature, progress=progress,

@@ -409,3 +409,33 @@ def test_served_request_record_carries_request_fields_and_identity(state: Path,
     assert rec["prompt_sha256"] == _sha(_rendered("hello"))
     assert rec["output_sha256"] == _sha(body["choices"][0]["message"]["content"])
     assert rec["host_measured"]["source"] == "host" and rec["worker_reported"]["host_counted_tokens"] == 2
+
+
+# --- refusals before a run ---------------------------------------------------------------------------
+
+
+def test_a_verification_refusal_states_code_and_backend_and_no_signer(state: Path, worker: dict[str, Any],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import secure_run.manifests as manifests
+    from secure_run.errors import VerificationError
+
+    def refuse(*a: Any, **k: Any) -> Any:
+        raise VerificationError("digest mismatch in model-00001.safetensors", rule="V-DIGEST")
+
+    monkeypatch.setattr(manifests, "verify_model", refuse)
+    r = _generate("--json")
+    assert r.exit_code == 1, r.output
+    rec = _records(state)[-1]
+    assert rec["event"] == "refused" and rec["stage"] == "verify"
+    assert rec["signer"] is None  # nothing verified
+    assert rec["code"] == code_identity() and rec["sandbox"] == {"backend": "docker", "image_digest": None}
+
+
+def test_a_policy_denial_states_the_signer_that_verified_and_the_code(state: Path, worker: dict[str, Any]) -> None:
+    r = _generate("--json", "--use", "surveillance")
+    assert r.exit_code == 1, r.output
+    rec = _records(state)[-1]
+    assert rec["event"] == "refused" and rec["allowed"] is False
+    assert rec["signer"] == _demo_signer() and rec["code"] == code_identity()
+    assert rec["sandbox"]["backend"] == "docker"
+    assert worker["requests"] == []
