@@ -439,3 +439,31 @@ def test_a_policy_denial_states_the_signer_that_verified_and_the_code(state: Pat
     assert rec["signer"] == _demo_signer() and rec["code"] == code_identity()
     assert rec["sandbox"]["backend"] == "docker"
     assert worker["requests"] == []
+
+
+def test_chat_signal_stops_the_warm_sandbox_and_audits_the_turn_interrupted(state: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from secure_run.sandbox import backends
+
+    class SignallingWorker(FakeWorker):
+        def turn(self, req: Any, *, cancel: Any = None, timeout_s: float = 0) -> Iterator[Any]:
+            yield TokenEvent(type="token", request=req.request, index=0, token_id=10)
+            yield TextEvent(type="text", request=req.request, text="some words " * 40)
+            os.kill(os.getpid(), signal.SIGINT)
+            yield TokenEvent(type="token", request=req.request, index=1, token_id=11)
+
+    run = _TrackedRun()  # stands for the persistent worker's sandbox
+    monkeypatch.setattr("secure_run.runner.cmd_generate._stdin_is_tty", lambda: True)
+    monkeypatch.setattr("secure_run.sandbox.backends.get_backend", lambda *a, **k: FakeBackend())
+    monkeypatch.setattr("secure_run.sandbox.persistent.PersistentWorker.start",
+                        lambda *a, **k: (backends._ACTIVE.add(run), SignallingWorker())[1])  # type: ignore[arg-type]
+    try:
+        r = CliRunner().invoke(cli, ["generate", "--chat"], input="hello\n\n", catch_exceptions=False)
+    finally:
+        backends._ACTIVE.discard(run)  # type: ignore[arg-type]
+    assert r.exit_code == 130, r.output
+    assert run.stopped == 1  # the handler stopped the warm sandbox through the stop API
+    rec = _records(state)[-1]
+    assert rec["event"] == "interrupted" and rec["run_stats"]["mode"] == "warm"
+    _assert_identity(rec)
+    assert rec["prompt_sha256"] == _sha(_rendered("hello"))
