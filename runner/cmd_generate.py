@@ -7,8 +7,12 @@ Text mode streams the completion on stdout and status lines on stderr, ending wi
 statistics (tokens/s). ``--json`` prints JSON lines on stdout: ``{"type": "status"|"text"|"final"
 |"error", ...}`` (schema in the README, "JSON output").
 
-SIGINT and SIGTERM stop the run cleanly: the sandbox is stopped, an ``interrupted`` audit record is
-written, and the command exits 130 (SIGINT) or 143 (SIGTERM), with a JSON error line under
+Model text is printed through :class:`~secure_run.runner.output.ModelTextWriter` in text mode, so a
+line of model output cannot pose as a status line (``[verify] ...``, ``secure-run: ...``).
+
+SIGINT and SIGTERM stop the run cleanly: every sandbox of the process is stopped through the
+sandbox's stop API (:func:`secure_run.sandbox.stop_all`, the warm worker of ``--chat`` included),
+an ``interrupted`` audit record is written, and the command exits 130 (SIGINT) or 143 (SIGTERM), with a JSON error line under
 ``--json``. Further signals are ignored while that cleanup runs (so a second Ctrl-C cannot leave a
 container behind); SIGKILL still ends the process, and the sandbox's own wall clock bounds it.
 """

@@ -27,6 +27,13 @@ every verified file (sha256 + identity; the worker refuses a file without a pin,
 identity before and after reading and re-hashes small files), streams tokens through the output
 guardrail, enforces the time limit, and appends a ``finished`` record with the run statistics and
 guardrail events (``refused`` or ``interrupted`` when the turn does not finish).
+
+Every run record (``started``, ``finished``, ``refused``, ``interrupted``; the warm session's per
+request records too) states what ran (:meth:`Session.record`): the signer that verified, the code
+identity, the sandbox backend and Docker image content id, the GPU (host ``nvidia-smi``) with
+``--gpu``, the sha256 of the rendered prompt and of the released output (the texts only with the
+policy's ``audit.store_text``), and host-measured figures apart from worker-reported ones. The log
+is opened with :meth:`~secure_run.policies.AuditLog.for_host`, so a host audit key signs its heads.
 """
 
 from __future__ import annotations
