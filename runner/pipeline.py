@@ -392,11 +392,25 @@ class Session:
                 "signer": self.verification.signer.to_json(),
                 "code": code_identity(),
                 "sandbox_backend": self.backend.name,
-                "image_digest": sandbox_image_id(self.backend, self.sandbox_policy),
+                "image_digest": None,
                 "gpu": host_gpu() if self.options.gpu else None,
                 "store_text": self.policy.spec.audit.store_text,
             }
-        return dict(self._identity)
+        ident = dict(self._identity)
+        if ident["image_digest"] is None:
+            ident["image_digest"] = self._identity["image_digest"] = self._image_id()
+        return ident
+
+    def _image_id(self) -> str | None:
+        """The image content id, or None when the engine cannot say now.
+
+        A refusal must still be audited when the engine is down (the launch then fails on its own,
+        audited with the engine's error); the id is asked again for the next record.
+        """
+        try:
+            return sandbox_image_id(self.backend, self.sandbox_policy)
+        except Exception:  # any engine failure: the record says null, the launch reports it
+            return None
 
     def record(self, event: str, *, worker_device: str | None = None, **fields: object) -> dict[str, object]:
         """An audit record of this session: the decision, :meth:`record_identity`, then ``fields``.

@@ -467,3 +467,18 @@ def test_chat_signal_stops_the_warm_sandbox_and_audits_the_turn_interrupted(stat
     assert rec["event"] == "interrupted" and rec["run_stats"]["mode"] == "warm"
     _assert_identity(rec)
     assert rec["prompt_sha256"] == _sha(_rendered("hello"))
+
+
+def test_a_refusal_is_audited_even_when_the_engine_cannot_name_the_image(state: Path, worker: dict[str, Any]) -> None:
+    from secure_run.errors import SandboxError
+
+    class EngineDown(FakeBackend):
+        def image(self, runtime: str = "image") -> str:
+            raise SandboxError("the Docker engine does not answer", rule="sandbox.engine")
+
+    worker["backend"] = EngineDown()
+    r = _generate("--json", prompt="x" * 70_000)  # over the demo policy's max_prompt_chars
+    assert r.exit_code == 1, r.output
+    rec = _records(state)[-1]
+    assert rec["event"] == "refused" and rec["run_stats"]["refused"]["kind"] == "policy"  # the real reason
+    _assert_identity(rec, image=None)
