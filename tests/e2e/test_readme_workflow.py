@@ -27,7 +27,7 @@ def readme_commands() -> list[tuple[str, int]]:
     """(command line, expected exit code) of the README's real-model section, in order."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
     start = text.index("## Running the real model")
-    section = text[start:text.index("\n## ", start)]  # up to the next section (Auditing a run, Serving...)
+    section = text[start:text.index("\n## ", start)]  # up to the next section
     out: list[tuple[str, int]] = []
     for block in re.findall(r"```\n(.*?)```", section, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
