@@ -454,6 +454,17 @@ class Signatures(Strict):
         return self
 
 
+class AuditSpec(Strict):
+    """What each run's audit record keeps (issue 14.2).
+
+    The rendered prompt and the released output are always recorded as sha256 digests;
+    ``store_text: true`` keeps the texts themselves in the record too (off by default: the log
+    then holds no user or model text).
+    """
+
+    store_text: bool = False
+
+
 class Spec(Strict):
     """Everything the policy decides."""
 
@@ -465,6 +476,7 @@ class Spec(Strict):
     guardrails: Guardrails
     sandbox: Sandbox = Sandbox()
     signatures: Signatures = Signatures()
+    audit: AuditSpec = AuditSpec()
 
     def weights_entries(self) -> list[LicenseEntry]:
         """Catalogue entries of the weights licence(s)."""

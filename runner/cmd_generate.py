@@ -7,8 +7,12 @@ Text mode streams the completion on stdout and status lines on stderr, ending wi
 statistics (tokens/s). ``--json`` prints JSON lines on stdout: ``{"type": "status"|"text"|"final"
 |"error", ...}`` (schema in the README, "JSON output").
 
-SIGINT and SIGTERM stop the run cleanly: the sandbox is stopped, an ``interrupted`` audit record is
-written, and the command exits 130 (SIGINT) or 143 (SIGTERM), with a JSON error line under
+Model text is printed through :class:`~secure_run.runner.output.ModelTextWriter` in text mode, so a
+line of model output cannot pose as a status line (``[verify] ...``, ``secure-run: ...``).
+
+SIGINT and SIGTERM stop the run cleanly: every sandbox of the process is stopped through the
+sandbox's stop API (:func:`secure_run.sandbox.stop_all`, the warm worker of ``--chat`` included),
+an ``interrupted`` audit record is written, and the command exits 130 (SIGINT) or 143 (SIGTERM), with a JSON error line under
 ``--json``. Further signals are ignored while that cleanup runs (so a second Ctrl-C cannot leave a
 container behind); SIGKILL still ends the process, and the sandbox's own wall clock bounds it.
 """
@@ -20,13 +24,12 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from secure_run.runner.options import json_option, trust_options
-from secure_run.runner.output import SETTINGS, emit_line
+from secure_run.runner.output import SETTINGS, ModelTextWriter, emit_line
 from secure_run.runner.progress import hashing_progress
 
 if TYPE_CHECKING:
@@ -38,26 +41,15 @@ HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 @contextlib.contextmanager
 def interrupts_raise() -> Iterator[None]:
-    """While active, SIGINT/SIGTERM raise :class:`~secure_run.runner.pipeline.Interrupted`.
+    """While active, SIGINT/SIGTERM stop every sandbox and raise :class:`~secure_run.runner.pipeline.Interrupted`.
 
-    After the first signal both are ignored until the block is left, so that the cleanup (stopping
-    the sandbox, writing the audit record) is not itself interrupted.
+    See :func:`~secure_run.runner.pipeline.interrupts_stop_sandboxes` (imported lazily: the CLI
+    starts without the pipeline's imports).
     """
-    from secure_run.runner.pipeline import Interrupted
+    from secure_run.runner.pipeline import interrupts_stop_sandboxes
 
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        for s in HANDLED_SIGNALS:
-            signal.signal(s, signal.SIG_IGN)
-        raise Interrupted(signum)
-
-    previous = {s: signal.getsignal(s) for s in HANDLED_SIGNALS}
-    for s in HANDLED_SIGNALS:
-        signal.signal(s, handler)
-    try:
+    with interrupts_stop_sandboxes():
         yield
-    finally:
-        for s, old in previous.items():
-            signal.signal(s, old)
 
 
 @click.command("generate")
@@ -148,6 +140,7 @@ def _run(options: GenerateOptions, kw: dict[str, Any], as_json: bool) -> None:
 
     def one_turn(messages: list[dict[str, str]]) -> str:
         reply: list[str] = []
+        writer = ModelTextWriter()  # model text cannot pose as a status line
         turn = session.run_turn(messages)
         try:
             for ev in turn:
@@ -158,8 +151,10 @@ def _run(options: GenerateOptions, kw: dict[str, Any], as_json: bool) -> None:
                     if as_json:
                         emit_line({"type": "text", "text": ev.text})
                     else:
-                        click.echo(ev.text, nl=False)
+                        click.echo(writer.render(ev.text), nl=False)
                 elif isinstance(ev, Final):
+                    if not as_json:
+                        click.echo(writer.flush(), nl=False)
                     _final(ev, as_json)
         except Interrupted as err:
             turn.close()  # stops and removes the sandbox if it is running
@@ -208,11 +203,13 @@ def _chat(options: GenerateOptions, kw: dict[str, Any], status: Callable[[str, s
             req = CompletionRequest(request_id=f"{chat_id}-{turn_no}", messages=tuple(messages), prompt=None,
                                     sampling=sampling, client="cli", session_id=chat_id)
             # an Interrupted (Ctrl-C) propagates: complete() cancels the turn in the worker and audits it
+            writer = ModelTextWriter()  # model text cannot pose as a status line
             for ev in warm.complete(req, threading.Event()):
                 if isinstance(ev, Text):
                     reply.append(ev.text)
-                    click.echo(ev.text, nl=False)
+                    click.echo(writer.render(ev.text), nl=False)
                 elif isinstance(ev, Final):
+                    click.echo(writer.flush(), nl=False)
                     _final(ev, False)
             return "".join(reply)
 

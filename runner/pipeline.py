@@ -27,14 +27,23 @@ every verified file (sha256 + identity; the worker refuses a file without a pin,
 identity before and after reading and re-hashes small files), streams tokens through the output
 guardrail, enforces the time limit, and appends a ``finished`` record with the run statistics and
 guardrail events (``refused`` or ``interrupted`` when the turn does not finish).
+
+Every run record (``started``, ``finished``, ``refused``, ``interrupted``; the warm session's per
+request records too) states what ran (:meth:`Session.record`): the signer that verified, the code
+identity, the sandbox backend and Docker image content id, the GPU (host ``nvidia-smi``) with
+``--gpu``, the sha256 of the rendered prompt and of the released output (the texts only with the
+policy's ``audit.store_text``), and host-measured figures apart from worker-reported ones. The log
+is opened with :meth:`~secure_run.policies.AuditLog.for_host`, so a host audit key signs its heads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import signal
 import time
+import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -132,6 +141,39 @@ class Interrupted(SecureRunError):
         self.exit_code = 128 + signum
 
 
+#: the signals a run handles (exit 128 + signal number: 130 for SIGINT, 143 for SIGTERM)
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def interrupts_stop_sandboxes() -> Iterator[None]:
+    """While active, SIGINT/SIGTERM stop every sandbox of this process, then raise :class:`Interrupted`.
+
+    The handler first ignores both signals (so that the cleanup is not itself interrupted), then
+    kills and removes every running sandbox through the sandbox's stop API
+    (:func:`secure_run.sandbox.stop_all`: one-shot workers and a :class:`~secure_run.runner.warm.WarmSession`'s
+    persistent worker alike), then raises :class:`Interrupted` so that the turn in progress is
+    audited ``interrupted``. The previous handlers are restored when the block is left.
+    """
+
+    def handler(signum: int, _frame: object) -> None:
+        for s in HANDLED_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        from secure_run.sandbox import stop_all
+
+        stop_all()
+        raise Interrupted(signum)
+
+    previous = {s: signal.getsignal(s) for s in HANDLED_SIGNALS}
+    for s in HANDLED_SIGNALS:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
 def _default_operator() -> str:
     try:
         return getpass.getuser()
@@ -158,6 +200,10 @@ class Session:
     notices: list[str] = field(default_factory=list)
     #: called between the ``started`` record and the sandbox launch (tests use it to race the folder)
     before_launch: Callable[[], None] | None = None
+    #: what every run record states about the run's identity (:meth:`record_identity`), built once
+    _identity: dict[str, object] | None = field(default=None, repr=False)
+    #: the turn in progress: run id, rendered prompt, released text (for an ``interrupted`` record)
+    _turn: dict[str, object] = field(default_factory=dict, repr=False)
 
     def close(self) -> None:
         """Close the verified folder."""
@@ -167,10 +213,19 @@ class Session:
 
     def run_turn(self, messages: Sequence[Mapping[str, str]]) -> Generator[Event, None, None]:
         """Run one completion for ``messages`` (chat roles ``system``/``user``/``assistant``)."""
-        from secure_run.policies import audit_record
         from secure_run.runner.stops import StopStrings
         from secure_run.sandbox import GenerateRequest, run_worker
-        from secure_run.sandbox.protocol import PinnedFileModel, StatsEvent, TextEvent, TokenEvent
+        from secure_run.sandbox.protocol import (
+            PinnedFileModel,
+            StatsEvent,
+            TextEvent,
+            TokenEvent,
+            WorkerStats,
+        )
+
+        run_id = f"run-{uuid.uuid4().hex[:16]}"
+        released_text: list[str] = []
+        self._turn = {"run_id": run_id, "prompt": None, "output": released_text}
 
         # 6. input guardrail and limits, on every user message and on the rendered prompt.
         limits = self.policy.limits()
@@ -186,6 +241,7 @@ class Session:
                     content = verdict.text
                 checked.append({"role": m["role"], "content": content})
             prompt_text = self.tokenizer.render_chat(checked)
+            self._turn["prompt"] = prompt_text
             prompt_tokens = len(self.tokenizer.encode(prompt_text))
             limits.check(prompt_chars=sum(len(m["content"]) for m in checked), prompt_tokens=prompt_tokens,
                          max_new_tokens=self.max_new_tokens)
@@ -204,7 +260,9 @@ class Session:
             "temperature": self.options.temperature, "top_k": self.options.top_k, "top_p": self.options.top_p,
             "seed": self.options.seed, "files": pins,
         }, strict=False)
-        self.audit.append(audit_record(self.decision, event="started", run_stats={"backend": self.backend.name}))
+        params = self.parameters()
+        self.audit.append(self.record("started", run_id=run_id, prompt=prompt_text, parameters=params,
+                                      run_stats={"backend": self.backend.name}))
         yield Status("sandbox", f"starting the {self.backend.name} sandbox (no network, read-only model)")
         try:
             if self.before_launch is not None:
@@ -225,6 +283,7 @@ class Session:
         first_token: float | None = None
         tokens = 0
         worker_stats: dict[str, object] = {}
+        reported: WorkerStats | None = None
         blocked = False
         stream = _closing(run_worker(self.backend, self.sandbox_policy, request))
         try:
@@ -240,6 +299,7 @@ class Session:
                     released = stopper.feed(guard_out.feed(ev.text))
                     early.feed(ev.text)
                     if released:
+                        released_text.append(released)
                         yield Text(released)
                     if guard_out.blocked:
                         blocked = True
@@ -248,6 +308,7 @@ class Session:
                         break  # closing the stream below ends the worker
                 elif isinstance(ev, StatsEvent):
                     worker_stats = ev.model_dump(exclude={"type"})
+                    reported = WorkerStats.from_event(ev, host_counted_tokens=tokens)
                 deadline.check()
         except Interrupted:
             raise  # the finally below stops the sandbox; Session.audit_interrupt records it
@@ -263,6 +324,7 @@ class Session:
             blocked = guard_out.blocked
             tail += stopper.finish()  # text held back as a possible stop-string start
             if tail:
+                released_text.append(tail)
                 yield Text(tail)
         events.extend(guard_out.events)
 
@@ -279,8 +341,16 @@ class Session:
             "output_blocked": blocked,
             "stop": stopper.matched,
         }
-        record = audit_record(self.decision, event="finished", run_stats=stats, guardrail_events=events)
+        host_measured = {"source": "host", "prompt_tokens": prompt_tokens, "generated_tokens": tokens,
+                         "seconds": stats["seconds"], "first_token_seconds": stats["first_token_seconds"],
+                         "output_blocked": blocked}
+        record = self.record("finished", run_id=run_id, prompt=prompt_text, output="".join(released_text),
+                             parameters=params, run_stats=stats, guardrail_events=events,
+                             host_measured=host_measured,
+                             worker_reported=reported.as_record() if reported is not None else None,
+                             worker_device=worker_device(worker_stats))
         self.audit.append(record)
+        self._turn = {}
         yield Final(stats=stats, blocked=blocked, audit_path=str(self.audit.path))
 
     def audit_interrupt(self, err: Interrupted) -> None:
@@ -288,10 +358,75 @@ class Session:
         self._audit_refusal(err, (), event="interrupted")
 
     def _audit_refusal(self, err: SecureRunError, events: Sequence[GuardrailEvent], *, event: str = "refused") -> None:
+        turn, self._turn = self._turn, {}
+        output = turn.get("output")
+        prompt = turn.get("prompt")
+        run_id = turn.get("run_id")
+        stats = {"refused": err.to_json()}
+        self.audit.append(self.record(
+            event, run_id=run_id if isinstance(run_id, str) else None,
+            prompt=prompt if isinstance(prompt, str) else None,
+            output="".join(output) if isinstance(output, list) and prompt is not None else None,
+            parameters=self.parameters(), run_stats=stats, guardrail_events=events))
+
+    # --- what every run record says (issue 14.2) -------------------------------------------------
+
+    def parameters(self) -> dict[str, object]:
+        """The generation parameters of this session's turns."""
+        o = self.options
+        return {"max_new_tokens": self.max_new_tokens, "temperature": o.temperature, "top_p": o.top_p,
+                "top_k": o.top_k, "seed": o.seed, "stop": list(o.stop), "device": "cuda" if o.gpu else "cpu",
+                "dtype": o.dtype}
+
+    def record_identity(self) -> dict[str, object]:
+        """The :func:`~secure_run.policies.audit_record` keywords that identify what ran, built once.
+
+        The signer that verified, :func:`~secure_run.policies.audit.code_identity`, the sandbox
+        backend and (Docker) the content id of the image its containers run from, the GPU (host
+        ``nvidia-smi``) when ``--gpu``, and whether the policy asks for the texts themselves.
+        """
+        if self._identity is None:
+            from secure_run.policies.audit import code_identity
+
+            self._identity = {
+                "signer": self.verification.signer.to_json(),
+                "code": code_identity(),
+                "sandbox_backend": self.backend.name,
+                "image_digest": None,
+                "gpu": host_gpu() if self.options.gpu else None,
+                "store_text": self.policy.spec.audit.store_text,
+            }
+        ident = dict(self._identity)
+        if ident["image_digest"] is None:
+            ident["image_digest"] = self._identity["image_digest"] = self._image_id()
+        return ident
+
+    def _image_id(self) -> str | None:
+        """The image content id, or None when the engine cannot say now.
+
+        A refusal must still be audited when the engine is down (the launch then fails on its own,
+        audited with the engine's error); the id is asked again for the next record.
+        """
+        try:
+            return sandbox_image_id(self.backend, self.sandbox_policy)
+        except Exception:  # any engine failure: the record says null, the launch reports it
+            return None
+
+    def record(self, event: str, *, worker_device: str | None = None, **fields: object) -> dict[str, object]:
+        """An audit record of this session: the decision, :meth:`record_identity`, then ``fields``.
+
+        ``worker_device``: the GPU the worker reported (torch.cuda), added to the record's ``gpu``
+        labelled as worker-reported, next to the host's ``nvidia-smi`` answer.
+        """
         from secure_run.policies import audit_record
 
-        stats = {"refused": err.to_json()}
-        self.audit.append(audit_record(self.decision, event=event, run_stats=stats, guardrail_events=events))
+        ident = self.record_identity()
+        gpu = ident.get("gpu")
+        if isinstance(gpu, dict) and worker_device is not None:
+            ident["gpu"] = {**gpu, "worker_reported_device": worker_device,
+                            "worker_reported_source": "worker torch.cuda.get_device_name (untrusted)"}
+        record: dict[str, object] = audit_record(self.decision, event=event, **ident, **fields)  # type: ignore[arg-type,unused-ignore]
+        return record
 
 
 # --- shared by verify --policy and ci-check --------------------------------------------------------
@@ -309,16 +444,20 @@ def policy_check(policy_ref: str, verification: VerificationResult) -> Decision:
 
 
 def audit_gate_refusal(audit: AuditLog, err: BaseException, *, model_dir: Path, policy: Policy,
-                       operator: str, event: str = "refused") -> None:
-    """Audit a refusal (or interrupt) that came before the policy decided (verification, architecture)."""
-    from secure_run.policies.audit import AUDIT_SCHEMA
+                       operator: str, event: str = "refused", sandbox_backend: str | None = None) -> None:
+    """Audit a refusal (or interrupt) that came before the policy decided (verification, architecture).
+
+    No signer verified yet (``signer`` is null); the code identity and the chosen backend are stated.
+    """
+    from secure_run.policies.audit import AUDIT_SCHEMA, code_identity
 
     error = err.to_json() if isinstance(err, SecureRunError) else {"kind": type(err).__name__, "message": str(err)}
     audit.append({
         "schema": AUDIT_SCHEMA, "ts": datetime.now(UTC).isoformat(timespec="milliseconds"), "event": event,
         "allowed": False, "stage": "verify", "policy_name": policy.name, "policy_sha256": policy.sha256,
         "model_dir": str(model_dir), "operator": operator, "run_stats": {"refused": error},
-        "findings": [], "guardrail_events": [],
+        "findings": [], "guardrail_events": [], "signer": None, "code": code_identity(),
+        "sandbox": {"backend": sandbox_backend, "image_digest": None} if sandbox_backend else None,
     })
 
 
@@ -355,7 +494,7 @@ def prepare(options: GenerateOptions, *, progress: ProgressSink | None = None,
                          hint="pass --policy FILE (or builtin:superlinear-exp-v0.1) reviewed for this model")
     policy = policies.load_policy(policy_ref)
     lock = manifests.Lock.load(options.lock or manifests.default_lock_path())
-    audit = policies.AuditLog(options.audit_log or policy.audit_log_path())
+    audit = policies.AuditLog.for_host(options.audit_log or policy.audit_log_path())
     check_audit_writable(audit)
     operator = options.operator or _default_operator()
 
@@ -387,6 +526,7 @@ def prepare(options: GenerateOptions, *, progress: ProgressSink | None = None,
     def refused(err: BaseException, _verification: VerificationResult | None) -> None:
         if isinstance(err, SecureRunError):
             audit_gate_refusal(audit, err, model_dir=model_dir, policy=policy, operator=operator,
+                               sandbox_backend=options.sandbox,
                                event="interrupted" if isinstance(err, Interrupted) else "refused")
 
     gate = run_gate(model_dir, options.trust, lock=lock, signature=options.signature, progress=progress,
@@ -406,7 +546,10 @@ def _session(options: GenerateOptions, gate: GateResult, *, is_demo: bool, audit
     decision, policy = gate.decision, gate.policy
     assert decision is not None and policy is not None  # run_gate was given a policy
     if not decision.allowed:
-        audit.append(policies.audit_record(decision, event="refused"))
+        from secure_run.policies.audit import code_identity
+
+        audit.append(policies.audit_record(decision, event="refused", signer=gate.verification.signer.to_json(),
+                                           code=code_identity(), sandbox_backend=options.sandbox))
     decision.raise_if_denied()
 
     # 5. the sandbox.
@@ -430,6 +573,48 @@ def _session(options: GenerateOptions, gate: GateResult, *, is_demo: bool, audit
     warnings = [f for f in decision.findings if f.result == "warn"]
     session.notices.extend(f"warning {f.check}: {f.message}" for f in warnings)
     return session
+
+
+def sandbox_image_id(backend: SandboxBackend, policy: SandboxPolicy) -> str | None:
+    """The content id (``sha256:...``) of the image the Docker backend's containers run from.
+
+    The Docker backend checks the image by content id and starts containers from that id
+    (:func:`~secure_run.sandbox._internal.image.ensure_image_id`); other backends have no image (None).
+    """
+    image = getattr(backend, "image", None)
+    runtime_for = getattr(backend, "runtime_for", None)
+    if not callable(image) or not callable(runtime_for):
+        return None
+    image_id = image(runtime_for(policy))
+    return image_id if isinstance(image_id, str) else None
+
+
+def host_gpu() -> dict[str, object]:
+    """The GPU model and driver version as the host's ``nvidia-smi`` reports them (``source`` says so)."""
+    import shutil
+    import subprocess
+
+    source = "host nvidia-smi"
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return {"source": source, "name": None, "driver": None, "error": "nvidia-smi not found on the host"}
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=15, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        return {"source": source, "name": None, "driver": None, "error": str(err)[:200]}
+    devices = [{"name": name.strip(), "driver": driver.strip()}
+               for name, _, driver in (line.rpartition(",") for line in out.splitlines() if "," in line)]
+    if not devices:
+        return {"source": source, "name": None, "driver": None, "error": "nvidia-smi listed no GPU"}
+    return {"source": source, "name": devices[0]["name"], "driver": devices[0]["driver"], "devices": devices}
+
+
+def worker_device(worker_stats: Mapping[str, object]) -> str | None:
+    """The GPU the worker named in its stats (``detail["cuda.device"]``, torch.cuda; worker-reported)."""
+    detail = worker_stats.get("detail")
+    device = detail.get("cuda.device") if isinstance(detail, dict) else None
+    return device if isinstance(device, str) else None
 
 
 class _closing(Iterator[_T]):

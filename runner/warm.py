@@ -30,7 +30,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 from secure_run.errors import SandboxError, SecureRunError, UsageError
-from secure_run.runner.pipeline import LOAD_ALLOWANCE_S, Final, GenerateOptions, Interrupted, Text, prepare
+from secure_run.runner.pipeline import (
+    LOAD_ALLOWANCE_S,
+    Final,
+    GenerateOptions,
+    Interrupted,
+    Text,
+    prepare,
+    worker_device,
+)
 
 if TYPE_CHECKING:
     from secure_run.manifests import ProgressSink
@@ -145,7 +153,6 @@ class WarmSession:
         Raises:
             SecureRunError: any refusal (exit 1) or usage/environment problem (exit 2), audited.
         """
-        from secure_run.policies import audit_record
         from secure_run.sandbox.persistent import PersistentWorker
         from secure_run.sandbox.protocol import LoadRequest, PinnedFileModel
 
@@ -172,10 +179,9 @@ class WarmSession:
             raise
         warm = cls(session, worker)
         assert worker.loaded is not None
-        session.audit.append(audit_record(session.decision, event="started", sandbox_backend=session.backend.name,
-                                          run_stats={"backend": session.backend.name, "mode": "warm",
-                                                     "worker_loads": worker.loaded.loads,
-                                                     "load_seconds": round(worker.loaded.load_seconds, 4)}))
+        session.audit.append(session.record("started", run_stats={"backend": session.backend.name, "mode": "warm",
+                                                                   "worker_loads": worker.loaded.loads,
+                                                                   "load_seconds": round(worker.loaded.load_seconds, 4)}))
         return warm
 
     def close(self) -> None:
@@ -219,8 +225,7 @@ class WarmSession:
             yield from self._complete(req, cancel)
 
     def _complete(self, req: CompletionRequest, cancel: threading.Event) -> Iterator[Event]:
-        from secure_run.policies import audit_record
-        from secure_run.sandbox.protocol import StatsEvent, TextEvent, TokenEvent, TurnRequest
+        from secure_run.sandbox.protocol import StatsEvent, TextEvent, TokenEvent, TurnRequest, WorkerStats
 
         s = self._session
         received = time.monotonic()
@@ -232,11 +237,14 @@ class WarmSession:
         base = {"request_id": req.request_id, "client": req.client, "session_id": req.session_id,
                 "backend": s.backend.name, "mode": "warm"}
         prompt_tokens: int | None = None
+        prompt_text: str | None = None
+        released_text: list[str] = []
 
         def refuse(err: SecureRunError, event: str = "refused") -> None:
             self._counters.requests_refused_total += 1
-            s.audit.append(audit_record(
-                s.decision, event=event, run_id=req.request_id, parameters=params, guardrail_events=events,
+            s.audit.append(s.record(
+                event, run_id=req.request_id, parameters=params, guardrail_events=events,
+                prompt=prompt_text, output="".join(released_text) if prompt_text is not None else None,
                 run_stats={**base, "prompt_tokens": prompt_tokens, "completion_tokens": 0, "refused": err.to_json()}))
 
         try:
@@ -278,6 +286,7 @@ class WarmSession:
         first_text: float | None = None
         tokens = 0
         worker_stats: dict[str, object] = {}
+        reported: WorkerStats | None = None
         finish: str | None = None
         stream = self._worker.turn(turn, cancel=_AnyOf((cancel, stop_now)),
                                    timeout_s=limits.timeout_s + LOAD_ALLOWANCE_S)
@@ -317,11 +326,15 @@ class WarmSession:
                 "tokens_per_second": worker_stats.get("tokens_per_second"),
                 "output_blocked": reason == "blocked",
             }
-            s.audit.append(audit_record(s.decision, event="finished", run_id=req.request_id, parameters=params,
-                                        run_stats=stats, guardrail_events=events, sandbox_backend=s.backend.name,
-                                        host_measured={"generated_tokens": tokens, "prompt_tokens": prompt_tokens,
-                                                       "seconds": stats["seconds"]},
-                                        worker_reported=worker_stats))
+            host_measured = {"source": "host", "generated_tokens": tokens, "prompt_tokens": prompt_tokens,
+                             "seconds": stats["seconds"], "first_token_seconds": stats["first_token_seconds"],
+                             "first_text_seconds": stats["first_text_seconds"], "finish_reason": reason,
+                             "output_blocked": reason == "blocked"}
+            s.audit.append(s.record("finished", run_id=req.request_id, parameters=params, run_stats=stats,
+                                    guardrail_events=events, prompt=prompt_text, output="".join(released_text),
+                                    host_measured=host_measured,
+                                    worker_reported=reported.as_record() if reported is not None else None,
+                                    worker_device=worker_device(worker_stats)))
             return stats
 
         try:
@@ -342,12 +355,14 @@ class WarmSession:
                         if released:
                             if first_text is None:
                                 first_text = time.monotonic() - received
+                            released_text.append(released)
                             yield Text(released)
                         if hit and finish is None:
                             finish = "stop"
                             stop_now.set()
                     elif isinstance(ev, StatsEvent):
                         worker_stats = ev.model_dump(exclude={"type", "request"})
+                        reported = WorkerStats.from_event(ev, host_counted_tokens=tokens)
                     if finish is None:
                         deadline.check()
             except Interrupted as err:
@@ -374,6 +389,7 @@ class WarmSession:
                 if tail:
                     if first_text is None:
                         first_text = time.monotonic() - received
+                    released_text.append(tail)
                     yield Text(tail)
             stats = finished(finish)
         except GeneratorExit:  # the consumer went away (client disconnect): the turn was cancelled
