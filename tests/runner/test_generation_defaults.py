@@ -173,3 +173,55 @@ def test_the_worker_protocol_carries_the_switch() -> None:
     assert GenerateRequest.model_validate_json(json.dumps({**base, "enable_thinking": False})).enable_thinking is False
     with pytest.raises(ValidationError):
         GenerateRequest.model_validate_json(json.dumps({**base, "enable_thinking": "maybe"}))
+
+
+# --- generate --chat (one warm session) -------------------------------------------------------------
+
+
+class _FakeWorker:
+    """Plays the persistent worker: records every turn, answers one token."""
+
+    def __init__(self) -> None:
+        from secure_run.sandbox.protocol import LoadedEvent
+
+        self.loaded = LoadedEvent(type="loaded", request="load", loads=1, load_seconds=0.1, vocab_size=512,
+                                  device="cpu", uid=65534)
+        self.alive = True
+        self.turns: list[Any] = []
+
+    def turn(self, req: Any, *, cancel: Any = None, timeout_s: float = 0) -> Iterator[Any]:
+        self.turns.append(req)
+        yield TokenEvent(type="token", request=req.request, index=0, token_id=10)
+        yield TextEvent(type="text", request=req.request, text="ok")
+        yield StatsEvent(type="stats", request=req.request, prompt_tokens=7, generated_tokens=1, seconds=0.1,
+                         tokens_per_second=10, device="cpu", detail={"finish_reason": "length",
+                                                                     "prefilled_tokens": 7, "reused_tokens": 0})
+
+    def close(self) -> None:
+        self.alive = False
+
+
+def test_chat_uses_the_model_sampling_flags_and_thinking(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    workers: list[_FakeWorker] = []
+
+    def start(*a: Any, **k: Any) -> _FakeWorker:
+        workers.append(_FakeWorker())
+        return workers[-1]
+
+    monkeypatch.setattr("secure_run.sandbox.backends.get_backend", lambda *a, **k: FakeBackend())
+    monkeypatch.setattr("secure_run.sandbox.persistent.PersistentWorker.start", start)
+    monkeypatch.setattr("secure_run.runner.cmd_generate._stdin_is_tty", lambda: True)
+    res = CliRunner().invoke(cli, ["generate", "--chat", "--top-k", "7", "--no-thinking"], input="hi\n\n",
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    (turn,) = workers[0].turns
+    assert (turn.temperature, turn.top_p, turn.top_k) == (0.7, 0.95, 7)  # the model's, and the flag
+    assert turn.rendered.endswith("<think></think>")  # the host render the worker prefills
+    assert "[sampling] sampling: temperature 0.7 (generation_config.json)" in res.stderr
+    res = CliRunner().invoke(cli, ["generate", "--chat", "--temperature", "0"], input="hi\n\n",
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    (turn,) = workers[1].turns
+    assert (turn.temperature, turn.top_p, turn.top_k) == (0.0, 0.95, 0)
+    assert turn.rendered.rstrip().endswith("<think>")
