@@ -19,6 +19,7 @@ Special tokens and stop ids come from ``tokenizer_config.json``, ``special_token
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,10 +111,28 @@ class ChatTemplate:
         self.source = source
         check_chat_template(source, path=path)
 
+    def reads_variable(self, name: str) -> bool:
+        """Whether the template's code (not its literal text or comments) names the variable ``name``.
+
+        Only Jinja's lexer runs here (linear, no parse or compile; the source was already checked in
+        the bounded child); a ``name`` token inside ``{{ }}``/``{% %}`` counts.
+        """
+        return name in _template_names(self.source)
+
     def render(self, **variables: Any) -> str:
         """Render with ``variables``; refuses unsafe access, template errors, limits and oversized output."""
         messages = variables.pop("messages", [])
         return render_chat_template(self.source, messages, path=self.path, **variables)
+
+
+@functools.lru_cache(maxsize=8)
+def _template_names(source: str) -> frozenset[str]:
+    from jinja2 import Environment, TemplateSyntaxError
+
+    try:
+        return frozenset(value for _line, kind, value in Environment().lex(source) if kind == "name")
+    except TemplateSyntaxError:  # unreachable for a checked template; no switch then
+        return frozenset()
 
 
 # --- tokenizer ----------------------------------------------------------------------------------
@@ -236,6 +255,12 @@ class ModelTokenizer:
         return None if tid is None else int(tid)
 
     # --- chat ------------------------------------------------------------------------------------
+    @property
+    def thinking_switch(self) -> bool:
+        """Whether the chat template has a thinking switch (reads ``enable_thinking``, as the
+        Superlinear/Nemotron template does): only then may ``--thinking/--no-thinking`` be given."""
+        return self.chat_template is not None and self.chat_template.reads_variable("enable_thinking")
+
     def _special_strings(self) -> list[str]:
         added = self.tokenizer.get_added_tokens_decoder()
         return sorted({t.content for t in added.values() if t.special} | set(self.special_tokens.values()))

@@ -33,7 +33,7 @@ from secure_run.runner.output import SETTINGS, ModelTextWriter, emit_line
 from secure_run.runner.progress import hashing_progress
 
 if TYPE_CHECKING:
-    from secure_run.runner.pipeline import Final, GenerateOptions
+    from secure_run.runner.pipeline import Final, GenerateOptions, Sampling
 
 #: the signals generate handles (exit 128 + signal number: 130 for SIGINT, 143 for SIGTERM)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -64,10 +64,15 @@ def interrupts_raise() -> Iterator[None]:
               help="Most tokens to generate (default: the policy's limit, guardrails.limits.max_new_tokens).")
 @click.option("--stop", "stop", multiple=True, metavar="TEXT",
               help="End the completion at the first TEXT (repeatable); TEXT itself is not printed.")
-@click.option("--temperature", type=click.FloatRange(0.0, 100.0), default=0.0, show_default=True,
-              help="0 = greedy.")
-@click.option("--top-p", "top_p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True)
-@click.option("--top-k", "top_k", type=click.IntRange(0), default=0, show_default=True, help="0 = off.")
+@click.option("--temperature", type=click.FloatRange(0.0, 100.0),
+              help="0 = greedy (default: the verified generation_config.json's, else 0).")
+@click.option("--top-p", "top_p", type=click.FloatRange(0.0, 1.0, min_open=True),
+              help="Nucleus sampling (default: generation_config.json's, else 1).")
+@click.option("--top-k", "top_k", type=click.IntRange(0, 1 << 20),
+              help="0 = off (default: generation_config.json's, else 0).")
+@click.option("--thinking/--no-thinking", "thinking", default=None,
+              help="Turn the chat template's thinking switch (enable_thinking) on or off; refused for a "
+                   "template without one (default: the template's).")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--sandbox", "sandbox", type=click.Choice(["docker", "namespace"]), default="docker", show_default=True)
 @click.option("--gpu", is_flag=True, help="Run on the GPU (NVIDIA), Triton kernels.")
@@ -102,7 +107,7 @@ def generate_cmd(**kw: Any) -> None:
         model_dir=Path(kw["model_dir"]) if kw["model_dir"] else None, policy=kw["policy"],
         lock=Path(kw["lock"]) if kw["lock"] else None, trust=trust,
         signature=Path(kw["signature"]) if kw["signature"] else None, max_new_tokens=kw["max_new_tokens"],
-        temperature=kw["temperature"], top_p=kw["top_p"], top_k=kw["top_k"], seed=kw["seed"],
+        temperature=kw["temperature"], top_p=kw["top_p"], top_k=kw["top_k"], seed=kw["seed"], thinking=kw["thinking"],
         sandbox=kw["sandbox"], gpu=kw["gpu"], dtype=kw["dtype"], memory_mib=kw["memory_mib"],
         build_image=not kw["no_build"], declared_use=kw["declared_use"], operator=kw["operator"],
         accept_license=kw["accept_license"], acknowledgements=tuple(kw["acknowledgements"]),
@@ -137,6 +142,7 @@ def _run(options: GenerateOptions, kw: dict[str, Any], as_json: bool) -> None:
         status("policy", note)
     if session.decision.banner:
         status("licence", session.decision.banner)
+    status("sampling", _sampling_line(session.sampling, options.thinking))
 
     def one_turn(messages: list[dict[str, str]]) -> str:
         reply: list[str] = []
@@ -189,9 +195,11 @@ def _chat(options: GenerateOptions, kw: dict[str, Any], status: Callable[[str, s
             status("policy", note)
         if warm.session.decision.banner:
             status("licence", warm.session.decision.banner)
+        status("sampling", _sampling_line(warm.session.sampling, options.thinking))
         status("sandbox", f"model loaded once in a {warm.session.backend.name} sandbox (no network, read-only "
                           "model); the conversation stays warm")
-        sampling = SamplingParams(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
+        chosen = warm.session.sampling  # flags, else the verified generation_config.json, else greedy
+        sampling = SamplingParams(temperature=chosen.temperature, top_p=chosen.top_p, top_k=chosen.top_k,
                                   seed=options.seed, max_tokens=warm.session.max_new_tokens)
         chat_id = f"chat-{uuid.uuid4().hex[:12]}"
         turn_no = 0
@@ -234,6 +242,11 @@ def _turns(kw: dict[str, Any], one_turn: Callable[[list[dict[str, str]]], str]) 
         history.append({"role": "user", "content": line})
         reply = one_turn(history)
         history.append({"role": "assistant", "content": reply})
+
+
+def _sampling_line(sampling: Sampling, thinking: bool | None) -> str:
+    think = "" if thinking is None else f"; thinking {'on' if thinking else 'off'} (flag)"
+    return f"sampling: {sampling.describe()}{think}"
 
 
 def _stdin_is_tty() -> bool:

@@ -5,17 +5,24 @@
 
 ``selftest`` runs the worker's tiny deterministic model inside a fresh sandbox (with the full
 hardening of the default policy) and compares its tokens with the same model run here, outside
-the sandbox. ``build-image`` builds the docker backend's runtime image locally (never pulls).
+the sandbox; then it probes every control from inside fresh sandboxes (:mod:`secure_run.sandbox.probes`:
+network, read-only root and model, noexec scratch, seccomp, capabilities, uid, pids, memfd/W+X,
+CPU quota, wall clock) and prints them as a table. It exits 1 (rule ``sandbox.selftest.control``)
+when any control does not hold. ``build-image`` builds the docker backend's runtime image locally (never pulls).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
 from secure_run.runner.options import json_option
 from secure_run.runner.output import emit_json
+
+if TYPE_CHECKING:
+    from secure_run.sandbox.probes import Control
 
 
 def _json_errors(as_json: bool) -> None:
@@ -37,8 +44,8 @@ def sandbox_group() -> None:
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True)
 @json_option
 def selftest_cmd(backend_name: str, gpu: bool, triton: bool, no_build: bool, seed: int, as_json: bool) -> None:
-    """Run the tiny selftest model in a sandbox and check its tokens."""
-    from secure_run.errors import SandboxError, UsageError
+    """Run the tiny selftest model in a sandbox, check its tokens, then probe and print every control."""
+    from secure_run.errors import Refusal, SandboxError, UsageError
     from secure_run.sandbox import (
         SandboxPolicy,
         SelftestRequest,
@@ -48,6 +55,7 @@ def selftest_cmd(backend_name: str, gpu: bool, triton: bool, no_build: bool, see
         run_worker,
     )
     from secure_run.sandbox._internal import selftest
+    from secure_run.sandbox.probes import run_probes
 
     _json_errors(as_json)
     if triton and not gpu:
@@ -69,17 +77,38 @@ def selftest_cmd(backend_name: str, gpu: bool, triton: bool, no_build: bool, see
         raise SandboxError("the sandboxed selftest produced different tokens than the same model outside it",
                            details=(f"inside: {tokens}", f"outside: {expected}"), rule="sandbox.selftest.mismatch",
                            hint="the sandbox's runtime differs from this host's; rebuild the image")
-    doc: dict[str, Any] = {"ok": True, "backend": backend.name, "device": device, "tokens": tokens,
-                           "stats": stats.model_dump(mode="json", exclude={"type"})}
+    report = run_probes(backend, gpu=gpu)
+    failed = [c for c in report.controls if not c.holds]
+    doc: dict[str, Any] = {"ok": not failed, "backend": backend.name, "device": device, "tokens": tokens,
+                           "stats": stats.model_dump(mode="json", exclude={"type"}),
+                           "controls": [c.to_json() for c in report.controls]}
+    if not as_json:
+        text = "".join(selftest.token_text(t) for t in tokens)
+        click.echo(f"sandbox selftest ({backend.name}, {device}): {len(tokens)} tokens {text!r} match the "
+                   f"reference; uid {stats.detail.get('uid')}, {stats.seconds:.2f} s")
+        for key in ("cuda.device", "matmul.max_rel_err", "triton", "triton.max_abs_err"):
+            if key in stats.detail:
+                click.echo(f"  {key}: {stats.detail[key]}")
+        click.echo(control_table(report.controls))
+    if failed:
+        raise Refusal(f"{len(failed)} of {len(report.controls)} sandbox controls do not hold on this host "
+                      f"({backend.name}): {', '.join(c.name for c in failed)}",
+                      details=tuple(f"{c.name}: expected {c.expected}; observed {c.observed}" for c in failed),
+                      rule="sandbox.selftest.control",
+                      hint="do not run models in this sandbox until every control holds; check the host's "
+                           "kernel (seccomp, cgroups v2, user namespaces) or Docker setup")
     if as_json:
         emit_json(doc)
         return
-    text = "".join(selftest.token_text(t) for t in tokens)
-    click.echo(f"sandbox selftest ({backend.name}, {device}): ok — {len(tokens)} tokens {text!r} match the "
-               f"reference; uid {stats.detail.get('uid')}, {stats.seconds:.2f} s")
-    for key in ("cuda.device", "matmul.max_rel_err", "triton", "triton.max_abs_err"):
-        if key in stats.detail:
-            click.echo(f"  {key}: {stats.detail[key]}")
+    click.echo(f"sandbox selftest ({backend.name}, {device}): ok — all {len(report.controls)} controls hold")
+
+
+def control_table(controls: Sequence[Control]) -> str:
+    """The controls as a text table: control, ok/FAIL, what was observed inside."""
+    width = max(len(c.name) for c in controls)
+    lines = [f"  {'control':<{width}}  {'result':<6}  observed inside the sandbox"]
+    lines += [f"  {c.name:<{width}}  {'ok' if c.holds else 'FAIL':<6}  {c.observed}" for c in controls]
+    return "\n".join(lines)
 
 
 @sandbox_group.command("build-image")

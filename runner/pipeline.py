@@ -61,8 +61,8 @@ if TYPE_CHECKING:
     from secure_run.sandbox import SandboxPolicy
 
 __all__ = [
-    "Event", "Final", "GenerateOptions", "Interrupted", "Session", "Status", "Text", "check_architecture",
-    "policy_check", "prepare", "verified_facts",
+    "Event", "Final", "GenerateOptions", "Interrupted", "Sampling", "Session", "Status", "Text", "check_architecture",
+    "model_sampling", "policy_check", "prepare", "resolve_sampling", "verified_facts",
 ]
 
 Backend = Literal["docker", "namespace"]
@@ -82,10 +82,13 @@ class GenerateOptions:
     trust: Trust | None = None
     signature: Path | None = None
     max_new_tokens: int | None = None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
+    #: None: the verified generation_config.json's value (greedy / 1.0 / 0 when it has none)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
     seed: int = 0
+    #: the chat template's ``enable_thinking`` switch; None: the template's default (only with a switch)
+    thinking: bool | None = None
     sandbox: Backend = "docker"
     gpu: bool = False
     dtype: str | None = None
@@ -99,6 +102,79 @@ class GenerateOptions:
     audit_log: Path | None = None
     #: wall clock of a warm session's sandbox (``generate --chat``, ``serve``); None: 24 h
     session_wall_clock_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling a run uses, and where each value came from (``flag``, ``generation_config.json``, ``default``)."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line for the operator, e.g. ``temperature 0.7 (generation_config.json), top_p 1 (default)``."""
+        return ", ".join(f"{k} {getattr(self, k):g} ({self.sources.get(k, 'default')})"
+                         for k in ("temperature", "top_p", "top_k"))
+
+
+def model_sampling(config: Mapping[str, object]) -> dict[str, float | int]:
+    """The valid sampling values of a verified ``generation_config.json`` (as read by
+    :attr:`ModelTokenizer.generation_defaults <secure_run.model.tokenizer.ModelTokenizer.generation_defaults>`).
+
+    ``do_sample: false`` means greedy (temperature 0). Values of the wrong type or outside the
+    worker's ranges (temperature 0..100, top_p in (0, 1], top_k 0..2**20) are left out, so the
+    caller's fallback applies.
+    """
+    out: dict[str, float | int] = {}
+    t, p, k = config.get("temperature"), config.get("top_p"), config.get("top_k")
+    if config.get("do_sample") is False:
+        out["temperature"] = 0.0
+    elif isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 <= t <= 100.0:
+        out["temperature"] = float(t)
+    if isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 < p <= 1.0:
+        out["top_p"] = float(p)
+    if isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= 1 << 20:
+        out["top_k"] = k
+    return out
+
+
+#: what a run uses when neither a flag nor generation_config.json sets a value (greedy)
+SAMPLING_FALLBACK: Mapping[str, float | int] = {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
+
+
+def resolve_sampling(options: GenerateOptions, config: Mapping[str, object]) -> Sampling:
+    """Explicit flags win, then the verified ``generation_config.json``, then greedy defaults."""
+    model = model_sampling(config)
+    flags = {"temperature": options.temperature, "top_p": options.top_p, "top_k": options.top_k}
+    values: dict[str, float | int] = {}
+    sources: dict[str, str] = {}
+    for key, fallback in SAMPLING_FALLBACK.items():
+        flag = flags[key]
+        if flag is not None:
+            values[key], sources[key] = flag, "flag"
+        elif key in model:
+            values[key], sources[key] = model[key], "generation_config.json"
+        else:
+            values[key], sources[key] = fallback, "default"
+    return Sampling(temperature=float(values["temperature"]), top_p=float(values["top_p"]),
+                    top_k=int(values["top_k"]), sources=sources)
+
+
+def check_thinking(tokenizer: ModelTokenizer, thinking: bool | None) -> None:
+    """Refuse ``--thinking/--no-thinking`` for a chat template without an ``enable_thinking`` switch.
+
+    Raises:
+        UsageError: rule ``generate.thinking-unsupported``.
+    """
+    if thinking is None or tokenizer.thinking_switch:
+        return
+    flag = "--thinking" if thinking else "--no-thinking"
+    where = tokenizer.chat_template.path if tokenizer.chat_template is not None else "chat_template.jinja"
+    raise UsageError(f"{flag}: the model's chat template ({where}) has no thinking switch (it never reads "
+                     "enable_thinking)", rule="generate.thinking-unsupported", path=where,
+                     hint=f"leave out {flag}; this model's template decides on its own whether it thinks")
 
 
 @dataclass(frozen=True)
@@ -197,6 +273,7 @@ class Session:
     tokenizer: ModelTokenizer
     max_new_tokens: int
     audit: AuditLog
+    sampling: Sampling = field(default_factory=lambda: Sampling(0.0, 1.0, 0))
     notices: list[str] = field(default_factory=list)
     #: called between the ``started`` record and the sandbox launch (tests use it to race the folder)
     before_launch: Callable[[], None] | None = None
@@ -208,6 +285,11 @@ class Session:
     def close(self) -> None:
         """Close the verified folder."""
         self.verification.close()
+
+    @property
+    def enable_thinking(self) -> bool:
+        """The ``enable_thinking`` value the chat template is rendered with (True unless ``--no-thinking``)."""
+        return self.options.thinking is not False
 
     # --- one turn ---------------------------------------------------------------------------
 
@@ -240,7 +322,7 @@ class Session:
                     events.extend(verdict.events)
                     content = verdict.text
                 checked.append({"role": m["role"], "content": content})
-            prompt_text = self.tokenizer.render_chat(checked)
+            prompt_text = self.tokenizer.render_chat(checked, enable_thinking=self.enable_thinking)
             self._turn["prompt"] = prompt_text
             prompt_tokens = len(self.tokenizer.encode(prompt_text))
             limits.check(prompt_chars=sum(len(m["content"]) for m in checked), prompt_tokens=prompt_tokens,
@@ -257,8 +339,8 @@ class Session:
         request = GenerateRequest.model_validate({
             "task": "generate", "device": "cuda" if self.options.gpu else "cpu", "dtype": self.options.dtype,
             "messages": tuple(checked), "max_new_tokens": self.max_new_tokens,
-            "temperature": self.options.temperature, "top_k": self.options.top_k, "top_p": self.options.top_p,
-            "seed": self.options.seed, "files": pins,
+            "temperature": self.sampling.temperature, "top_k": self.sampling.top_k, "top_p": self.sampling.top_p,
+            "enable_thinking": self.options.thinking, "seed": self.options.seed, "files": pins,
         }, strict=False)
         params = self.parameters()
         self.audit.append(self.record("started", run_id=run_id, prompt=prompt_text, parameters=params,
@@ -373,10 +455,10 @@ class Session:
 
     def parameters(self) -> dict[str, object]:
         """The generation parameters of this session's turns."""
-        o = self.options
-        return {"max_new_tokens": self.max_new_tokens, "temperature": o.temperature, "top_p": o.top_p,
-                "top_k": o.top_k, "seed": o.seed, "stop": list(o.stop), "device": "cuda" if o.gpu else "cpu",
-                "dtype": o.dtype}
+        o, sp = self.options, self.sampling  # the sampling in effect (flags > generation_config.json > greedy)
+        return {"max_new_tokens": self.max_new_tokens, "temperature": sp.temperature, "top_p": sp.top_p,
+                "top_k": sp.top_k, "sampling_sources": dict(sp.sources), "seed": o.seed, "stop": list(o.stop),
+                "enable_thinking": o.thinking, "device": "cuda" if o.gpu else "cpu", "dtype": o.dtype}
 
     def record_identity(self) -> dict[str, object]:
         """The :func:`~secure_run.policies.audit_record` keywords that identify what ran, built once.
@@ -564,11 +646,13 @@ def _session(options: GenerateOptions, gate: GateResult, *, is_demo: bool, audit
         sandbox_policy = sandbox_policy.with_overrides(jit_cache_mib=512)
     backend = (get_backend("docker", build=options.build_image) if options.sandbox == "docker"
                else get_backend("namespace"))
+    tokenizer = tokenizer_from(gate.folder)
+    check_thinking(tokenizer, options.thinking)
     session = Session(
         options=options, model_dir=Path(verification.root), is_demo=is_demo, policy=policy,
         verification=verification, decision=decision, facts=gate.facts, backend=backend,
-        sandbox_policy=sandbox_policy, tokenizer=tokenizer_from(gate.folder),
-        max_new_tokens=max_new, audit=audit,
+        sandbox_policy=sandbox_policy, tokenizer=tokenizer,
+        max_new_tokens=max_new, audit=audit, sampling=resolve_sampling(options, tokenizer.generation_defaults),
     )
     warnings = [f for f in decision.findings if f.result == "warn"]
     session.notices.extend(f"warning {f.check}: {f.message}" for f in warnings)

@@ -252,7 +252,7 @@ class WarmSession:
             turn_input = self._checked_input(req, events)
             limits = s.policy.limits()
             if turn_input.messages is not None:
-                prompt_text = s.tokenizer.render_chat(list(turn_input.messages))
+                prompt_text = s.tokenizer.render_chat(list(turn_input.messages), enable_thinking=s.enable_thinking)
                 prompt_chars = sum(len(m["content"]) for m in turn_input.messages)
             else:
                 prompt_text = turn_input.prompt or ""
@@ -555,18 +555,21 @@ class _StopStrings:
 
 
 def _defaults(session: Session) -> SamplingParams:
-    """Sampling defaults from the verified ``generation_config.json`` (capped by the policy)."""
+    """Sampling defaults from the verified ``generation_config.json`` (capped by the policy).
+
+    The values are read by :func:`~secure_run.runner.pipeline.model_sampling` (shared with one-shot
+    ``generate``); an API client that sets none samples at temperature 1.0 when the model sets none.
+    """
+    from secure_run.runner.pipeline import model_sampling
+
     g = session.tokenizer.generation_defaults
+    model = model_sampling(g)
     limits = session.policy.limits()
-    do_sample = g.get("do_sample", True)
-    temperature = g.get("temperature", 1.0) if do_sample is not False else 0.0
-    top_p = g.get("top_p", 1.0)
-    top_k = g.get("top_k", 0)
     max_new = g.get("max_new_tokens", session.max_new_tokens)
     return SamplingParams(
-        temperature=float(temperature) if isinstance(temperature, (int, float)) else 1.0,
-        top_p=float(top_p) if isinstance(top_p, (int, float)) and 0 < top_p <= 1 else 1.0,
-        top_k=int(top_k) if isinstance(top_k, int) and top_k >= 0 else 0,
+        temperature=float(model.get("temperature", 1.0)),
+        top_p=float(model.get("top_p", 1.0)),
+        top_k=int(model.get("top_k", 0)),
         seed=None,
         max_tokens=min(int(max_new) if isinstance(max_new, int) and max_new > 0 else 64, limits.max_new_tokens),
     )

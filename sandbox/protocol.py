@@ -191,6 +191,8 @@ class GenerateRequest(_Frozen):
     top_k: int = Field(default=0, ge=0, le=1 << 20)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
+    #: the chat template's ``enable_thinking`` (None: rendered with True, the template's usual default)
+    enable_thinking: bool | None = None
     #: every file the worker may open, pinned by verification (required: no pins, no load)
     files: dict[_FileName, PinnedFileModel] = Field(min_length=1, max_length=4096)
 

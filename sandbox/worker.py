@@ -209,7 +209,8 @@ def run_generate(req: GenerateRequest, emit: Emit) -> None:
                                tokenizer=ModelTokenizer.from_folder(folder))
     load_s = time.perf_counter() - t0
     if req.messages is not None:
-        text = model.render_chat([m.model_dump() for m in req.messages])
+        text = model.render_chat([m.model_dump() for m in req.messages],
+                                 enable_thinking=req.enable_thinking is not False)
     else:
         text = req.prompt or ""
     prompt_ids = model.tokenizer.encode(text)

@@ -6,13 +6,14 @@ import json
 import os
 import socket
 import threading
-from pathlib import Path
 from typing import Any
 
 from secure_run.sandbox import SandboxPolicy
 from secure_run.sandbox.backends import Backend, RunResult
+from secure_run.sandbox.probes import INSIDE_PROBE
 
-PROBE = (Path(__file__).parent / "sb_probe_inside.py").read_text()
+#: the package's inside probe (``sandbox selftest`` runs the same script)
+PROBE = INSIDE_PROBE
 
 
 def required(cap: str) -> bool:
@@ -26,7 +27,7 @@ def py(backend: Backend, policy: SandboxPolicy, code: str, *args: str, stdin: by
 
 
 def probe(backend: Backend, policy: SandboxPolicy, port: int) -> dict[str, Any]:
-    """Run sb_probe_inside.py in the sandbox and return its report."""
+    """Run the inside probe (secure_run.sandbox.probes.INSIDE_PROBE) in the sandbox and return its report."""
     res = py(backend, policy, PROBE, str(port))
     assert res.exit_code == 0, res.stderr.decode(errors="replace")[-3000:]
     report: dict[str, Any] = json.loads(res.stdout.decode().splitlines()[-1])

@@ -203,7 +203,10 @@ def test_stopping_iteration_early_kills_the_sandbox() -> None:
     assert b.runs[0].killed and b.runs[0].finished == 1
 
 
-def test_generate_request_reaches_the_model_api(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("thinking", "rendered_with"), [(b"", True), (b'"enable_thinking": false, ', False),
+                                                       (b'"enable_thinking": true, ', True)])
+def test_generate_request_reaches_the_model_api(monkeypatch: pytest.MonkeyPatch, thinking: bytes,
+                                                rendered_with: bool) -> None:
     """The worker's generate task calls the model package's inference API with the request's values."""
     calls: dict[str, object] = {}
 
@@ -215,8 +218,9 @@ def test_generate_request_reaches_the_model_api(monkeypatch: pytest.MonkeyPatch)
     class _Model:
         tokenizer = _Tok()
 
-        def render_chat(self, messages: list[dict[str, str]]) -> str:
+        def render_chat(self, messages: list[dict[str, str]], *, enable_thinking: bool = True) -> str:
             calls["messages"] = messages
+            calls["enable_thinking"] = enable_thinking
             return "<chat>"
 
         def generate(self, ids: list[int], cfg: object) -> Iterator[int]:
@@ -252,7 +256,7 @@ def test_generate_request_reaches_the_model_api(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(tokenizer.ModelTokenizer, "from_folder", classmethod(lambda cls, folder: "tok"))
     monkeypatch.setattr(inference, "InferenceModel", lambda model, tokenizer: _Model())
     req = (b'{"task": "generate", "messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 2, '
-           b'"seed": 9, "files": {"a.safetensors": {"sha256": "' + b"ab" * 32 + b'", "identity": {"dev": 1, '
+           b'"seed": 9, ' + thinking + b'"files": {"a.safetensors": {"sha256": "' + b"ab" * 32 + b'", "identity": {"dev": 1, '
            b'"ino": 2, "size": 3, "mtime_ns": 4, "ctime_ns": 5}}}}')
     out = io.BytesIO()
     t0 = time.perf_counter()
@@ -267,5 +271,6 @@ def test_generate_request_reaches_the_model_api(monkeypatch: pytest.MonkeyPatch)
     folder, kw = calls["load"]  # type: ignore[misc]
     assert folder == "folder" and kw["device"] == "cpu"
     assert calls["messages"] == [{"role": "user", "content": "hi"}] and calls["text"] == "<chat>"
+    assert calls["enable_thinking"] is rendered_with  # --no-thinking reaches the worker's render
     assert calls["cfg"].max_new_tokens == 2 and calls["cfg"].seed == 9  # type: ignore[attr-defined]
     assert isinstance(events[-1], StatsEvent) and events[-1].prompt_tokens == 3 and events[-1].generated_tokens == 2
