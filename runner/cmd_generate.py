@@ -59,7 +59,7 @@ def interrupts_raise() -> Iterator[None]:
               help="Policy file or builtin:NAME (default for the demo: builtin:demo; required otherwise).")
 @click.option("--prompt", "prompt", metavar="TEXT", help="One user message; prints the completion and exits.")
 @click.option("--system", "system", metavar="TEXT", help="Optional system message.")
-@click.option("--chat", is_flag=True, help="Interactive chat on the terminal (one fresh sandbox per turn).")
+@click.option("--chat", is_flag=True, help="Interactive chat on the terminal: one warm sandbox for the whole chat (weights loaded once; each turn prefills only its new tokens).")
 @click.option("--max-new-tokens", "max_new_tokens", type=click.IntRange(1), metavar="N",
               help="Most tokens to generate (default: the policy's limit, guardrails.limits.max_new_tokens).")
 @click.option("--stop", "stop", multiple=True, metavar="TEXT",
