@@ -202,8 +202,24 @@ out["mmap_rw"] = "allowed" if addr not in (None, ctypes.c_void_p(-1).value) else
 rc = libc.mprotect(ctypes.c_void_p(addr), ctypes.c_size_t(4096), 7)
 out["mprotect_wx"] = "allowed" if rc == 0 else errno.errorcode[ctypes.get_errno()]
 libc.syscall.restype = ctypes.c_long
-rc = libc.syscall(322, -100, b"/usr/local/bin/python3", None, None, 0)  # execveat
-out["execveat"] = errno.errorcode[ctypes.get_errno()] if rc < 0 else "allowed"
+
+
+def try_execveat():
+    # in a child: an allowed execveat replaces the calling process, so the probe must survive it
+    pid = os.fork()
+    if pid == 0:
+        argv = (ctypes.c_char_p * 4)(b"python3", b"-c", b"raise SystemExit(77)", None)
+        envp = (ctypes.c_char_p * 1)(None)
+        rc = libc.syscall(322, -100, sys.executable.encode(), argv, envp, 0)  # execveat(AT_FDCWD, ...)
+        err = ctypes.get_errno() if rc < 0 else 0
+        os._exit(min(err, 76) if err else 78)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if code == 77:
+        return "allowed"  # the new program ran
+    return errno.errorcode.get(code, f"exit {code}")
+
+
+out["execveat"] = try_execveat()
 out["pid_of_program"] = os.getpid()
 print(json.dumps(out))
 """
