@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from secure_run.runner.options import json_option, trust_options
+from secure_run.runner.options import json_option, run_options, trust_options
 from secure_run.runner.output import SETTINGS, ModelTextWriter, emit_line
 from secure_run.runner.progress import hashing_progress
 
@@ -74,20 +74,7 @@ def interrupts_raise() -> Iterator[None]:
               help="Turn the chat template's thinking switch (enable_thinking) on or off; refused for a "
                    "template without one (default: the template's).")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
-@click.option("--sandbox", "sandbox", type=click.Choice(["docker", "namespace"]), default="docker", show_default=True)
-@click.option("--gpu", is_flag=True, help="Run on the GPU (NVIDIA), Triton kernels.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
-              help="Compute dtype (default: the checkpoint's).")
-@click.option("--memory-mib", "memory_mib", type=click.IntRange(64), help="Sandbox memory limit.")
-@click.option("--no-build", "no_build", is_flag=True, help="Refuse instead of building a missing sandbox image.")
-@click.option("--use", "declared_use", metavar="USE", help="Declared use, checked against the policy.")
-@click.option("--operator", metavar="ID", help="Operator id for licence acceptance and audit (default: $USER).")
-@click.option("--accept-license", "accept_license", metavar="ID",
-              help="Accept the model's licence (its exact text, under this policy) before the run.")
-@click.option("--acknowledge", "acknowledgements", multiple=True, metavar="ITEM",
-              help="Acknowledgement required by the policy for --accept-license (repeatable).")
-@click.option("--audit-log", "audit_log", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Audit log (default: the policy's, under $XDG_STATE_HOME/secure-run).")
+@run_options
 @trust_options
 @json_option
 def generate_cmd(**kw: Any) -> None:

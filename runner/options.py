@@ -53,3 +53,27 @@ def trust_options(func: F) -> F:
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def run_options(func: F) -> F:
+    """The sandbox, licence and audit options shared by ``generate`` and ``serve``."""
+    options = [
+        click.option("--sandbox", "sandbox", type=click.Choice(["docker", "namespace"]), default="docker",
+                     show_default=True),
+        click.option("--gpu", is_flag=True, help="Run on the GPU (NVIDIA), Triton kernels."),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+                     help="Compute dtype (default: the checkpoint's)."),
+        click.option("--memory-mib", "memory_mib", type=click.IntRange(64), help="Sandbox memory limit."),
+        click.option("--no-build", "no_build", is_flag=True, help="Refuse instead of building a missing sandbox image."),
+        click.option("--use", "declared_use", metavar="USE", help="Declared use, checked against the policy."),
+        click.option("--operator", metavar="ID", help="Operator id for licence acceptance and audit (default: $USER)."),
+        click.option("--accept-license", "accept_license", metavar="ID",
+                     help="Accept the model's licence (its exact text, under this policy) before the model runs."),
+        click.option("--acknowledge", "acknowledgements", multiple=True, metavar="ITEM",
+                     help="Acknowledgement required by the policy for --accept-license (repeatable)."),
+        click.option("--audit-log", "audit_log", type=click.Path(dir_okay=False), metavar="FILE",
+                     help="Audit log (default: the policy's, under $XDG_STATE_HOME/secure-run)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
