@@ -256,7 +256,7 @@ class ProbeReport:
         return bool(self.controls) and all(c.holds for c in self.controls)
 
 
-class _Listener:
+class HostListener:
     """A TCP listener on the host's 127.0.0.1 that counts accepted connections."""
 
     def __init__(self) -> None:
@@ -323,7 +323,7 @@ def run_probes(backend: Backend, *, gpu: bool = False) -> ProbeReport:
         model.chmod(0o755)
         (model / MODEL_FILE).chmod(0o644)
         policy = probe_policy(gpu=gpu, model_dir=model)
-        listener = _Listener()
+        listener = HostListener()
         try:
             res = _py(backend, policy, INSIDE_PROBE, str(listener.port))
             time.sleep(0.3)  # a connection that got through is accepted by now

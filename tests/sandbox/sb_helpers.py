@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
 from typing import Any
 
 from secure_run.sandbox import SandboxPolicy
 from secure_run.sandbox.backends import Backend, RunResult
 from secure_run.sandbox.probes import INSIDE_PROBE
+from secure_run.sandbox.probes import HostListener as Listener  # noqa: F401  (the tests' host listener)
 
 #: the package's inside probe (``sandbox selftest`` runs the same script)
 PROBE = INSIDE_PROBE
@@ -32,35 +31,6 @@ def probe(backend: Backend, policy: SandboxPolicy, port: int) -> dict[str, Any]:
     assert res.exit_code == 0, res.stderr.decode(errors="replace")[-3000:]
     report: dict[str, Any] = json.loads(res.stdout.decode().splitlines()[-1])
     return report
-
-
-class Listener:
-    """A TCP listener on the host's 127.0.0.1 that records every accepted connection."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
-        self.port: int = self.sock.getsockname()[1]
-        self.accepted = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.accepted += 1
-            conn.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
 
 
 def host_processes_with(marker: str) -> list[int]:
