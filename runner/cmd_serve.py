@@ -163,8 +163,15 @@ def check_binding(host: str, socket_path: str | None, api_key: str | None) -> No
                          hint="pass --api-key-file FILE, or listen on 127.0.0.1 or a --socket PATH")
 
 
+#: connections the kernel queues while the gate runs and before uvicorn accepts
+LISTEN_BACKLOG = 128
+
+
 def bind(host: str, port: int, socket_path: str | None) -> socket.socket:
     """The listening socket (a unix socket is created with mode 0600, never over an existing file).
+
+    It listens at once: a client that connects as soon as the address is announced waits in the
+    kernel's queue until uvicorn accepts, instead of being refused.
 
     Raises:
         EnvironmentProblem: rule ``serve.bind``.
@@ -184,11 +191,13 @@ def bind(host: str, port: int, socket_path: str | None) -> socket.socket:
             finally:
                 os.umask(old)
             os.chmod(path, 0o600)
+            sock.listen(LISTEN_BACKLOG)
             return sock
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host.strip("[]"), port))
+        sock.listen(LISTEN_BACKLOG)
         return sock
     except OSError as err:
         where = socket_path or f"{host}:{port}"

@@ -420,3 +420,22 @@ def test_text_streams_event_by_event_and_coalesces_only_what_waits(fake: FakeSes
     with ThreadServer(create_app(fake, _settings())) as srv:
         chunks = list(_client(srv).completions.create(model="fake-model", prompt="p", stream=True))
     assert "".join(c.choices[0].text for c in chunks) == "alpha beta gamma delta epsilon "
+
+
+@pytest.mark.parametrize("unix", [False, True], ids=["tcp", "unix"])
+def test_the_announced_address_accepts_connections_before_uvicorn_runs(tmp_path: Path, unix: bool) -> None:
+    # regression: bind() did not listen, so a client connecting right after the "[serve] ... at URL"
+    # line (printed before uvicorn starts) was refused (ECONNREFUSED in the concurrent-requests test)
+    import socket as _socket
+
+    from secure_run.runner.cmd_serve import bind
+
+    path = tmp_path / "s.sock"
+    sock = bind("127.0.0.1", 0, str(path) if unix else None)
+    try:
+        family = _socket.AF_UNIX if unix else _socket.AF_INET
+        with _socket.socket(family, _socket.SOCK_STREAM) as client:
+            client.settimeout(2)
+            client.connect(str(path) if unix else sock.getsockname())  # queued by the kernel
+    finally:
+        sock.close()
