@@ -29,7 +29,7 @@ import re
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -309,23 +309,11 @@ def encode_request(request: SelftestRequest | GenerateRequest | LoadRequest | Tu
     return (json.dumps(request.model_dump(mode="json"), ensure_ascii=True, allow_nan=False) + "\n").encode()
 
 
-def parse_request(data: bytes) -> SelftestRequest | GenerateRequest | LoadRequest:
-    """Parse and validate the first request (worker side): one-shot ``selftest``/``generate`` or ``load``.
-
-    Raises:
-        ProtocolError: rule ``sandbox.protocol.bad_request``.
-    """
-    if len(data) > MAX_REQUEST_BYTES:
-        raise ProtocolError(f"request is {len(data)} bytes, more than {MAX_REQUEST_BYTES}", what="bad_request")
-    try:
-        _strict_json(data)  # no NaN/Infinity, no duplicate keys
-        return _FIRST.validate_json(data, strict=True)
-    except (ValueError, ValidationError, RecursionError) as err:
-        raise ProtocolError(f"invalid request: {_short(err)}", what="bad_request") from None
+_R = TypeVar("_R")
 
 
-def parse_persistent_request(data: bytes) -> TurnRequest | CancelRequest | SessionRequest:
-    """Parse one request line of a persistent worker (after :class:`LoadRequest`).
+def _validated_request(adapter: TypeAdapter[_R], data: bytes) -> _R:
+    """One request line: size cap, strict JSON (no NaN/Infinity, no duplicate keys), then the schema.
 
     Raises:
         ProtocolError: rule ``sandbox.protocol.bad_request``.
@@ -334,9 +322,27 @@ def parse_persistent_request(data: bytes) -> TurnRequest | CancelRequest | Sessi
         raise ProtocolError(f"request is {len(data)} bytes, more than {MAX_REQUEST_BYTES}", what="bad_request")
     try:
         _strict_json(data)
-        return _PERSISTENT.validate_json(data, strict=True)
+        return adapter.validate_json(data, strict=True)
     except (ValueError, ValidationError, RecursionError) as err:
         raise ProtocolError(f"invalid request: {_short(err)}", what="bad_request") from None
+
+
+def parse_request(data: bytes) -> SelftestRequest | GenerateRequest | LoadRequest:
+    """Parse and validate the first request (worker side): one-shot ``selftest``/``generate`` or ``load``.
+
+    Raises:
+        ProtocolError: rule ``sandbox.protocol.bad_request``.
+    """
+    return _validated_request(_FIRST, data)
+
+
+def parse_persistent_request(data: bytes) -> TurnRequest | CancelRequest | SessionRequest:
+    """Parse one request line of a persistent worker (after :class:`LoadRequest`).
+
+    Raises:
+        ProtocolError: rule ``sandbox.protocol.bad_request``.
+    """
+    return _validated_request(_PERSISTENT, data)
 
 
 # --- events (worker -> host) ---------------------------------------------------------------------

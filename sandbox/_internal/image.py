@@ -199,6 +199,18 @@ def _dist_entries(name: str) -> Iterator[Entry]:
 
 
 @functools.cache
+def _code_and_etc_entries() -> list[Entry]:
+    """secure-run's own worker code (content-hashed) and the image's fixed /etc files, in both layouts."""
+    entries: list[Entry] = []
+    for src, dst in code_files():
+        parent = dst.rsplit("/", 1)[0]
+        entries.append(Entry(dst=parent.lstrip("/"), mode=0o755))
+        entries.append(Entry(dst=dst.lstrip("/"), mode=0o644, src=src, hash_content=True))
+    for rel, text in _ETC.items():
+        entries.append(Entry(dst=rel, mode=0o644, data=text.encode()))
+    return entries
+
+
 def plan_image() -> ImagePlan:
     """Work out the image's contents from this host's Python installation."""
     dockerfile = resources.files("secure_run.sandbox").joinpath("Dockerfile").read_bytes()
@@ -219,12 +231,7 @@ def plan_image() -> ImagePlan:
                          skip_file=_DYNLOAD_EXCLUDE))
     for name in WORKER_DISTRIBUTIONS:
         entries.extend(_dist_entries(name))
-    for src, dst in code_files():
-        parent = dst.rsplit("/", 1)[0]
-        entries.append(Entry(dst=parent.lstrip("/"), mode=0o755))
-        entries.append(Entry(dst=dst.lstrip("/"), mode=0o644, src=src, hash_content=True))
-    for rel, text in _ETC.items():
-        entries.append(Entry(dst=rel, mode=0o644, data=text.encode()))
+    entries.extend(_code_and_etc_entries())
     elves = [e.src for e in entries if e.src is not None and (e.src.suffix == ".so" or ".so." in e.src.name
                                                              or e.src == python) and _is_elf(e.src)]
     inside = {str(e.src) for e in entries if e.src is not None}
@@ -264,12 +271,7 @@ def plan_host_image() -> ImagePlan:
     for name in ("bin", "sbin", "lib", "lib64", "lib32", "libx32"):
         if os.path.islink(f"/{name}"):
             entries.append(Entry(dst=name, mode=0o777, link=os.readlink(f"/{name}")))
-    for src, dst in code_files():
-        parent = dst.rsplit("/", 1)[0]
-        entries.append(Entry(dst=parent.lstrip("/"), mode=0o755))
-        entries.append(Entry(dst=dst.lstrip("/"), mode=0o644, src=src, hash_content=True))
-    for rel, text in _ETC.items():
-        entries.append(Entry(dst=rel, mode=0o644, data=text.encode()))
+    entries.extend(_code_and_etc_entries())
     if os.path.isfile("/etc/ld.so.cache"):
         entries.append(Entry(dst="etc/ld.so.cache", mode=0o644, data=Path("/etc/ld.so.cache").read_bytes()))
     seen: set[str] = set()
