@@ -13,6 +13,10 @@ the read sectors of the folder's block device in ``/proc/diskstats`` (whole mach
 adds to it). Target V2: <= 1.05 bytes read per byte of the folder.
 
     .venv/bin/python bench/handoff.py [--gib 4] [--sandbox namespace] [--out bench/out/handoff.json]
+
+On a GPU host (``--gpu``; bench/handoff_gpu.sh) the weights are bf16 and wider, the worker loads
+them to the GPU, and the same run also measures the host's sha256 ceiling (every core hashing in
+memory) and the host-to-device copy bandwidth, so that verify + load can be compared with both.
 """
 
 from __future__ import annotations
@@ -36,8 +40,12 @@ AUX = ("LICENSE", "NOTICE", "README.md", "chat_template.jinja", "generation_conf
 SHARD_BYTES = 1 << 30
 
 
-def build(root: Path, gib: float) -> int:
-    """The demo's files with a MoE wide enough for ``gib`` GiB of fp32 weights; returns the folder's bytes."""
+def build(root: Path, gib: float, *, dtype: str = "float32", hidden: int = 512, moe_inter: int = 2048,
+          experts: int = 0, repeat: int = 1) -> int:
+    """The demo's files with a MoE wide enough for ``gib`` GiB of weights; returns the folder's bytes.
+
+    ``experts`` 0: as many routed experts as ``gib`` needs; ``repeat``: the layer pattern repeated.
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -50,10 +58,13 @@ def build(root: Path, gib: float) -> int:
     for name in AUX:
         shutil.copy(demo / name, root / name)
     cfg = json.loads((demo / "config.json").read_text())
+    cfg["hybrid_override_pattern"] *= repeat
+    cfg["num_hidden_layers"] = len(cfg["hybrid_override_pattern"])
     moe_layers = cfg["hybrid_override_pattern"].count("E")
-    cfg.update(hidden_size=512, moe_intermediate_size=2048)
-    per_expert = 2 * cfg["hidden_size"] * cfg["moe_intermediate_size"] * 4
-    cfg["n_routed_experts"] = max(8, int(gib * (1 << 30) / (per_expert * moe_layers)) // 8 * 8)
+    width = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    cfg.update(hidden_size=hidden, moe_intermediate_size=moe_inter, torch_dtype=dtype)
+    per_expert = 2 * hidden * moe_inter * width
+    cfg["n_routed_experts"] = experts or max(8, int(gib * (1 << 30) / (per_expert * moe_layers)) // 8 * 8)
     text = json.dumps(cfg, indent=2)
     (root / "config.json").write_text(text)
     table = expected_tensors(parse_config_json(text.encode(), path="config.json"))
@@ -61,12 +72,14 @@ def build(root: Path, gib: float) -> int:
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, spec in sorted(table.items()):
-        t = torch.randn(spec.shape, generator=gen) * 0.02
-        if size + t.numel() * 4 > SHARD_BYTES and shards[-1]:
+        t = (torch.randn(spec.shape, generator=gen) * 0.02).to(getattr(torch, dtype))
+        if name.endswith("e_score_correction_bias"):
+            t = t.float()  # always F32 in the checkpoint table
+        if size + t.nbytes > SHARD_BYTES and shards[-1]:
             shards.append({})
             size = 0
         shards[-1][name] = t
-        size += t.numel() * 4
+        size += t.nbytes
     weight_map: dict[str, str] = {}
     for i, part in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -116,60 +129,138 @@ def _device_sectors_read(path: Path) -> int:
     raise SystemExit(f"no /proc/diskstats line for device {major}:{minor}")
 
 
-def run_generate(root: Path, lock: Path, state: Path, sandbox: str) -> dict[str, Any]:
+def run_generate(root: Path, lock: Path, state: Path, sandbox: str, gpu: bool) -> dict[str, Any]:
+    """One `secure-run generate` of one token; times the gate (to the sandbox status line) and the run."""
     env = {**os.environ, "XDG_STATE_HOME": str(state)}
     args = [*CLI, "generate", "--model", str(root), "--policy", "builtin:demo", "--lock", str(lock),
-            "--prompt", "hello", "--max-new-tokens", "1", "--sandbox", sandbox, "--memory-mib", "16384", "--json"]
+            "--prompt", "hello", "--max-new-tokens", "1", "--sandbox", sandbox, "--memory-mib", "16384", "--json",
+            *(["--gpu"] if gpu else [])]
     before_blocks = resource.getrusage(resource.RUSAGE_CHILDREN).ru_inblock
     before_sectors = _device_sectors_read(root)
     t0 = time.perf_counter()
-    proc = subprocess.run(args, capture_output=True, text=True, env=env)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    assert proc.stdout is not None
+    gate_s: float | None = None
+    lines: list[dict[str, Any]] = []
+    for line in proc.stdout:
+        if not line.startswith("{"):
+            continue
+        ev = json.loads(line)
+        lines.append(ev)
+        if gate_s is None and ev.get("type") == "status" and ev.get("stage") == "sandbox":
+            gate_s = time.perf_counter() - t0
+    rc = proc.wait()
     seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"generate failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    final = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")][-1]
-    return {"seconds": round(seconds, 3),
+    if rc != 0 or not lines or lines[-1].get("type") != "final":
+        err = proc.stderr.read() if proc.stderr else ""
+        raise SystemExit(f"generate failed (exit {rc}):\n{lines[-3:]}\n{err[-4000:]}")
+    final = lines[-1]
+    load_s = final["stats"]["worker"]["detail"]["load_seconds"]
+    return {"seconds": round(seconds, 3), "gate_seconds": gate_s, "worker_load_seconds": load_s,
             "ru_inblock_bytes": (resource.getrusage(resource.RUSAGE_CHILDREN).ru_inblock - before_blocks) * 512,
             "device_read_bytes": (_device_sectors_read(root) - before_sectors) * 512,
             "final": final}
+
+
+def sha256_ceiling(threads: int, mib: int = 512) -> float:
+    """GB/s of ``threads`` threads each hashing an in-memory buffer (hashlib releases the GIL)."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    buf = os.urandom(1 << 20) * mib
+
+    def one(_: int) -> None:
+        hashlib.sha256(buf).digest()
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, range(threads)))  # warm-up
+        t0 = time.perf_counter()
+        list(pool.map(one, range(threads)))
+        dt = time.perf_counter() - t0
+    return threads * len(buf) / dt / 1e9
+
+
+def h2d_bandwidth(gib: int = 4) -> dict[str, float]:
+    """Host-to-device copy GB/s from pageable and from pinned memory."""
+    import torch
+
+    out: dict[str, float] = {}
+    for label, pinned in (("pageable", False), ("pinned", True)):
+        src = torch.empty(gib << 30, dtype=torch.uint8, pin_memory=pinned)
+        src.fill_(1)
+        dst = torch.empty_like(src, device="cuda")
+        dst.copy_(src)  # warm-up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        out[label] = src.numel() / (time.perf_counter() - t0) / 1e9
+        del src, dst
+        torch.cuda.empty_cache()
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gib", type=float, default=4.0, help="approximate size of the weights (GiB)")
     ap.add_argument("--sandbox", default="namespace", choices=["namespace", "docker"])
+    ap.add_argument("--gpu", action="store_true", help="bf16 weights loaded to the GPU (--hidden 2048 "
+                    "--moe-inter 4096 --experts 128 unless given)")
+    ap.add_argument("--hidden", type=int)
+    ap.add_argument("--moe-inter", type=int)
+    ap.add_argument("--experts", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=1, help="repeat the demo's layer pattern")
     ap.add_argument("--out", type=Path, default=Path("bench/out/handoff.json"))
     args = ap.parse_args()
+    shape = {"dtype": "bfloat16" if args.gpu else "float32",
+             "hidden": args.hidden or (2048 if args.gpu else 512),
+             "moe_inter": args.moe_inter or (4096 if args.gpu else 2048),
+             "experts": args.experts or (128 if args.gpu else 0), "repeat": args.repeat}
     with tempfile.TemporaryDirectory(prefix="bench-handoff-", dir=os.environ.get("BENCH_DIR")) as tmp:
         work = Path(tmp)
         root = work / "superlinear-demo"
         t0 = time.perf_counter()
-        folder_bytes = build(root, args.gib)
+        folder_bytes = build(root, args.gib, **shape)
         lock = sign_and_pin(root, work)
         print(f"built and signed {folder_bytes / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s", flush=True)
         state = work / "state"
         state.mkdir()
-        warm = run_generate(root, lock, state, args.sandbox)  # everything but the model is cached after this
+        # first run: the folder is in the page cache (just written and signed); everything else warms up
+        warm = run_generate(root, lock, state, args.sandbox, args.gpu)
+        print(f"warm run: {warm['seconds']:.1f} s", flush=True)
         cached_after_evict = evict(root)
-        cold = run_generate(root, lock, state, args.sandbox)
-    rows = {"warm-up run (page cache warm)": warm, "cold model folder": cold}
+        cold = run_generate(root, lock, state, args.sandbox, args.gpu)
+    rows = {"page cache warm (first run)": warm, "cold model folder": cold}
+    cores = os.cpu_count() or 1
+    ceiling = sha256_ceiling(cores)
+    h2d = h2d_bandwidth() if args.gpu else {}
     result = {
         "bench": "handoff", "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), "machine": platform.node(),
-        "cpus": os.cpu_count(), "python": platform.python_version(), "sandbox": args.sandbox,
+        "cpus": cores, "python": platform.python_version(), "sandbox": args.sandbox, "gpu": args.gpu, "shape": shape,
         "folder_bytes": folder_bytes, "model_pages_cached_before_cold_run_bytes": cached_after_evict,
-        "runs": rows,
+        "runs": rows, "sha256_ceiling_gbps": ceiling, "h2d_gbps": h2d,
         "v2_ratio_ru_inblock": cold["ru_inblock_bytes"] / folder_bytes,
         "v2_ratio_device": cold["device_read_bytes"] / folder_bytes,
     }
+    if args.gpu:
+        import torch
+
+        result["card"] = torch.cuda.get_device_name(0)
+        result["torch"] = torch.__version__
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"\nfolder: {folder_bytes / 1e9:.2f} GB; model bytes cached before the cold run: {cached_after_evict}")
-    print("| run | seconds | read from disk (process tree) | per folder byte | read (device, whole machine) | per byte |")
-    print("|---|---|---|---|---|---|")
+    gb = folder_bytes / 1e9
+    print(f"\nfolder: {gb:.2f} GB ({shape}); model bytes cached before the cold run: {cached_after_evict}")
+    print(f"sha256 ceiling, {cores} threads in memory: {ceiling:.2f} GB/s" +
+          (f"; host-to-device copy: pageable {h2d['pageable']:.1f} GB/s, pinned {h2d['pinned']:.1f} GB/s" if h2d else ""))
+    print("| run | total s | gate (verify + seal + policy) s | GB/s | worker load s | GB/s | "
+          "read from disk (process tree) | per folder byte | read (device) | per byte |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for label, r in rows.items():
-        print(f"| {label} | {r['seconds']:.2f} | {r['ru_inblock_bytes'] / 1e9:.3f} GB | "
-              f"{r['ru_inblock_bytes'] / folder_bytes:.3f} | {r['device_read_bytes'] / 1e9:.3f} GB | "
-              f"{r['device_read_bytes'] / folder_bytes:.3f} |")
+        g, w = r["gate_seconds"] or float("nan"), r["worker_load_seconds"]
+        print(f"| {label} | {r['seconds']:.2f} | {g:.2f} | {gb / g:.2f} | {w:.2f} | {gb / w:.2f} | "
+              f"{r['ru_inblock_bytes'] / 1e9:.3f} GB | {r['ru_inblock_bytes'] / folder_bytes:.3f} | "
+              f"{r['device_read_bytes'] / 1e9:.3f} GB | {r['device_read_bytes'] / folder_bytes:.3f} |")
     print(f"V2 (cold): {result['v2_ratio_ru_inblock']:.3f} bytes read per folder byte (target <= 1.05)")
 
 
