@@ -14,7 +14,14 @@ import pytest
 from secure_run.manifests.findings import VerificationFailed
 from secure_run.manifests.folder import FolderError
 from secure_run.manifests.hashing import hash_files
-from secure_run.manifests.sealed import SEALS, SealedFolder, check_memory, copy_and_seal, require_sealed, seal_folder
+from secure_run.manifests.sealed import (
+    SEALS,
+    SealedFolder,
+    check_memory,
+    copy_and_seal,
+    require_sealed,
+    seal_folder,
+)
 
 
 def _files(root: Path) -> dict[str, bytes]:
