@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-CLI = [sys.executable, "-m", "secure_run.runner.cli"]
+#: -P: the repository's own secure_run/ folder must not shadow the installed (or symlinked) package
+CLI = [sys.executable, "-P", "-m", "secure_run.runner.cli"]
 AUX = ("LICENSE", "NOTICE", "README.md", "chat_template.jinja", "generation_config.json", "special_tokens_map.json",
        "tokenizer.json", "tokenizer_config.json")
 SHARD_BYTES = 1 << 30
@@ -119,8 +120,11 @@ def v1_verify(root: Path, pub: Path, repeat: int = 3) -> dict[str, float]:
     hash_s = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
-        out = subprocess.run([*CLI, "verify", str(root), "--public-key", str(pub), "--json"],
-                             capture_output=True, text=True, check=True).stdout
+        proc = subprocess.run([*CLI, "verify", str(root), "--public-key", str(pub), "--json"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"verify failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        out = proc.stdout
         best = min(best, time.perf_counter() - t0)
         hash_s = min(hash_s, json.loads(out.splitlines()[-1])["hash_seconds"])
     return {"verify_seconds": best, "hash_seconds": hash_s, "openssl_1core_gbps": openssl_rate()}
