@@ -214,8 +214,10 @@ class SlotPool:
     """
 
     def __init__(self, cfg: ModelConfig, rows: int, max_len: int, *, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, max_len_limit: int | None = None) -> None:
         self.config, self.device, self.dtype = cfg, device, dtype
+        #: rows never grow past this many positions (None: no limit)
+        self.max_len_limit = max_len_limit
         self.cache = HybridCache(cfg, rows, max_len, device=device, dtype=dtype)
         self.lengths = [0] * rows
         self.active: set[int] = set()
@@ -276,10 +278,19 @@ class SlotPool:
         self.row(row).copy_to(dst, start)
 
     def ensure_len(self, need: int) -> None:
-        """Grow every row to at least ``need`` positions (doubling; rows keep their contents)."""
+        """Grow every row to at least ``need`` positions (doubling up to ``max_len_limit``; rows keep
+        their contents).
+
+        Raises:
+            UsageError: rule ``cache.full`` when ``need`` is past ``max_len_limit``.
+        """
         if need <= self.max_len:
             return
-        new_len = max(need, 2 * self.max_len)
+        limit = self.max_len_limit
+        if limit is not None and need > limit:
+            raise UsageError(f"a pool row holds at most {limit} positions; {need} requested", rule="cache.full",
+                             hint="allocate the pool with a larger limit")
+        new_len = max(need, 2 * self.max_len) if limit is None else min(limit, max(need, 2 * self.max_len))
         with torch.inference_mode(False), torch.no_grad():  # normal tensors even when called from a step
             bigger = HybridCache(self.config, self.rows, new_len, device=self.device, dtype=self.dtype)
             self.cache.filled = max(self.lengths, default=0)
