@@ -115,3 +115,16 @@ def test_cancel_of_one_turn_does_not_disturb_the_others(monkeypatch: pytest.Monk
     for rid in ("c0", "c2"):
         assert tokens(events, rid) == tokens(alone, rid) and len(tokens(events, rid)) == 16
         assert of(events, rid, "stats")[0]["detail"]["finish_reason"] == "length"
+
+
+@pytest.mark.gpu
+def test_concurrent_turns_on_cuda_equal_each_alone_and_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA: the batched decode runs as graphs (one per batch size); fp32 greedy tokens equal each
+    turn alone on the GPU and on the CPU."""
+    reqs = [plain(f"g{i}", p, n) for i, (p, n) in enumerate(zip(PROMPTS[:4], (12, 20, 6, 16), strict=True))]
+    together = run(monkeypatch, reqs, device="cuda", dtype="float32")
+    assert _interleaved(together, "g0", "g1")
+    cpu = run(monkeypatch, reqs, dtype="float32")
+    for r in reqs:
+        alone = run(monkeypatch, [r], device="cuda", dtype="float32")
+        assert tokens(together, r["request"]) == tokens(alone, r["request"]) == tokens(cpu, r["request"])
