@@ -289,6 +289,7 @@ class BatchDecoder:
         pool.ensure_len(max(pool.lengths[r] for r in tokens) + 1)
         if pool.generation != self._generation:  # the storage was reallocated: graphs point at the old one
             self._graphs.clear()
+            self._mempool = None  # the old graphs' private pool is gone with them: capture into a new one
             self._generation = pool.generation
         n = self.bucket_for(max(tokens) + 1)
         host = [[0] * pool.rows, [0] * pool.rows]
