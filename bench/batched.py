@@ -54,7 +54,45 @@ def _bench_model() -> Any:
     return mod
 
 
-def model_rows(bm: Any, ctx: int, steps: int, smoke: bool) -> dict[str, Any]:
+def profile_step(model: Any, dec: Any, n: int, steps: int = 3) -> dict[str, Any]:
+    """GPU time of one eager batched step of ``n`` rows, per mixer kind and top kernels (profiler)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    handles = []
+    for block in model.backbone.layers:
+        def pre(mod: torch.nn.Module, _args: Any, kind: str = block.kind) -> None:
+            rf = record_function(f"mixer:{kind}")
+            rf.__enter__()
+            mod._bench_rf = rf  # type: ignore[assignment]
+
+        def post(mod: torch.nn.Module, _args: Any, _out: Any) -> None:
+            mod._bench_rf.__exit__(None, None, None)  # type: ignore[union-attr]
+
+        handles.append(block.mixer.register_forward_pre_hook(pre))
+        handles.append(block.mixer.register_forward_hook(post))
+    toks = {r: 17 + r for r in range(n)}
+    dec.step(toks)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            dec.step(toks)
+        torch.cuda.synchronize()
+    for h in handles:
+        h.remove()
+    groups: dict[str, float] = {}
+    for fe in prof.events():
+        if fe.name.startswith("mixer:") and fe.device_type == torch.autograd.DeviceType.CPU:
+            groups[fe.name] = round(groups.get(fe.name, 0.0) + float(fe.device_time_total) / steps / 1e3, 3)
+    kernels: dict[str, float] = {}
+    for ev in prof.key_averages():
+        dev_us = float(getattr(ev, "self_device_time_total", 0.0) or 0.0)
+        if dev_us > 0 and ev.device_type == torch.autograd.DeviceType.CUDA and not ev.key.startswith("mixer:"):
+            kernels[ev.key[:60]] = round(dev_us / steps / 1e3, 3)
+    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:10])
+    return {"streams": n, "gpu_busy_ms": round(sum(kernels.values()), 3), "per_mixer_ms": groups, "top_kernels_ms": top}
+
+
+def model_rows(bm: Any, ctx: int, steps: int, smoke: bool, profile: bool = False) -> dict[str, Any]:
     """Aggregate decode tok/s of BatchDecoder at 1, 4 and 16 streams on the full-size config."""
     from secure_run.model.cache import SlotPool
     from secure_run.model.config import config_from_dict
@@ -104,6 +142,11 @@ def model_rows(bm: Any, ctx: int, steps: int, smoke: bool) -> dict[str, Any]:
         bm.log(f"[model] {n:2d} streams: {per[str(n)]['aggregate_tok_s']} tok/s aggregate, "
                f"{per[str(n)]['step_ms']} ms/step (first step + capture {capture_s:.2f} s)")
     out["batched"] = per
+    if profile:
+        for r in range(rows):
+            pool.lengths[r] = ctx - 61 * r
+        out["profile"] = profile_step(model, BatchDecoder(model, pool, graphs=False), max(STREAMS))
+        bm.log(f"[model] profile @{max(STREAMS)} streams: {out['profile']}")
     out["graph_captures"] = dec.captures
     again = dec.captures
     dec.step({0: 1})  # a later request at a batch size seen before: replay, no capture
@@ -230,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--worker-tokens", type=int, default=64)
+    ap.add_argument("--profile", action="store_true", help="also profile one eager step at 16 streams (CUDA)")
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--skip-worker", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="a tiny config (CPU self-check of this script)")
@@ -240,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                            "device": torch.cuda.get_device_name() if bm.DEV == "cuda" else platform.processor(),
                            "args": vars(args)}
     status = 0
-    for name, fn in (("model", lambda: model_rows(bm, args.ctx, args.steps, args.smoke)),
+    for name, fn in (("model", lambda: model_rows(bm, args.ctx, args.steps, args.smoke, args.profile)),
                      ("worker", lambda: worker_rows(bm.DEV, args.worker_tokens))):
         if getattr(args, f"skip_{name}"):
             continue

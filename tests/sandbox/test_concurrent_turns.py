@@ -2,7 +2,8 @@
 
 Several turns in flight give each the tokens it gets alone (greedy and seeded sampling), turns of
 one session run in order, a full batch queues, and cancelling one turn mid-stream leaves the others
-untouched.
+untouched. The pool starts small here, so its rows grow while turns decode (on CUDA the graphs
+are then captured again).
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ from secure_run.sandbox.worker import serve_persistent
 
 PROMPTS = ["the quick brown fox", "a", "once upon a time there was a very long prompt that goes on and on",
            "hello", "numbers: 1 2 3 4 5"]
+
+
+@pytest.fixture(autouse=True)
+def _small_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pool rows start at 16 positions, so they grow (16 -> 32 -> 64) while turns decode."""
+    monkeypatch.setattr(ww, "POOL_START_LEN", 16)
 
 
 def plain(rid: str, prompt: str, n: int, **kw: Any) -> dict[str, Any]:
