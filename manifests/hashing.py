@@ -24,11 +24,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from secure_run.errors import VerificationError
 
 from .findings import verification_failed
+
+if TYPE_CHECKING:
+    from .sealed import SealedCopy
 
 #: Read size per ``readinto`` call (fits in L2 cache; larger buffers measured slower).
 CHUNK_BYTES = 1 << 20
@@ -109,6 +112,8 @@ class FileDigest:
     name: str
     sha256: str
     identity: FileIdentity
+    #: with ``hash_files(..., seal=True)``: the sealed copy whose bytes ``sha256`` is the digest of
+    sealed: SealedCopy | None = None
 
 
 def default_workers(n_files: int) -> int:
@@ -128,25 +133,9 @@ def _open(root: Path, name: str, dirfd: int | None) -> int:
     return open_beneath(dirfd, name)
 
 
-def _hash_one(root: Path, name: str, expected: FileIdentity | None, progress: ProgressSink | None,
-              dirfd: int | None = None) -> FileDigest:
-    try:
-        fd = _open(root, name, dirfd)
-    except (OSError, VerificationError) as exc:
-        rule = "FILE-CHANGED" if expected is not None else "SET-MISSING"
-        why = exc.strerror if isinstance(exc, OSError) else exc.message
-        raise verification_failed(name, rule, f"cannot open: {why}") from None
-    with io.FileIO(fd, "rb", closefd=True) as f:
-        before_st = os.fstat(fd)
-        before = FileIdentity.from_stat(before_st)
-        if not stat.S_ISREG(before_st.st_mode):
-            raise verification_failed(name, "FILE-CHANGED", "is no longer a regular file")
-        if expected is not None and before != expected:
-            raise verification_failed(name, "FILE-CHANGED", f"file changed after the inventory ({expected.describe_change(before)})")
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        except (AttributeError, OSError):  # pragma: no cover - not on every platform
-            pass
+def _sha256_of(fd: int, name: str, progress: ProgressSink | None) -> tuple[str, int]:
+    """sha256 and length of everything readable from ``fd``'s current offset."""
+    with io.FileIO(fd, "rb", closefd=False) as f:
         h = hashlib.sha256()
         buf = bytearray(CHUNK_BYTES)
         view = memoryview(buf)
@@ -164,12 +153,56 @@ def _hash_one(root: Path, name: str, expected: FileIdentity | None, progress: Pr
                 pending = 0
         if progress is not None and pending:
             progress.advance(pending)
+    return h.hexdigest(), total
+
+
+def _hash_one(root: Path, name: str, expected: FileIdentity | None, progress: ProgressSink | None,
+              dirfd: int | None = None, seal: bool = False) -> FileDigest:
+    try:
+        fd = _open(root, name, dirfd)
+    except (OSError, VerificationError) as exc:
+        rule = "FILE-CHANGED" if expected is not None else "SET-MISSING"
+        why = exc.strerror if isinstance(exc, OSError) else exc.message
+        raise verification_failed(name, rule, f"cannot open: {why}") from None
+    sealed_fd = -1
+    try:
+        before_st = os.fstat(fd)
+        before = FileIdentity.from_stat(before_st)
+        if not stat.S_ISREG(before_st.st_mode):
+            raise verification_failed(name, "FILE-CHANGED", "is no longer a regular file")
+        if expected is not None and before != expected:
+            raise verification_failed(name, "FILE-CHANGED", f"file changed after the inventory ({expected.describe_change(before)})")
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except (AttributeError, OSError):  # pragma: no cover - not on every platform
+            pass
+        if seal:
+            # read once from disk into a sealed memory copy, then hash the copy: the digest is the
+            # digest of bytes that can no longer change, and those bytes are what the worker gets
+            from .sealed import copy_and_seal
+
+            sealed_fd = copy_and_seal(fd, name, before.size)
+            os.lseek(sealed_fd, 0, os.SEEK_SET)
+            digest, total = _sha256_of(sealed_fd, name, progress)
+        else:
+            digest, total = _sha256_of(fd, name, progress)
         after = FileIdentity.from_stat(os.fstat(fd))
-    if after != before or total != before.size:
-        raise verification_failed(
-            name, "FILE-CHANGED", f"file changed while it was hashed ({before.describe_change(after)}, read {total} bytes)"
-        )
-    return FileDigest(name, h.hexdigest(), before)
+        if after != before or total != before.size:
+            raise verification_failed(
+                name, "FILE-CHANGED", f"file changed while it was hashed ({before.describe_change(after)}, read {total} bytes)"
+            )
+        sealed = None
+        if seal:
+            from .sealed import SealedCopy, require_sealed
+
+            sealed = SealedCopy(name, digest, require_sealed(name, sealed_fd), sealed_fd)
+        return FileDigest(name, digest, before, sealed)
+    except BaseException:
+        if sealed_fd >= 0:
+            os.close(sealed_fd)
+        raise
+    finally:
+        os.close(fd)
 
 
 def hash_files(
@@ -180,6 +213,7 @@ def hash_files(
     workers: int | None = None,
     progress: ProgressSink | None = None,
     dirfd: int | None = None,
+    seal: bool = False,
 ) -> dict[str, FileDigest]:
     """SHA-256 every named file below ``root`` in parallel.
 
@@ -193,6 +227,9 @@ def hash_files(
         dirfd: an open directory descriptor of ``root``; when given every file is opened relative
             to it, no link followed at any component (what :func:`~secure_run.manifests.verify_model`
             uses, so that what is hashed is what the verified folder object later reads).
+        seal: copy each file once into a sealed memory file and hash that copy
+            (:mod:`secure_run.manifests.sealed`); each result then carries its ``sealed`` copy, whose
+            descriptor the caller owns (all are closed again when hashing fails).
 
     Returns:
         name -> :class:`FileDigest`, in the order of ``names``.
@@ -205,15 +242,30 @@ def hash_files(
     n_workers = workers or default_workers(len(names))
     if progress is not None:
         progress.start(sum(e.size for e in expected.values()) if expected else 0, len(names))
+    done: dict[str, FileDigest] = {}
+
+    def one(n: str) -> FileDigest:
+        d = _hash_one(base, n, expected.get(n), progress, dirfd, seal)
+        done[n] = d
+        return d
+
     try:
         if n_workers == 1 or len(names) <= 1:
-            results = [_hash_one(base, n, expected.get(n), progress, dirfd) for n in names]
+            for n in names:
+                one(n)
         else:
             # Largest files first so that one big shard does not start last.
             order = sorted(names, key=lambda n: -(expected[n].size if n in expected else 0))
             with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="sha256") as pool:
-                done = dict(zip(order, pool.map(lambda n: _hash_one(base, n, expected.get(n), progress, dirfd), order)))
-            results = [done[n] for n in names]
+                futures = [pool.submit(one, n) for n in order]
+            for fut in futures:
+                fut.result()  # the first failure, after every thread has finished
+        results = [done[n] for n in names]
+    except BaseException:
+        for d in done.values():
+            if d.sealed is not None:
+                os.close(d.sealed.fd)
+        raise
     finally:
         if progress is not None:
             progress.finish()

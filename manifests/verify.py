@@ -60,6 +60,7 @@ from .folder import FolderError, PinnedFile, VerifiedFolder
 from .hashing import FileIdentity, ProgressSink, hash_files
 from .inventory import DEFAULT_RULES, Inventory, InventoryRules, take_inventory
 from .lock import Lock, LockEntry, lock_refusal
+from .sealed import SealedFolder, check_memory
 from .tensors import SafetensorsHeader
 from .trust import CertificateTrust, KeyTrust, SignerInfo, SigstoreTrust, Trust, read_trust_file
 
@@ -104,6 +105,8 @@ class VerificationResult:
     hash_seconds: float = 0.0
     lock_name: str | None = None
     folder: VerifiedFolder | None = None
+    #: with ``verify_model(..., seal=True)``: the sealed copies whose bytes were hashed (what a worker gets)
+    sealed: SealedFolder | None = None
 
     @property
     def verified(self) -> VerifiedFolder:
@@ -121,9 +124,11 @@ class VerificationResult:
         return {f.name: f.sha256 for f in self.files}
 
     def close(self) -> None:
-        """Close the verified folder's directory descriptor."""
+        """Close the verified folder's directory descriptor and release the sealed copies."""
         if self.folder is not None:
             self.folder.close()
+        if self.sealed is not None:
+            self.sealed.close()
 
     def __enter__(self) -> VerificationResult:
         return self
@@ -255,14 +260,19 @@ def _set_equality(inv: Inventory, statement: Statement, sig_name: str | None) ->
 
 
 def _compare_digests(inv: Inventory, statement: Statement, workers: int | None, progress: ProgressSink | None,
-                     dirfd: int) -> tuple[list[VerifiedFile], float]:
+                     dirfd: int, seal: bool) -> tuple[list[VerifiedFile], float, SealedFolder | None]:
     names = [r.name for r in statement.resources]
     expected = {n: e.identity for n in names if (e := inv.file(n)) is not None}
+    if seal:
+        check_memory(sum(i.size for i in expected.values()))
     start = time.perf_counter()
-    digests = hash_files(inv.root, names, expected=expected, workers=workers, progress=progress, dirfd=dirfd)
+    digests = hash_files(inv.root, names, expected=expected, workers=workers, progress=progress, dirfd=dirfd, seal=seal)
     seconds = time.perf_counter() - start
+    sealed = SealedFolder.from_digests(digests.values(), root=inv.root) if seal else None
     mismatched = [r.name for r in statement.resources if digests[r.name].sha256 != r.digest]
     if mismatched:
+        if sealed is not None:
+            sealed.close()
         findings = [
             Finding(r.name, "DIGEST-MISMATCH", f"sha256 {digests[r.name].sha256}, signed {r.digest}")
             for r in statement.resources
@@ -275,7 +285,7 @@ def _compare_digests(inv: Inventory, statement: Statement, workers: int | None, 
             extra={"extra": [], "missing": [], "mismatched": mismatched},
         )
     files = [VerifiedFile(n, digests[n].identity.size, digests[n].sha256, digests[n].identity) for n in names]
-    return files, seconds
+    return files, seconds, sealed
 
 
 def _sig_name(root: Path, sig_path: Path) -> str | None:
@@ -295,6 +305,7 @@ def verify_model(
     rules: InventoryRules = DEFAULT_RULES,
     workers: int | None = None,
     progress: ProgressSink | None = None,
+    seal: bool = False,
 ) -> VerificationResult:
     """Verify ``root`` (see the module docstring for the checklist).
 
@@ -310,6 +321,9 @@ def verify_model(
         rules: inventory rules (tests only).
         workers: hashing threads (default min(files, cores, 8)).
         progress: optional hashing progress sink.
+        seal: read every file once into a sealed memory copy and hash the copy
+            (:mod:`~secure_run.manifests.sealed`); the result's ``sealed`` folder is what a sandboxed
+            worker is handed (the runner's gate; ``secure-run verify`` alone does not seal).
 
     Returns:
         :class:`VerificationResult`.
@@ -326,7 +340,7 @@ def verify_model(
         opened = None  # the inventory names the problem (INV-ROOT: missing, a link, not a folder)
     try:
         return _verify_open(root, opened, trust, signature=signature, lock=lock, rules=rules, workers=workers,
-                            progress=progress)
+                            progress=progress, seal=seal)
     except BaseException:
         if opened is not None:
             opened.close()
@@ -343,6 +357,7 @@ def _verify_open(
     rules: InventoryRules,
     workers: int | None,
     progress: ProgressSink | None,
+    seal: bool,
 ) -> VerificationResult:
     # 1. inventory: every file, no links followed, all findings at once.
     inv = take_inventory(root, rules)
@@ -391,8 +406,13 @@ def _verify_open(
     _set_equality(inv, statement, _sig_name(base, sig_path))
 
     # 7. hash and compare (relative to the descriptor); the path must still name that folder.
-    files, seconds = _compare_digests(inv, statement, workers, progress, opened.dirfd)
-    _same_folder(opened, str(base))
+    files, seconds, sealed = _compare_digests(inv, statement, workers, progress, opened.dirfd, seal)
+    try:
+        _same_folder(opened, str(base))
+    except BaseException:
+        if sealed is not None:
+            sealed.close()
+        raise
     folder = opened.with_pins((PinnedFile(f.name, f.sha256, f.identity) for f in files), root=base)
     return VerificationResult(
         root=base,
@@ -406,6 +426,7 @@ def _verify_open(
         hash_seconds=seconds,
         lock_name=entry.name if entry is not None else None,
         folder=folder,
+        sealed=sealed,
     )
 
 

@@ -16,13 +16,16 @@ documents are described in ``manifests/README.md``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from secure_run.runner.options import json_option, trust_options
 from secure_run.runner.output import denial_error, emit_json
 from secure_run.runner.progress import hashing_progress
+
+if TYPE_CHECKING:
+    from secure_run.policies import Decision
 
 
 def _json_mode(as_json: bool) -> None:
@@ -137,8 +140,6 @@ def verify_cmd(
     """
     _json_mode(as_json)
     from secure_run.manifests import Lock, load_trust, verify_model
-    from secure_run.policies import Decision, load_policy
-    from secure_run.runner.gate import run_gate
 
     trust = load_trust(public_key=public_key, cert_root=cert_root, identity=identity, sigstore=sigstore, issuer=issuer, trusted_root=trusted_root)
     lock_obj = Lock.load(lock) if lock else None
@@ -152,7 +153,10 @@ def verify_cmd(
     progress = hashing_progress(as_json, "verifying")
     sig_path = Path(signature) if signature else None
     decision: Decision | None = None
-    if policy is not None:
+    if policy is not None:  # the policy stack is imported only when asked for (verify alone starts faster)
+        from secure_run.policies import load_policy
+        from secure_run.runner.gate import run_gate
+
         gate = run_gate(Path(model_dir), trust, lock=lock_obj, signature=sig_path, progress=progress,
                         policy=load_policy(policy), stage="check")
         result, decision = gate.verification, gate.decision

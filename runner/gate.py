@@ -129,6 +129,7 @@ def run_gate(
     context: RunContext = RunContext(),
     decide: Decide | None = None,
     on_refusal: Callable[[BaseException, VerificationResult | None], None] | None = None,
+    seal: bool = False,
 ) -> GateResult:
     """Verify ``model_dir``, check its architecture, evaluate ``policy``; return what was proved.
 
@@ -145,6 +146,7 @@ def run_gate(
         on_refusal: called with the error (and the verification, when that step passed) when a
             step refuses, before the error is raised (the pipeline audits it; ci-check reports the
             verified root digest).
+        seal: verify into sealed memory copies (``verify_model(..., seal=True)``) for a worker hand-off.
 
     Raises:
         SecureRunError: any refusal of steps 1-2 (exit 1) or usage/environment error (exit 2).
@@ -152,7 +154,8 @@ def run_gate(
     from secure_run import manifests, policies
 
     try:
-        verification = manifests.verify_model(model_dir, trust, signature=signature, lock=lock, progress=progress)
+        verification = manifests.verify_model(model_dir, trust, signature=signature, lock=lock, progress=progress,
+                                             seal=seal)
     except Exception as err:
         if on_refusal is not None:
             on_refusal(err, None)

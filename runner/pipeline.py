@@ -55,10 +55,13 @@ from secure_run.runner.gate import GateResult, RunContext, check_architecture, r
 
 if TYPE_CHECKING:
     from secure_run.manifests import ProgressSink, Trust, VerificationResult
+    from secure_run.manifests.sealed import SealedFolder
     from secure_run.model.tokenizer import ModelTokenizer
     from secure_run.policies import AuditLog, Decision, GuardrailEvent, Policy, RunFacts
     from secure_run.sandbox import Backend as SandboxBackend
     from secure_run.sandbox import SandboxPolicy
+    from secure_run.sandbox.handoff import HandoffServer
+    from secure_run.sandbox.protocol import PinnedFileModel
 
 __all__ = [
     "Event", "Final", "GenerateOptions", "Interrupted", "Sampling", "Session", "Status", "Text", "check_architecture",
@@ -283,8 +286,38 @@ class Session:
     _turn: dict[str, object] = field(default_factory=dict, repr=False)
 
     def close(self) -> None:
-        """Close the verified folder."""
+        """Close the verified folder and release the sealed copies."""
         self.verification.close()
+
+    # --- the sealed hand-off (sandbox/handoff.py) ------------------------------------------------
+
+    def sealed_pins(self) -> dict[str, PinnedFileModel]:
+        """The request's pins: the verified sha256 and the identity of each sealed copy."""
+        from secure_run.sandbox.protocol import PinnedFileModel
+
+        return {c.name: PinnedFileModel(sha256=c.sha256, identity=c.identity) for c in self._sealed().copies()}
+
+    def handoff(self) -> HandoffServer:
+        """A hand-off of the sealed copies for one sandbox (close it when the sandbox has ended)."""
+        from secure_run.sandbox.handoff import HandoffServer
+
+        return HandoffServer([(c.name, c.fd) for c in self._sealed().copies()],
+                             accept_timeout_s=self.sandbox_policy.wall_clock_s)
+
+    def handoff_policy(self, handoff: HandoffServer) -> SandboxPolicy:
+        """The session's sandbox policy with ``handoff``'s folder mounted (and no model folder)."""
+        return self.sandbox_policy.with_overrides(handoff_dir=handoff.mount_dir)
+
+    def release_sealed(self) -> None:
+        """Close the host's sealed copies (a persistent worker that has loaded them needs them no more)."""
+        self._sealed().close()
+
+    def _sealed(self) -> SealedFolder:
+        sealed = self.verification.sealed
+        if sealed is None:
+            raise UsageError("this session was verified without sealed copies", rule="sandbox.handoff",
+                             hint="prepare the session with the runner's gate (it seals what it verifies)")
+        return sealed
 
     @property
     def enable_thinking(self) -> bool:
@@ -298,7 +331,6 @@ class Session:
         from secure_run.runner.stops import StopStrings
         from secure_run.sandbox import GenerateRequest, run_worker
         from secure_run.sandbox.protocol import (
-            PinnedFileModel,
             StatsEvent,
             TextEvent,
             TokenEvent,
@@ -333,9 +365,8 @@ class Session:
             self._audit_refusal(err, events)
             raise
 
-        # 7. the worker, in a fresh sandbox, with the pins (sha256 + identity) of every verified file.
-        folder = self.verification.verified
-        pins = {name: PinnedFileModel.of(pin) for name, pin in folder.pins().items()}
+        # 7. the worker, in a fresh sandbox, handed the sealed verified copies (their sha256 + identity pinned).
+        pins = self.sealed_pins()
         request = GenerateRequest.model_validate({
             "task": "generate", "device": "cuda" if self.options.gpu else "cpu", "dtype": self.options.dtype,
             "messages": tuple(checked), "max_new_tokens": self.max_new_tokens,
@@ -345,11 +376,11 @@ class Session:
         params = self.parameters()
         self.audit.append(self.record("started", run_id=run_id, prompt=prompt_text, parameters=params,
                                       run_stats={"backend": self.backend.name}))
-        yield Status("sandbox", f"starting the {self.backend.name} sandbox (no network, read-only model)")
+        yield Status("sandbox", f"starting the {self.backend.name} sandbox (no network, sealed verified copies "
+                                "of the model)")
         try:
             if self.before_launch is not None:
                 self.before_launch()
-            folder.check_root_path()  # the path handed to the mount still names the verified folder
         except Interrupted:
             raise  # audited once, by whoever stops the turn (Session.audit_interrupt)
         except SecureRunError as err:
@@ -367,7 +398,8 @@ class Session:
         worker_stats: dict[str, object] = {}
         reported: WorkerStats | None = None
         blocked = False
-        stream = _closing(run_worker(self.backend, self.sandbox_policy, request))
+        handoff = self.handoff()
+        stream = _closing(run_worker(self.backend, self.handoff_policy(handoff), request))
         try:
             for ev in stream:
                 if isinstance(ev, TokenEvent):
@@ -401,6 +433,7 @@ class Session:
             raise
         finally:
             stream.close()  # kills and removes the sandbox if it is still running
+            handoff.close()
         if not blocked and not stopper.stopped:
             tail = stopper.feed(guard_out.finish())
             blocked = guard_out.blocked
@@ -612,7 +645,7 @@ def prepare(options: GenerateOptions, *, progress: ProgressSink | None = None,
                                event="interrupted" if isinstance(err, Interrupted) else "refused")
 
     gate = run_gate(model_dir, options.trust, lock=lock, signature=options.signature, progress=progress,
-                    policy=policy, stage="run", context=context, decide=decide, on_refusal=refused)
+                    policy=policy, stage="run", context=context, decide=decide, on_refusal=refused, seal=True)
     try:
         return _session(options, gate, is_demo=is_demo, audit=audit, tokenizer_from=ModelTokenizer.from_folder)
     except BaseException:
@@ -638,15 +671,15 @@ def _session(options: GenerateOptions, gate: GateResult, *, is_demo: bool, audit
     verification = gate.verification
     limits = policy.limits()
     max_new = options.max_new_tokens if options.max_new_tokens is not None else limits.max_new_tokens
-    sandbox_policy = SandboxPolicy(model_dir=Path(verification.root).resolve(), gpu=options.gpu,
-                                   wall_clock_s=float(limits.timeout_s) + LOAD_ALLOWANCE_S)
+    sandbox_policy = SandboxPolicy(gpu=options.gpu, wall_clock_s=float(limits.timeout_s) + LOAD_ALLOWANCE_S)
     if options.memory_mib is not None:
         sandbox_policy = sandbox_policy.with_overrides(memory_mib=options.memory_mib)
     if options.gpu:  # Triton's compiled launchers need an exec-capable cache
         sandbox_policy = sandbox_policy.with_overrides(jit_cache_mib=512)
     backend = (get_backend("docker", build=options.build_image) if options.sandbox == "docker"
                else get_backend("namespace"))
-    tokenizer = tokenizer_from(gate.folder)
+    # the host reads the tokenizer and template from the same sealed copies the worker gets
+    tokenizer = tokenizer_from(verification.sealed if verification.sealed is not None else gate.folder)
     check_thinking(tokenizer, options.thinking)
     session = Session(
         options=options, model_dir=Path(verification.root), is_demo=is_demo, policy=policy,

@@ -157,22 +157,21 @@ class WarmSession:
             SecureRunError: any refusal (exit 1) or usage/environment problem (exit 2), audited.
         """
         from secure_run.sandbox.persistent import PersistentWorker
-        from secure_run.sandbox.protocol import LoadRequest, PinnedFileModel
+        from secure_run.sandbox.protocol import LoadRequest
 
         session = prepare(options, progress=progress, confirm_license=confirm_license)
         try:
             limits = session.policy.limits()
-            folder = session.verification.verified
-            pins = {name: PinnedFileModel.of(pin) for name, pin in folder.pins().items()}
             wall = options.session_wall_clock_s or SESSION_WALL_CLOCK_S
-            policy = session.sandbox_policy.with_overrides(wall_clock_s=wall)
             load = LoadRequest.model_validate({
                 "task": "load", "request": "load", "device": "cuda" if options.gpu else "cpu", "dtype": options.dtype,
                 "max_context": min(_CONTEXT_CAP, max(16, 4 * (limits.max_input_tokens + limits.max_new_tokens))),
                 "max_sessions": max_sessions,
-                "files": pins}, strict=False)
-            folder.check_root_path()  # the path handed to the mount still names the verified folder
-            worker = PersistentWorker.start(session.backend, policy, load, load_timeout_s=LOAD_ALLOWANCE_S * 5)
+                "files": session.sealed_pins()}, strict=False)
+            with session.handoff() as handoff:  # the worker has received the sealed copies once it has loaded
+                policy = session.handoff_policy(handoff).with_overrides(wall_clock_s=wall)
+                worker = PersistentWorker.start(session.backend, policy, load, load_timeout_s=LOAD_ALLOWANCE_S * 5)
+            session.release_sealed()  # loaded: the worker's weights are its own now; free the copies
         except SecureRunError as err:
             session._audit_refusal(err, ())
             session.close()

@@ -26,6 +26,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_serializer,
     field_validator,
     model_validator,
@@ -35,6 +36,7 @@ from secure_run.errors import UsageError
 
 __all__ = [
     "JIT_CACHE_MOUNT",
+    "HANDOFF_MOUNT",
     "MODEL_MOUNT",
     "SCRATCH_MOUNT",
     "ControlName",
@@ -44,6 +46,8 @@ __all__ = [
 
 #: Where the model folder appears inside the sandbox (read-only, fixed).
 MODEL_MOUNT = "/model"
+#: Where the worker reaches the host's hand-off socket of sealed, verified files (sandbox/handoff.py).
+HANDOFF_MOUNT = "/handoff"
 #: The small tmpfs scratch directory (noexec, nosuid, nodev); also HOME and TMPDIR.
 SCRATCH_MOUNT = "/tmp"
 #: Optional tmpfs for JIT caches (Triton); the only writable place where mapping code is allowed.
@@ -73,6 +77,9 @@ class SandboxPolicy(BaseModel):
         capabilities: always ``"none"``: every Linux capability dropped (bounding set too).
         no_new_privileges: always true (``PR_SET_NO_NEW_PRIVS``; setuid binaries gain nothing).
         model_dir: host folder mounted read-only at :data:`MODEL_MOUNT`; ``None`` mounts nothing.
+            The runner mounts no model folder: it hands the worker sealed copies instead.
+        handoff_dir: host folder (holding only the hand-off socket) mounted read-only, no exec, at
+            :data:`HANDOFF_MOUNT`; ``None`` mounts nothing.
         uid: non-root user id the sandboxed process runs as.
         gid: non-root group id (supplementary groups are cleared).
         scratch_mib: size of the tmpfs at :data:`SCRATCH_MOUNT` (noexec, nosuid, nodev).
@@ -101,6 +108,7 @@ class SandboxPolicy(BaseModel):
     capabilities: Literal["none"] = "none"
     no_new_privileges: Literal[True] = True
     model_dir: Path | None = None
+    handoff_dir: Path | None = None
     uid: int = Field(default=65534, ge=1, le=2**31 - 2)
     gid: int = Field(default=65534, ge=1, le=2**31 - 2)
     scratch_mib: int = Field(default=256, ge=1, le=65536)
@@ -117,18 +125,19 @@ class SandboxPolicy(BaseModel):
     env_passthrough: tuple[str, ...] = ("CUDA_VISIBLE_DEVICES",)
     allow_missing: frozenset[ControlName] = frozenset()
 
-    @field_validator("model_dir")
+    @field_validator("model_dir", "handoff_dir")
     @classmethod
-    def _check_model_dir(cls, value: Path | None) -> Path | None:
+    def _check_mounted_dir(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         if value is None:
             return None
+        field = info.field_name
         if not value.is_absolute():
-            raise ValueError(f"model_dir must be an absolute path, got {str(value)!r}")
+            raise ValueError(f"{field} must be an absolute path, got {str(value)!r}")
         if not value.is_dir():
-            raise ValueError(f"model_dir {str(value)!r} is not an existing directory")
+            raise ValueError(f"{field} {str(value)!r} is not an existing directory")
         resolved = value.resolve(strict=True)
         if str(resolved) in _SYSTEM_DIRS:
-            raise ValueError(f"model_dir {str(resolved)!r} is a system directory; mount only the model folder")
+            raise ValueError(f"{field} {str(resolved)!r} is a system directory; mount only the folder it names")
         return resolved
 
     @field_validator("env")

@@ -5,11 +5,11 @@ Run inside the sandbox as ``python -S -m secure_run.sandbox.worker``. Tasks:
 * ``selftest``: a tiny deterministic torch model built from a seed (or loaded from a safetensors
   file in the read-only model mount), greedy-decoded on CPU or CUDA, optionally with a CUDA matmul
   check and a tiny Triton kernel; streams its tokens and a final ``stats`` event.
-* ``generate``: opens the model mounted at ``/model`` as a verified folder built from the pins in
-  the request (sha256 + identity of every file it will open; a missing pin is refused), loads the
-  weights, tokenizer and chat template through it (no link followed, identity re-checked before
-  and after each read, small files re-hashed), renders the chat template, and streams ``token`` /
-  ``text`` events and final ``stats``.
+* ``generate``: receives the sealed copies the host verified over the hand-off socket
+  (:mod:`secure_run.sandbox.handoff`; the worker sees no model folder), adopts them against the
+  pins in the request (sha256 + the identity of each sealed copy; a missing pin is refused),
+  loads the weights, tokenizer and chat template from them (small files re-hashed), renders the
+  chat template, and streams ``token`` / ``text`` events and final ``stats``.
 
 * ``load`` (persistent mode): the same checks and load as ``generate``, once; then one request per
   stdin line (``turn``, ``cancel``, ``session``) with conversations kept in the worker
@@ -37,6 +37,7 @@ from typing import IO, TYPE_CHECKING
 
 from secure_run.errors import EnvironmentProblem, Refusal, SecureRunError, UsageError
 
+from .handoff import HANDOFF_SOCKET
 from .policy import MODEL_MOUNT
 from .protocol import (
     MAX_REQUEST_BYTES,
@@ -57,7 +58,7 @@ from .protocol import (
 if TYPE_CHECKING:
     import torch
 
-    from secure_run.manifests.folder import VerifiedFolder
+    from secure_run.manifests.sealed import SealedFolder
 
 __all__ = ["main", "serve", "serve_persistent"]
 
@@ -134,65 +135,40 @@ def run_selftest(req: SelftestRequest, emit: Emit) -> None:
                     device=req.device, detail=detail))
 
 
-#: Files the worker opens when they are part of the model (each must then be pinned by the request).
-WORKER_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "model.safetensors.index.json",
-    "model.safetensors",
-)
 #: Files the worker cannot do without.
 REQUIRED_FILES = ("config.json", "tokenizer.json")
 
 
-def open_pinned_folder(req: GenerateRequest | LoadRequest, root: str = MODEL_MOUNT) -> VerifiedFolder:
-    """The verified folder over the read-only mount, with the pins the host sent.
+def open_pinned_folder(req: GenerateRequest | LoadRequest, socket_path: str | None = None) -> SealedFolder:
+    """The sealed, verified copies the host hands over, adopted against the request's pins.
 
-    Refuses (``sandbox.worker.unpinned``) a request that does not pin a file the worker would open:
-    the required files, the weights, and every known model file present in the mount. Shards named
-    by the index are checked when the loader opens them (``folder.unpinned``).
+    The worker sees no model folder: it receives a descriptor of each sealed copy over the hand-off
+    socket, and each must be sealed and carry exactly the identity its pin names (the copy the host
+    hashed). Refuses (``sandbox.worker.unpinned``) a request that does not pin the files the worker
+    cannot do without; shards named by the index are checked when the loader opens them
+    (``folder.unpinned``).
     """
-    from secure_run.manifests.folder import VerifiedFolder
+    from .handoff import receive_sealed
 
-    folder = VerifiedFolder.open(root, req.pins())
-    try:
-        missing = [n for n in REQUIRED_FILES if not folder.has(n)]
-        if not (folder.has("model.safetensors.index.json") or folder.has("model.safetensors")):
-            missing.append("model.safetensors.index.json or model.safetensors")
-        present = [n for n in WORKER_FILES if not folder.has(n) and _present(folder.dirfd, n)]
-        if missing or present:
-            raise Refusal(
-                "the request does not pin every file the worker needs (no pin for "
-                + ", ".join(missing + present) + ")",
-                rule="sandbox.worker.unpinned",
-                details=tuple(f"no pin for {n}" for n in missing + present),
-                hint="the host must send the verified sha256 and identity of every model file it verified",
-            )
-    except BaseException:
-        folder.close()
-        raise
-    return folder
-
-
-def _present(dirfd: int, name: str) -> bool:
-    try:
-        os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-    except OSError:
-        return False
-    return True
+    missing = [n for n in REQUIRED_FILES if n not in req.files]
+    if not ({"model.safetensors.index.json", "model.safetensors"} & set(req.files)):
+        missing.append("model.safetensors.index.json or model.safetensors")
+    if missing:
+        raise Refusal(
+            "the request does not pin every file the worker needs (no pin for " + ", ".join(missing) + ")",
+            rule="sandbox.worker.unpinned",
+            details=tuple(f"no pin for {n}" for n in missing),
+            hint="the host must send the verified sha256 and identity of every model file it verified",
+        )
+    return receive_sealed({n: (p.sha256, p.identity) for n, p in req.files.items()}, socket_path or HANDOFF_SOCKET)
 
 
 def run_generate(req: GenerateRequest, emit: Emit) -> None:
     """The ``generate`` task: every file read through the verified folder built from the request's pins.
 
-    The model mount is opened once as a directory descriptor; the config, index, tokenizer, token
-    configs and chat template are read whole below it (no link followed), identity-checked before
-    and after, and their sha256 compared with the pins; each shard is opened below it with its
-    pinned identity (ctime included) and re-checked after its tensors are read.
+    Every file is a sealed copy the host verified (:func:`open_pinned_folder`): the config, index,
+    tokenizer, token configs and chat template are read whole and their sha256 compared with the
+    pins again; the shards are read straight from their sealed copies.
     """
     import torch
 
@@ -203,7 +179,7 @@ def run_generate(req: GenerateRequest, emit: Emit) -> None:
 
     t0 = time.perf_counter()
     _require_device(req.device)
-    with open_pinned_folder(req, MODEL_MOUNT) as folder:
+    with open_pinned_folder(req) as folder:
         dtype = None if req.dtype is None else getattr(torch, req.dtype)
         model = InferenceModel(model=load_model(folder, device=req.device, dtype=dtype),
                                tokenizer=ModelTokenizer.from_folder(folder))

@@ -38,7 +38,7 @@ from secure_run.errors import SandboxError
 
 from ..backends import STDERR, STDOUT, Backend, Outcome, SandboxRun
 from ..errors import EngineUnavailable, GpuUnavailable, ImageMissing
-from ..policy import JIT_CACHE_MOUNT, MODEL_MOUNT, SCRATCH_MOUNT, SandboxPolicy
+from ..policy import HANDOFF_MOUNT, JIT_CACHE_MOUNT, MODEL_MOUNT, SCRATCH_MOUNT, SandboxPolicy
 from .image import PYTHON_IN_IMAGE, SITE_DIR, ensure_image_id
 from .layout import CODE_DIR, OPT, sandbox_env
 from .owner import owner_alive, owner_token
@@ -125,6 +125,8 @@ def container_kwargs(policy: SandboxPolicy, *, host_env: dict[str, str] | None =
     }
     if policy.model_dir is not None:
         kwargs["mounts"].append(Mount(target=MODEL_MOUNT, source=str(policy.model_dir), type="bind", read_only=True))
+    if policy.handoff_dir is not None:
+        kwargs["mounts"].append(Mount(target=HANDOFF_MOUNT, source=str(policy.handoff_dir), type="bind", read_only=True))
     if policy.gpu and gpu_mode == "runtime":
         kwargs["device_requests"] = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
     elif policy.gpu:

@@ -43,7 +43,7 @@ from secure_run.errors import SandboxError
 
 from ..backends import STDERR, STDOUT, Backend, Outcome, SandboxRun
 from ..errors import GpuUnavailable
-from ..policy import JIT_CACHE_MOUNT, MODEL_MOUNT, SCRATCH_MOUNT, SandboxPolicy
+from ..policy import HANDOFF_MOUNT, JIT_CACHE_MOUNT, MODEL_MOUNT, SCRATCH_MOUNT, SandboxPolicy
 from . import cgroups
 from .image import WORKER_DISTRIBUTIONS
 from .layout import CODE_DIR, OPT, code_packages, sandbox_env
@@ -248,6 +248,8 @@ class NamespaceBackend(Backend):
             binds.append({"src": src, "dst": dst, "exec": True, "control": "read_only_root"})
         if policy.model_dir is not None:
             binds.append({"src": str(policy.model_dir), "dst": MODEL_MOUNT, "exec": False, "control": "model_mount"})
+        if policy.handoff_dir is not None:
+            binds.append({"src": str(policy.handoff_dir), "dst": HANDOFF_MOUNT, "exec": False, "control": "model_mount"})
         stdlib_site = sysconfig.get_path("purelib", vars={"base": self.base_prefix, "platbase": self.base_prefix})
         hide = [os.path.realpath(stdlib_site)] if os.path.realpath(stdlib_site) not in sites else []
         files = {**_ETC,

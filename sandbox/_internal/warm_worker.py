@@ -32,7 +32,6 @@ from typing import IO, TYPE_CHECKING
 
 from secure_run.errors import UsageError
 
-from ..policy import MODEL_MOUNT
 from ..protocol import (
     MAX_REQUEST_BYTES,
     AnyEvent,
@@ -138,7 +137,7 @@ class WarmWorker:
 
         t0 = time.perf_counter()
         _require_device(req.device)
-        with open_pinned_folder(req, MODEL_MOUNT) as folder:
+        with open_pinned_folder(req) as folder:
             dtype = None if req.dtype is None else getattr(torch, req.dtype)
             model = InferenceModel(model=load_model(folder, device=req.device, dtype=dtype),
                                    tokenizer=ModelTokenizer.from_folder(folder))

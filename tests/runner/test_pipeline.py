@@ -70,12 +70,17 @@ def test_clean_stream_is_released_and_audited(scripted: dict[str, Any], tmp_path
     assert [r["event"] for r in records[-2:]] == ["started", "finished"]
     record = records[-1]
     assert record["run_stats"]["output_blocked"] is False
-    # the worker got the pins (sha256 + full identity) of every verified file, and a no-network policy
+    # the worker got the pins of every verified file: its verified sha256 and the identity of the sealed
+    # copy the host hashed; a no-network policy that mounts the hand-off socket and no model folder
     policy, request = scripted["requests"][0]
     assert sorted(request.files) == sorted(f.name for f in session.verification.files)
+    sealed = session.verification.sealed
+    assert sealed is not None
     for f in session.verification.files:
-        assert request.files[f.name].sha256 == f.sha256 and request.files[f.name].identity == f.identity
-    assert policy.network == "none" and policy.model_dir == session.model_dir.resolve()
+        copy = sealed.copy(f.name)
+        assert request.files[f.name].sha256 == f.sha256 == copy.sha256
+        assert request.files[f.name].identity == copy.identity != f.identity
+    assert policy.network == "none" and policy.model_dir is None and policy.handoff_dir is not None
     assert request.messages[-1].content == "hello" and request.max_new_tokens == 8
 
 

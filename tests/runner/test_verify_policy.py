@@ -47,3 +47,16 @@ def test_denied_policy_exits_1_after_a_valid_signature(signed: tuple[Path, Path]
     text = CliRunner().invoke(cli, ["verify", str(root), "--public-key", str(keys.public), "--policy",
                                     "builtin:demo"])
     assert text.exit_code == 1 and "A2" in text.output
+
+
+def test_verify_without_a_policy_does_not_load_the_policy_stack(signed: tuple[Path, Path]) -> None:
+    """V1 (issue 12): `verify` alone starts without importing policies/pydantic (~120 ms of a 2-core run)."""
+    import subprocess
+    import sys
+
+    model, pub = signed
+    code = ("import sys\nfrom secure_run.runner.cli import cli\n"
+            f"try:\n    cli(['verify', {str(model)!r}, '--public-key', {str(pub)!r}, '--json'], standalone_mode=False)\n"
+            "finally:\n    print('POLICIES', 'secure_run.policies' in sys.modules, 'pydantic' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert '"ok":true' in out.replace(" ", "") and "POLICIES False False" in out

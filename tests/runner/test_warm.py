@@ -125,9 +125,11 @@ def test_open_loads_once_with_the_pins_and_a_session_wall_clock(fake: dict[str, 
         policy, load = fake["loads"][0]
         v = warm.session.verification
         assert sorted(load.files) == sorted(f.name for f in v.files)
-        for f in v.files:
-            assert load.files[f.name].sha256 == f.sha256 and load.files[f.name].identity == f.identity
+        for f in v.files:  # the verified sha256, and the identity of the sealed copy (not of the disk file)
+            assert load.files[f.name].sha256 == f.sha256 and load.files[f.name].identity != f.identity
+        assert v.sealed is not None and v.sealed.closed  # the host released its copies once the worker loaded
         assert policy.wall_clock_s == 24 * 3600 and policy.network == "none"
+        assert policy.model_dir is None and policy.handoff_dir is not None
         assert warm.model_id == "superlinear-demo"
         # generation defaults come from the verified generation_config.json
         assert (warm.generation_defaults.temperature, warm.generation_defaults.top_p) == (0.7, 0.95)

@@ -9,9 +9,7 @@ cleaned up, and that the pins are still enforced at load.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
 import signal
 import threading
 import time
@@ -20,17 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sealed_support import handed_off, pins_of, sealed
 
 from secure_run.errors import SandboxError
-from secure_run.manifests.hashing import FileIdentity
 from secure_run.model.demo import demo_model_dir
 from secure_run.model.tokenizer import ModelTokenizer
 from secure_run.sandbox import SandboxPolicy
 from secure_run.sandbox.backends import Backend, WorkerFailure, WorkerRefusal
+from secure_run.sandbox.handoff import HandoffServer
 from secure_run.sandbox.persistent import PersistentWorker
 from secure_run.sandbox.protocol import (
     LoadRequest,
-    PinnedFileModel,
     SessionRequest,
     StatsEvent,
     TextEvent,
@@ -41,21 +39,9 @@ from secure_run.sandbox.protocol import (
 pytestmark = [pytest.mark.slow]
 
 
-def pins_of(root: Path) -> dict[str, PinnedFileModel]:
-    out = {}
-    for p in sorted(root.iterdir()):
-        st = os.lstat(p)
-        out[p.name] = PinnedFileModel(
-            sha256=hashlib.sha256(p.read_bytes()).hexdigest(),
-            identity=FileIdentity(dev=st.st_dev, ino=st.st_ino, size=st.st_size, mtime_ns=st.st_mtime_ns,
-                                  ctime_ns=st.st_ctime_ns))
-    return out
-
-
-def start(backend: Backend, root: Path, *, pins: dict[str, PinnedFileModel] | None = None) -> PersistentWorker:
-    policy = SandboxPolicy(model_dir=root.resolve(), wall_clock_s=900, memory_mib=2048)
-    load = LoadRequest(task="load", request="load", files=pins if pins is not None else pins_of(root))
-    return PersistentWorker.start(backend, policy, load)
+def start(backend: Backend, root: Path) -> PersistentWorker:
+    with handed_off(root, SandboxPolicy(wall_clock_s=900, memory_mib=2048)) as (policy, pins):
+        return PersistentWorker.start(backend, policy, LoadRequest(task="load", request="load", files=pins))
 
 
 @pytest.fixture(scope="module", params=[pytest.param("namespace", marks=pytest.mark.namespace),
@@ -227,22 +213,17 @@ def test_a_worker_killed_mid_session_gives_a_clear_error_and_is_cleaned_up(
 
 @pytest.mark.parametrize("backend_name", [pytest.param("namespace", marks=pytest.mark.namespace),
                                           pytest.param("docker", marks=pytest.mark.docker)])
-def test_the_persistent_worker_refuses_a_shard_swapped_after_verification(
-        backend_name: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+def test_the_persistent_worker_refuses_a_descriptor_that_is_not_the_pinned_sealed_copy(
+        backend_name: str, request: pytest.FixtureRequest) -> None:
+    """Through the real sandbox: a sealed copy with the same bytes but not the one pinned is refused at load."""
     backend: Backend = request.getfixturevalue(f"{backend_name}_backend")
-    root = tmp_path / "model"
-    shutil.copytree(demo_model_dir(), root)
-    root.chmod(0o755)
-    pins = pins_of(root)  # what verification proved
-    shard = root / "model-00002-of-00002.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[-1] ^= 0xFF
-    shard.unlink()
-    shard.write_bytes(bytes(data))  # same name and size, other content and identity
-    shard.chmod(0o644)
+    root = Path(demo_model_dir())
     t0 = time.monotonic()
-    with pytest.raises(WorkerRefusal) as err:
-        start(backend, root, pins=pins)
-    assert err.value.rule.startswith(("folder.", "loader.")) and err.value.kind == "worker-refused"
-    assert "model-00002-of-00002.safetensors" in err.value.message
+    with sealed(root) as pinned, sealed(root) as other:
+        pins = pins_of(pinned)  # what the host hashed
+        with HandoffServer([(c.name, c.fd) for c in other.copies()]) as server, pytest.raises(WorkerRefusal) as err:
+            policy = SandboxPolicy(wall_clock_s=900, memory_mib=2048, handoff_dir=server.mount_dir)
+            PersistentWorker.start(backend, policy, LoadRequest(task="load", request="load", files=pins))
+    assert err.value.rule == "folder.unsealed" and err.value.kind == "worker-refused"
+    assert "is not the pinned sealed copy" in err.value.message
     assert time.monotonic() - t0 < 300

@@ -1,47 +1,39 @@
 """The persistent worker in-process (no sandbox): sessions, cache snapshots, growth and limits.
 
-The worker reads the demo folder through the pins (as in the sandbox, with the model mount
-pointed at the folder); requests are fed as stdin lines and the events read back.
+The worker receives the demo folder's sealed copies over a real hand-off socket and adopts them
+against the pins (as in the sandbox); requests are fed as stdin lines and the events read back.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from sealed_support import pins_of, sealed
 
-import secure_run.sandbox._internal.warm_worker as ww
+import secure_run.sandbox.worker as worker
 from secure_run.model.cache import HybridCache
 from secure_run.model.demo import demo_model_dir
 from secure_run.sandbox._internal.conversations import Conversations
+from secure_run.sandbox.handoff import HandoffServer
 from secure_run.sandbox.protocol import parse_request
 from secure_run.sandbox.worker import serve_persistent
 
 ROOT = Path(demo_model_dir())
 
 
-def _pins(root: Path) -> dict[str, Any]:
-    out = {}
-    for p in sorted(root.iterdir()):
-        st = os.lstat(p)
-        out[p.name] = {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
-                       "identity": {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size,
-                                    "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}}
-    return out
-
-
 def run(monkeypatch: pytest.MonkeyPatch, requests: list[dict[str, Any]], **load: Any) -> list[dict[str, Any]]:
-    monkeypatch.setattr(ww, "MODEL_MOUNT", str(ROOT))
-    first = json.dumps({"task": "load", "request": "load", "files": _pins(ROOT), **load}).encode() + b"\n"
-    rest = b"".join(json.dumps(r).encode() + b"\n" for r in requests)
-    out = io.BytesIO()
-    assert serve_persistent(parse_request(first), io.BytesIO(rest), out) == 0  # type: ignore[arg-type]
+    with sealed(ROOT) as folder, HandoffServer([(c.name, c.fd) for c in folder.copies()]) as server:
+        monkeypatch.setattr(worker, "HANDOFF_SOCKET", str(server.mount_dir / "sealed.sock"))
+        pins = {n: p.model_dump(mode="json") for n, p in pins_of(folder).items()}
+        first = json.dumps({"task": "load", "request": "load", "files": pins, **load}).encode() + b"\n"
+        rest = b"".join(json.dumps(r).encode() + b"\n" for r in requests)
+        out = io.BytesIO()
+        assert serve_persistent(parse_request(first), io.BytesIO(rest), out) == 0  # type: ignore[arg-type]
     return [json.loads(line) for line in out.getvalue().splitlines()]
 
 

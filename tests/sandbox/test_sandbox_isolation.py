@@ -9,7 +9,6 @@ mount, noexec scratch), privileges (uid, capabilities, no_new_privs, seccomp), a
 from __future__ import annotations
 
 import dataclasses
-import os
 import socket
 import time
 import uuid
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from sb_helpers import Listener, host_processes_with, probe, py
+from sealed_support import handed_off
 
 from secure_run.errors import ModelError, SandboxError
 from secure_run.sandbox import (
@@ -33,7 +33,7 @@ from secure_run.sandbox import (
 )
 from secure_run.sandbox._internal import selftest
 from secure_run.sandbox.backends import Backend
-from secure_run.sandbox.protocol import ChatMessage, PinnedFileModel
+from secure_run.sandbox.protocol import ChatMessage
 
 ZERO_CAPS = "0000000000000000"
 
@@ -216,29 +216,17 @@ def test_protocol_violation_stops_the_sandbox(backend: Backend, policy: SandboxP
     assert host_processes_with(marker) == []
 
 
-def _identities(d: Path) -> dict[str, PinnedFileModel]:
-    """The pins the host sends: sha256 + identity of every file of the folder."""
-    import hashlib
-
-    from secure_run.manifests import FileIdentity
-
-    out = {}
-    for p in sorted(d.iterdir()):
-        out[p.name] = PinnedFileModel(sha256=hashlib.sha256(p.read_bytes()).hexdigest(),
-                                      identity=FileIdentity.from_stat(os.lstat(p)))
-    return out
-
-
 def test_generate_runs_the_demo_model_inside_the_sandbox(backend: Backend, policy: SandboxPolicy) -> None:
     """The worker's generate task: the verified (demo) model read from the read-only mount, tokens streamed."""
     from secure_run.model import GenerationConfig, load_for_inference
     from secure_run.model.demo import demo_model_dir
 
     d = Path(demo_model_dir())
-    pol = policy.with_overrides(memory_mib=2048, model_dir=d)
     messages = (ChatMessage(role="user", content="Hello, sandbox!"),)
-    req = GenerateRequest(task="generate", messages=messages, max_new_tokens=6, files=_identities(d))
-    events = list(run_worker(backend, pol, req))
+    with handed_off(d, policy.with_overrides(memory_mib=2048)) as (pol, pins):
+        assert pol.model_dir is None  # the worker gets the sealed copies, not the folder
+        req = GenerateRequest(task="generate", messages=messages, max_new_tokens=6, files=pins)
+        events = list(run_worker(backend, pol, req))
     tokens = [e.token_id for e in events if isinstance(e, TokenEvent)]
     # the same model and prompt on the host, outside any sandbox, greedy: the same tokens
     m = load_for_inference(d, device="cpu")
@@ -249,18 +237,18 @@ def test_generate_runs_the_demo_model_inside_the_sandbox(backend: Backend, polic
     assert stats.detail["uid"] == 65534
 
 
-def test_generate_refuses_a_shard_whose_identity_changed(backend: Backend, policy: SandboxPolicy) -> None:
+def test_generate_refuses_a_pin_whose_identity_is_not_the_sealed_copy(backend: Backend, policy: SandboxPolicy) -> None:
     from secure_run.model.demo import demo_model_dir
 
     d = Path(demo_model_dir())
-    ids = _identities(d)
-    first = sorted(n for n in ids if n.endswith(".safetensors"))[0]
-    ident = ids[first].identity
-    ids[first] = ids[first].model_copy(update={"identity": dataclasses.replace(ident, ino=ident.ino + 1)})
-    req = GenerateRequest(task="generate", prompt="hi", max_new_tokens=2, files=ids)
-    with pytest.raises(ModelError) as info:
-        list(run_worker(backend, policy.with_overrides(memory_mib=2048, model_dir=d), req))
-    assert info.value.exit_code == 1
+    with handed_off(d, policy.with_overrides(memory_mib=2048)) as (pol, ids):
+        first = sorted(n for n in ids if n.endswith(".safetensors"))[0]
+        ident = ids[first].identity
+        ids[first] = ids[first].model_copy(update={"identity": dataclasses.replace(ident, ino=ident.ino + 1)})
+        req = GenerateRequest(task="generate", prompt="hi", max_new_tokens=2, files=ids)
+        with pytest.raises(ModelError) as info:
+            list(run_worker(backend, pol, req))
+    assert info.value.exit_code == 1 and info.value.rule == "folder.unsealed"
     assert first in info.value.message
 
 

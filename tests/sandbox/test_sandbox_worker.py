@@ -238,8 +238,8 @@ def test_generate_request_reaches_the_model_api(monkeypatch: pytest.MonkeyPatch,
         def __exit__(self, *exc: object) -> None:
             calls["closed"] = True
 
-    def fake_open(request: object, root: str) -> _Folder:
-        calls["open"] = (request, root)
+    def fake_open(request: object) -> _Folder:
+        calls["open"] = (request,)
         return _Folder()
 
     def fake_load(folder: str, **kw: object) -> str:
@@ -264,8 +264,8 @@ def test_generate_request_reaches_the_model_api(monkeypatch: pytest.MonkeyPatch,
     assert time.perf_counter() - t0 < 30
     events = _events(out.getvalue())
     assert [getattr(e, "token_id", getattr(e, "text", None)) for e in events[:-1]] == [7, "<7>", 8, "<8>"]
-    request, root = calls["open"]  # type: ignore[misc]
-    assert root == "/model" and calls["closed"] is True
+    (request,) = calls["open"]  # type: ignore[misc]
+    assert calls["closed"] is True
     pin = request.files["a.safetensors"]
     assert (pin.identity.dev, pin.identity.ino, pin.identity.size, pin.identity.ctime_ns) == (1, 2, 3, 5)
     folder, kw = calls["load"]  # type: ignore[misc]
