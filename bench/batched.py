@@ -12,8 +12,8 @@ Two levels, each in its own section (a failure is reported, the run goes on):
   host (what the worker pays per step). Aggregate tok/s = streams x steps / seconds. For
   reference, the single-sequence ``DecodeGraph`` at the same context (``bench/model.py``'s
   ``decode_row``).
-* **worker**: the persistent worker in-process (no sandbox; the model mount pointed at the demo
-  folder, every file pinned as the host pins it) with the demo model on the device: N plain
+* **worker**: the persistent worker in-process (no sandbox; the demo folder sealed and handed
+  over a real hand-off socket, every file pinned as the runner pins it) with the demo model on the device: N plain
   greedy turns of ``--worker-tokens`` tokens written at once, timed from the first request line
   to the last stats event; aggregate tok/s = tokens generated / seconds. One warm-up round first
   (the graphs of every batch size are captured once, for the worker's life).
@@ -27,7 +27,6 @@ Prints a table last and writes ``$OUT/batched_bench.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
@@ -162,18 +161,6 @@ def model_rows(bm: Any, ctx: int, steps: int, smoke: bool, profile: bool = False
     return out
 
 
-def _pins(root: Path) -> dict[str, Any]:
-    out = {}
-    for p in sorted(root.iterdir()):
-        if not p.is_file():
-            continue
-        st = os.lstat(p)
-        out[p.name] = {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
-                       "identity": {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size,
-                                    "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}}
-    return out
-
-
 class _Events:
     """The worker's output: counts tokens and notes when the last stats event came."""
 
@@ -201,16 +188,23 @@ class _Events:
 def worker_rows(device: str, tokens: int) -> dict[str, Any]:
     """Aggregate tok/s of the persistent worker (demo model) at 1, 4 and 16 concurrent turns."""
     import secure_run.sandbox._internal.warm_worker as ww
+    import secure_run.sandbox.worker as sandbox_worker
+    from secure_run.manifests.sealed import seal_folder
     from secure_run.model.demo import demo_model_dir
-    from secure_run.sandbox.protocol import parse_persistent_request, parse_request
+    from secure_run.sandbox.handoff import HandoffServer
+    from secure_run.sandbox.protocol import PinnedFileModel, parse_persistent_request, parse_request
     from secure_run.sandbox.worker import _error_event
 
     root = Path(demo_model_dir())
-    ww.MODEL_MOUNT = str(root)
-    load = parse_request(json.dumps({"task": "load", "request": "load", "device": device, "max_batch": 16,
-                                     "files": _pins(root)}).encode() + b"\n")
     sink = _Events()
-    worker = ww.WarmWorker.load(load, lambda ev: sink.write(ev.model_dump_json().encode()))  # type: ignore[arg-type]
+    with seal_folder(root, sorted(p.name for p in root.iterdir())) as folder, \
+            HandoffServer([(c.name, c.fd) for c in folder.copies()]) as server:
+        sandbox_worker.HANDOFF_SOCKET = str(server.mount_dir / "sealed.sock")  # type: ignore[attr-defined]
+        pins = {c.name: PinnedFileModel(sha256=c.sha256, identity=c.identity).model_dump(mode="json")
+                for c in folder.copies()}
+        load = parse_request(json.dumps({"task": "load", "request": "load", "device": device, "max_batch": 16,
+                                         "files": pins}).encode() + b"\n")
+        worker = ww.WarmWorker.load(load, lambda ev: sink.write(ev.model_dump_json().encode()))  # type: ignore[arg-type]
     r, w = os.pipe()
     thread = threading.Thread(target=worker.serve, args=(os.fdopen(r, "rb"),
                                                          lambda ev: sink.write(ev.model_dump_json().encode())),

@@ -15,9 +15,12 @@ import threading
 from typing import Any
 
 import pytest
-from test_persistent_worker import ROOT, U1, U2, _pins, of, run, text, tokens, turn
+from sealed_support import pins_of, sealed
+from test_persistent_worker import ROOT, U1, U2, of, run, text, tokens, turn
 
 import secure_run.sandbox._internal.warm_worker as ww
+import secure_run.sandbox.worker as worker
+from secure_run.sandbox.handoff import HandoffServer
 from secure_run.sandbox.protocol import parse_request
 from secure_run.sandbox.worker import serve_persistent
 
@@ -107,13 +110,15 @@ class _CancelWhen(io.RawIOBase):
 
 def test_cancel_of_one_turn_does_not_disturb_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
     reqs = [plain("c0", PROMPTS[0], 16), plain("c1", PROMPTS[2], 16), plain("c2", PROMPTS[4], 16)]
-    monkeypatch.setattr(ww, "MODEL_MOUNT", str(ROOT))
     r, w = os.pipe()
     os.write(w, b"".join(json.dumps(q).encode() + b"\n" for q in reqs))
     out = _CancelWhen(w, "c1", after=4)
-    load = parse_request(json.dumps({"task": "load", "request": "load", "files": _pins(ROOT)}).encode() + b"\n")
-    with os.fdopen(r, "rb") as stdin:
-        assert serve_persistent(load, stdin, out) == 0  # type: ignore[arg-type]
+    with sealed(ROOT) as folder, HandoffServer([(c.name, c.fd) for c in folder.copies()]) as server:
+        monkeypatch.setattr(worker, "HANDOFF_SOCKET", str(server.mount_dir / "sealed.sock"))
+        pins = {n: p.model_dump(mode="json") for n, p in pins_of(folder).items()}
+        load = parse_request(json.dumps({"task": "load", "request": "load", "files": pins}).encode() + b"\n")
+        with os.fdopen(r, "rb") as stdin:
+            assert serve_persistent(load, stdin, out) == 0  # type: ignore[arg-type]
     events = [json.loads(line) for line in out.buf.splitlines()]
     stats = of(events, "c1", "stats")[0]
     assert stats["detail"]["finish_reason"] == "cancelled" and 4 <= stats["generated_tokens"] < 16
