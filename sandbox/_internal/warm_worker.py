@@ -359,10 +359,14 @@ class WarmWorker:
                                   min(POOL_START_LEN, self.conversations.max_context), device=m.device,
                                   dtype=m.dtype, max_len_limit=self.conversations.max_context)
             self._decoder = BatchDecoder(m, self._pool)
-        job.row = self._pool.acquire()
-        self._pool.load(job.row, job.conv.cache)
-        job.joined_len = job.conv.cache.filled
-        self._decoding[job.row] = job
+        row = self._pool.acquire()
+        try:
+            self._pool.load(row, job.conv.cache)
+        except BaseException:
+            self._pool.release(row)
+            raise
+        job.row, job.joined_len = row, job.conv.cache.filled
+        self._decoding[row] = job
 
     def _decode_step(self, emit: Emit, error_event: ErrorOf) -> None:
         """One token for every decoding turn (cancelled ones end first)."""
@@ -381,7 +385,7 @@ class WarmWorker:
             nxt = sample_rows(logits, rows, [j.cfg for j in jobs], [j.gen for j in jobs])
         except Exception as err:  # the whole batch failed: every turn in it gets the error
             for job in jobs:
-                self._release(job)
+                self._drop(job)
                 emit(error_event(err, job.req.request))
             return
         for job, tok in zip(jobs, nxt, strict=True):
@@ -421,15 +425,20 @@ class WarmWorker:
         del self._decoding[job.row]
         job.row = -1
 
+    def _drop(self, job: _Turn) -> None:
+        """Free ``job``'s row without copying it back (the turn failed)."""
+        if job.row >= 0 and self._pool is not None:
+            self._pool.release(job.row)
+            self._decoding.pop(job.row, None)
+            job.row = -1
+
     def _end(self, job: _Turn, emit: Emit) -> None:
         """Flush the text, give the row back, keep the session's new point, send the stats (or the
         error that stopped that)."""
         try:
             self._finish(job, emit)
         except Exception as err:  # one failing request does not end the worker
-            if job.row >= 0 and self._pool is not None:
-                self._pool.release(job.row)
-                self._decoding.pop(job.row, None)
+            self._drop(job)
             emit(self._error_event(err, job.req.request))
 
     def _finish(self, job: _Turn, emit: Emit) -> None:

@@ -140,3 +140,20 @@ def test_concurrent_turns_on_cuda_equal_each_alone_and_the_cpu(monkeypatch: pyte
     for r in reqs:
         alone = run(monkeypatch, [r], device="cuda", dtype="float32")
         assert tokens(together, r["request"]) == tokens(alone, r["request"]) == tokens(cpu, r["request"])
+
+
+def test_a_turn_that_fails_to_join_frees_its_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    from secure_run.model.cache import SlotPool
+
+    real = SlotPool.load
+    calls = iter(range(100))
+
+    def flaky(self: SlotPool, row: int, src: Any) -> None:
+        if next(calls) == 0:
+            raise MemoryError("no room for the row")
+        real(self, row, src)
+
+    monkeypatch.setattr(SlotPool, "load", flaky)
+    events = run(monkeypatch, [plain("f1", PROMPTS[0], 4), plain("f2", PROMPTS[1], 4)], max_batch=1)
+    assert of(events, "f1", "error") and len(tokens(events, "f1")) == 1  # its first token, then the error
+    assert len(tokens(events, "f2")) == 4  # the only row was given back
