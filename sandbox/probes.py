@@ -9,7 +9,8 @@
 INSIDE_PROBE HOST_PORT``); it records what actually happened for every attempt (``"ok"`` or the
 errno name, or a value) as one JSON line. :func:`run_probes` runs it (and a CPU-quota burner and a
 wall-clock sleeper) in fresh sandboxes with a small probe policy, with a TCP listener on the host's
-127.0.0.1 and a throwaway model folder mounted read-only, then :func:`judge` turns the observations
+127.0.0.1 and a throwaway model file handed over as the runner hands over a verified folder (a
+sealed copy through the hand-off socket, no model folder mounted), then :func:`judge` turns the observations
 into one :class:`Control` per sandbox control: its expectation, what was observed, and whether it held.
 """
 
@@ -31,10 +32,10 @@ from secure_run.sandbox.policy import SandboxPolicy
 __all__ = ["CONTROLS", "INSIDE_PROBE", "Control", "ProbeReport", "judge", "probe_policy", "run_probes"]
 
 #: the controls, in table order
-CONTROLS: Final = ("network", "read-only root", "read-only model", "noexec scratch", "seccomp", "capabilities",
+CONTROLS: Final = ("network", "read-only root", "sealed model", "noexec scratch", "seccomp", "capabilities",
                    "uid", "pids", "memfd/W+X", "CPU quota", "wall clock")
 
-#: the probe's model file and its content (mounted read-only at /model)
+#: the probe's model file and its content (handed over as a sealed copy; or mounted read-only at /model)
 MODEL_FILE: Final = "weights.bin"
 MODEL_TEXT: Final = "weights-v1"
 #: CPU-quota probe: cores granted and wall seconds burnt; holds below CPU_LIMIT_S of CPU time
@@ -107,6 +108,25 @@ if os.path.exists("/model/weights.bin"):
     out["write_model_new"] = attempt(lambda: open("/model/new-file", "w").close())
     out["write_model_existing"] = attempt(lambda: open("/model/weights.bin", "r+b").close())
     out["model_read"] = open("/model/weights.bin", "rb").read().decode()
+if os.path.exists("/handoff/sealed.sock"):  # the sealed hand-off, received as the worker receives it
+    import fcntl
+    import mmap
+
+    hs = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    hs.settimeout(10)
+    hs.connect("/handoff/sealed.sock")
+    hs.recv(4096)
+    _, fds, _, _ = socket.recv_fds(hs, 4096, 1)
+    sealed = fds[0]
+    out["sealed_read"] = os.pread(sealed, 4096, 0).decode()
+    out["sealed_write"] = attempt(lambda: os.pwrite(sealed, b"x", 0))
+    out["sealed_truncate"] = attempt(lambda: os.ftruncate(sealed, 0))
+    out["sealed_grow"] = attempt(lambda: os.ftruncate(sealed, 1 << 20))
+    out["sealed_mmap_write"] = attempt(
+        lambda: mmap.mmap(sealed, 1, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
+    out["sealed_unseal"] = attempt(lambda: fcntl.fcntl(sealed, 1033, 0))  # F_ADD_SEALS after F_SEAL_SEAL
+    out["write_handoff"] = attempt(lambda: open("/handoff/new-file", "w").close())
+    out["model_folder_visible"] = os.path.isdir("/model") and bool(os.listdir("/model"))  # an empty mount point is fine
 out["write_tmp"] = attempt(lambda: open("/tmp/probe.txt", "w").write("x"))
 with open("/tmp/probe.sh", "w") as f:
     f.write("#!/bin/sh\nexit 0\n")
@@ -313,23 +333,27 @@ def _tail(res: RunResult) -> str:
 def run_probes(backend: Backend, *, gpu: bool = False) -> ProbeReport:
     """Run every probe in fresh sandboxes of ``backend`` and judge the controls.
 
-    Three sandboxes run: the inside probe (with a host listener and a read-only model folder), a
+    Three sandboxes run: the inside probe (with a host listener and a sealed model file handed over), a
     CPU burner under a quarter-core quota, and a sleeper under a 2 s wall clock.
     """
+    from secure_run.manifests.sealed import seal_folder
+
+    from .handoff import HandoffServer
+
     raw: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="secure-run-probe-") as d:
         model = Path(d).resolve()
         (model / MODEL_FILE).write_text(MODEL_TEXT)
-        model.chmod(0o755)
-        (model / MODEL_FILE).chmod(0o644)
-        policy = probe_policy(gpu=gpu, model_dir=model)
-        listener = HostListener()
-        try:
-            res = _py(backend, policy, INSIDE_PROBE, str(listener.port))
-            time.sleep(0.3)  # a connection that got through is accepted by now
-            raw["host_listener_accepted"] = listener.accepted
-        finally:
-            listener.close()
+        with seal_folder(model, [MODEL_FILE]) as sealed, \
+                HandoffServer([(c.name, c.fd) for c in sealed.copies()], accept_timeout_s=60) as handoff:
+            policy = probe_policy(gpu=gpu).with_overrides(handoff_dir=handoff.mount_dir)
+            listener = HostListener()
+            try:
+                res = _py(backend, policy, INSIDE_PROBE, str(listener.port))
+                time.sleep(0.3)  # a connection that got through is accepted by now
+                raw["host_listener_accepted"] = listener.accepted
+            finally:
+                listener.close()
         inside = _last_json(res)
         if inside is None:
             raw["probe_error"] = _tail(res)
@@ -371,11 +395,13 @@ def _root(raw: Mapping[str, Any], _pids: int) -> tuple[bool, str]:
     return held and first == "ro", f"{seen}, / mounted {first}"
 
 
-def _model(raw: Mapping[str, Any], _pids: int) -> tuple[bool, str]:
-    held, seen = _refused(raw, ("write_model_new", "write_model_existing"))
-    read = raw.get("model_read")
-    # EROFS: the mount itself is read-only (file permissions alone would give EACCES)
-    return held and raw.get("write_model_new") == "EROFS" and read == MODEL_TEXT, f"{seen}, read back {read!r}"
+def _sealed(raw: Mapping[str, Any], _pids: int) -> tuple[bool, str]:
+    held, seen = _refused(raw, ("sealed_write", "sealed_truncate", "sealed_grow", "sealed_mmap_write", "sealed_unseal"))
+    read = raw.get("sealed_read")
+    visible = raw.get("model_folder_visible")
+    handoff = raw.get("write_handoff")
+    return (held and read == MODEL_TEXT and visible is False and handoff == "EROFS",
+            f"{seen}, read back {read!r}, /model visible={visible}, write_handoff={handoff}")
 
 
 def _scratch(raw: Mapping[str, Any], _pids: int) -> tuple[bool, str]:
@@ -443,7 +469,8 @@ def _wall(raw: Mapping[str, Any], _pids: int) -> tuple[bool, str]:
 _RULES: Final[dict[str, tuple[str, _Check]]] = {
     "network": ("only lo; host 127.0.0.1, ::1 and other addresses unreachable", _network),
     "read-only root": ("writes to /, /etc, /usr refused; / mounted ro", _root),
-    "read-only model": ("/model readable, mounted read-only (EROFS)", _model),
+    "sealed model": ("no model folder; the sealed copy handed over reads back, and every write, resize, "
+                     "writable map or unseal is refused; /handoff read-only", _sealed),
     "noexec scratch": ("/tmp writable, exec from it refused", _scratch),
     "seccomp": ("filter mode 2; ptrace, unshare, mount refused", _seccomp),
     "capabilities": ("every capability set empty; no_new_privs", _caps),

@@ -31,8 +31,9 @@ GOOD: dict[str, Any] = {
     "interfaces": ["lo"], "connect_host_loopback": "EPERM", "connect_other_address": "EPERM",
     "connect_ipv6_loopback": "EPERM", "host_listener_accepted": 0,
     "write_root": "EROFS", "write_etc": "EROFS", "write_usr": "EROFS", "mkdir_root": "EROFS",
-    "root_mount_options": "ro,nosuid,nodev", "write_model_new": "EROFS", "write_model_existing": "EACCES",
-    "model_read": MODEL_TEXT, "write_tmp": "ok", "exec_from_tmp": "EACCES", "seccomp": "2",
+    "root_mount_options": "ro,nosuid,nodev", "sealed_read": MODEL_TEXT, "sealed_write": "EPERM",
+    "sealed_truncate": "EPERM", "sealed_grow": "EPERM", "sealed_mmap_write": "EPERM", "sealed_unseal": "EPERM",
+    "write_handoff": "EROFS", "model_folder_visible": False, "write_tmp": "ok", "exec_from_tmp": "EACCES", "seccomp": "2",
     "ptrace_traceme": "EPERM", "unshare_user": "EPERM", "mount_tmpfs": "EPERM",
     "caps": {k: ZERO for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}, "no_new_privs": "1",
     "uid": 65534, "euid": 65534, "gid": 65534, "egid": 65534, "setuid_root": "EPERM",
@@ -59,7 +60,7 @@ def _failing(raw: dict[str, Any]) -> set[str]:
 def test_every_control_holds_on_good_observations() -> None:
     controls = judge(GOOD, pids_limit=64)
     assert tuple(c.name for c in controls) == CONTROLS and all(c.holds for c in controls)
-    assert set(CONTROLS) >= {"network", "read-only root", "read-only model", "seccomp", "capabilities", "uid",
+    assert set(CONTROLS) >= {"network", "read-only root", "sealed model", "seccomp", "capabilities", "uid",
                              "pids", "memfd/W+X", "CPU quota", "wall clock"}
 
 
@@ -69,8 +70,12 @@ def test_every_control_holds_on_good_observations() -> None:
     ("interfaces", ["eth0", "lo"], "network"),
     ("write_etc", "ok", "read-only root"),
     ("root_mount_options", "rw,relatime", "read-only root"),
-    ("write_model_new", "EACCES", "read-only model"),  # refused by permissions only: the mount is writable
-    ("model_read", None, "read-only model"),
+    ("sealed_write", "ok", "sealed model"),  # the copy could be changed: not sealed
+    ("sealed_mmap_write", "ok", "sealed model"),
+    ("sealed_unseal", "ok", "sealed model"),
+    ("sealed_read", None, "sealed model"),
+    ("model_folder_visible", True, "sealed model"),  # the model folder is mounted too
+    ("write_handoff", "ok", "sealed model"),
     ("exec_from_tmp", "ok", "noexec scratch"),
     ("seccomp", "0", "seccomp"),
     ("ptrace_traceme", "ok", "seccomp"),
@@ -103,7 +108,7 @@ def test_a_probe_that_did_not_run_fails_every_inside_control() -> None:
 def test_every_control_holds_in_the_real_sandbox(backend: Backend) -> None:
     report = run_probes(backend)
     assert report.ok, [c for c in report.controls if not c.holds]
-    assert report.raw["host_listener_accepted"] == 0 and report.raw["model_read"] == MODEL_TEXT
+    assert report.raw["host_listener_accepted"] == 0 and report.raw["sealed_read"] == MODEL_TEXT
 
 
 #: a Python that the unprivileged user can run (a virtual environment under /root may not be)
@@ -143,8 +148,8 @@ def test_without_a_sandbox_the_controls_fail() -> None:
     report = run_probes(NoSandbox())
     failed = {c.name for c in report.controls if not c.holds}
     # the host process shares the network, a writable root, no seccomp, a full bounding set, host pids,
-    # memfd and W+X memory, no /model mount, and nothing kills it at 2 s; only the uid is "enforced"
-    assert {"network", "read-only root", "read-only model", "seccomp", "capabilities", "pids", "memfd/W+X",
+    # memfd and W+X memory, no hand-off socket, and nothing kills it at 2 s; only the uid is "enforced"
+    assert {"network", "read-only root", "sealed model", "seccomp", "capabilities", "pids", "memfd/W+X",
             "wall clock"} <= failed, report.controls
     assert "uid" not in failed
     assert report.raw["host_listener_accepted"] >= 1 and report.raw["seccomp"] == "0"
