@@ -10,6 +10,12 @@ model uses no positional encoding), write K/V into the static cache at the absol
 * :class:`CausalAttention` is NemotronH's dense causal GQA (used for the parity test against
   transformers, and equal to Superlinear attention whenever the window covers the sequence).
 
+Positions are either ``[L]`` (every row of the batch at the same absolute positions: prefill and
+single-sequence decode) or ``[B, L]`` (each row at its own positions: the batched decode of a
+:class:`~secure_run.model.cache.SlotPool`, ``L == 1``). Per-row positions run the attention core
+row by row on batch-1 views of the cache (the span kernels take one position vector per call; on
+CUDA the row loop is captured into the decode graph, so it costs launches, not host syncs).
+
 Axis legend: ``B`` batch, ``L`` new tokens, ``S`` cached positions read, ``Hq``/``Hkv`` query / KV
 heads, ``D`` head dim, ``d`` hidden.
 
@@ -36,12 +42,17 @@ __all__ = ["CausalAttention", "SuperlinearAttention", "causal_gqa"]
 
 
 def causal_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Dense causal GQA: q [B, Hq, L, D] at absolute ``positions`` [L]; k, v [B, Hkv, S, D] at 0..S-1.
+    """Dense causal GQA: q [B, Hq, L, D] at absolute ``positions`` [L] (or [B, L] per row); k, v
+    [B, Hkv, S, D] at 0..S-1.
 
     Query l sees keys ``0..positions[l]``. Softmax in fp32; returns [B, Hq, L, D] in q's dtype.
     """
     s = k.shape[2]
-    allowed = torch.arange(s, device=q.device)[None, :] <= positions[:, None]  # [L, S]
+    keys = torch.arange(s, device=q.device)
+    if positions.dim() == 1:
+        allowed = keys[None, :] <= positions[:, None]  # [L, S]
+    else:
+        allowed = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, L, S]
     r = q.shape[1] // k.shape[1]
     kr, vr = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)  # [B, Hq, S, D]
     logits = torch.matmul(q.float(), kr.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])  # [B, Hq, L, S]
@@ -75,10 +86,10 @@ class CausalAttention(_Projections):
     """NemotronH attention: dense causal GQA over the cache (no positional encoding)."""
 
     def forward(self, x: torch.Tensor, kv: KVState, positions: torch.Tensor) -> torch.Tensor:
-        """x: [B, L, d] (normed), positions: [L] absolute -> [B, L, d]."""
+        """x: [B, L, d] (normed), positions: [L] or [B, L] absolute -> [B, L, d]."""
         q = self._heads(self.q_proj(x), self.n_q)  # [B, Hq, L, D]
         kv.write(self._heads(self.k_proj(x), self.n_kv), self._heads(self.v_proj(x), self.n_kv), positions)
-        end = int(positions[-1]) + 1
+        end = int(positions.max()) + 1  # host sync: this dense path is never graph-captured
         o = causal_gqa(q, kv.k[:, :, :end], kv.v[:, :, :end], positions)
         return self._out(o)
 
@@ -108,10 +119,15 @@ class SuperlinearAttention(_Projections):
         self.params = cfg.span_params()
 
     def forward(self, x: torch.Tensor, kv: KVState, positions: torch.Tensor) -> torch.Tensor:
-        """x: [B, L, d] (normed), positions: [L] absolute, contiguous -> [B, L, d]."""
+        """x: [B, L, d] (normed), positions: [L] absolute, contiguous (or [B, L] per row) -> [B, L, d]."""
         q1 = self._heads(self.q_search_proj(x), self.n_q)  # [B, Hq, L, D] search query
         q2 = self._heads(self.q_proj(x), self.n_q)  # [B, Hq, L, D] attention query
         kv.write(self._heads(self.k_proj(x), self.n_kv), self._heads(self.v_proj(x), self.n_kv), positions)
-        # one call for prefill, chunked prefill and decode: K/V are the full static buffers
-        o = _kernel()(q1, q2, kv.k, kv.v, positions, self.params, attention_mask=None)  # [B, Hq, L, D]
+        kernel = _kernel()
+        if positions.dim() == 1:
+            # one call for prefill, chunked prefill and decode: K/V are the full static buffers
+            o = kernel(q1, q2, kv.k, kv.v, positions, self.params, attention_mask=None)  # [B, Hq, L, D]
+        else:  # each row at its own positions [L]: one call per row on batch-1 views of the cache
+            o = torch.cat([kernel(q1[r:r + 1], q2[r:r + 1], kv.k[r:r + 1], kv.v[r:r + 1], positions[r],
+                                  self.params, attention_mask=None) for r in range(x.shape[0])])
         return self._out(o.to(x.dtype))

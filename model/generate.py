@@ -25,7 +25,8 @@ from secure_run.model.cache import HybridCache
 from secure_run.model.config import ModelConfig
 from secure_run.model.model import DecodeGraph, HybridLM
 
-__all__ = ["GenerationConfig", "activation_bytes_per_token", "choose_prefill_chunk", "generate", "sample_next"]
+__all__ = ["GenerationConfig", "activation_bytes_per_token", "choose_prefill_chunk", "generate", "sample_next",
+           "sample_rows"]
 
 MIN_PREFILL_CHUNK = 256
 MAX_PREFILL_CHUNK = 65536
@@ -142,6 +143,26 @@ def sample_next(logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generato
         scores = scores.scatter(0, order[drop], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def sample_rows(logits: torch.Tensor, rows: Sequence[int], cfgs: Sequence[GenerationConfig],
+                gens: Sequence[torch.Generator]) -> list[int]:
+    """The next token of each of ``rows`` of ``logits`` [n, V] (fp32), row i sampled with ``cfgs[i]``
+    and ``gens[i]``: the greedy rows in one argmax and one transfer, the others as :func:`sample_next`
+    on one host copy of their logits (so the same tokens as sampling each row alone)."""
+    out = [0] * len(rows)
+    greedy = [i for i, c in enumerate(cfgs) if c.temperature == 0.0]
+    if greedy:
+        idx = torch.tensor([rows[i] for i in greedy], dtype=torch.long, device=logits.device)
+        for i, t in zip(greedy, torch.argmax(logits.index_select(0, idx), dim=-1).tolist(), strict=True):
+            out[i] = int(t)
+    sampled = [i for i, c in enumerate(cfgs) if c.temperature != 0.0]
+    if sampled:
+        idx = torch.tensor([rows[i] for i in sampled], dtype=torch.long, device=logits.device)
+        host = logits.index_select(0, idx).float().cpu()
+        for j, i in enumerate(sampled):
+            out[i] = sample_next(host[j], cfgs[i], gens[i])
+    return out
 
 
 def generate(model: HybridLM, prompt_ids: Sequence[int], cfg: GenerationConfig, *,

@@ -29,13 +29,13 @@ from torch import nn
 
 from secure_run.errors import UsageError
 from secure_run.model.attention import CausalAttention, SuperlinearAttention
-from secure_run.model.cache import HybridCache
+from secure_run.model.cache import HybridCache, SlotPool
 from secure_run.model.config import ModelConfig
 from secure_run.model.mamba2 import Mamba2Mixer
 from secure_run.model.moe import MoE, Relu2MLP
 from secure_run.model.norms import RMSNorm
 
-__all__ = ["Block", "DecodeGraph", "HybridLM"]
+__all__ = ["BatchDecoder", "Block", "DecodeGraph", "HybridLM", "decode_buckets"]
 
 Device = torch.device | str | None
 
@@ -219,4 +219,103 @@ class DecodeGraph:
             assert self.logits is not None
             out = self.logits
         cache.filled += 1
+        return out
+
+
+def decode_buckets(rows: int) -> tuple[int, ...]:
+    """The batch sizes a :class:`BatchDecoder` over ``rows`` rows runs at: powers of two, then ``rows``.
+
+        >>> decode_buckets(16), decode_buckets(6)
+        ((1, 2, 4, 8, 16), (1, 2, 4, 6))
+    """
+    out, b = [], 1
+    while b < rows:
+        out.append(b)
+        b *= 2
+    out.append(rows)
+    return tuple(out)
+
+
+class BatchDecoder:
+    """One decode step for every active row of a :class:`~secure_run.model.cache.SlotPool`, each
+    row at its own position (continuous batching).
+
+    A step runs rows ``0:n`` where ``n`` is the smallest bucket (:func:`decode_buckets`) covering
+    the highest active row; rows in that range that are not decoding get token 0 at position 0
+    (free rows: their contents are garbage anyway). Token ids and positions go to the device in
+    one copy; the model sees positions ``[n, 1]`` (per row). On CUDA with Superlinear attention
+    each bucket's step is captured once as a CUDA graph (first use: an eager step that compiles the
+    kernels, then the capture) and replayed for every later step and every later request; the
+    graphs are dropped only when the pool's storage grows. Elsewhere the step runs eagerly.
+    Equal to decoding each sequence alone (tests/model/test_batched_decode.py).
+    """
+
+    def __init__(self, model: HybridLM, pool: SlotPool, *, graphs: bool | None = None) -> None:
+        self.model, self.pool = model, pool
+        dev = model.device
+        self.graphs = (dev.type == "cuda" and model.config.superlinear) if graphs is None else graphs
+        if self.graphs and dev.type != "cuda":
+            raise UsageError("CUDA graphs need the model on a CUDA device", rule="model.graph",
+                             hint="use the eager step on CPU")
+        self.buckets = decode_buckets(pool.rows)
+        self._inputs = torch.zeros(2, pool.rows, dtype=torch.long, device=dev)  # [ids; positions], static
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._generation = pool.generation
+        self._mempool: object | None = None
+        #: how many graphs were captured (a request must not pay a capture once its bucket exists)
+        self.captures = 0
+
+    def bucket_for(self, rows: int) -> int:
+        """The batch size that covers rows ``0:rows``."""
+        return next(b for b in self.buckets if b >= rows)
+
+    @torch.inference_mode()
+    def step(self, tokens: dict[int, int]) -> torch.Tensor:
+        """Feed ``tokens[row]`` to each listed row at its own position; advance those rows by one.
+
+        Returns:
+            logits [n, V] (fp32): row ``r``'s at index ``r``; a static buffer on CUDA, valid until
+            the next step.
+
+        Raises:
+            UsageError: a row that is not active, or a row whose next position is past the pool.
+        """
+        pool = self.pool
+        if not tokens:
+            raise UsageError("a decode step needs at least one row", rule="model.batch")
+        for r in tokens:
+            if r not in pool.active:
+                raise UsageError(f"row {r} is not active in the pool", rule="model.batch")
+        pool.ensure_len(max(pool.lengths[r] for r in tokens) + 1)
+        if pool.generation != self._generation:  # the storage was reallocated: graphs point at the old one
+            self._graphs.clear()
+            self._mempool = None  # the old graphs' private pool is gone with them: capture into a new one
+            self._generation = pool.generation
+        n = self.bucket_for(max(tokens) + 1)
+        host = [[0] * pool.rows, [0] * pool.rows]
+        for r, t in tokens.items():
+            host[0][r], host[1][r] = t, pool.lengths[r]
+        # a fresh (pageable) host tensor each step: the copy never races a later step's writes
+        self._inputs.copy_(torch.tensor(host, dtype=torch.long), non_blocking=True)
+        ids = self._inputs[0, :n].unsqueeze(1)  # [n, 1]
+        positions = self._inputs[1, :n].unsqueeze(1)  # [n, 1] each row's own position
+        view = pool.cache.rows(0, n)
+        if not self.graphs:
+            out = self.model.step(ids, view, positions)[:, 0]  # [n, V]
+        elif n in self._graphs:
+            graph, logits = self._graphs[n]
+            graph.replay()
+            out = logits
+        else:
+            out = self.model.step(ids, view, positions)[:, 0]  # eager warm-up (compiles), also the real step
+            torch.cuda.synchronize()
+            if self._mempool is None:
+                self._mempool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._mempool):
+                logits = self.model.step(ids, view, positions)[:, 0]
+            self._graphs[n] = (graph, logits)
+            self.captures += 1
+        for r in tokens:
+            pool.lengths[r] += 1
         return out

@@ -17,7 +17,9 @@ writes exactly one audit record carrying the request id, the client and the toke
 Conversations (``session_id``) keep their cache in the worker: a chat turn prefills only what the
 session does not hold yet; :meth:`fork` and :meth:`rollback` manage them.
 
-Requests are serialized on one lock (the worker runs one request at a time).
+Completions run concurrently: each thread's request goes to the worker at once and the worker
+batches the turns in flight (continuous batching); session management (fork / rollback) and
+close are serialized on one lock, the counters on another.
 """
 
 from __future__ import annotations
@@ -132,6 +134,7 @@ class WarmSession:
         self._session = session
         self._worker = worker
         self._lock = threading.Lock()
+        self._count_lock = threading.Lock()  # the counters (completions update them from many threads)
         self._closed = False
         self._counters = _Counters(worker_loads_total=worker.loaded.loads if worker.loaded else 0)
         self._forks = 0
@@ -220,15 +223,15 @@ class WarmSession:
         (``stop``, ``length``, ``blocked`` or ``cancelled``). Refusals raise
         :class:`~secure_run.errors.SecureRunError` subclasses (rule ids), each audited once.
         """
-        with self._lock:
-            yield from self._complete(req, cancel)
+        yield from self._complete(req, cancel)
 
     def _complete(self, req: CompletionRequest, cancel: threading.Event) -> Iterator[Event]:
         from secure_run.sandbox.protocol import StatsEvent, TextEvent, TokenEvent, TurnRequest, WorkerStats
 
         s = self._session
         received = time.monotonic()
-        self._counters.requests_total += 1
+        with self._count_lock:
+            self._counters.requests_total += 1
         events: list[GuardrailEvent] = []
         seed = req.sampling.seed if req.sampling.seed is not None else secrets.randbelow(2**63)
         params = {"temperature": req.sampling.temperature, "top_p": req.sampling.top_p, "top_k": req.sampling.top_k,
@@ -240,7 +243,8 @@ class WarmSession:
         released_text: list[str] = []
 
         def refuse(err: SecureRunError, event: str = "refused") -> None:
-            self._counters.requests_refused_total += 1
+            with self._count_lock:
+                self._counters.requests_refused_total += 1
             s.audit.append(s.record(
                 event, run_id=req.request_id, parameters=params, guardrail_events=events,
                 prompt=prompt_text, output="".join(released_text) if prompt_text is not None else None,
@@ -302,9 +306,10 @@ class WarmSession:
                 reason = "cancelled" if cancel.is_set() else str(detail.get("finish_reason", "length"))
                 if reason not in ("stop", "length", "cancelled"):
                     reason = "length"
-            if reason == "cancelled":
-                self._counters.requests_cancelled_total += 1
-            self._count(req, tokens, detail)
+            with self._count_lock:
+                if reason == "cancelled":
+                    self._counters.requests_cancelled_total += 1
+                self._count(req, tokens, detail)
             stats: dict[str, object] = {
                 **base,
                 "prompt_tokens": worker_stats.get("prompt_tokens", prompt_tokens),
@@ -468,7 +473,8 @@ class WarmSession:
             target = f"{session_id[:100]}.fork{self._forks}"
             ev = self._worker.session(SessionRequest(task="session", request=f"fork-{self._forks}", op="fork",
                                                      session=session_id, target=target, turn=at_turn))
-            self._counters.sessions[target] = ev.turns if at_turn is None else min(at_turn, turns)
+            with self._count_lock:
+                self._counters.sessions[target] = ev.turns if at_turn is None else min(at_turn, turns)
             return target
 
     def rollback(self, session_id: str, turn: int) -> None:
@@ -480,10 +486,12 @@ class WarmSession:
             self._known(session_id, turn)
             ev = self._worker.session(SessionRequest(task="session", request=f"rollback-{secrets.token_hex(4)}",
                                                      op="rollback", session=session_id, turn=turn))
-            self._counters.sessions[session_id] = ev.turns
+            with self._count_lock:
+                self._counters.sessions[session_id] = ev.turns
 
     def _known(self, session_id: str, turn: int | None) -> int:
-        turns = self._counters.sessions.get(session_id)
+        with self._count_lock:
+            turns = self._counters.sessions.get(session_id)
         if turns is None:
             raise UsageError(f"no conversation {session_id!r} in this warm session", rule="warm.session-unknown",
                              hint="start it with a completion that has this session_id")
@@ -494,7 +502,8 @@ class WarmSession:
 
     def sessions(self) -> Mapping[str, int]:
         """Conversation id -> completed turns (as the worker last reported)."""
-        return dict(self._counters.sessions)
+        with self._count_lock:
+            return dict(self._counters.sessions)
 
     # --- metrics ----------------------------------------------------------------------------
 

@@ -9,7 +9,9 @@ The sandbox's stdin stays open; each request is one JSON line and every event th
 carries the request id. A reader thread feeds the worker's stdout through :class:`EventReader`
 (line, size and schema limits for the whole life of the sandbox) into a queue; each request's
 events are then checked by a fresh :class:`EventValidator` (token order and count, text per token,
-stats against the host's count, uid) and must carry that request's id. Each request has its own
+stats against the host's count, uid) and must carry that request's id. Several requests may be in
+flight at once (the worker batches concurrent turns): the reader thread routes each event to the
+queue of its request, and an event for a request that is not in flight ends the session. Each request has its own
 deadline (the host sends ``cancel`` at the deadline and kills the sandbox when the worker does not
 stop); the sandbox keeps its own wall clock (``policy.wall_clock_s``, the session's length), so it is
 bounded even when the host dies. A worker that dies, breaks the protocol or times out ends the
@@ -25,7 +27,7 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import NoReturn, Protocol
 
-from secure_run.errors import SandboxError
+from secure_run.errors import SandboxError, UsageError
 
 from .backends import STDERR, Backend, Outcome, SandboxRun, _raise_worker_error, _tail
 from .errors import SandboxOOM, SandboxTimeout
@@ -74,14 +76,21 @@ class _End:
 
 
 class PersistentWorker:
-    """A running persistent worker; use :meth:`start`. Not thread-safe: callers serialize requests."""
+    """A running persistent worker; use :meth:`start`. Thread-safe: each thread may run its own
+    request (distinct request ids); the events are routed by request id."""
 
-    def __init__(self, backend: Backend, policy: SandboxPolicy, sandbox: SandboxRun, limits: StreamLimits) -> None:
+    def __init__(self, backend: Backend, policy: SandboxPolicy, sandbox: SandboxRun, limits: StreamLimits,
+                 *, expect: str | None = None) -> None:
         self.backend = backend
         self.policy = policy
         self._sandbox = sandbox
         self._reader = EventReader(limits)
-        self._events: queue.Queue[AnyEvent | _End] = queue.Queue()
+        self._routes: dict[str, queue.Queue[AnyEvent | _End]] = {}  # request id -> its events
+        self._routes_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._ended: _End | None = None
+        if expect is not None:  # the request already written (load): route its events from the start
+            self._open(expect)
         self._stderr = bytearray()
         self._closed = False
         self._dead: SandboxError | None = None
@@ -101,7 +110,7 @@ class PersistentWorker:
             WorkerFailure / SandboxError / SandboxTimeout / SandboxOOM: the load failed.
         """
         sandbox = backend.start(backend.worker_argv(), policy, stdin=encode_request(load), keep_stdin_open=True)
-        worker = cls(backend, policy, sandbox, limits or SESSION_LIMITS)
+        worker = cls(backend, policy, sandbox, limits or SESSION_LIMITS, expect=load.request)
         try:
             ev = worker._next(time.monotonic() + load_timeout_s, load.request, timeout_s=load_timeout_s)
             assert ev is not None  # no poll: an event or an exception
@@ -117,6 +126,8 @@ class PersistentWorker:
         except BaseException:
             worker._stop()
             raise
+        finally:
+            worker._close(load.request)
         return worker
 
     # --- requests ---------------------------------------------------------------------------
@@ -136,7 +147,12 @@ class PersistentWorker:
         lives on); anything else ends the session.
         """
         assert self.loaded is not None
-        self._send(req)
+        self._open(req.request)
+        try:
+            self._send(req)
+        except BaseException:
+            self._close(req.request)
+            raise
         bounds = RunBounds(max_tokens=req.max_new_tokens, vocab_size=self.loaded.vocab_size,
                            expected_uid=self.policy.uid)
         validator = EventValidator(bounds)
@@ -169,11 +185,17 @@ class PersistentWorker:
             raise
         except ProtocolError as err:
             self._fail(err)
+        finally:
+            self._close(req.request)
 
     def session(self, req: SessionRequest, *, timeout_s: float = 60.0) -> SessionEvent:
         """Fork, roll back or drop a conversation; returns the worker's answer."""
-        self._send(req)
-        ev = self._next(time.monotonic() + timeout_s, req.request, timeout_s=timeout_s)
+        self._open(req.request)
+        try:
+            self._send(req)
+            ev = self._next(time.monotonic() + timeout_s, req.request, timeout_s=timeout_s)
+        finally:
+            self._close(req.request)
         if isinstance(ev, ErrorEvent):
             _raise_worker_error(ev)
         if not isinstance(ev, SessionEvent):
@@ -193,12 +215,28 @@ class PersistentWorker:
 
     # --- internals --------------------------------------------------------------------------
 
+    def _open(self, request: str) -> None:
+        """Route the events of ``request`` to a fresh queue (refuses an id already in flight)."""
+        with self._routes_lock:
+            if request in self._routes:
+                raise UsageError(f"request id {request!r} is already in flight in this worker",
+                                 rule="sandbox.worker.duplicate_request", hint="give every request its own id")
+            q: queue.Queue[AnyEvent | _End] = queue.Queue()
+            if self._ended is not None:
+                q.put(self._ended)
+            self._routes[request] = q
+
+    def _close(self, request: str) -> None:
+        with self._routes_lock:
+            self._routes.pop(request, None)
+
     def _send(self, req: TurnRequest | CancelRequest | SessionRequest) -> None:
         if not self.alive:
             raise self._dead or SandboxError("the persistent worker was closed", rule="sandbox.worker.closed",
                                              hint="open a new session")
         try:
-            self._sandbox.write_stdin(encode_request(req))
+            with self._send_lock:  # one whole line at a time
+                self._sandbox.write_stdin(encode_request(req))
         except SandboxError:
             self._died(None)
 
@@ -219,12 +257,14 @@ class PersistentWorker:
 
         Raises:
             SandboxTimeout: nothing by ``limit`` (the sandbox is killed).
-            ProtocolError: an event for another request, or a protocol violation.
+            ProtocolError: an event for a request not in flight, or a protocol violation.
             SandboxError: the worker ended (exit status, OOM or wall clock named).
         """
         left = limit - time.monotonic()
+        with self._routes_lock:
+            events = self._routes[request]
         try:
-            item = self._events.get(timeout=max(0.0, min(left, poll) if poll is not None else left))
+            item = events.get(timeout=max(0.0, min(left, poll) if poll is not None else left))
         except queue.Empty:
             if poll is not None and time.monotonic() < limit:
                 return None
@@ -234,9 +274,6 @@ class PersistentWorker:
         if isinstance(item, _End):
             self._died(item.error)
         assert not isinstance(item, _End)
-        if item.request != request:
-            self._fail(ProtocolError(f"worker sent an event for request {item.request!r} during request "
-                                     f"{request!r}", what="wrong_request"))
         return item
 
     def _fail(self, err: SandboxError) -> NoReturn:
@@ -286,7 +323,7 @@ class PersistentWorker:
                     del self._stderr[:-65536]
                     continue
                 for ev in self._reader.feed(data):
-                    self._events.put(ev)
+                    self._route(ev)
             self._reader.close()
         except ProtocolError as err:
             error = err
@@ -295,5 +332,19 @@ class PersistentWorker:
             error = None if self._closed else SandboxError(f"lost the worker's output: {err}",
                                                            rule="sandbox.worker.died")
         finally:
-            self._events.put(_End(error))
+            end = _End(error)
+            with self._routes_lock:
+                self._ended = end
+                for q in self._routes.values():
+                    q.put(end)
+
+    def _route(self, ev: AnyEvent) -> None:
+        """Put ``ev`` on its request's queue; an event for no request in flight is a protocol violation."""
+        with self._routes_lock:
+            q = self._routes.get(ev.request) if ev.request is not None else None
+            if q is None:
+                in_flight = ", ".join(sorted(self._routes)) or "none"
+                raise ProtocolError(f"worker sent an event for request {ev.request!r}, which is not in flight "
+                                    f"(in flight: {in_flight[:200]})", what="wrong_request")
+            q.put(ev)
 

@@ -232,6 +232,8 @@ class LoadRequest(_Frozen):
     max_context: int = Field(default=8192, ge=16, le=1 << 22)
     #: most conversations kept at once (the least recently used one is dropped beyond it)
     max_sessions: int = Field(default=16, ge=1, le=4096)
+    #: most turns decoded together (continuous batching: each in-flight turn owns a cache row)
+    max_batch: int = Field(default=16, ge=1, le=256)
     files: dict[_FileName, PinnedFileModel] = Field(min_length=1, max_length=4096)
 
     def pins(self) -> list[PinnedFile]:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from secure_run.model.cache import CacheSnapshot, HybridCache
     from secure_run.model.model import HybridLM
 
-__all__ = ["Conversation", "Conversations", "Point"]
+__all__ = ["Conversation", "Conversations", "Point", "check_context"]
 
 Message = tuple[str, str]  # (role, content)
 
@@ -75,15 +75,24 @@ class Conversation:
         Raises:
             UsageError: rule ``sandbox.worker.context_full`` when ``need`` exceeds ``max_context``.
         """
-        if need > max_context:
-            raise UsageError(f"the conversation needs {need} tokens; the worker keeps at most {max_context}",
-                             rule="sandbox.worker.context_full",
-                             hint="start a new session, roll this one back, or ask for fewer new tokens")
+        check_context(need, max_context)
         if need <= self.cache.max_len:
             return
         bigger = model.new_cache(1, min(max_context, max(need, 2 * self.cache.max_len)))
         self.cache.copy_prefix_to(bigger, self.cache.snapshot())
         self.cache = bigger
+
+
+def check_context(need: int, max_context: int) -> None:
+    """Refuse a turn that needs more than ``max_context`` positions.
+
+    Raises:
+        UsageError: rule ``sandbox.worker.context_full``.
+    """
+    if need > max_context:
+        raise UsageError(f"the conversation needs {need} tokens; the worker keeps at most {max_context}",
+                         rule="sandbox.worker.context_full",
+                         hint="start a new session, roll this one back, or ask for fewer new tokens")
 
 
 class Conversations:

@@ -1,7 +1,7 @@
 """The warm session on a GPU (markers ``gpu`` and ``namespace``; the GPU host has no Docker engine
 of its own): one persistent sandbox with ``--gpu``, the demo loaded once on CUDA, two chat turns of
-one conversation (the second prefills only the new message; the decode runs as a CUDA graph bound
-to the conversation's cache), and greedy fp32 tokens equal to the same turn on the CPU.
+one conversation (the second prefills only the new message; the decode runs as the worker's batched
+CUDA-graph step over its slot pool), and greedy fp32 tokens equal to the same turn on the CPU.
 """
 
 from __future__ import annotations

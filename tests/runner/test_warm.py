@@ -311,3 +311,27 @@ def test_concurrent_requests_are_serialized(fake: dict[str, Any]) -> None:
             t.join(30)
         assert results == {f"c{i}": "".join(f"c{i}-{j} " for j in range(5)) for i in range(4)}
         assert warm.metrics()["requests_total"] == 4.0
+
+
+def test_completions_are_not_serialized(fake: dict[str, Any]) -> None:
+    """A second completion starts while the first is still streaming (the worker batches them)."""
+    a_started, b_started = threading.Event(), threading.Event()
+
+    def script(req: TurnRequest) -> list[str]:
+        if req.request == "a":
+            a_started.set()
+            assert b_started.wait(5.0), "b never started while a was in flight"
+        else:
+            b_started.set()
+        return ["x", "y"]
+
+    fake["script"] = script
+    with WarmSession.open(GenerateOptions()) as warm:
+        out: dict[str, tuple[str, Final]] = {}
+        t = threading.Thread(target=lambda: out.__setitem__("a", _collect(warm, _req("a"))))
+        t.start()
+        assert a_started.wait(5.0)
+        out["b"] = _collect(warm, _req("b"))
+        t.join(10.0)
+        assert out["a"][0] == out["b"][0] == "xy"
+        assert warm.metrics()["requests_total"] == 2.0

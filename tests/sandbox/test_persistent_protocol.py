@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import secure_run.sandbox.persistent as persistent
-from secure_run.errors import SandboxError
+from secure_run.errors import SandboxError, UsageError
 from secure_run.sandbox import SandboxPolicy, SandboxTimeout, run_worker
 from secure_run.sandbox.backends import Backend, Outcome, SandboxRun, WorkerFailure, WorkerRefusal
 from secure_run.sandbox.persistent import PersistentWorker
@@ -296,3 +296,30 @@ def test_a_load_request_is_not_served_one_shot() -> None:
     assert serve(data, out) == 2
     ev = json.loads(out.getvalue().splitlines()[-1])
     assert ev["type"] == "error" and ev["code"] == "bad_request" and "persistent" in ev["message"]
+
+
+def test_events_of_turns_in_flight_together_go_to_their_own_request() -> None:
+    """The worker batches turns: their events interleave on stdout and each request gets its own."""
+
+    def respond(m: dict[str, Any]) -> list[dict[str, Any]]:
+        if m["task"] != "turn":
+            return []
+        if m["request"] == "a":
+            return _tokens("a", 1, tid=7)
+        tok_a = [{"type": "token", "request": "a", "index": 1, "token_id": 7}, {"type": "text", "request": "a", "text": "x"}]
+        return [*_tokens("b", 1, tid=9), *tok_a, _stats("b", 1), _stats("a", 2)]
+
+    w, b = _worker(respond)
+    turn_a = w.turn(_turn("a", n=4))
+    first = next(turn_a)
+    assert first.type == "token" and first.request == "a"
+    events_b = list(w.turn(_turn("b", n=4)))  # a's events that arrive meanwhile wait in a's queue
+    assert [e.type for e in events_b] == ["token", "text", "stats"] and {e.request for e in events_b} == {"b"}
+    rest_a = list(turn_a)
+    assert [e.type for e in rest_a] == ["text", "token", "text", "stats"] and {e.request for e in rest_a} == {"a"}
+    assert w.alive and not b.runs[0].killed
+    with pytest.raises(UsageError) as err:  # one id in flight twice is refused before it is sent
+        w._open("c")
+        w._open("c")
+    assert err.value.rule == "sandbox.worker.duplicate_request"
+    w.close()

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One device-machine call for the batched decode (issue 12 item 4): its GPU tests, then bench/batched.py.
+# Run from the repository root on the GPU box (torch + triton + pytest preinstalled):
+#   bash bench/batched_session.sh [bench args...]     (env: SKIP_TESTS=1, SKIP_BENCH=1, TEST_TIMEOUT, BENCH_TIMEOUT)
+# Needs .whl/ with pydantic, pydantic_core, annotated_types, typing_inspection wheels (cp312) for the
+# worker (the protocol). python3 -P: the repo's own secure_run/ must not shadow the /tmp/sr symlink farm.
+set -euo pipefail
+OUT=${OUT:-bench/out}
+mkdir -p "$OUT" /tmp/sr/secure_run
+for pkg in kernels model manifests policies runner sandbox; do ln -sfn "$PWD/$pkg" "/tmp/sr/secure_run/$pkg"; done
+cp secure_run/*.py /tmp/sr/secure_run/
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/sr:/tmp/site PYTHONUNBUFFERED=1 SECURE_RUN_TEST_GPU=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+status=0
+if [ "${SKIP_TESTS:-0}" != "1" ]; then
+  timeout "${TEST_TIMEOUT:-150}" python3 -P -m pytest -p no:cacheprovider -q -rfE -m gpu \
+    tests/model/test_batched_decode.py tests/sandbox/test_concurrent_turns.py tests/model/test_graph_decode.py \
+    >"$OUT/gpu_tests.log" 2>&1 || status=$?
+  tail -15 "$OUT/gpu_tests.log"
+  echo "gpu tests exit code: $status"
+fi
+if [ "${SKIP_BENCH:-0}" != "1" ]; then
+  bstatus=0
+  timeout "${BENCH_TIMEOUT:-300}" python3 -P bench/batched.py --out "$OUT" "$@" >"$OUT/batched.log" 2>&1 || bstatus=$?
+  { grep -E '^(\||built|\[)' "$OUT/batched.log" || true; } | tail -40  # display only; the exit code is bstatus
+  echo "bench exit code: $bstatus"
+  [ "$bstatus" -eq 0 ] || status=$bstatus
+fi
+exit "$status"
