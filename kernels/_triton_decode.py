@@ -463,6 +463,7 @@ def launch_decode(
     num_warps: int,
     union_warps: int,
     union_stages: int = 3,
+    num_stages: int = 3,
 ) -> None:
     """One decode step for queries [B, Hq, 1, D] against the full cache; writes ``out``.
 
@@ -531,7 +532,7 @@ def launch_decode(
         Lkv, window, G, Hq, n_cand, n_span_progs, 1.0 / (D**0.5), *strides,
         R=R, RP=RP, D=D, BD=BD, K_VAL=num_spans, NC=NC, NCH=nch, NWCH=nwch,
         CHUNK=chunk, WCHUNK=wchunk, BN=block_n, BNW=block_nw, HAS_MASK=mask is not None, FWD=forward,
-        HAS_W=window > 0, UPCAST=upcast, PRECISION=precision, num_warps=num_warps,
+        HAS_W=window > 0, UPCAST=upcast, PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
     )
     _decode_merge_kernel[(B * Hq,)](
         cv, ca, o_span, l_span, o_win, l_win, out,
