@@ -117,30 +117,31 @@ def _decode_variant(**changes: Any) -> Iterator[None]:
 #: head's spans deduplicated, pieces of decode_union_chunk keys scored for all 48 rows with tl.dot).
 SPLIT_VARIANTS: list[dict[str, Any]] = [
     dict(decode_mode="split"),
+    dict(decode_mode="split", decode_lane_max=True),
     dict(decode_mode="split", decode_chunk=512),
-    dict(decode_mode="split", decode_chunk=2048),
-    dict(decode_mode="split", decode_chunk=512, decode_block_n=32),
-    dict(decode_mode="split", decode_block_n=32, decode_warps=2),
-    dict(decode_mode="split", decode_chunk=512, decode_block_n=32, decode_warps=2),
-    dict(decode_mode="split", decode_block_n=128, decode_warps=8),
-    dict(decode_mode="split", decode_warps=8),
-    dict(decode_mode="split", decode_chunk=512, decode_split=128),
-    dict(decode_mode="split", decode_stages=1),
-    dict(decode_mode="split", decode_stages=2),
-    dict(decode_mode="split", decode_chunk=512, decode_stages=4),
+    dict(decode_mode="split", decode_chunk=512, decode_lane_max=True),
+    dict(decode_mode="split", decode_chunk=2048, decode_lane_max=True),
+    dict(decode_mode="split", decode_chunk=512, decode_block_n=32, decode_lane_max=True),
+    dict(decode_mode="split", decode_block_n=32, decode_warps=2, decode_lane_max=True),
+    dict(decode_mode="split", decode_block_n=128, decode_warps=8, decode_lane_max=True),
+    dict(decode_mode="split", decode_warps=8, decode_lane_max=True),
+    dict(decode_mode="split", decode_stages=1, decode_lane_max=True),
+    dict(decode_mode="split", decode_chunk=512, decode_split=128, decode_lane_max=True),
 ]
 UNION_VARIANTS: list[dict[str, Any]] = [
     dict(decode_mode="union", decode_union_chunk=2048),
-    dict(decode_mode="union", decode_union_chunk=1024),
-    dict(decode_mode="union", decode_union_chunk=4096),
-    dict(decode_mode="union", decode_union_chunk=2048, decode_block_n=32),
-    dict(decode_mode="union", decode_union_chunk=2048, decode_union_warps=8),
-    dict(decode_mode="union", decode_union_chunk=2048, decode_union_stages=4),
+    dict(decode_mode="union", decode_union_chunk=1024, decode_union_rows=16),
+    dict(decode_mode="union", decode_union_chunk=2048, decode_union_rows=16),
+    dict(decode_mode="union", decode_union_chunk=512, decode_union_rows=16),
+    dict(decode_mode="union", decode_union_chunk=1024, decode_union_rows=16, decode_block_n=128, decode_union_warps=8),
+    dict(decode_mode="union", decode_union_chunk=1024, decode_union_rows=16, decode_block_n=32),
+    dict(decode_mode="union", decode_union_chunk=1024, decode_union_rows=32),
+    dict(decode_mode="union", decode_union_chunk=1024, decode_union_rows=16, decode_union_stages=4),
 ]
 SWEEP_CONTEXTS: dict[int, list[dict[str, Any]]] = {
-    1 << 20: SPLIT_VARIANTS + UNION_VARIANTS[:3],
-    1 << 22: SPLIT_VARIANTS[:1] + SPLIT_VARIANTS[3:6] + UNION_VARIANTS,
-    10 << 20: SPLIT_VARIANTS[3:4] + UNION_VARIANTS[1:3] + UNION_VARIANTS[4:5],
+    1 << 20: SPLIT_VARIANTS + UNION_VARIANTS,
+    1 << 22: SPLIT_VARIANTS[1:2] + SPLIT_VARIANTS[3:4] + UNION_VARIANTS,
+    10 << 20: SPLIT_VARIANTS[1:2] + UNION_VARIANTS[1:5],
 }
 
 

@@ -30,9 +30,12 @@ def _decode_span_part(
     Lkv, W, Hq, n_cand, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
     R: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, K_VAL: tl.constexpr, NC: tl.constexpr,
     NCH: tl.constexpr, CHUNK: tl.constexpr, BN: tl.constexpr, HAS_MASK: tl.constexpr, FWD: tl.constexpr,
-    HAS_W: tl.constexpr,
+    HAS_W: tl.constexpr, LANE_MAX: tl.constexpr,
 ):
-    """Chunk c of the span of slot j of head h: fp32 online softmax over at most CHUNK keys."""
+    """Chunk c of the span of slot j of head h: fp32 online softmax over at most CHUNK keys.
+
+    ``LANE_MAX``: the running max is kept per key lane too, so the loop has no cross-warp step at
+    all (the lanes are rescaled to the common max once at the end)."""
     d = tl.arange(0, BD)
     dmask = d < D
     c = pid % NCH
@@ -54,6 +57,7 @@ def _decode_span_part(
     # running max is a scalar; sums stay per key lane ([BN] and [BN, BD]) and are reduced once at
     # the end, so each step needs one cross-warp reduction (the max) instead of three
     m_i = tl.full([], float("-inf"), tl.float32)
+    m2 = tl.full([BN], float("-inf"), tl.float32)
     l2 = tl.full([BN], 0.0, tl.float32)
     acc2 = tl.full([BN, BD], 0.0, tl.float32)
     cols = tl.arange(0, BN)
@@ -68,13 +72,27 @@ def _decode_span_part(
         vt = tl.load(v_base + kk[:, None] * s_vl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
         s = tl.sum(kt.to(tl.float32) * q[None, :], axis=1)
         s = tl.where(km, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_use)
-        p = tl.exp(s - m_use)
-        l2 = l2 * alpha + p
-        acc2 = acc2 * alpha + p[:, None] * vt.to(tl.float32)
-        m_i = m_new
+        if LANE_MAX:
+            m2_new = tl.maximum(m2, s)
+            m2_use = tl.where(m2_new == float("-inf"), 0.0, m2_new)
+            alpha2 = tl.exp(m2 - m2_use)
+            p = tl.exp(s - m2_use)
+            l2 = l2 * alpha2 + p
+            acc2 = acc2 * alpha2[:, None] + p[:, None] * vt.to(tl.float32)
+            m2 = m2_new
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_use)
+            p = tl.exp(s - m_use)
+            l2 = l2 * alpha + p
+            acc2 = acc2 * alpha + p[:, None] * vt.to(tl.float32)
+            m_i = m_new
+    if LANE_MAX:  # bring every lane to the common max
+        m_i = tl.max(m2, axis=0)
+        scale = tl.exp(m2 - tl.where(m_i == float("-inf"), 0.0, m_i))
+        l2 = l2 * scale
+        acc2 = acc2 * scale[:, None]
     l_i = tl.sum(l2, axis=0)
     acc = tl.sum(acc2, axis=0)
     has = l_i > 0
@@ -185,14 +203,17 @@ def _decode_union_part(
     Lkv, G, Hq, MAXP, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
     R: tl.constexpr, RK: tl.constexpr, RKP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     K_VAL: tl.constexpr, CH: tl.constexpr, BN: tl.constexpr, HAS_MASK: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, RB: tl.constexpr, COMPACT: tl.constexpr,
 ):
     """Piece ``p`` of the union of the R*K spans of one KV head (each key read once).
 
     Every program re-derives the same plan from the K*R span bounds: sort by start, merge
     overlapping/touching spans into disjoint segments, cut each segment into CH-key pieces. The
-    piece's keys are scored for all R*K (head, slot) rows at once (``tl.dot``), each row masked to
-    its own span, and each row's partial (o, lse) is written for the merge.
+    piece's keys are scored for the (head, slot) rows with ``tl.dot``, each row masked to its own
+    span, and each row's partial (o, lse) is written for the merge. ``COMPACT``: only the rows whose
+    span meets the piece are scored, gathered in groups of RB rows (spans of random queries barely
+    overlap, so a piece usually meets 1-3 of the 48 rows); otherwise all RK rows in one group
+    (RB = RKP). The merge reads a row's partials only for the pieces its span meets.
     """
     d = tl.arange(0, BD)
     dmask = d < D
@@ -233,45 +254,62 @@ def _decode_union_part(
         at = r == sig
         lo = tl.sum(tl.where(at, seg_lo, 0), axis=0) + (piece - tl.sum(tl.where(at, pend - npc, 0), axis=0)) * CH
         hi = tl.minimum(tl.sum(tl.where(at, seg_hi, 0), axis=0), lo + CH - 1)
-        q = tl.load(Q2 + b * s_qb + h[:, None] * s_qh + d[None, :], mask=rm[:, None] & dmask[None, :], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-        # row bounds relative to the piece, as int32 (cheap [rows, BN] compares in the hot loop)
-        rlo = tl.where(ok, tl.minimum(tl.maximum(qs - lo, 0), CH), CH).to(tl.int32)
-        rhi = tl.where(ok, tl.minimum(tl.maximum(qe - lo, -1), CH - 1), -1).to(tl.int32)
-        m_i = tl.full([RKP], float("-inf"), tl.float32)
-        l_i = tl.full([RKP], 0.0, tl.float32)
-        acc = tl.full([RKP, BD], 0.0, tl.float32)
+        if COMPACT:
+            inter = ok & (qs <= hi) & (qe >= lo)
+        else:
+            inter = rm
+        rank = tl.cumsum(inter.to(tl.int32), axis=0) - 1
+        n_in = tl.sum(inter.to(tl.int32), axis=0)
+        rb = tl.arange(0, RB)
         cols = tl.arange(0, BN)
         k_base = K + b * s_kb + g * s_kh
         v_base = V + b * s_vb + g * s_vh
-        for k0 in range(lo, hi + 1, BN):
-            kk = k0 + cols
-            km = kk <= hi
-            if HAS_MASK:
-                km = km & (tl.load(MASK + b * Lkv + kk, mask=km, other=0) != 0)
-            kt = tl.load(k_base + kk[:, None] * s_kl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
-            vt = tl.load(v_base + kk[:, None] * s_vl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
+        for g0 in range(0, n_in, RB):
+            sel = inter[None, :] & (rank[None, :] == (g0 + rb)[:, None])  # [group row, (head, slot) row]
+            vrow = tl.sum(sel.to(tl.int32), axis=1) > 0
+            rsel = tl.sum(tl.where(sel, r[None, :], 0), axis=1)
+            hs = g * R + rsel // K_VAL
+            js = rsel % K_VAL
+            qs_r = tl.load(QS + (b * Hq + hs) * K_VAL + js, mask=vrow, other=-1)
+            qe_r = tl.load(QE + (b * Hq + hs) * K_VAL + js, mask=vrow, other=-1)
+            ok_r = vrow & (qs_r >= 0) & (qe_r >= qs_r)
+            q = tl.load(Q2 + b * s_qb + hs[:, None] * s_qh + d[None, :], mask=vrow[:, None] & dmask[None, :],
+                        other=0.0)
             if UPCAST:
-                kt = kt.to(tl.float32)
-                vt = vt.to(tl.float32)
-            sc = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * sm_scale
-            kr = (k0 - lo).to(tl.int32) + cols
-            inside = (kr[None, :] >= rlo[:, None]) & (kr[None, :] <= rhi[:, None]) & km[None, :]
-            sc = tl.where(inside, sc, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_use)
-            pr = tl.exp(sc - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(pr, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(pr.to(vt.dtype), vt, input_precision=PRECISION)
-            m_i = m_new
-        has = l_i > 0
-        o = acc / tl.where(has, l_i, 1.0)[:, None]
-        lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-        row = (bg * MAXP + piece) * RK + r
-        tl.store(PL + row, lse, mask=rm)
-        tl.store(PO + row[:, None] * D + d[None, :], o, mask=(rm & has)[:, None] & dmask[None, :])
+                q = q.to(tl.float32)
+            # row bounds relative to the piece, as int32 (cheap [rows, BN] compares in the hot loop)
+            rlo = tl.where(ok_r, tl.minimum(tl.maximum(qs_r - lo, 0), CH), CH).to(tl.int32)
+            rhi = tl.where(ok_r, tl.minimum(tl.maximum(qe_r - lo, -1), CH - 1), -1).to(tl.int32)
+            m_i = tl.full([RB], float("-inf"), tl.float32)
+            l_i = tl.full([RB], 0.0, tl.float32)
+            acc = tl.full([RB, BD], 0.0, tl.float32)
+            for k0 in range(lo, hi + 1, BN):
+                kk = k0 + cols
+                km = kk <= hi
+                if HAS_MASK:
+                    km = km & (tl.load(MASK + b * Lkv + kk, mask=km, other=0) != 0)
+                kt = tl.load(k_base + kk[:, None] * s_kl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
+                vt = tl.load(v_base + kk[:, None] * s_vl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
+                if UPCAST:
+                    kt = kt.to(tl.float32)
+                    vt = vt.to(tl.float32)
+                sc = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * sm_scale
+                kr = (k0 - lo).to(tl.int32) + cols
+                inside = (kr[None, :] >= rlo[:, None]) & (kr[None, :] <= rhi[:, None]) & km[None, :]
+                sc = tl.where(inside, sc, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp(m_i - m_use)
+                pr = tl.exp(sc - m_use[:, None])
+                l_i = l_i * alpha + tl.sum(pr, axis=1)
+                acc = acc * alpha[:, None] + tl.dot(pr.to(vt.dtype), vt, input_precision=PRECISION)
+                m_i = m_new
+            has = l_i > 0
+            o = acc / tl.where(has, l_i, 1.0)[:, None]
+            lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+            row = (bg * MAXP + piece) * RK + rsel
+            tl.store(PL + row, lse, mask=vrow)
+            tl.store(PO + row[:, None] * D + d[None, :], o, mask=(vrow & has)[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -282,13 +320,13 @@ def _decode_union_kernel(
     R: tl.constexpr, RP: tl.constexpr, RK: tl.constexpr, RKP: tl.constexpr, D: tl.constexpr,
     BD: tl.constexpr, K_VAL: tl.constexpr, CH: tl.constexpr, BN: tl.constexpr, NWCH: tl.constexpr,
     WCHUNK: tl.constexpr, BNW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_W: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, RB: tl.constexpr, COMPACT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid < n_union_progs:
         _decode_union_part(pid, Q2, K, V, MASK, QS, QE, PO, PL, PLAN,
                            Lkv, G, Hq, MAXP, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
-                           R, RK, RKP, D, BD, K_VAL, CH, BN, HAS_MASK, UPCAST, PRECISION)
+                           R, RK, RKP, D, BD, K_VAL, CH, BN, HAS_MASK, UPCAST, PRECISION, RB, COMPACT)
     else:
         pos = tl.load(POS).to(tl.int64)
         _decode_window_part(pid - n_union_progs, pos, Q2, K, V, MASK, O_WIN, L_WIN,
@@ -378,14 +416,14 @@ def _decode_attn_kernel(
     R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, K_VAL: tl.constexpr,
     NC: tl.constexpr, NCH: tl.constexpr, NWCH: tl.constexpr, CHUNK: tl.constexpr, WCHUNK: tl.constexpr,
     BN: tl.constexpr, BNW: tl.constexpr, HAS_MASK: tl.constexpr, FWD: tl.constexpr, HAS_W: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, LANE_MAX: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pos = tl.load(POS).to(tl.int64)
     if pid < n_span_progs:
         _decode_span_part(pid, pos, Q2, K, V, MASK, S0, CONSTS, CV, CA, O_SPAN, L_SPAN,
                           Lkv, W, Hq, n_cand, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
-                          R, D, BD, K_VAL, NC, NCH, CHUNK, BN, HAS_MASK, FWD, HAS_W)
+                          R, D, BD, K_VAL, NC, NCH, CHUNK, BN, HAS_MASK, FWD, HAS_W, LANE_MAX)
     else:
         _decode_window_part(pid - n_span_progs, pos, Q2, K, V, MASK, O_WIN, L_WIN,
                             Lkv, W, G, Hq, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
@@ -464,11 +502,14 @@ def launch_decode(
     union_warps: int,
     union_stages: int = 3,
     num_stages: int = 3,
+    union_rows: int = 0,
+    lane_max: bool = False,
 ) -> None:
     """One decode step for queries [B, Hq, 1, D] against the full cache; writes ``out``.
 
     ``mode``: "union" (spans of the R query heads of a KV head deduplicated, each key read once)
-    or "split" (every (head, slot) span streamed on its own).
+    or "split" (every (head, slot) span streamed on its own). ``union_rows``: 0 scores all rows of a
+    KV head for every piece; n >= 16 only the rows whose span meets the piece, n at a time.
     """
     from secure_run.kernels._triton_search import launch_search
 
@@ -513,7 +554,8 @@ def launch_decode(
             Lkv, window, G, Hq, maxp, n_union, 1.0 / (D**0.5), *strides,
             R=R, RP=RP, RK=RK, RKP=RKP, D=D, BD=BD, K_VAL=num_spans, CH=chunk,
             BN=block_n, NWCH=nwch, WCHUNK=wchunk, BNW=block_nw, HAS_MASK=mask is not None, HAS_W=window > 0,
-            UPCAST=upcast, PRECISION=precision, num_warps=union_warps, num_stages=union_stages,
+            UPCAST=upcast, PRECISION=precision, RB=union_rows if union_rows else RKP, COMPACT=union_rows > 0,
+            num_warps=union_warps, num_stages=union_stages,
         )
         _decode_union_merge_kernel[(B * Hq,)](
             vals, ancs, qs, qe, po, pl, plan, o_win, l_win, out, Hq, G, maxp, out.stride(0), out.stride(1),
@@ -532,7 +574,8 @@ def launch_decode(
         Lkv, window, G, Hq, n_cand, n_span_progs, 1.0 / (D**0.5), *strides,
         R=R, RP=RP, D=D, BD=BD, K_VAL=num_spans, NC=NC, NCH=nch, NWCH=nwch,
         CHUNK=chunk, WCHUNK=wchunk, BN=block_n, BNW=block_nw, HAS_MASK=mask is not None, FWD=forward,
-        HAS_W=window > 0, UPCAST=upcast, PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+        HAS_W=window > 0, UPCAST=upcast, PRECISION=precision, LANE_MAX=lane_max, num_warps=num_warps,
+        num_stages=num_stages,
     )
     _decode_merge_kernel[(B * Hq,)](
         cv, ca, o_span, l_span, o_win, l_win, out,

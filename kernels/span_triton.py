@@ -51,16 +51,18 @@ class TritonConfig:
     decode_block_nw: int
     decode_warps: int
     decode_stages: int
+    decode_lane_max: bool
     decode_union_chunk: int
     decode_union_warps: int
     decode_union_stages: int
+    decode_union_rows: int
     prefill_segment: int
 
 
 _CPU_INTERPRETER = TritonConfig(
     search_block_s=16, search_warps=4, pair_block_p=16, pair_block_n=16, pair_warps=4, pair_stages=1,
     merge_block_m=16, decode_mode="split", decode_split=32, decode_chunk=32, decode_wchunk=16, decode_block_n=16,
-    decode_block_nw=16, decode_warps=4, decode_stages=1, decode_union_chunk=32, decode_union_warps=4, decode_union_stages=1, prefill_segment=1 << 15,
+    decode_block_nw=16, decode_warps=4, decode_stages=1, decode_lane_max=False, decode_union_chunk=32, decode_union_warps=4, decode_union_stages=1, decode_union_rows=0, prefill_segment=1 << 15,
 )
 
 
@@ -91,9 +93,11 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
         decode_block_nw=32 if wide else 64,
         decode_warps=4,
         decode_stages=3,
+        decode_lane_max=False,
         decode_union_chunk=2048,
         decode_union_warps=4,
         decode_union_stages=3,
+        decode_union_rows=0,
         prefill_segment=1 << 15,
     )
 
@@ -212,7 +216,7 @@ def superlinear_attention_triton(
             chunk=cfg.decode_union_chunk if cfg.decode_mode == "union" else cfg.decode_chunk, wchunk=cfg.decode_wchunk,
             block_n=cfg.decode_block_n, block_nw=cfg.decode_block_nw, upcast=upcast, precision=prec,
             num_warps=cfg.decode_warps, num_stages=cfg.decode_stages, union_warps=cfg.decode_union_warps,
-            union_stages=cfg.decode_union_stages,
+            union_stages=cfg.decode_union_stages, union_rows=cfg.decode_union_rows, lane_max=cfg.decode_lane_max,
         )
         return out
     ns = torch.searchsorted(offs, pos + 1, right=True).to(torch.int32)
