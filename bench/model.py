@@ -334,9 +334,12 @@ DOWN_VARIANTS: list[dict[str, Any]] = [
     {"down_mode": "slots", "down_acc2d": True, "down_stages": 4, "down_block_f": 1024},
 ]
 GEMM_VARIANTS: list[dict[str, Any]] = [
-    {}, {"block_m": 128, "block_n": 128, "block_k": 64, "warps": 8}, {"block_m": 64, "block_n": 128, "stages": 4},
-    {"block_m": 128, "block_n": 256, "block_k": 64, "warps": 8, "stages": 3},
-    {"block_m": 128, "block_n": 128, "block_k": 64, "warps": 4, "stages": 4},
+    {}, {"n_fast": True}, {"scatter": True}, {"n_fast": True, "scatter": True},
+    {"n_fast": True, "block_m": 128, "block_n": 128, "block_k": 64, "warps": 8},
+    {"n_fast": True, "block_m": 128, "block_n": 128, "block_k": 64, "warps": 8, "scatter": True},
+    {"n_fast": True, "block_m": 64, "block_n": 128, "stages": 4},
+    {"n_fast": True, "block_m": 128, "block_n": 256, "block_k": 64, "warps": 8, "stages": 3},
+    {"n_fast": True, "block_m": 128, "block_n": 128, "block_k": 64, "warps": 4, "stages": 4},
 ]
 
 

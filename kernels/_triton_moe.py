@@ -323,9 +323,13 @@ def _align(ids: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.Tenso
 
 @triton.jit
 def _up_gemm(x_ptr, rows_ptr, eblk_ptr, up_ptr, h_ptr, d, F, K: tl.constexpr, IEEE: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    mb = tl.program_id(0).to(tl.int64)
-    nb = tl.program_id(1)
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_FAST: tl.constexpr):
+    if N_FAST:  # the column blocks of one row block run together: its A rows are re-read from L2
+        mb = tl.program_id(1).to(tl.int64)
+        nb = tl.program_id(0)
+    else:
+        mb = tl.program_id(0).to(tl.int64)
+        nb = tl.program_id(1)
     e = tl.load(eblk_ptr + mb)
     if e >= 0:
         rows = tl.load(rows_ptr + mb * BLOCK_M + tl.arange(0, BLOCK_M))  # assignment ids (-1 = pad)
@@ -351,9 +355,16 @@ def _up_gemm(x_ptr, rows_ptr, eblk_ptr, up_ptr, h_ptr, d, F, K: tl.constexpr, IE
 
 @triton.jit
 def _down_gemm(h_ptr, rows_ptr, eblk_ptr, w_ptr, down_ptr, out_ptr, d, F, K: tl.constexpr, IEEE: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    mb = tl.program_id(0).to(tl.int64)
-    nb = tl.program_id(1)
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, N_FAST: tl.constexpr,
+               SCATTER: tl.constexpr):
+    """``SCATTER``: store each assignment's expert output (model dtype) in its own row of out
+    [T*K, d] for ``_sum_slots``; else add weight * output atomically into the fp32 out [T, d]."""
+    if N_FAST:
+        mb = tl.program_id(1).to(tl.int64)
+        nb = tl.program_id(0)
+    else:
+        mb = tl.program_id(0).to(tl.int64)
+        nb = tl.program_id(1)
     e = tl.load(eblk_ptr + mb)
     if e >= 0:
         rows = tl.load(rows_ptr + mb * BLOCK_M + tl.arange(0, BLOCK_M))
@@ -372,12 +383,33 @@ def _down_gemm(h_ptr, rows_ptr, eblk_ptr, w_ptr, down_ptr, out_ptr, d, F, K: tl.
                 acc = tl.dot(a, b, acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, b, acc)
-        wt = tl.load(w_ptr + safe, mask=valid, other=0.0)
-        val = acc.to(h_ptr.dtype.element_ty).to(tl.float32) * wt[:, None]
-        tl.atomic_add(out_ptr + (safe // K)[:, None] * d + offs_n[None, :], val, mask=valid[:, None] & mn[None, :])
+        if SCATTER:
+            tl.store(out_ptr + safe[:, None] * d + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=valid[:, None] & mn[None, :])
+        else:
+            wt = tl.load(w_ptr + safe, mask=valid, other=0.0)
+            val = acc.to(h_ptr.dtype.element_ty).to(tl.float32) * wt[:, None]
+            tl.atomic_add(out_ptr + (safe // K)[:, None] * d + offs_n[None, :], val,
+                          mask=valid[:, None] & mn[None, :])
 
 
-_GEMM = {"block_m": 64, "block_n": 128, "block_k": 64, "warps": 4, "stages": 3}
+@triton.jit
+def _sum_slots(y_ptr, w_ptr, out_ptr, d, K: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t] = round(sum_s w[t, s] * y[t*K + s]) with the products and the sum in fp32, s in order."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < d
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(K):
+        acc += tl.load(y_ptr + (t * K + s) * d + offs, mask=m, other=0.0).to(tl.float32) * tl.load(w_ptr + t * K + s)
+    tl.store(out_ptr + t * d + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+#: Grouped GEMM launch table. ``n_fast``: column blocks vary fastest in the grid (a row block's
+#: gathered A rows stay in L2 across its column blocks); ``scatter``: the down GEMM stores each
+#: assignment's output and a second kernel sums a token's k slots (no fp32 atomics).
+_GEMM: dict[str, int | bool] = {"block_m": 64, "block_n": 128, "block_k": 64, "warps": 4, "stages": 3,
+                                "n_fast": False, "scatter": False}
 
 
 def _moe_prefill(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
@@ -388,19 +420,31 @@ def _moe_prefill(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, up: torch.
     c = dict(_GEMM)
     if interpreting():
         c.update(block_m=16, block_n=32, block_k=32)
-    bm = c["block_m"]
+    bm = int(c["block_m"])
     rows, e_of_block, n_blocks = _align(ids, e, bm)
     ieee = x.dtype == torch.float32
     x = x.contiguous()
     h = torch.empty(t * k, f, device=x.device, dtype=x.dtype)
-    kw = {"num_warps": c["warps"]} if interpreting() else {"num_warps": c["warps"], "num_stages": c["stages"]}
-    _up_gemm[(n_blocks, triton.cdiv(f, c["block_n"]))](x, rows, e_of_block, up, h, d, f, K=k, IEEE=ieee, BLOCK_M=bm,
-                                                     BLOCK_N=c["block_n"], BLOCK_K=c["block_k"], **kw)
-    routed = torch.zeros(t, d, device=x.device, dtype=torch.float32)
+    bn, bk, n_fast, scatter = int(c["block_n"]), int(c["block_k"]), bool(c["n_fast"]), bool(c["scatter"])
+    kw: dict[str, int] = {"num_warps": int(c["warps"]), **_stages(int(c["stages"]))}
+
+    def grid(n_cols: int) -> tuple[int, int]:
+        return (n_cols, n_blocks) if n_fast else (n_blocks, n_cols)
+
+    _up_gemm[grid(triton.cdiv(f, bn))](x, rows, e_of_block, up, h, d, f, K=k, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn,
+                                        BLOCK_K=bk, N_FAST=n_fast, **kw)
     wf = w.reshape(-1).float().contiguous()
-    _down_gemm[(n_blocks, triton.cdiv(d, c["block_n"]))](h, rows, e_of_block, wf, down, routed, d, f, K=k, IEEE=ieee,
-                                                       BLOCK_M=bm, BLOCK_N=c["block_n"], BLOCK_K=c["block_k"], **kw)
-    result = routed.to(x.dtype)
+    if scatter:
+        y = torch.empty(t * k, d, device=x.device, dtype=x.dtype)
+        _down_gemm[grid(triton.cdiv(d, bn))](h, rows, e_of_block, wf, down, y, d, f, K=k, IEEE=ieee, BLOCK_M=bm,
+                                              BLOCK_N=bn, BLOCK_K=bk, N_FAST=n_fast, SCATTER=True, **kw)
+        result = torch.empty(t, d, device=x.device, dtype=x.dtype)
+        _sum_slots[(t, triton.cdiv(d, 1024))](y, wf, result, d, K=k, BLOCK=1024, num_warps=4)
+    else:
+        routed = torch.zeros(t, d, device=x.device, dtype=torch.float32)
+        _down_gemm[grid(triton.cdiv(d, bn))](h, rows, e_of_block, wf, down, routed, d, f, K=k, IEEE=ieee, BLOCK_M=bm,
+                                              BLOCK_N=bn, BLOCK_K=bk, N_FAST=n_fast, SCATTER=False, **kw)
+        result = routed.to(x.dtype)
     if shared_up is not None and shared_down is not None:
         hs = torch.relu(torch.nn.functional.linear(x, shared_up)).square()
         result = result + torch.nn.functional.linear(hs, shared_down)

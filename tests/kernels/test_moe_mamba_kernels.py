@@ -115,6 +115,17 @@ def test_moe_decode_gemv_variants_interpreter(variant: int, shared: bool, monkey
 
 
 @cpu_interp
+@pytest.mark.parametrize("variant", [{"n_fast": True}, {"scatter": True}, {"n_fast": True, "scatter": True}])
+def test_moe_prefill_gemm_variants_interpreter(variant: dict[str, bool], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The grouped GEMM with column blocks fastest in the grid and/or per-assignment outputs summed
+    by a second kernel (instead of fp32 atomics) equals the fp64 oracle."""
+    from secure_run.kernels import _triton_moe as tm
+
+    monkeypatch.setattr(tm, "_GEMM", tm._GEMM | variant)
+    _check_moe(40, torch.float16, "cpu", seed=77)
+
+
+@cpu_interp
 def test_moe_route_no_normalise_and_unscaled() -> None:
     x, gate, bias, *_ = _moe_inputs(5, 64, 12, 8, 8, torch.float32, "cpu", 7)
     ids, w = moe_route(x, gate, bias, 3, False, 1.0, backend="triton")
