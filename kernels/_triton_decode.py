@@ -256,33 +256,31 @@ def _decode_union_part(
         hi = tl.minimum(tl.sum(tl.where(at, seg_hi, 0), axis=0), lo + CH - 1)
         if COMPACT:
             inter = ok & (qs <= hi) & (qe >= lo)
+            rank = tl.cumsum(inter.to(tl.int32), axis=0) - 1
+            n_in = tl.sum(inter.to(tl.int32), axis=0)
+            prow = bg * MAXP + piece
+            # the first group outside any loop, so its key loop is not nested (software pipelining);
+            # a piece always meets at least one span, and more than RB of them only where many overlap
+            _union_group(0, inter, rank, r, b, g, lo, hi, prow, Q2, K, V, MASK, QS, QE, PO, PL, Lkv, Hq, sm_scale,
+                         s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
+                         R, RK, D, BD, K_VAL, CH, BN, HAS_MASK, UPCAST, PRECISION, RB)
+            for g0 in range(RB, n_in, RB):
+                _union_group(g0, inter, rank, r, b, g, lo, hi, prow, Q2, K, V, MASK, QS, QE, PO, PL, Lkv, Hq,
+                             sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
+                             R, RK, D, BD, K_VAL, CH, BN, HAS_MASK, UPCAST, PRECISION, RB)
         else:
-            inter = rm
-        rank = tl.cumsum(inter.to(tl.int32), axis=0) - 1
-        n_in = tl.sum(inter.to(tl.int32), axis=0)
-        rb = tl.arange(0, RB)
-        cols = tl.arange(0, BN)
-        k_base = K + b * s_kb + g * s_kh
-        v_base = V + b * s_vb + g * s_vh
-        for g0 in range(0, n_in, RB):
-            sel = inter[None, :] & (rank[None, :] == (g0 + rb)[:, None])  # [group row, (head, slot) row]
-            vrow = tl.sum(sel.to(tl.int32), axis=1) > 0
-            rsel = tl.sum(tl.where(sel, r[None, :], 0), axis=1)
-            hs = g * R + rsel // K_VAL
-            js = rsel % K_VAL
-            qs_r = tl.load(QS + (b * Hq + hs) * K_VAL + js, mask=vrow, other=-1)
-            qe_r = tl.load(QE + (b * Hq + hs) * K_VAL + js, mask=vrow, other=-1)
-            ok_r = vrow & (qs_r >= 0) & (qe_r >= qs_r)
-            q = tl.load(Q2 + b * s_qb + hs[:, None] * s_qh + d[None, :], mask=vrow[:, None] & dmask[None, :],
-                        other=0.0)
+            q = tl.load(Q2 + b * s_qb + h[:, None] * s_qh + d[None, :], mask=rm[:, None] & dmask[None, :], other=0.0)
             if UPCAST:
                 q = q.to(tl.float32)
             # row bounds relative to the piece, as int32 (cheap [rows, BN] compares in the hot loop)
-            rlo = tl.where(ok_r, tl.minimum(tl.maximum(qs_r - lo, 0), CH), CH).to(tl.int32)
-            rhi = tl.where(ok_r, tl.minimum(tl.maximum(qe_r - lo, -1), CH - 1), -1).to(tl.int32)
-            m_i = tl.full([RB], float("-inf"), tl.float32)
-            l_i = tl.full([RB], 0.0, tl.float32)
-            acc = tl.full([RB, BD], 0.0, tl.float32)
+            rlo = tl.where(ok, tl.minimum(tl.maximum(qs - lo, 0), CH), CH).to(tl.int32)
+            rhi = tl.where(ok, tl.minimum(tl.maximum(qe - lo, -1), CH - 1), -1).to(tl.int32)
+            m_i = tl.full([RKP], float("-inf"), tl.float32)
+            l_i = tl.full([RKP], 0.0, tl.float32)
+            acc = tl.full([RKP, BD], 0.0, tl.float32)
+            cols = tl.arange(0, BN)
+            k_base = K + b * s_kb + g * s_kh
+            v_base = V + b * s_vb + g * s_vh
             for k0 in range(lo, hi + 1, BN):
                 kk = k0 + cols
                 km = kk <= hi
@@ -307,9 +305,69 @@ def _decode_union_part(
             has = l_i > 0
             o = acc / tl.where(has, l_i, 1.0)[:, None]
             lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-            row = (bg * MAXP + piece) * RK + rsel
-            tl.store(PL + row, lse, mask=vrow)
-            tl.store(PO + row[:, None] * D + d[None, :], o, mask=(vrow & has)[:, None] & dmask[None, :])
+            row = (bg * MAXP + piece) * RK + r
+            tl.store(PL + row, lse, mask=rm)
+            tl.store(PO + row[:, None] * D + d[None, :], o, mask=(rm & has)[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _union_group(
+    g0, inter, rank, r, b, g, lo, hi, prow, Q2, K, V, MASK, QS, QE, PO, PL, Lkv, Hq,
+    sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
+    R: tl.constexpr, RK: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, K_VAL: tl.constexpr, CH: tl.constexpr,
+    BN: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, RB: tl.constexpr,
+):
+    """Rows ``g0 .. g0+RB-1`` (in rank order) of those meeting the piece [lo, hi]: stream its keys for them."""
+    d = tl.arange(0, BD)
+    dmask = d < D
+    rb = tl.arange(0, RB)
+    sel = inter[None, :] & (rank[None, :] == (g0 + rb)[:, None])  # [group row, (head, slot) row]
+    vrow = tl.sum(sel.to(tl.int32), axis=1) > 0
+    rsel = tl.sum(tl.where(sel, r[None, :], 0), axis=1)
+    hs = g * R + rsel // K_VAL
+    js = rsel % K_VAL
+    qs_r = tl.load(QS + (b * Hq + hs) * K_VAL + js, mask=vrow, other=-1)
+    qe_r = tl.load(QE + (b * Hq + hs) * K_VAL + js, mask=vrow, other=-1)
+    ok_r = vrow & (qs_r >= 0) & (qe_r >= qs_r)
+    q = tl.load(Q2 + b * s_qb + hs[:, None] * s_qh + d[None, :], mask=vrow[:, None] & dmask[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    # row bounds relative to the piece, as int32 (cheap [rows, BN] compares in the hot loop)
+    rlo = tl.where(ok_r, tl.minimum(tl.maximum(qs_r - lo, 0), CH), CH).to(tl.int32)
+    rhi = tl.where(ok_r, tl.minimum(tl.maximum(qe_r - lo, -1), CH - 1), -1).to(tl.int32)
+    m_i = tl.full([RB], float("-inf"), tl.float32)
+    l_i = tl.full([RB], 0.0, tl.float32)
+    acc = tl.full([RB, BD], 0.0, tl.float32)
+    cols = tl.arange(0, BN)
+    k_base = K + b * s_kb + g * s_kh
+    v_base = V + b * s_vb + g * s_vh
+    for k0 in range(lo, hi + 1, BN):
+        kk = k0 + cols
+        km = kk <= hi
+        if HAS_MASK:
+            km = km & (tl.load(MASK + b * Lkv + kk, mask=km, other=0) != 0)
+        kt = tl.load(k_base + kk[:, None] * s_kl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
+        vt = tl.load(v_base + kk[:, None] * s_vl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        sc = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * sm_scale
+        kr = (k0 - lo).to(tl.int32) + cols
+        inside = (kr[None, :] >= rlo[:, None]) & (kr[None, :] <= rhi[:, None]) & km[None, :]
+        sc = tl.where(inside, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_use)
+        pr = tl.exp(sc - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(pr, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(pr.to(vt.dtype), vt, input_precision=PRECISION)
+        m_i = m_new
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    row = prow * RK + rsel
+    tl.store(PL + row, lse, mask=vrow)
+    tl.store(PO + row[:, None] * D + d[None, :], o, mask=(vrow & has)[:, None] & dmask[None, :])
 
 
 @triton.jit

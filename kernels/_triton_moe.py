@@ -1,15 +1,18 @@
 """Triton MoE kernels: router (logits + sigmoid top-k) and routed + shared relu^2 experts.
 
-Decode (few tokens): grouped expert GEMV, two launches for all experts of all tokens:
-``_up_gemv`` (one program per (assignment, F block): ``relu(W_up[e] x)^2``; the shared expert is
-one more assignment per token) and ``_down_gemv`` (one program per (token, d block): the weighted
-sum over the token's k experts of ``W_down[e] h`` plus the shared expert's ``W_down h``).
+Decode (few tokens): grouped expert GEMV for all experts of all tokens: ``_up_gemv`` (one program
+per (assignment, F block): ``relu(W_up[e] x)^2``; the shared expert is one more assignment per
+token), then either ``_down_gemv`` (one program per (token, d block): the weighted sum over the
+token's k experts of ``W_down[e] h`` plus the shared expert's ``W_down h``) or, the default,
+``_down_gemv_slots`` (one program per (token, d block, slot), fp32 partials) + ``_down_finalize``
+(the slots summed in a fixed order).
 
 Prefill (many tokens): grouped GEMM over the (token, slot) assignments sorted by expert
 (``_align``: counts, block-padded offsets and the sorted assignment list are built on the device,
 no host sync), ``_up_gemm`` (tiles of BLOCK_M assignments of one expert x BLOCK_N of F, relu^2)
-and ``_down_gemm`` (tiles x BLOCK_N of d, times the routing weight, atomically added into the fp32
-per-token output). The shared expert runs as a plain dense matmul (cuBLAS) there.
+and ``_down_gemm`` (tiles x BLOCK_N of d: each assignment's output stored and summed per token,
+weighted, by ``_sum_slots``; or, optionally, atomically added into an fp32 per-token output).
+The shared expert runs as a plain dense matmul (cuBLAS) there.
 
 Every launch has a fixed grid that depends only on shapes, so the decode path can be captured
 in a CUDA graph. Loads are converted to fp32 right after ``tl.load`` (the interpreter's bf16
@@ -242,10 +245,11 @@ def _down_finalize(part_ptr, out_ptr, d, K: tl.constexpr, NSLOT: tl.constexpr, B
 # d block, slot), the shared expert cut into pieces of about F columns, fp32 partials summed in a
 # fixed order by a tiny second kernel (deterministic; no atomics). ``acc2d``: per-lane partial sums
 # reduced once per row block instead of a cross-warp reduction per step. Chosen on an H200 by
-# bench/model.py --tune (bench/RESULTS.md, "model" section).
+# bench/model.py --tune-only (bench/RESULTS.md, "model" section): one MoE layer at batch 1 under a
+# CUDA graph, 67.5 us with up 8x512 / down "rows" 4x512, 56.6 us with up 4x1024 / down "slots".
 _GEMV: dict[str, int | str | bool] = {
-    "up_block_f": 8, "up_block_d": 512, "up_warps": 4, "up_acc2d": False, "up_unroll": 1, "up_stages": 3,
-    "down_mode": "rows", "down_block_d": 4, "down_block_f": 512, "down_warps": 4, "down_acc2d": False,
+    "up_block_f": 4, "up_block_d": 1024, "up_warps": 4, "up_acc2d": False, "up_unroll": 1, "up_stages": 3,
+    "down_mode": "slots", "down_block_d": 4, "down_block_f": 512, "down_warps": 4, "down_acc2d": False,
     "down_unroll": 1, "down_stages": 3, "fin_block": 512,
 }
 _GEMV_MAX_ASSIGNMENTS = 64  # above this many (token, slot) pairs the grouped GEMM is used
@@ -407,9 +411,11 @@ def _sum_slots(y_ptr, w_ptr, out_ptr, d, K: tl.constexpr, BLOCK: tl.constexpr):
 
 #: Grouped GEMM launch table. ``n_fast``: column blocks vary fastest in the grid (a row block's
 #: gathered A rows stay in L2 across its column blocks); ``scatter``: the down GEMM stores each
-#: assignment's output and a second kernel sums a token's k slots (no fp32 atomics).
-_GEMM: dict[str, int | bool] = {"block_m": 64, "block_n": 128, "block_k": 64, "warps": 4, "stages": 3,
-                                "n_fast": False, "scatter": False}
+#: assignment's output and a second kernel sums a token's k slots (no fp32 atomics, deterministic).
+#: H200, 32K tokens x 6 experts (bench/model.py --tune-only): 12.8 ms with 64x128x64 / 4 warps, row
+#: blocks fastest and atomics; 8.4 ms with this table.
+_GEMM: dict[str, int | bool] = {"block_m": 128, "block_n": 128, "block_k": 64, "warps": 8, "stages": 3,
+                                "n_fast": True, "scatter": True}
 
 
 def _moe_prefill(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, up: torch.Tensor, down: torch.Tensor,

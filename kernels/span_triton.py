@@ -62,16 +62,18 @@ class TritonConfig:
 _CPU_INTERPRETER = TritonConfig(
     search_block_s=16, search_warps=4, pair_block_p=16, pair_block_n=16, pair_warps=4, pair_stages=1,
     merge_block_m=16, decode_mode="split", decode_split=32, decode_chunk=32, decode_wchunk=16, decode_block_n=16,
-    decode_block_nw=16, decode_warps=4, decode_stages=1, decode_lane_max=False, decode_union_chunk=32, decode_union_warps=4, decode_union_stages=1, decode_union_rows=0, prefill_segment=1 << 15,
+    decode_block_nw=16, decode_warps=4, decode_stages=1, decode_lane_max=True, decode_union_chunk=32, decode_union_warps=4, decode_union_stages=1, decode_union_rows=16, prefill_segment=1 << 15,
 )
 
 
 def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: int = 0) -> TritonConfig:
     """The tunables for this device type, head_dim, dtype and cache length (a fixed table).
 
-    Decode design by cache length (H100, released shapes, measured in bench/RESULTS.md): below 2M
-    keys the per-span split-K stream is fastest; from 2M on, the deduplicated union of a KV head's
-    spans in 2048-key pieces is (slightly) faster.
+    Decode design by cache length (H200, released shapes, ``bench/kernels.py --only sweep``, see
+    bench/RESULTS.md): below 2M keys the per-span split-K stream with a per-lane running max and no
+    software pipelining (139 -> 126 us at 1M); from 2M on, the deduplicated union of a KV head's
+    spans in 2048-key pieces, scoring only the rows whose span meets a piece, 16 at a time (random
+    queries' spans barely overlap, so scoring all 48 rows wasted most of the work).
     """
     if device.type != "cuda":
         return _CPU_INTERPRETER
@@ -92,12 +94,12 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
         decode_block_n=64 if head_dim <= 128 else 32,
         decode_block_nw=32 if wide else 64,
         decode_warps=4,
-        decode_stages=3,
-        decode_lane_max=False,
+        decode_stages=1,
+        decode_lane_max=True,
         decode_union_chunk=2048,
         decode_union_warps=4,
         decode_union_stages=3,
-        decode_union_rows=0,
+        decode_union_rows=16,
         prefill_segment=1 << 15,
     )
 
