@@ -112,15 +112,14 @@ def _decode_variant(**changes: Any) -> Iterator[None]:
         span_triton.config_for = base
 
 
-#: What ``--only sweep`` times: the committed table first, then the previous defaults (split-K
-#: with one running max and pipelined loads below 2M keys, the union scoring all 48 rows from 2M
-#: on) and the compact union at 1M (to place the split/union threshold). The first H200 sweep of
-#: 37 variants is in bench/RESULTS.md ("kernels").
+#: What ``--only sweep`` times: the committed table first, then the previous split-K setting (one
+#: running max, pipelined loads) and the union design at 1M, the split stream at 4M. The first
+#: H200 sweep of 37 variants is in bench/RESULTS.md ("kernels").
 SWEEP_CONTEXTS: dict[int, list[dict[str, Any]]] = {
     1 << 20: [dict(decode_mode="split", decode_lane_max=False, decode_stages=3),
-              dict(decode_mode="union", decode_union_chunk=2048, decode_union_rows=16)],
-    1 << 22: [dict(decode_mode="union", decode_union_chunk=2048, decode_union_rows=0)],
-    10 << 20: [dict(decode_mode="union", decode_union_chunk=2048, decode_union_rows=0)],
+              dict(decode_mode="union", decode_union_chunk=2048)],
+    1 << 22: [dict(decode_mode="split")],
+    10 << 20: [],
 }
 
 

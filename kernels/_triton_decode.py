@@ -203,17 +203,14 @@ def _decode_union_part(
     Lkv, G, Hq, MAXP, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
     R: tl.constexpr, RK: tl.constexpr, RKP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     K_VAL: tl.constexpr, CH: tl.constexpr, BN: tl.constexpr, HAS_MASK: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, RB: tl.constexpr, COMPACT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Piece ``p`` of the union of the R*K spans of one KV head (each key read once).
 
     Every program re-derives the same plan from the K*R span bounds: sort by start, merge
     overlapping/touching spans into disjoint segments, cut each segment into CH-key pieces. The
-    piece's keys are scored for the (head, slot) rows with ``tl.dot``, each row masked to its own
-    span, and each row's partial (o, lse) is written for the merge. ``COMPACT``: only the rows whose
-    span meets the piece are scored, gathered in groups of RB rows (spans of random queries barely
-    overlap, so a piece usually meets 1-3 of the 48 rows); otherwise all RK rows in one group
-    (RB = RKP). The merge reads a row's partials only for the pieces its span meets.
+    piece's keys are scored for all R*K (head, slot) rows at once (``tl.dot``), each row masked to
+    its own span, and each row's partial (o, lse) is written for the merge.
     """
     d = tl.arange(0, BD)
     dmask = d < D
@@ -254,120 +251,45 @@ def _decode_union_part(
         at = r == sig
         lo = tl.sum(tl.where(at, seg_lo, 0), axis=0) + (piece - tl.sum(tl.where(at, pend - npc, 0), axis=0)) * CH
         hi = tl.minimum(tl.sum(tl.where(at, seg_hi, 0), axis=0), lo + CH - 1)
-        if COMPACT:
-            inter = ok & (qs <= hi) & (qe >= lo)
-            rank = tl.cumsum(inter.to(tl.int32), axis=0) - 1
-            n_in = tl.sum(inter.to(tl.int32), axis=0)
-            prow = bg * MAXP + piece
-            # the first group outside any loop, so its key loop is not nested (software pipelining);
-            # a piece always meets at least one span, and more than RB of them only where many overlap
-            _union_group(0, inter, rank, r, b, g, lo, hi, prow, Q2, K, V, MASK, QS, QE, PO, PL, Lkv, Hq, sm_scale,
-                         s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
-                         R, RK, D, BD, K_VAL, CH, BN, HAS_MASK, UPCAST, PRECISION, RB)
-            for g0 in range(RB, n_in, RB):
-                _union_group(g0, inter, rank, r, b, g, lo, hi, prow, Q2, K, V, MASK, QS, QE, PO, PL, Lkv, Hq,
-                             sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
-                             R, RK, D, BD, K_VAL, CH, BN, HAS_MASK, UPCAST, PRECISION, RB)
-        else:
-            q = tl.load(Q2 + b * s_qb + h[:, None] * s_qh + d[None, :], mask=rm[:, None] & dmask[None, :], other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-            # row bounds relative to the piece, as int32 (cheap [rows, BN] compares in the hot loop)
-            rlo = tl.where(ok, tl.minimum(tl.maximum(qs - lo, 0), CH), CH).to(tl.int32)
-            rhi = tl.where(ok, tl.minimum(tl.maximum(qe - lo, -1), CH - 1), -1).to(tl.int32)
-            m_i = tl.full([RKP], float("-inf"), tl.float32)
-            l_i = tl.full([RKP], 0.0, tl.float32)
-            acc = tl.full([RKP, BD], 0.0, tl.float32)
-            cols = tl.arange(0, BN)
-            k_base = K + b * s_kb + g * s_kh
-            v_base = V + b * s_vb + g * s_vh
-            for k0 in range(lo, hi + 1, BN):
-                kk = k0 + cols
-                km = kk <= hi
-                if HAS_MASK:
-                    km = km & (tl.load(MASK + b * Lkv + kk, mask=km, other=0) != 0)
-                kt = tl.load(k_base + kk[:, None] * s_kl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
-                vt = tl.load(v_base + kk[:, None] * s_vl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
-                if UPCAST:
-                    kt = kt.to(tl.float32)
-                    vt = vt.to(tl.float32)
-                sc = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * sm_scale
-                kr = (k0 - lo).to(tl.int32) + cols
-                inside = (kr[None, :] >= rlo[:, None]) & (kr[None, :] <= rhi[:, None]) & km[None, :]
-                sc = tl.where(inside, sc, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp(m_i - m_use)
-                pr = tl.exp(sc - m_use[:, None])
-                l_i = l_i * alpha + tl.sum(pr, axis=1)
-                acc = acc * alpha[:, None] + tl.dot(pr.to(vt.dtype), vt, input_precision=PRECISION)
-                m_i = m_new
-            has = l_i > 0
-            o = acc / tl.where(has, l_i, 1.0)[:, None]
-            lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-            row = (bg * MAXP + piece) * RK + r
-            tl.store(PL + row, lse, mask=rm)
-            tl.store(PO + row[:, None] * D + d[None, :], o, mask=(rm & has)[:, None] & dmask[None, :])
-
-
-@triton.jit
-def _union_group(
-    g0, inter, rank, r, b, g, lo, hi, prow, Q2, K, V, MASK, QS, QE, PO, PL, Lkv, Hq,
-    sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
-    R: tl.constexpr, RK: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, K_VAL: tl.constexpr, CH: tl.constexpr,
-    BN: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, RB: tl.constexpr,
-):
-    """Rows ``g0 .. g0+RB-1`` (in rank order) of those meeting the piece [lo, hi]: stream its keys for them."""
-    d = tl.arange(0, BD)
-    dmask = d < D
-    rb = tl.arange(0, RB)
-    sel = inter[None, :] & (rank[None, :] == (g0 + rb)[:, None])  # [group row, (head, slot) row]
-    vrow = tl.sum(sel.to(tl.int32), axis=1) > 0
-    rsel = tl.sum(tl.where(sel, r[None, :], 0), axis=1)
-    hs = g * R + rsel // K_VAL
-    js = rsel % K_VAL
-    qs_r = tl.load(QS + (b * Hq + hs) * K_VAL + js, mask=vrow, other=-1)
-    qe_r = tl.load(QE + (b * Hq + hs) * K_VAL + js, mask=vrow, other=-1)
-    ok_r = vrow & (qs_r >= 0) & (qe_r >= qs_r)
-    q = tl.load(Q2 + b * s_qb + hs[:, None] * s_qh + d[None, :], mask=vrow[:, None] & dmask[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    # row bounds relative to the piece, as int32 (cheap [rows, BN] compares in the hot loop)
-    rlo = tl.where(ok_r, tl.minimum(tl.maximum(qs_r - lo, 0), CH), CH).to(tl.int32)
-    rhi = tl.where(ok_r, tl.minimum(tl.maximum(qe_r - lo, -1), CH - 1), -1).to(tl.int32)
-    m_i = tl.full([RB], float("-inf"), tl.float32)
-    l_i = tl.full([RB], 0.0, tl.float32)
-    acc = tl.full([RB, BD], 0.0, tl.float32)
-    cols = tl.arange(0, BN)
-    k_base = K + b * s_kb + g * s_kh
-    v_base = V + b * s_vb + g * s_vh
-    for k0 in range(lo, hi + 1, BN):
-        kk = k0 + cols
-        km = kk <= hi
-        if HAS_MASK:
-            km = km & (tl.load(MASK + b * Lkv + kk, mask=km, other=0) != 0)
-        kt = tl.load(k_base + kk[:, None] * s_kl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
-        vt = tl.load(v_base + kk[:, None] * s_vl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
+        q = tl.load(Q2 + b * s_qb + h[:, None] * s_qh + d[None, :], mask=rm[:, None] & dmask[None, :], other=0.0)
         if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        sc = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * sm_scale
-        kr = (k0 - lo).to(tl.int32) + cols
-        inside = (kr[None, :] >= rlo[:, None]) & (kr[None, :] <= rhi[:, None]) & km[None, :]
-        sc = tl.where(inside, sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_use)
-        pr = tl.exp(sc - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(pr, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(vt.dtype), vt, input_precision=PRECISION)
-        m_i = m_new
-    has = l_i > 0
-    o = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-    row = prow * RK + rsel
-    tl.store(PL + row, lse, mask=vrow)
-    tl.store(PO + row[:, None] * D + d[None, :], o, mask=(vrow & has)[:, None] & dmask[None, :])
+            q = q.to(tl.float32)
+        # row bounds relative to the piece, as int32 (cheap [rows, BN] compares in the hot loop)
+        rlo = tl.where(ok, tl.minimum(tl.maximum(qs - lo, 0), CH), CH).to(tl.int32)
+        rhi = tl.where(ok, tl.minimum(tl.maximum(qe - lo, -1), CH - 1), -1).to(tl.int32)
+        m_i = tl.full([RKP], float("-inf"), tl.float32)
+        l_i = tl.full([RKP], 0.0, tl.float32)
+        acc = tl.full([RKP, BD], 0.0, tl.float32)
+        cols = tl.arange(0, BN)
+        k_base = K + b * s_kb + g * s_kh
+        v_base = V + b * s_vb + g * s_vh
+        for k0 in range(lo, hi + 1, BN):
+            kk = k0 + cols
+            km = kk <= hi
+            if HAS_MASK:
+                km = km & (tl.load(MASK + b * Lkv + kk, mask=km, other=0) != 0)
+            kt = tl.load(k_base + kk[:, None] * s_kl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
+            vt = tl.load(v_base + kk[:, None] * s_vl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
+            if UPCAST:
+                kt = kt.to(tl.float32)
+                vt = vt.to(tl.float32)
+            sc = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * sm_scale
+            kr = (k0 - lo).to(tl.int32) + cols
+            inside = (kr[None, :] >= rlo[:, None]) & (kr[None, :] <= rhi[:, None]) & km[None, :]
+            sc = tl.where(inside, sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_use)
+            pr = tl.exp(sc - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(pr, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(pr.to(vt.dtype), vt, input_precision=PRECISION)
+            m_i = m_new
+        has = l_i > 0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+        row = (bg * MAXP + piece) * RK + r
+        tl.store(PL + row, lse, mask=rm)
+        tl.store(PO + row[:, None] * D + d[None, :], o, mask=(rm & has)[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -378,13 +300,13 @@ def _decode_union_kernel(
     R: tl.constexpr, RP: tl.constexpr, RK: tl.constexpr, RKP: tl.constexpr, D: tl.constexpr,
     BD: tl.constexpr, K_VAL: tl.constexpr, CH: tl.constexpr, BN: tl.constexpr, NWCH: tl.constexpr,
     WCHUNK: tl.constexpr, BNW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_W: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, RB: tl.constexpr, COMPACT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid < n_union_progs:
         _decode_union_part(pid, Q2, K, V, MASK, QS, QE, PO, PL, PLAN,
                            Lkv, G, Hq, MAXP, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
-                           R, RK, RKP, D, BD, K_VAL, CH, BN, HAS_MASK, UPCAST, PRECISION, RB, COMPACT)
+                           R, RK, RKP, D, BD, K_VAL, CH, BN, HAS_MASK, UPCAST, PRECISION)
     else:
         pos = tl.load(POS).to(tl.int64)
         _decode_window_part(pid - n_union_progs, pos, Q2, K, V, MASK, O_WIN, L_WIN,
@@ -560,14 +482,13 @@ def launch_decode(
     union_warps: int,
     union_stages: int = 3,
     num_stages: int = 3,
-    union_rows: int = 0,
     lane_max: bool = False,
 ) -> None:
     """One decode step for queries [B, Hq, 1, D] against the full cache; writes ``out``.
 
     ``mode``: "union" (spans of the R query heads of a KV head deduplicated, each key read once)
-    or "split" (every (head, slot) span streamed on its own). ``union_rows``: 0 scores all rows of a
-    KV head for every piece; n >= 16 only the rows whose span meets the piece, n at a time.
+    or "split" (every (head, slot) span streamed on its own). ``lane_max`` and ``num_stages``:
+    the split stream's running max per key lane, and its software-pipelining depth.
     """
     from secure_run.kernels._triton_search import launch_search
 
@@ -612,8 +533,7 @@ def launch_decode(
             Lkv, window, G, Hq, maxp, n_union, 1.0 / (D**0.5), *strides,
             R=R, RP=RP, RK=RK, RKP=RKP, D=D, BD=BD, K_VAL=num_spans, CH=chunk,
             BN=block_n, NWCH=nwch, WCHUNK=wchunk, BNW=block_nw, HAS_MASK=mask is not None, HAS_W=window > 0,
-            UPCAST=upcast, PRECISION=precision, RB=union_rows if union_rows else RKP, COMPACT=union_rows > 0,
-            num_warps=union_warps, num_stages=union_stages,
+            UPCAST=upcast, PRECISION=precision, num_warps=union_warps, num_stages=union_stages,
         )
         _decode_union_merge_kernel[(B * Hq,)](
             vals, ancs, qs, qe, po, pl, plan, o_win, l_win, out, Hq, G, maxp, out.stride(0), out.stride(1),

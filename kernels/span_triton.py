@@ -55,14 +55,13 @@ class TritonConfig:
     decode_union_chunk: int
     decode_union_warps: int
     decode_union_stages: int
-    decode_union_rows: int
     prefill_segment: int
 
 
 _CPU_INTERPRETER = TritonConfig(
     search_block_s=16, search_warps=4, pair_block_p=16, pair_block_n=16, pair_warps=4, pair_stages=1,
     merge_block_m=16, decode_mode="split", decode_split=32, decode_chunk=32, decode_wchunk=16, decode_block_n=16,
-    decode_block_nw=16, decode_warps=4, decode_stages=1, decode_lane_max=True, decode_union_chunk=32, decode_union_warps=4, decode_union_stages=1, decode_union_rows=16, prefill_segment=1 << 15,
+    decode_block_nw=16, decode_warps=4, decode_stages=1, decode_lane_max=True, decode_union_chunk=32, decode_union_warps=4, decode_union_stages=1, prefill_segment=1 << 15,
 )
 
 
@@ -72,8 +71,8 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
     Decode design by cache length (H200, released shapes, ``bench/kernels.py --only sweep``, see
     bench/RESULTS.md): below 2M keys the per-span split-K stream with a per-lane running max and no
     software pipelining (139 -> 126 us at 1M); from 2M on, the deduplicated union of a KV head's
-    spans in 2048-key pieces, scoring only the rows whose span meets a piece, 16 at a time (random
-    queries' spans barely overlap, so scoring all 48 rows wasted most of the work).
+    spans in 2048-key pieces (289 us at 4M, 446 us at 10M; scoring only the rows whose span meets a
+    piece, 16 at a time, was slower: 306 / 472 us).
     """
     if device.type != "cuda":
         return _CPU_INTERPRETER
@@ -99,7 +98,6 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
         decode_union_chunk=2048,
         decode_union_warps=4,
         decode_union_stages=3,
-        decode_union_rows=16,
         prefill_segment=1 << 15,
     )
 
@@ -218,7 +216,7 @@ def superlinear_attention_triton(
             chunk=cfg.decode_union_chunk if cfg.decode_mode == "union" else cfg.decode_chunk, wchunk=cfg.decode_wchunk,
             block_n=cfg.decode_block_n, block_nw=cfg.decode_block_nw, upcast=upcast, precision=prec,
             num_warps=cfg.decode_warps, num_stages=cfg.decode_stages, union_warps=cfg.decode_union_warps,
-            union_stages=cfg.decode_union_stages, union_rows=cfg.decode_union_rows, lane_max=cfg.decode_lane_max,
+            union_stages=cfg.decode_union_stages, lane_max=cfg.decode_lane_max,
         )
         return out
     ns = torch.searchsorted(offs, pos + 1, right=True).to(torch.int32)

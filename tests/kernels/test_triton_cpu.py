@@ -95,21 +95,20 @@ def _use_decode_mode(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     from secure_run.kernels import span_triton
 
     base = span_triton.config_for
-    # union16: only the rows whose span meets a piece, 16 at a time; split-lanes: per-lane running max
-    rows = 16 if mode == "union16" else 0
+    # split-lanes: the split stream with a running max per key lane (the GPU default), split: one max
     monkeypatch.setattr(span_triton, "config_for", lambda *a, **kw: dataclasses.replace(
-        base(*a, **kw), decode_mode=mode[:5], decode_union_rows=rows, decode_lane_max=mode == "split-lanes"))
+        base(*a, **kw), decode_mode=mode[:5], decode_lane_max=mode == "split-lanes"))
 
 
-@pytest.fixture(params=["union", "union16", "split", "split-lanes"])
+@pytest.fixture(params=["union", "split", "split-lanes"])
 def decode_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a decode test with each decode design (deduplicated union pieces, all rows or only the
-    rows that meet the piece / per-span split-K, one running max or one per key lane)."""
+    """Run a decode test with each decode design (deduplicated union pieces / per-span split-K with
+    one running max or one per key lane)."""
     _use_decode_mode(monkeypatch, str(request.param))
     return str(request.param)
 
 
-_DECODE_CASES = [(n, m, "union") for n in SMALL for m in (False, True)] + [(n, True, "union16") for n in SMALL] + [
+_DECODE_CASES = [(n, m, "union") for n in SMALL for m in (False, True)] + [
     ("int2", True, "split"), ("f0.55", False, "split"), ("int3-nofwd", False, "split"), ("f0.6-nowindow", False, "split"),
     ("int2", True, "split-lanes"), ("f0.6-nowindow", False, "split-lanes")]
 
@@ -142,21 +141,6 @@ def test_decode_union_merges_overlapping_spans_of_many_heads(decode_mode: str) -
     ref = superlinear_attention_reference(q1, q2, k, v, pos, P_INT2)
     s = span_search_reference(q1, k, pos, P_INT2)
     assert ((s.qend - s.qstart + 1) > 32).any()  # spans longer than one piece
-    assert row_rel_err(out, ref).max() <= 1e-4
-
-
-def test_decode_union_rows_in_groups_when_many_spans_meet_a_piece(monkeypatch: pytest.MonkeyPatch) -> None:
-    # 16 query heads on one KV head with the same search query pick the same anchors: all 48
-    # (head, slot) rows meet the same pieces, so the compact union scores them in 3 groups of 16
-    _use_decode_mode(monkeypatch, "union16")
-    q1, q2, k, v = make_inputs(1, 16, 1, 1, 160, 16, torch.float32, seed=18)
-    q1 = q1[:, :1].expand(1, 16, 1, 16).contiguous()
-    pos = torch.tensor([159])
-    out = torch.full((1, 16, 1, 16), float("nan"))
-    superlinear_attention_triton(q1, q2, k, v, pos, P_INT2, out=out)
-    ref = superlinear_attention_reference(q1, q2, k, v, pos, P_INT2)
-    s = span_search_reference(q1, k, pos, P_INT2)
-    assert (s.qstart >= 0).all() and (s.qstart == s.qstart[:, :1]).all()  # 48 live rows, same spans
     assert row_rel_err(out, ref).max() <= 1e-4
 
 
