@@ -375,6 +375,37 @@ def _copy_tb_s(do_bench: Any) -> float:
     return 2 * src.numel() / float(do_bench(lambda: dst.copy_(src), return_mode="median")) / 1e9
 
 
+#: Decode router variants (graphed; the committed table first).
+ROUTER_VARIANTS: list[dict[str, int]] = [
+    {}, {"topk_warps": 1}, {"topk_warps": 2}, {"logit_block_e": 1, "logit_warps": 2},
+    {"logit_block_e": 1, "logit_warps": 1, "topk_warps": 1}, {"logit_block_e": 4, "topk_warps": 1},
+    {"logit_warps": 2, "topk_warps": 1},
+]
+
+
+def _tune_router(tm: Any, sets: list[list[torch.Tensor]], x: torch.Tensor, bias: torch.Tensor, k: int,
+                 do_bench: Any) -> dict[str, Any]:
+    """Graph-replay time of the decode router (logits + top-k launches) per ROUTER_VARIANTS entry."""
+    from secure_run.kernels import moe_route
+
+    base = dict(tm._ROUTER)
+    it = iter(range(1 << 30))
+    res: dict[str, Any] = {}
+    for cand in ROUTER_VARIANTS:
+        tm._ROUTER.update(base | cand)
+        try:
+            calls = [_graph_of(lambda s=s: moe_route(x, s[4], bias, k, True, 2.5)) for s in sets]
+            us = float(do_bench(lambda c=calls: c[next(it) % 4](), warmup=25, rep=100, return_mode="median")) * 1e3
+            res[f"router {cand or 'committed'}"] = {"us": us}
+            log(f"router {cand or 'committed'}: {us:.2f} us")
+        except Exception as err:  # report the variant, keep going
+            res[f"router {cand or 'committed'}"] = f"{type(err).__name__}: {err}"[:200]
+        finally:
+            tm._ROUTER.clear()
+            tm._ROUTER.update(base)
+    return res
+
+
 def _tune_moe_decode(tm: Any, sets: list[list[torch.Tensor]], routes: list[Any], x: torch.Tensor, moe_bytes: int,
                      do_bench: Any) -> dict[str, Any]:
     """Time the decode GEMV variants (rotating 4 weight sets), return {name: {us, TB_s}} plus the best."""
@@ -448,6 +479,7 @@ def tune_rows(cfg: ModelConfig) -> dict[str, Any]:
 
     moe_bytes = (2 * k * f * d + 2 * fs * d) * 2
     out["moe_route_us"] = 1e3 * do_bench(rot(lambda s, r: moe_route(x, s[4], bias, k, True, 2.5)), return_mode="median")
+    out["router_decode"] = _tune_router(tm, sets, x, bias, k, do_bench)
     out["moe_decode"] = _tune_moe_decode(tm, sets, routes, x, moe_bytes, do_bench)
     ms = _cublas_gemv_ms(x, moe_bytes // 2 // d, do_bench)
     out["cublas_gemv_same_bytes"] = {"us": ms * 1e3, "TB_s": moe_bytes / ms / 1e9}
@@ -628,6 +660,8 @@ def table(res: dict[str, Any]) -> str:
 def tune_table(t: dict[str, Any]) -> str:
     """The --tune results as short lines (times in us or ms, rates)."""
     lines = ["| kernel variant | time | rate |", "|---|---|---|"]
+    for name, v in t.get("router_decode", {}).items():
+        lines.append(f"| {name} | {v['us']:.2f} us | |" if isinstance(v, dict) else f"| {name} | {v} | |")
     for name, v in t.get("moe_decode", {}).items():
         if isinstance(v, dict) and "us" in v:
             lines.append(f"| moe decode {name} | {v['us']:.1f} us | {v.get('TB_s', float('nan')):.2f} TB/s |")

@@ -77,6 +77,10 @@ def _router_topk(logit_ptr, bias_ptr, ids_ptr, w_ptr, E, scale, K: tl.constexpr,
 
 
 _ROUTER_GEMV_MAX_TOKENS = 16
+#: Decode router launches: experts per logits program, its warps, and the top-k program's warps.
+#: Both kernels are latency-bound (~3 us each per layer on an H200, 0.15 ms per token over 23
+#: layers); the alternatives are timed by bench/model.py --tune-only, not yet measured.
+_ROUTER: dict[str, int] = {"logit_block_e": 2, "logit_warps": 4, "topk_warps": 4}
 
 
 def moe_route_triton(x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor, top_k: int, normalise: bool,
@@ -87,13 +91,16 @@ def moe_route_triton(x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor, 
     x, gate_w = x.contiguous(), gate_w.contiguous()
     if t > _ROUTER_GEMV_MAX_TOKENS:  # prefill: one fp32 GEMM (same products as the reference)
         logits = torch.nn.functional.linear(x.float(), gate_w.float()).contiguous()
-    else:  # decode: 2 experts per program, 64 programs for 128 experts
+    else:  # decode: _ROUTER["logit_block_e"] experts per program (64 programs for 128 experts)
         logits = torch.empty(t, e, device=x.device, dtype=torch.float32)
-        _router_logits[(t, triton.cdiv(e, 2))](x, gate_w, logits, d, e, BLOCK_E=2, BLOCK_D=1024)
+        be = _ROUTER["logit_block_e"]
+        _router_logits[(t, triton.cdiv(e, be))](x, gate_w, logits, d, e, BLOCK_E=be, BLOCK_D=1024,
+                                                 num_warps=_ROUTER["logit_warps"])
     ids = torch.empty(t, top_k, device=x.device, dtype=torch.int64)
     w = torch.empty(t, top_k, device=x.device, dtype=torch.float32)
     _router_topk[(t,)](logits, bias.float().contiguous(), ids, w, e, float(scale), K=top_k,
-                       BLOCK_E=next_pow2(e), BLOCK_K=next_pow2(top_k), NORMALISE=bool(normalise))
+                       BLOCK_E=next_pow2(e), BLOCK_K=next_pow2(top_k), NORMALISE=bool(normalise),
+                       num_warps=_ROUTER["topk_warps"])
     return ids, w
 
 

@@ -128,6 +128,22 @@ def test_moe_prefill_gemm_variants_interpreter(variant: dict[str, bool], monkeyp
 
 
 @cpu_interp
+@pytest.mark.parametrize("block_e", [1, 4])
+def test_moe_route_logit_blocks_interpreter(block_e: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other experts-per-program settings of the decode router's logits kernel (14 experts: a
+    partial last block for 4) give the reference's choice and weights."""
+    from secure_run.kernels import _triton_moe as tm
+
+    monkeypatch.setattr(tm, "_ROUTER", tm._ROUTER | {"logit_block_e": block_e})
+    x, gate, bias, *_ = _moe_inputs(3, 64, 14, 8, 8, torch.float32, "cpu", 8)
+    bias[-2:] += 10.0  # the experts of the partial last block are always chosen
+    ids, w = moe_route(x, gate, bias, 4, True, 2.5, backend="triton")
+    rids, rw = moe_route_reference(x, gate, bias, 4, True, 2.5)
+    assert torch.equal(ids, rids)
+    torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
+
+
+@cpu_interp
 def test_moe_route_no_normalise_and_unscaled() -> None:
     x, gate, bias, *_ = _moe_inputs(5, 64, 12, 8, 8, torch.float32, "cpu", 7)
     ids, w = moe_route(x, gate, bias, 3, False, 1.0, backend="triton")
