@@ -112,33 +112,42 @@ def _decode_variant(**changes: Any) -> Iterator[None]:
         span_triton.config_for = base
 
 
-DECODE_VARIANTS: list[dict[str, Any]] = [
-    dict(decode_mode="split"),
-    dict(decode_mode="union", decode_union_chunk=1024),
-    dict(decode_mode="union", decode_union_chunk=2048),
-    dict(decode_mode="union", decode_union_chunk=1024, decode_union_stages=2),
-    dict(decode_mode="union", decode_union_chunk=1024, decode_union_stages=4),
-    dict(decode_mode="union", decode_union_chunk=1024, decode_block_n=32),
-    dict(decode_mode="union", decode_union_chunk=1024, decode_union_warps=8),
-    dict(decode_mode="union", decode_union_chunk=512, decode_union_stages=2),
-]
+#: What ``--only sweep`` times: the committed table first, then the previous split-K setting (one
+#: running max, pipelined loads) and the union design at 1M, the split stream at 4M. The first
+#: H200 sweep of 37 variants is in bench/RESULTS.md ("kernels").
+SWEEP_CONTEXTS: dict[int, list[dict[str, Any]]] = {
+    1 << 20: [dict(decode_mode="split", decode_lane_max=False, decode_stages=3),
+              dict(decode_mode="union", decode_union_chunk=2048)],
+    1 << 22: [dict(decode_mode="split")],
+    10 << 20: [],
+}
 
 
-def sweep_decode(rows: list[dict[str, Any]], rep: int) -> None:
-    """Graphed decode time of each DECODE_VARIANTS entry at 1M and 4M context."""
-    for Lkv in (1 << 20, 1 << 22):
+def sweep_decode(rows: list[dict[str, Any]], rep: int, profile: bool = False) -> None:
+    """Graphed decode time of each variant of SWEEP_CONTEXTS (the committed table first)."""
+    for Lkv, variants in SWEEP_CONTEXTS.items():
         k, v = _rand(1, HKV, Lkv, D, seed=1), _rand(1, HKV, Lkv, D, seed=2)
         pos = torch.tensor([Lkv - 1], device=DEV)
         qs = [(_rand(1, HQ, 1, D, seed=10 + i), _rand(1, HQ, 1, D, seed=20 + i)) for i in range(4)]
-        for var in DECODE_VARIANTS:
-            with _decode_variant(**var):
-                fns = [_graphed(lambda a=a, b=b, k=k, v=v, pos=pos: superlinear_attention(a, b, k, v, pos, P))
-                       for a, b in qs]
-                t = _ms(_rotating(fns), rep)
-                prof = _kernel_profile(fns[0])
+        for var in [{"committed": True}, *variants]:
+            change = {k_: v_ for k_, v_ in var.items() if k_ != "committed"}
+            try:
+                with _decode_variant(**change):
+                    fns = [_graphed(lambda a=a, b=b, k=k, v=v, pos=pos: superlinear_attention(a, b, k, v, pos, P))
+                           for a, b in qs]
+                    t = _ms(_rotating(fns), rep)
+                    prof = _kernel_profile(fns[0]) if profile else {}
+                    del fns
+            except Exception as err:  # report the variant, keep sweeping
+                rows.append({"work": f"sweep @{Lkv // 1024}K", "kind": "error", "error": repr(err)[:300],
+                             "variant": var})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
             rows.append({"work": f"sweep @{Lkv // 1024}K", "kind": "sweep", "variant": var, "graph_us": t * 1e3,
                          "kernels_us": prof})
             print(json.dumps(rows[-1]), flush=True)
+        del k, v
+        torch.cuda.empty_cache()
 
 
 def _decode_bytes(q1: torch.Tensor, k: torch.Tensor, pos: torch.Tensor) -> tuple[float, float]:
@@ -295,7 +304,7 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     if "sweep" in only:
-        guarded("decode sweep", lambda: sweep_decode(rows, rep))
+        guarded("decode sweep", lambda: sweep_decode(rows, 150))
     if not only or "decode" in only:
         for Lkv in ([1 << 20] if a.quick else [1 << 17, 1 << 20, 1 << 22]):
             guarded(f"decode {Lkv}", lambda Lkv=Lkv: bench_decode(Lkv, upstream, rows, rep))
@@ -320,10 +329,10 @@ def main() -> None:
     for r in rows:
         if r["kind"] == "sweep":
             ks = ", ".join(f"{n[:14]} {t:.0f}" for n, t in r["kernels_us"].items())
-            print(f"{r['work']:<14}{r['graph_us']:>7.0f} us  {r['variant']}  [{ks}]")
+            print(f"{r['work']:<14}{r['graph_us']:>7.1f} us  {r['variant']}" + (f"  [{ks}]" if ks else ""))
             continue
         if r["kind"] == "error":
-            print(f"{r['work']:<22} ERROR {r['error'][:80]}")
+            print(f"{r['work']:<22} ERROR {r.get('variant', '')} {r['error'][:80]}")
             continue
         if r["kind"] == "check":
             print(f"{r['work']}: ours {max(r['ours_row_err']):.2e}, upstream {max(r['upstream_row_err']):.2e}")

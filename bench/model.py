@@ -310,6 +310,149 @@ def ttft_row(model: HybridLM, length: int = 4096, new: int = 64) -> dict[str, An
             "generate_first_token_s": t1 - t0}
 
 
+#: MoE decode GEMV variants timed by --tune (each over the committed table ``_GEMV``): the up and the
+#: down kernel are varied separately, then the best of each is timed together (batch 1 and 4 tokens).
+UP_VARIANTS: list[dict[str, Any]] = [
+    {}, {"up_block_f": 4, "up_block_d": 1024}, {"up_acc2d": True}, {"up_acc2d": True, "up_block_f": 4, "up_block_d": 1024},
+    {"up_acc2d": True, "up_block_f": 16, "up_block_d": 256}, {"up_acc2d": True, "up_unroll": 2},
+    {"up_acc2d": True, "up_block_f": 8, "up_block_d": 256, "up_unroll": 2},
+    {"up_acc2d": True, "up_block_f": 4, "up_block_d": 512, "up_warps": 2},
+    {"up_acc2d": True, "up_block_f": 16, "up_block_d": 512, "up_warps": 8},
+    {"up_acc2d": True, "up_stages": 1}, {"up_acc2d": True, "up_block_f": 4, "up_block_d": 1024, "up_stages": 4},
+]
+DOWN_VARIANTS: list[dict[str, Any]] = [
+    {}, {"down_acc2d": True}, {"down_mode": "slots"}, {"down_mode": "slots", "down_acc2d": True},
+    {"down_mode": "slots", "down_acc2d": True, "down_block_f": 1024},
+    {"down_mode": "slots", "down_acc2d": True, "down_block_d": 8, "down_block_f": 256},
+    {"down_mode": "slots", "down_acc2d": True, "down_block_d": 2, "down_block_f": 1024},
+    {"down_mode": "slots", "down_acc2d": True, "down_unroll": 2},
+    {"down_mode": "slots", "down_acc2d": True, "down_block_f": 2048, "down_warps": 8},
+    {"down_mode": "slots", "down_acc2d": True, "down_block_d": 8, "down_warps": 8},
+    {"down_mode": "slots", "down_acc2d": True, "down_block_f": 256, "down_warps": 2},
+    {"down_mode": "slots", "down_block_d": 8, "down_block_f": 256},
+    {"down_mode": "slots", "down_acc2d": True, "down_stages": 1},
+    {"down_mode": "slots", "down_acc2d": True, "down_stages": 4, "down_block_f": 1024},
+]
+GEMM_VARIANTS: list[dict[str, Any]] = [
+    {}, {"n_fast": True}, {"scatter": True}, {"n_fast": True, "scatter": True},
+    {"n_fast": True, "block_m": 128, "block_n": 128, "block_k": 64, "warps": 8},
+    {"n_fast": True, "block_m": 128, "block_n": 128, "block_k": 64, "warps": 8, "scatter": True},
+    {"n_fast": True, "block_m": 64, "block_n": 128, "stages": 4},
+    {"n_fast": True, "block_m": 128, "block_n": 256, "block_k": 64, "warps": 8, "stages": 3},
+    {"n_fast": True, "block_m": 128, "block_n": 128, "block_k": 64, "warps": 4, "stages": 4},
+]
+
+
+def _graph_of(fn: Any) -> Any:
+    """``fn`` captured in a CUDA graph (after a warm-up call that compiles); returns its replay (CPU: fn)."""
+    fn()
+    if DEV != "cuda":
+        return fn
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _cublas_gemv_ms(x: torch.Tensor, rows: int, do_bench: Any) -> float:
+    """cuBLAS GEMV x [1, d] @ W[rows, d]^T over 4 rotating weights (the same bytes as a MoE layer)."""
+    w = [torch.randn(rows, x.shape[1], device=DEV, dtype=DT) for _ in range(4)]
+    calls = [_graph_of(lambda m=m: torch.nn.functional.linear(x, m)) for m in w]
+    it = iter(range(1 << 30))
+    return float(do_bench(lambda: calls[next(it) % 4](), return_mode="median"))
+
+
+def _copy_tb_s(do_bench: Any) -> float:
+    """Device-to-device copy of 1 GiB, bytes read + written per second (the bandwidth ceiling)."""
+    src = torch.empty(1 << 30, device=DEV, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / float(do_bench(lambda: dst.copy_(src), return_mode="median")) / 1e9
+
+
+#: Decode router variants (graphed; the committed table first).
+ROUTER_VARIANTS: list[dict[str, int]] = [
+    {}, {"topk_warps": 1}, {"topk_warps": 2}, {"logit_block_e": 1, "logit_warps": 2},
+    {"logit_block_e": 1, "logit_warps": 1, "topk_warps": 1}, {"logit_block_e": 4, "topk_warps": 1},
+    {"logit_warps": 2, "topk_warps": 1},
+]
+
+
+def _tune_router(tm: Any, sets: list[list[torch.Tensor]], x: torch.Tensor, bias: torch.Tensor, k: int,
+                 do_bench: Any) -> dict[str, Any]:
+    """Graph-replay time of the decode router (logits + top-k launches) per ROUTER_VARIANTS entry."""
+    from secure_run.kernels import moe_route
+
+    base = dict(tm._ROUTER)
+    it = iter(range(1 << 30))
+    res: dict[str, Any] = {}
+    for cand in ROUTER_VARIANTS:
+        tm._ROUTER.update(base | cand)
+        try:
+            calls = [_graph_of(lambda s=s: moe_route(x, s[4], bias, k, True, 2.5)) for s in sets]
+            us = float(do_bench(lambda c=calls: c[next(it) % 4](), warmup=25, rep=100, return_mode="median")) * 1e3
+            res[f"router {cand or 'committed'}"] = {"us": us}
+            log(f"router {cand or 'committed'}: {us:.2f} us")
+        except Exception as err:  # report the variant, keep going
+            res[f"router {cand or 'committed'}"] = f"{type(err).__name__}: {err}"[:200]
+        finally:
+            tm._ROUTER.clear()
+            tm._ROUTER.update(base)
+    return res
+
+
+def _tune_moe_decode(tm: Any, sets: list[list[torch.Tensor]], routes: list[Any], x: torch.Tensor, moe_bytes: int,
+                     do_bench: Any) -> dict[str, Any]:
+    """Time the decode GEMV variants (rotating 4 weight sets), return {name: {us, TB_s}} plus the best."""
+    from secure_run.kernels import moe_experts, moe_route
+
+    base = dict(tm._GEMV)
+    it = iter(range(1 << 30))
+    res: dict[str, Any] = {}
+
+    def time_with(cand: dict[str, Any], xt: torch.Tensor, rts: list[Any]) -> float:
+        tm._GEMV.clear()
+        tm._GEMV.update(base | cand)
+        try:  # one CUDA graph per weight set (decode runs graphed), replays rotated
+            calls = [_graph_of(lambda s=s, r=r: moe_experts(xt, r[0], r[1], s[0], s[1], s[2], s[3]))
+                     for s, r in zip(sets, rts)]
+            return float(do_bench(lambda: calls[next(it) % 4](), warmup=25, rep=150, return_mode="median")) * 1e3
+        finally:
+            tm._GEMV.clear()
+            tm._GEMV.update(base)
+
+    def record(name: str, cand: dict[str, Any]) -> float:
+        try:
+            us = time_with(cand, x, routes)
+        except Exception as err:  # a variant that fails to compile is reported, the sweep goes on
+            res[name] = f"{type(err).__name__}: {err}"[:200]
+            return math.inf
+        res[name] = {"us": us, "TB_s": moe_bytes / us / 1e6}
+        log(f"moe decode {name}: {us:.1f} us ({moe_bytes / us / 1e6:.2f} TB/s)")
+        return us
+
+    ups = [(record(f"up {c or 'committed'}", c), i) for i, c in enumerate(UP_VARIANTS)]
+    downs = [(record(f"down {c or 'committed'}", c), i) for i, c in enumerate(DOWN_VARIANTS)]
+    best = UP_VARIANTS[min(ups)[1]] | DOWN_VARIANTS[min(downs)[1]]
+    res["best"] = best
+    record(f"best {best}", best)
+    for t in (4,):  # a batch of decode tokens (still the GEMV path): committed vs best
+        xt = torch.randn(t, x.shape[1], device=x.device, dtype=x.dtype)
+        rts = [moe_route(xt, s[4], torch.zeros(s[4].shape[0], device=x.device), routes[0][0].shape[1], True, 2.5)
+               for s in sets]
+        for name, cand in (("committed", {}), ("best", best)):
+            try:
+                res[f"T={t} {name}"] = {"us": time_with(cand, xt, rts)}
+            except Exception as err:
+                res[f"T={t} {name}"] = f"{type(err).__name__}: {err}"[:200]
+    return res
+
+
 def tune_rows(cfg: ModelConfig) -> dict[str, Any]:
     """Kernel-level times at the released shapes (median of do_bench) with effective bandwidth."""
     import triton
@@ -336,18 +479,11 @@ def tune_rows(cfg: ModelConfig) -> dict[str, Any]:
 
     moe_bytes = (2 * k * f * d + 2 * fs * d) * 2
     out["moe_route_us"] = 1e3 * do_bench(rot(lambda s, r: moe_route(x, s[4], bias, k, True, 2.5)), return_mode="median")
-    base = dict(tm._GEMV)
-    for cand in ({}, {"up_block_f": 16, "up_block_d": 256, "down_block_d": 8, "down_block_f": 256},
-                 {"down_block_d": 2, "down_block_f": 1024}, {"up_block_f": 4, "up_block_d": 1024}):
-        tm._GEMV.clear()
-        tm._GEMV.update(base | cand)
-        ms = do_bench(rot(lambda s, r: moe_experts(x, r[0], r[1], s[0], s[1], s[2], s[3])), return_mode="median")
-        out[f"moe_experts_decode {cand or 'default'}"] = {"us": ms * 1e3, "TB_s": moe_bytes / ms / 1e9}
-    tm._GEMV.clear()
-    tm._GEMV.update(base)
-    w = [torch.randn(moe_bytes // 2 // d, d, device=DEV, dtype=DT) for _ in range(4)]
-    ms = do_bench(lambda: torch.nn.functional.linear(x, w[next(it) % 4]), return_mode="median")
+    out["router_decode"] = _tune_router(tm, sets, x, bias, k, do_bench)
+    out["moe_decode"] = _tune_moe_decode(tm, sets, routes, x, moe_bytes, do_bench)
+    ms = _cublas_gemv_ms(x, moe_bytes // 2 // d, do_bench)
     out["cublas_gemv_same_bytes"] = {"us": ms * 1e3, "TB_s": moe_bytes / ms / 1e9}
+    out["copy_1GiB_TB_s"] = _copy_tb_s(do_bench)
     # Mamba decode step (between in_proj and out_proj)
     h, p, gr, n = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size
     c = cfg.mamba_conv_dim
@@ -370,8 +506,7 @@ def tune_rows(cfg: ModelConfig) -> dict[str, Any]:
     ids, wts = moe_route(xs, gate, bias, k, True, 2.5)
     s0 = sets[0]
     flops = 2 * t * k * 2 * f * d
-    for cand in ({}, {"block_m": 128, "block_n": 128, "block_k": 64, "warps": 8},
-                 {"block_m": 64, "block_n": 256, "block_k": 64, "warps": 8}, {"stages": 4}):
+    for cand in GEMM_VARIANTS:
         saved = dict(tm._GEMM)
         tm._GEMM.update(cand)
         try:
@@ -522,6 +657,28 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def tune_table(t: dict[str, Any]) -> str:
+    """The --tune results as short lines (times in us or ms, rates)."""
+    lines = ["| kernel variant | time | rate |", "|---|---|---|"]
+    for name, v in t.get("router_decode", {}).items():
+        lines.append(f"| {name} | {v['us']:.2f} us | |" if isinstance(v, dict) else f"| {name} | {v} | |")
+    for name, v in t.get("moe_decode", {}).items():
+        if isinstance(v, dict) and "us" in v:
+            lines.append(f"| moe decode {name} | {v['us']:.1f} us | {v.get('TB_s', float('nan')):.2f} TB/s |")
+        elif name != "best":
+            lines.append(f"| moe decode {name} | {v} | |")
+    for name, v in t.items():
+        if isinstance(v, dict) and "TFLOP_s" in v:
+            lines.append(f"| {name} | {v['ms']:.2f} ms | {v['TFLOP_s']:.0f} TFLOP/s |")
+        elif isinstance(v, dict) and "TB_s" in v:
+            lines.append(f"| {name} | {v['us']:.1f} us | {v['TB_s']:.2f} TB/s |")
+        elif isinstance(v, (int, float)):
+            lines.append(f"| {name} | {v:.3g} | |")
+        elif isinstance(v, str) and name.startswith("moe_prefill"):
+            lines.append(f"| {name} | {v[:80]} | |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="4K and 1M decode, 32K prefill, TTFT; no transformers")
@@ -531,6 +688,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     ap.add_argument("--tune", action="store_true", help="kernel-level variants at the released shapes")
+    ap.add_argument("--tune-only", action="store_true", help="only the kernel-level variants (no model is built)")
     ap.add_argument("--smoke", action="store_true", help="self-check of this script on a tiny config (BENCH_DEVICE=cpu)")
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
@@ -547,6 +705,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.prefill is not None:
         prefill_len = [int(x) for x in a.prefill.split(",") if x]
     cfg = config_from_dict(FULL if not a.smoke else FULL | SMOKE)
+    if a.tune_only:
+        with section(res, "tune"):
+            res["tune"] = tune_rows(cfg)
+        with open(os.path.join(a.out, "model_tune.json"), "w") as fh:
+            json.dump(res, fh, indent=1, default=str)
+        log(tune_table(res.get("tune", {})))
+        return 0
     res["prefill_mamba_kernels"] = os.environ.get("SECURE_RUN_SSD", "triton")
     _JSON_PATH.append(os.path.join(a.out, "model_bench.json"))
     t0 = time.perf_counter()

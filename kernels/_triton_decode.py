@@ -30,9 +30,12 @@ def _decode_span_part(
     Lkv, W, Hq, n_cand, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
     R: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, K_VAL: tl.constexpr, NC: tl.constexpr,
     NCH: tl.constexpr, CHUNK: tl.constexpr, BN: tl.constexpr, HAS_MASK: tl.constexpr, FWD: tl.constexpr,
-    HAS_W: tl.constexpr,
+    HAS_W: tl.constexpr, LANE_MAX: tl.constexpr,
 ):
-    """Chunk c of the span of slot j of head h: fp32 online softmax over at most CHUNK keys."""
+    """Chunk c of the span of slot j of head h: fp32 online softmax over at most CHUNK keys.
+
+    ``LANE_MAX``: the running max is kept per key lane too, so the loop has no cross-warp step at
+    all (the lanes are rescaled to the common max once at the end)."""
     d = tl.arange(0, BD)
     dmask = d < D
     c = pid % NCH
@@ -54,6 +57,7 @@ def _decode_span_part(
     # running max is a scalar; sums stay per key lane ([BN] and [BN, BD]) and are reduced once at
     # the end, so each step needs one cross-warp reduction (the max) instead of three
     m_i = tl.full([], float("-inf"), tl.float32)
+    m2 = tl.full([BN], float("-inf"), tl.float32)
     l2 = tl.full([BN], 0.0, tl.float32)
     acc2 = tl.full([BN, BD], 0.0, tl.float32)
     cols = tl.arange(0, BN)
@@ -68,13 +72,27 @@ def _decode_span_part(
         vt = tl.load(v_base + kk[:, None] * s_vl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
         s = tl.sum(kt.to(tl.float32) * q[None, :], axis=1)
         s = tl.where(km, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_use)
-        p = tl.exp(s - m_use)
-        l2 = l2 * alpha + p
-        acc2 = acc2 * alpha + p[:, None] * vt.to(tl.float32)
-        m_i = m_new
+        if LANE_MAX:
+            m2_new = tl.maximum(m2, s)
+            m2_use = tl.where(m2_new == float("-inf"), 0.0, m2_new)
+            alpha2 = tl.exp(m2 - m2_use)
+            p = tl.exp(s - m2_use)
+            l2 = l2 * alpha2 + p
+            acc2 = acc2 * alpha2[:, None] + p[:, None] * vt.to(tl.float32)
+            m2 = m2_new
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_use)
+            p = tl.exp(s - m_use)
+            l2 = l2 * alpha + p
+            acc2 = acc2 * alpha + p[:, None] * vt.to(tl.float32)
+            m_i = m_new
+    if LANE_MAX:  # bring every lane to the common max
+        m_i = tl.max(m2, axis=0)
+        scale = tl.exp(m2 - tl.where(m_i == float("-inf"), 0.0, m_i))
+        l2 = l2 * scale
+        acc2 = acc2 * scale[:, None]
     l_i = tl.sum(l2, axis=0)
     acc = tl.sum(acc2, axis=0)
     has = l_i > 0
@@ -378,14 +396,14 @@ def _decode_attn_kernel(
     R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, K_VAL: tl.constexpr,
     NC: tl.constexpr, NCH: tl.constexpr, NWCH: tl.constexpr, CHUNK: tl.constexpr, WCHUNK: tl.constexpr,
     BN: tl.constexpr, BNW: tl.constexpr, HAS_MASK: tl.constexpr, FWD: tl.constexpr, HAS_W: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, LANE_MAX: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pos = tl.load(POS).to(tl.int64)
     if pid < n_span_progs:
         _decode_span_part(pid, pos, Q2, K, V, MASK, S0, CONSTS, CV, CA, O_SPAN, L_SPAN,
                           Lkv, W, Hq, n_cand, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
-                          R, D, BD, K_VAL, NC, NCH, CHUNK, BN, HAS_MASK, FWD, HAS_W)
+                          R, D, BD, K_VAL, NC, NCH, CHUNK, BN, HAS_MASK, FWD, HAS_W, LANE_MAX)
     else:
         _decode_window_part(pid - n_span_progs, pos, Q2, K, V, MASK, O_WIN, L_WIN,
                             Lkv, W, G, Hq, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
@@ -463,11 +481,14 @@ def launch_decode(
     num_warps: int,
     union_warps: int,
     union_stages: int = 3,
+    num_stages: int = 3,
+    lane_max: bool = False,
 ) -> None:
     """One decode step for queries [B, Hq, 1, D] against the full cache; writes ``out``.
 
     ``mode``: "union" (spans of the R query heads of a KV head deduplicated, each key read once)
-    or "split" (every (head, slot) span streamed on its own).
+    or "split" (every (head, slot) span streamed on its own). ``lane_max`` and ``num_stages``:
+    the split stream's running max per key lane, and its software-pipelining depth.
     """
     from secure_run.kernels._triton_search import launch_search
 
@@ -531,7 +552,8 @@ def launch_decode(
         Lkv, window, G, Hq, n_cand, n_span_progs, 1.0 / (D**0.5), *strides,
         R=R, RP=RP, D=D, BD=BD, K_VAL=num_spans, NC=NC, NCH=nch, NWCH=nwch,
         CHUNK=chunk, WCHUNK=wchunk, BN=block_n, BNW=block_nw, HAS_MASK=mask is not None, FWD=forward,
-        HAS_W=window > 0, UPCAST=upcast, PRECISION=precision, num_warps=num_warps,
+        HAS_W=window > 0, UPCAST=upcast, PRECISION=precision, LANE_MAX=lane_max, num_warps=num_warps,
+        num_stages=num_stages,
     )
     _decode_merge_kernel[(B * Hq,)](
         cv, ca, o_span, l_span, o_win, l_win, out,

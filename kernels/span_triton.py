@@ -50,6 +50,8 @@ class TritonConfig:
     decode_block_n: int
     decode_block_nw: int
     decode_warps: int
+    decode_stages: int
+    decode_lane_max: bool
     decode_union_chunk: int
     decode_union_warps: int
     decode_union_stages: int
@@ -59,16 +61,18 @@ class TritonConfig:
 _CPU_INTERPRETER = TritonConfig(
     search_block_s=16, search_warps=4, pair_block_p=16, pair_block_n=16, pair_warps=4, pair_stages=1,
     merge_block_m=16, decode_mode="split", decode_split=32, decode_chunk=32, decode_wchunk=16, decode_block_n=16,
-    decode_block_nw=16, decode_warps=4, decode_union_chunk=32, decode_union_warps=4, decode_union_stages=1, prefill_segment=1 << 15,
+    decode_block_nw=16, decode_warps=4, decode_stages=1, decode_lane_max=True, decode_union_chunk=32, decode_union_warps=4, decode_union_stages=1, prefill_segment=1 << 15,
 )
 
 
 def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: int = 0) -> TritonConfig:
     """The tunables for this device type, head_dim, dtype and cache length (a fixed table).
 
-    Decode design by cache length (H100, released shapes, measured in bench/RESULTS.md): below 2M
-    keys the per-span split-K stream is fastest; from 2M on, the deduplicated union of a KV head's
-    spans in 2048-key pieces is (slightly) faster.
+    Decode design by cache length (H200, released shapes, ``bench/kernels.py --only sweep``, see
+    bench/RESULTS.md): below 2M keys the per-span split-K stream with a per-lane running max and no
+    software pipelining (139 -> 126 us at 1M); from 2M on, the deduplicated union of a KV head's
+    spans in 2048-key pieces (289 us at 4M, 446 us at 10M; scoring only the rows whose span meets a
+    piece, 16 at a time, was slower: 306 / 472 us).
     """
     if device.type != "cuda":
         return _CPU_INTERPRETER
@@ -89,6 +93,8 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
         decode_block_n=64 if head_dim <= 128 else 32,
         decode_block_nw=32 if wide else 64,
         decode_warps=4,
+        decode_stages=1,
+        decode_lane_max=True,
         decode_union_chunk=2048,
         decode_union_warps=4,
         decode_union_stages=3,
@@ -209,7 +215,8 @@ def superlinear_attention_triton(
             max_span=max_span_len(params, Lkv), mode=cfg.decode_mode, split_len=cfg.decode_split, block_s=cfg.search_block_s,
             chunk=cfg.decode_union_chunk if cfg.decode_mode == "union" else cfg.decode_chunk, wchunk=cfg.decode_wchunk,
             block_n=cfg.decode_block_n, block_nw=cfg.decode_block_nw, upcast=upcast, precision=prec,
-            num_warps=cfg.decode_warps, union_warps=cfg.decode_union_warps, union_stages=cfg.decode_union_stages,
+            num_warps=cfg.decode_warps, num_stages=cfg.decode_stages, union_warps=cfg.decode_union_warps,
+            union_stages=cfg.decode_union_stages, lane_max=cfg.decode_lane_max,
         )
         return out
     ns = torch.searchsorted(offs, pos + 1, right=True).to(torch.int32)

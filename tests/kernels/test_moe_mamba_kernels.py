@@ -82,6 +82,67 @@ def test_moe_kernels_interpreter(t: int, dtype: torch.dtype) -> None:
     _check_moe(t, dtype, "cpu", seed=100 + t)
 
 
+_GEMV_VARIANTS = [
+    {"down_mode": "rows", "up_acc2d": True, "down_acc2d": True, "up_unroll": 2, "down_unroll": 2},
+    {"down_mode": "slots", "down_acc2d": False, "up_block_f": 4, "up_block_d": 64, "down_block_f": 16},
+    {"down_mode": "slots", "down_acc2d": True, "up_acc2d": True, "down_block_d": 8, "down_block_f": 32,
+     "down_unroll": 2, "fin_block": 32},
+]
+
+
+@cpu_interp
+@pytest.mark.parametrize("variant", range(len(_GEMV_VARIANTS)))
+@pytest.mark.parametrize("shared", [True, False])
+def test_moe_decode_gemv_variants_interpreter(variant: int, shared: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every decode GEMV design the launch table can select (one-pass rows or per-slot partials with
+    the shared expert cut into pieces, per-lane or per-step reduction, unrolled loops) equals the
+    fp64 oracle, with and without the shared expert, at 1 and 3 tokens; odd widths (fs not a multiple
+    of f) exercise the last, shorter shared piece and the masked tails."""
+    from secure_run.kernels import _triton_moe as tm
+
+    monkeypatch.setattr(tm, "_GEMV", tm._GEMV | _GEMV_VARIANTS[variant])
+    for t in (1, 3):
+        x, _gate, _bias, up, down, sup, sdown = _moe_inputs(t, 80, 10, 36, 91, torch.float16, "cpu", 40 + t)
+        g = torch.Generator().manual_seed(t)
+        ids = torch.stack([torch.randperm(10, generator=g)[:3] for _ in range(t)])
+        w = torch.rand(t, 3, generator=g)
+        if not shared:
+            sup = sdown = None
+        out = moe_experts(x, ids, w, up, down, sup, sdown, backend="triton")
+        ref = moe_experts_reference(x.double(), ids, w.double(), up.double(), down.double(),
+                                    None if sup is None else sup.double(), None if sdown is None else sdown.double())
+        assert rel(out, ref) < TOL[torch.float16]
+
+
+@cpu_interp
+@pytest.mark.parametrize("variant", [{"n_fast": False, "scatter": False}, {"n_fast": True, "scatter": False},
+                                     {"n_fast": False, "scatter": True}])
+def test_moe_prefill_gemm_variants_interpreter(variant: dict[str, bool], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The grouped GEMM with row or column blocks fastest in the grid, per-assignment outputs summed
+    by a second kernel or fp32 atomics (the default table is covered by the test above) equals the
+    fp64 oracle."""
+    from secure_run.kernels import _triton_moe as tm
+
+    monkeypatch.setattr(tm, "_GEMM", tm._GEMM | variant)
+    _check_moe(40, torch.float16, "cpu", seed=77)
+
+
+@cpu_interp
+@pytest.mark.parametrize("block_e", [1, 4])
+def test_moe_route_logit_blocks_interpreter(block_e: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other experts-per-program settings of the decode router's logits kernel (14 experts: a
+    partial last block for 4) give the reference's choice and weights."""
+    from secure_run.kernels import _triton_moe as tm
+
+    monkeypatch.setattr(tm, "_ROUTER", tm._ROUTER | {"logit_block_e": block_e})
+    x, gate, bias, *_ = _moe_inputs(3, 64, 14, 8, 8, torch.float32, "cpu", 8)
+    bias[-2:] += 10.0  # the experts of the partial last block are always chosen
+    ids, w = moe_route(x, gate, bias, 4, True, 2.5, backend="triton")
+    rids, rw = moe_route_reference(x, gate, bias, 4, True, 2.5)
+    assert torch.equal(ids, rids)
+    torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
+
+
 @cpu_interp
 def test_moe_route_no_normalise_and_unscaled() -> None:
     x, gate, bias, *_ = _moe_inputs(5, 64, 12, 8, 8, torch.float32, "cpu", 7)
@@ -340,3 +401,14 @@ def test_add_rmsnorm_gpu() -> None:
     assert torch.equal(h2, rh2)
     assert rel(x, rx) < 1e-2
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 2048])  # per-slot GEMV + fixed-order finalize / grouped GEMM + _sum_slots
+def test_moe_experts_deterministic_gpu(t: int) -> None:
+    """No fp32 atomics on either path: two runs on the same inputs are bit-identical."""
+    x, gate, bias, up, down, sup, sdown = _moe_inputs(t, 2688, 128, 1856, 3712, torch.bfloat16, "cuda", 50 + t)
+    ids, w = moe_route(x, gate, bias, 6, True, 2.5, backend="triton")
+    first = moe_experts(x, ids, w, up, down, sup, sdown, backend="triton")
+    for _ in range(3):
+        assert torch.equal(moe_experts(x, ids, w, up, down, sup, sdown, backend="triton"), first)

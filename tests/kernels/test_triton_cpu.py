@@ -95,18 +95,22 @@ def _use_decode_mode(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     from secure_run.kernels import span_triton
 
     base = span_triton.config_for
-    monkeypatch.setattr(span_triton, "config_for", lambda *a, **kw: dataclasses.replace(base(*a, **kw), decode_mode=mode))
+    # split-lanes: the split stream with a running max per key lane (the GPU default), split: one max
+    monkeypatch.setattr(span_triton, "config_for", lambda *a, **kw: dataclasses.replace(
+        base(*a, **kw), decode_mode=mode[:5], decode_lane_max=mode == "split-lanes"))
 
 
-@pytest.fixture(params=["union", "split"])
+@pytest.fixture(params=["union", "split", "split-lanes"])
 def decode_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a decode test with both decode designs (deduplicated union pieces / per-span split-K)."""
+    """Run a decode test with each decode design (deduplicated union pieces / per-span split-K with
+    one running max or one per key lane)."""
     _use_decode_mode(monkeypatch, str(request.param))
     return str(request.param)
 
 
 _DECODE_CASES = [(n, m, "union") for n in SMALL for m in (False, True)] + [
-    ("int2", True, "split"), ("f0.55", False, "split"), ("int3-nofwd", False, "split"), ("f0.6-nowindow", False, "split")]
+    ("int2", True, "split"), ("f0.55", False, "split"), ("int3-nofwd", False, "split"), ("f0.6-nowindow", False, "split"),
+    ("int2", True, "split-lanes"), ("f0.6-nowindow", False, "split-lanes")]
 
 
 @pytest.mark.parametrize(("name", "with_mask", "mode"), _DECODE_CASES)

@@ -155,7 +155,7 @@ def test_decode_with_mask_and_batch() -> None:
     _check_rows(out, q1, q2, k, v, pos, P_RELEASED, mask, torch.tensor([0], device=DEV), TOL[torch.float16], 0.2)
 
 
-@pytest.mark.parametrize("mode", ["split", "union"])
+@pytest.mark.parametrize("mode", ["split", "split-lanes", "union"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_both_decode_designs_equal_reference(mode: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     import dataclasses
@@ -163,7 +163,8 @@ def test_both_decode_designs_equal_reference(mode: str, dtype: torch.dtype, monk
     from secure_run.kernels import span_triton
 
     base = span_triton.config_for
-    monkeypatch.setattr(span_triton, "config_for", lambda *a, **kw: dataclasses.replace(base(*a, **kw), decode_mode=mode))
+    monkeypatch.setattr(span_triton, "config_for", lambda *a, **kw: dataclasses.replace(
+        base(*a, **kw), decode_mode=mode[:5], decode_lane_max=mode == "split-lanes"))
     Lkv = 1 << 20
     q1, q2, k, v = make_inputs(2, HQ, HKV, 1, Lkv, D, dtype, DEV, seed=31)
     for p in (5000, Lkv - 1):
