@@ -44,8 +44,9 @@ MIN_KEY_CHARS = 16
               help="File holding the bearer token every request must send (not readable by group/others).")
 @click.option("--max-queue", "max_queue", type=click.IntRange(0), default=8, show_default=True,
               help="Requests that may wait for the worker; past that a request gets 429.")
-@click.option("--max-concurrent", "max_concurrent", type=click.IntRange(1, 256), default=1, show_default=True,
-              help="Requests handed to the worker at once.")
+@click.option("--max-concurrent", "max_concurrent", type=click.IntRange(1, 256), default=16, show_default=True,
+              help="Requests handed to the worker at once; their decode steps run as one batch "
+                   "(continuous batching, up to 16 per step).")
 @click.option("--shutdown-grace", "shutdown_grace", type=click.FloatRange(0), default=30.0, show_default=True,
               help="Seconds in-flight requests may finish after SIGTERM before they are cancelled.")
 @run_options
