@@ -55,29 +55,16 @@ def _bench_model() -> Any:
 
 def profile_step(model: Any, dec: Any, n: int, steps: int = 3) -> dict[str, Any]:
     """GPU time of one eager batched step of ``n`` rows, per mixer kind and top kernels (profiler)."""
-    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch.profiler import ProfilerActivity, profile
 
-    handles = []
-    for block in model.backbone.layers:
-        def pre(mod: torch.nn.Module, _args: Any, kind: str = block.kind) -> None:
-            rf = record_function(f"mixer:{kind}")
-            rf.__enter__()
-            mod._bench_rf = rf  # type: ignore[assignment]
-
-        def post(mod: torch.nn.Module, _args: Any, _out: Any) -> None:
-            mod._bench_rf.__exit__(None, None, None)  # type: ignore[union-attr]
-
-        handles.append(block.mixer.register_forward_pre_hook(pre))
-        handles.append(block.mixer.register_forward_hook(post))
     toks = {r: 17 + r for r in range(n)}
     dec.step(toks)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+    bench_model = sys.modules.get("bench_model") or _bench_model()
+    with bench_model.mixer_ranges(model), profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             dec.step(toks)
         torch.cuda.synchronize()
-    for h in handles:
-        h.remove()
     groups: dict[str, float] = {}
     for fe in prof.events():
         if fe.name.startswith("mixer:") and fe.device_type == torch.autograd.DeviceType.CPU:

@@ -5,15 +5,7 @@
 # Needs .whl/ with pydantic, pydantic_core, annotated_types, typing_inspection wheels (cp312) for the
 # worker (the protocol). python3 -P: the repo's own secure_run/ must not shadow the /tmp/sr symlink farm.
 set -euo pipefail
-OUT=${OUT:-bench/out}
-mkdir -p "$OUT" /tmp/sr/secure_run
-for pkg in kernels model manifests policies runner sandbox; do ln -sfn "$PWD/$pkg" "/tmp/sr/secure_run/$pkg"; done
-cp secure_run/*.py /tmp/sr/secure_run/
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH=/tmp/sr:/tmp/site PYTHONUNBUFFERED=1 SECURE_RUN_TEST_GPU=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source bench/gpu_env.sh
 status=0
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
   timeout "${TEST_TIMEOUT:-150}" python3 -P -m pytest -p no:cacheprovider -q -rfE -m gpu \

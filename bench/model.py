@@ -219,12 +219,11 @@ def decode_row(model: HybridLM, ctx: int, steps: int) -> dict[str, Any]:
     return row
 
 
-def profile_decode(model: HybridLM, ctx: int, length: int = 1, steps: int = 5) -> dict[str, Any]:
-    """GPU time of one step (``length`` new tokens at ``ctx``) per mixer kind (eager, under the profiler)."""
-    from torch.profiler import ProfilerActivity, profile, record_function
+@contextlib.contextmanager
+def mixer_ranges(model: HybridLM) -> Iterator[None]:
+    """Name every mixer's calls ``mixer:<kind>`` in the profiler (forward hooks, removed on exit)."""
+    from torch.profiler import record_function
 
-    cache = fill_cache(model, ctx, length * (steps + 3) + 8)
-    ids = torch.randint(0, model.config.vocab_size, (1, length), device=DEV)
     handles = []
     for block in model.backbone.layers:
         def pre(mod: torch.nn.Module, _args: Any, kind: str = block.kind) -> None:
@@ -237,16 +236,27 @@ def profile_decode(model: HybridLM, ctx: int, length: int = 1, steps: int = 5) -
 
         handles.append(block.mixer.register_forward_pre_hook(pre))
         handles.append(block.mixer.register_forward_hook(post))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def profile_decode(model: HybridLM, ctx: int, length: int = 1, steps: int = 5) -> dict[str, Any]:
+    """GPU time of one step (``length`` new tokens at ``ctx``) per mixer kind (eager, under the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = fill_cache(model, ctx, length * (steps + 3) + 8)
+    ids = torch.randint(0, model.config.vocab_size, (1, length), device=DEV)
     for _ in range(2 if length == 1 else 1):
         model(ids, cache, check_ids=False, logits_to_keep=1)
     sync()
     acts = [ProfilerActivity.CUDA, ProfilerActivity.CPU] if DEV == "cuda" else [ProfilerActivity.CPU]
-    with profile(activities=acts) as prof:
+    with mixer_ranges(model), profile(activities=acts) as prof:
         for _ in range(steps):
             model(ids, cache, check_ids=False, logits_to_keep=1)
         sync()
-    for h in handles:
-        h.remove()
     kernels: dict[str, float] = {}
     busy = 0.0
     n_kernels = 0
