@@ -394,17 +394,29 @@ class _Run:
             self.cancel.set()
 
     def _pump(self) -> None:
+        from secure_run.runner.pipeline import Final
+
+        released = False
         try:
             for event in self.state.session.complete(self.request, self.cancel):
+                if isinstance(event, Final) and not released:
+                    # the turn is over and audited: free the slot before the handler answers, so a
+                    # client that sends its next request on receiving this answer is not refused
+                    released = self._release()
                 self._deliver(event)
         except BaseException as err:  # delivered to the handler, which answers with it
             self._deliver(err)
         finally:
             self._deliver(_END)
-            try:  # the slot is free only now: the queue bound counts what the pool really holds
-                self.loop.call_soon_threadsafe(self._released)
-            except RuntimeError:
-                pass  # the loop is gone (shutdown)
+            if not released:  # otherwise the slot is free only now: the bound counts what the pool holds
+                self._release()
+
+    def _release(self) -> bool:
+        try:
+            self.loop.call_soon_threadsafe(self._released)
+        except RuntimeError:
+            pass  # the loop is gone (shutdown)
+        return True
 
     def _released(self) -> None:
         self.state.admitted -= 1

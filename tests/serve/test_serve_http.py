@@ -182,6 +182,36 @@ def test_api_key_is_required_everywhere_but_health(fake: FakeSession) -> None:
     assert len(fake.records) == 1  # the refused requests never reached the session
 
 
+def test_a_client_sending_requests_one_after_another_is_never_refused(
+        fake: FakeSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one slot and no queue, the next request sent on receiving an answer must not get 429.
+
+    The pool thread is held up right after it hands over the end of the stream (as a busy host's
+    scheduler can do; CI saw it): the slot must already be free, released when the turn was audited
+    (its Final), not only when the pool thread gets round to it."""
+    import secure_run.runner.serve as serve
+
+    real = serve._Run._deliver
+
+    def deliver_then_stall(run: Any, item: object) -> None:
+        real(run, item)
+        if item is serve._END:
+            time.sleep(0.4)
+
+    monkeypatch.setattr(serve._Run, "_deliver", deliver_then_stall)
+    with ThreadServer(create_app(fake, _settings(max_concurrent=1, max_queue=0))) as srv:
+        client = _client(srv)
+        for i in range(2):
+            r = client.chat.completions.create(model="fake-model", messages=_chat(f"one {i}"), max_tokens=2)
+            assert r.choices[0].message.content
+            chunks = list(client.chat.completions.create(model="fake-model", messages=_chat(f"two {i}"),
+                                                         max_tokens=2, stream=True))
+            assert chunks
+        time.sleep(0.5)
+        assert httpx.get(srv.url + "/health").json()["in_flight"] == 0
+    assert len(fake.records) == 4
+
+
 def test_queue_full_is_429_and_frees_up_afterwards(fake: FakeSession) -> None:
     fake.delay = 0.2
     with ThreadServer(create_app(fake, _settings(max_concurrent=1, max_queue=1))) as srv:
