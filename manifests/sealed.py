@@ -28,6 +28,7 @@ not have the pinned sha256) and ``folder.memory`` (the folder does not fit in me
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -70,7 +71,7 @@ def copy_and_seal(src_fd: int, name: str, size: int) -> int:
     try:
         offset = 0
         while True:
-            n = os.sendfile(mfd, src_fd, offset, COPY_STEP if offset < size else 1)
+            n = _copy_step(mfd, src_fd, offset, COPY_STEP if offset < size else 1)
             if n <= 0:
                 break
             _drop_cache(src_fd, offset, n)
@@ -82,6 +83,23 @@ def copy_and_seal(src_fd: int, name: str, size: int) -> int:
         os.close(mfd)
         raise
     return mfd
+
+
+def _copy_step(dst: int, src: int, offset: int, count: int) -> int:
+    """Copy up to ``count`` bytes of ``src`` at ``offset`` to ``dst``'s end; 0 at the end of ``src``.
+
+    ``sendfile`` (in the kernel) where the source's file system supports it, else read + write.
+    """
+    try:
+        return os.sendfile(dst, src, offset, count)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    data = os.pread(src, count, offset)
+    view, done = memoryview(data), 0
+    while done < len(data):
+        done += os.write(dst, view[done:])
+    return len(data)
 
 
 def _drop_cache(fd: int, offset: int, length: int) -> None:

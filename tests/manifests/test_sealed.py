@@ -224,3 +224,17 @@ def test_hashing_threads_share_no_state(tmp_path: Path) -> None:
         t.join()
     expect = {n: hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in names}
     assert results == [expect] * 3
+
+
+def test_a_file_system_without_sendfile_is_copied_by_read_and_write(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _files(tmp_path)
+
+    def no_sendfile(*_a: object) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "sendfile", no_sendfile)
+    with seal_folder(tmp_path, sorted(data)) as folder:
+        for name, content in data.items():
+            assert folder.copy(name).identity.size == len(content)
+            assert hashlib.sha256(content).hexdigest() == folder.digests()[name]
