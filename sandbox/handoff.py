@@ -60,14 +60,20 @@ class HandoffServer:
         self._files = list(files)
         self._private = Path(tempfile.mkdtemp(prefix="secure-run-handoff-"))  # 0700: other users stay out
         self.mount_dir = self._private / "h"
-        self.mount_dir.mkdir(mode=0o755)
-        os.chmod(self.mount_dir, 0o755)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        path = str(self.mount_dir / _SOCKET_NAME)
-        self._sock.bind(path)
-        os.chmod(path, 0o666)  # the sandbox's unprivileged uid connects; the private parent keeps others out
-        self._sock.listen(1)
-        self._sock.settimeout(0.2)
+        try:
+            self.mount_dir.mkdir(mode=0o755)
+            os.chmod(self.mount_dir, 0o755)
+            path = str(self.mount_dir / _SOCKET_NAME)
+            self._sock.bind(path)
+            os.chmod(path, 0o666)  # the sandbox's unprivileged uid connects; the private parent keeps others out
+            self._sock.listen(1)
+            self._sock.settimeout(0.2)
+        except OSError as exc:
+            self._sock.close()
+            shutil.rmtree(self._private, ignore_errors=True)
+            raise SandboxError(f"cannot create the hand-off socket in {self._private}: {exc.strerror}",
+                               rule="sandbox.handoff", hint="check that the temporary folder is writable") from None
         self._stop = threading.Event()
         self._deadline = accept_timeout_s
         self.sent = threading.Event()

@@ -107,3 +107,22 @@ def test_a_server_without_a_client_stops_cleanly() -> None:
         assert server.error == "the worker did not connect in time" and not server.sent.is_set()
         server.close()
         assert not server.mount_dir.exists()
+
+
+def test_a_socket_that_cannot_be_created_is_a_clear_error_and_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from secure_run.errors import SandboxError
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+
+    def refuse_bind(self: socket.socket, address: object) -> None:
+        raise OSError(13, "Permission denied")
+
+    monkeypatch.setattr(socket.socket, "bind", refuse_bind)
+    with pytest.raises(SandboxError) as info:
+        HandoffServer([])
+    assert info.value.rule == "sandbox.handoff" and "Permission denied" in info.value.message
+    assert list(tmp_path.iterdir()) == []  # the private folder was removed
