@@ -21,12 +21,6 @@ class FakeBackend:
 
 
 @pytest.fixture
-def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    return tmp_path / "state" / "secure-run" / "audit.jsonl"
-
-
-@pytest.fixture
 def worker(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """A scripted worker stream; ``signal`` (if set) is raised on the host after the first token."""
     calls: dict[str, Any] = {"started": 0, "closed": 0, "signal": None}

@@ -50,12 +50,6 @@ class NamespaceLike:
 
 
 @pytest.fixture
-def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    return tmp_path / "state" / "secure-run" / "audit.jsonl"
-
-
-@pytest.fixture
 def worker(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """A scripted one-shot worker; ``pieces`` are its text, ``detail`` its stats detail, ``signal`` a
     signal raised on the host after the first piece."""

@@ -9,12 +9,13 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from runner_helpers import worker_stats as _stats
+from runner_helpers import worker_tokens as _tokens
 
 from secure_run.policies import load_policy
 from secure_run.runner.cli import cli
 from secure_run.runner.pipeline import Final, GenerateOptions, Text, prepare
 from secure_run.runner.stops import StopStrings
-from secure_run.sandbox.protocol import StatsEvent, TextEvent, TokenEvent
 
 
 def test_stop_string_split_across_chunks() -> None:
@@ -56,19 +57,6 @@ def scripted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
     monkeypatch.setattr("secure_run.sandbox.backends.get_backend", lambda *a, **k: FakeBackend())
     monkeypatch.setattr("secure_run.sandbox.backends.run_worker", run_worker)
     return state
-
-
-def _tokens(pieces: list[str]) -> list[Any]:
-    out: list[Any] = []
-    for i, p in enumerate(pieces):
-        out.append(TokenEvent(type="token", index=i, token_id=10 + i))
-        out.append(TextEvent(type="text", text=p))
-    return out
-
-
-def _stats(n: int) -> StatsEvent:
-    return StatsEvent(type="stats", prompt_tokens=5, generated_tokens=n, seconds=0.5, tokens_per_second=2 * n,
-                      device="cpu")
 
 
 def test_the_stream_ends_at_the_stop_string(scripted: dict[str, Any], tmp_path: Path) -> None:
