@@ -1,7 +1,7 @@
 """Parallel SHA-256 of model files, the OMS root digest, and file identities for re-checks.
 
 Files are hashed in a thread pool (hashlib releases the GIL), one file per task, with a reusable
-1 MiB buffer per file and ``readinto``; workers default to ``min(files, usable cores, 8)``
+1 MiB buffer per file and ``readinto``; workers default to ``min(files, usable CPUs)``
 (spec/signing.md section 9). Each file is opened once with ``O_NOFOLLOW``, ``fstat``-ed before and
 after hashing, and the :class:`FileIdentity` (dev, inode, size, mtime, ctime) is returned so that
 the worker can prove it loads the very files that were verified:
@@ -37,8 +37,9 @@ if TYPE_CHECKING:
 CHUNK_BYTES = 1 << 20
 #: Progress is reported every this many bytes per file (keeps lock traffic negligible).
 PROGRESS_STEP = 32 << 20
-#: Upper bound on hashing threads (more does not help: memory/disk bandwidth saturates).
-MAX_WORKERS = 8
+#: Upper bound on hashing threads (a guard, not a tuning knob: the default is one thread per usable CPU,
+#: measured on a 16-CPU host to scale past 8 threads, see bench/RESULTS.md "verify").
+MAX_WORKERS = 64
 
 
 class ProgressSink(Protocol):
@@ -117,7 +118,7 @@ class FileDigest:
 
 
 def default_workers(n_files: int) -> int:
-    """``min(files, usable cores, 8)``, at least 1."""
+    """``min(files, usable CPUs, MAX_WORKERS)``, at least 1 (one thread per CPU: hashlib releases the GIL)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux

@@ -319,7 +319,7 @@ def verify_model(
             :class:`LockEntry` the caller expects (then ``trust`` is required, e.g.
             ``entry.signer.trust(lock.base)``); the verified root digest and signer must equal the pin.
         rules: inventory rules (tests only).
-        workers: hashing threads (default min(files, cores, 8)).
+        workers: hashing threads (default min(files, usable CPUs)).
         progress: optional hashing progress sink.
         seal: read every file once into a sealed memory copy and hash the copy
             (:mod:`~secure_run.manifests.sealed`); the result's ``sealed`` folder is what a sandboxed

@@ -100,3 +100,12 @@ def test_identity_check_catches_restored_mtime(model: Path) -> None:
 def test_default_workers() -> None:
     assert default_workers(1) == 1
     assert 1 <= default_workers(100) <= MAX_WORKERS
+
+
+def test_default_workers_one_thread_per_usable_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 16-CPU host hashes 16 files on 16 threads (it was capped at 8: half the H200 host's CPUs idle)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert default_workers(100) == 16
+    assert default_workers(5) == 5
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(200)))
+    assert default_workers(1000) == MAX_WORKERS
