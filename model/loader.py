@@ -20,7 +20,8 @@ names the file, the rule (``loader.*``) and the tensors concerned:
 6. build the model on the ``meta`` device (no memory), then per shard read each tensor's bytes
    with ``pread`` on the open descriptor at the offsets of the validated header (never pickle,
    never ``torch.load``, no second parser), cast it to the dtype of its parameter, move it to
-   ``device``, and ``load_state_dict(assign=True)`` so no second copy of the weights is ever held;
+   ``device``, and ``load_state_dict(assign=True)`` so no second copy of the weights is ever held
+   (on CUDA the bytes go through two reusable page-locked buffers, read and copy overlapped);
 7. ``fstat`` each descriptor again after reading: any change of identity (ctime included) refuses.
 
     >>> from secure_run.model.demo import demo_model_dir
@@ -168,16 +169,22 @@ class _OpenShard:
     def read(self, info: TensorInfo) -> torch.Tensor:
         """The bytes of one validated tensor entry, as a CPU tensor (one copy, straight from the file)."""
         buf = bytearray(info.nbytes)
-        view, got = memoryview(buf), 0
-        while got < info.nbytes:
-            n = os.preadv(self.fd, [view[got:]], info.start + got)
+        self.read_into(info, 0, memoryview(buf))
+        dtype = _ST_TORCH[info.dtype]
+        flat = torch.frombuffer(buf, dtype=dtype) if info.nbytes else torch.empty(0, dtype=dtype)
+        return flat.reshape(info.shape)
+
+    def read_into(self, info: TensorInfo, offset: int, view: memoryview) -> None:
+        """Fill ``view`` with the tensor's bytes from ``offset`` on (within the validated entry)."""
+        if offset < 0 or offset + len(view) > info.nbytes:  # a caller bug, never the file's
+            raise _refuse(f"read outside tensor {info.name}", rule="loader.internal", path=self.name)
+        got = 0
+        while got < len(view):
+            n = os.preadv(self.fd, [view[got:]], info.start + offset + got)
             if n <= 0:
                 raise _refuse(f"shard {self.name} ended inside tensor {info.name}", rule="loader.changed",
                               path=self.name, hint="the file was truncated while loading; verify it again")
             got += n
-        dtype = _ST_TORCH[info.dtype]
-        flat = torch.frombuffer(buf, dtype=dtype) if info.nbytes else torch.empty(0, dtype=dtype)
-        return flat.reshape(info.shape)
 
     def check_unchanged(self) -> None:
         """Refuse if the open file changed (identity, size, mtime) since it was opened."""
@@ -276,13 +283,65 @@ def _no_init(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Ten
     return tensor
 
 
+#: Bytes per staging buffer for an accelerator load (two buffers: one is read into while the other's
+#: copy to the device runs).
+STAGE_BYTES = 64 << 20
+
+
+class _Staging:
+    """Reusable host buffers that carry tensor bytes from a shard to the device, two in flight.
+
+    On CUDA the buffers are page-locked, so each copy to the GPU is one asynchronous DMA from them
+    (a pageable tensor is first copied again by the driver), and the read of the next piece overlaps
+    the copy of the previous one. A buffer is reused only after its copy's event has completed.
+    """
+
+    def __init__(self, device: torch.device, stage_bytes: int = STAGE_BYTES) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.bufs = [torch.empty(stage_bytes, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)]
+        self.events: list[torch.cuda.Event | None] = [None, None]
+        self.turn = 0
+
+    def read(self, shard: _OpenShard, info: TensorInfo) -> torch.Tensor:
+        """The tensor's bytes on ``device`` in the checkpoint dtype, ``info.shape``."""
+        dtype = _ST_TORCH[info.dtype]
+        out = torch.empty(info.nbytes, dtype=torch.uint8, device=self.device)
+        step = self.bufs[0].numel()
+        for offset in range(0, info.nbytes, step):
+            n = min(step, info.nbytes - offset)
+            buf, event = self.bufs[self.turn], self.events[self.turn]
+            if event is not None:
+                event.synchronize()  # the last copy out of this buffer has finished
+            shard.read_into(info, offset, memoryview(buf.numpy())[:n])
+            out[offset:offset + n].copy_(buf[:n], non_blocking=self.cuda)
+            if self.cuda:
+                event = torch.cuda.Event()
+                event.record()
+                self.events[self.turn] = event
+            self.turn ^= 1
+        return out.view(dtype).reshape(info.shape)
+
+    def finish(self) -> None:
+        """Wait for every copy out of the buffers (before they are freed)."""
+        for event in self.events:
+            if event is not None:
+                event.synchronize()
+
+
+def _staging_for(device: torch.device) -> _Staging | None:
+    """Staging buffers where the weights go to an accelerator; a CPU load reads straight into place."""
+    return _Staging(device) if device.type == "cuda" else None
+
+
 def _fill(model: HybridLM, shard: _OpenShard, entries: list[HeaderEntry], config: ModelConfig,
-          names: AttentionNameMap, device: torch.device) -> None:
+          names: AttentionNameMap, device: torch.device, staging: _Staging | None = None) -> None:
     targets = dict(model.named_parameters()) | dict(model.named_buffers())
     state: dict[str, torch.Tensor] = {}
     for e in entries:
         internal = checkpoint_to_internal(config, names, e.info.name)
-        state[internal] = shard.read(e.info).to(device=device, dtype=targets[internal].dtype)
+        raw = staging.read(shard, e.info) if staging is not None else shard.read(e.info)
+        state[internal] = raw.to(device=device, dtype=targets[internal].dtype)
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:  # cannot happen after check_table; kept as a guard
         raise _refuse("internal name mismatch while loading", rule="loader.internal", names=result.unexpected_keys)
@@ -382,10 +441,15 @@ def _load(source: FolderReader, device: torch.device, dtype: torch.dtype | None,
         target = dtype if dtype is not None else _TORCH_DTYPES[cfg.checkpoint_dtype]
         with torch.device("meta"), _skip_param_init():
             model = HybridLM(cfg, dtype=target)
-        for sh in shards:
-            _fill(model, sh, [e for _, e in sorted(found.items()) if e.shard == sh.name], cfg, names, device)
-            # 7. unchanged while read
-            sh.check_unchanged()
+        staging = _staging_for(device)
+        try:
+            for sh in shards:
+                _fill(model, sh, [e for _, e in sorted(found.items()) if e.shard == sh.name], cfg, names, device, staging)
+                # 7. unchanged while read
+                sh.check_unchanged()
+        finally:
+            if staging is not None:
+                staging.finish()
     finally:
         for sh in shards:
             sh.close()

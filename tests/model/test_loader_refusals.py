@@ -392,3 +392,63 @@ def test_verified_folder_loads_and_refuses_unpinned_and_changed(folder_factory: 
         with pytest.raises(VerificationError) as info:
             load_model(folder)
         assert info.value.rule == "folder.changed" and info.value.path == "config.json"
+
+
+# --- staged loading (the CUDA path: two reusable page-locked buffers, read and copy overlapped) ----
+
+
+def _staged(monkeypatch: pytest.MonkeyPatch, stage_bytes: int) -> list[loader_mod._Staging]:
+    """Make a CPU load go through the staging buffers (as a CUDA load does), ``stage_bytes`` each."""
+    made: list[loader_mod._Staging] = []
+
+    def staging_for(device: torch.device) -> loader_mod._Staging:
+        made.append(loader_mod._Staging(device, stage_bytes))
+        return made[-1]
+
+    monkeypatch.setattr(loader_mod, "_staging_for", staging_for)
+    return made
+
+
+def test_staged_load_equals_direct_load(folder_factory: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 1000-byte buffers: every tensor larger than that crosses buffers mid-element (fp32 = 4 bytes)
+    path = folder_factory(TINY_SL, _state(TINY_SL), shards=3)
+    direct = load_model(path).state_dict()
+    made = _staged(monkeypatch, 1000)
+    staged = load_model(path).state_dict()
+    assert len(made) == 1 and made[0].bufs[0].numel() == 1000
+    assert direct.keys() == staged.keys()
+    for name, tensor in direct.items():
+        assert staged[name].dtype == tensor.dtype and torch.equal(staged[name], tensor), name
+
+
+def test_staged_load_refuses_a_shard_truncated_while_reading(folder_factory: Factory,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    path = folder_factory(TINY, _state())
+    _staged(monkeypatch, 1000)
+    real_read_into = loader_mod._OpenShard.read_into
+    calls = []
+
+    def truncate_midway(self: loader_mod._OpenShard, info: object, offset: int, view: memoryview) -> None:
+        calls.append(offset)
+        if len(calls) == 3:
+            os.truncate(path / "model.safetensors", 4096)
+        real_read_into(self, info, offset, view)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loader_mod._OpenShard, "read_into", truncate_midway)
+    err = _refused(path)
+    assert err.rule == "loader.changed" and "ended inside tensor" in err.message
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_load_through_pinned_staging_is_bit_exact(folder_factory: Factory, monkeypatch: pytest.MonkeyPatch,
+                                                        dtype: torch.dtype) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this host")
+    path = folder_factory(TINY_SL, _state(TINY_SL), shards=3)
+    want = load_model(path, dtype=dtype).state_dict()
+    made = _staged(monkeypatch, 4096)  # many pieces per tensor: buffer reuse is exercised
+    got = load_model(path, device="cuda", dtype=dtype).state_dict()
+    assert made[0].cuda and made[0].bufs[0].is_pinned()
+    for name, tensor in want.items():
+        assert got[name].is_cuda and torch.equal(got[name].cpu(), tensor), name
