@@ -288,6 +288,16 @@ def _no_init(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Ten
 STAGE_BYTES = 64 << 20
 
 
+def _host_buffer(nbytes: int, *, pinned: bool) -> torch.Tensor:
+    """A host byte buffer, page-locked when asked and the driver grants it (else pageable: slower, same bytes)."""
+    if pinned:
+        try:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        except RuntimeError:  # e.g. a sandbox whose limits refuse page-locked memory
+            pass
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
 class _Staging:
     """Reusable host buffers that carry tensor bytes from a shard to the device, two in flight.
 
@@ -299,7 +309,7 @@ class _Staging:
     def __init__(self, device: torch.device, stage_bytes: int = STAGE_BYTES) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
-        self.bufs = [torch.empty(stage_bytes, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)]
+        self.bufs = [_host_buffer(stage_bytes, pinned=self.cuda) for _ in range(2)]
         self.events: list[torch.cuda.Event | None] = [None, None]
         self.turn = 0
 
