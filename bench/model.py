@@ -426,7 +426,6 @@ def tune_gemv(cfg: ModelConfig) -> dict[str, Any]:
 
     from secure_run.kernels import _triton_gemv as tg
     from secure_run.kernels import _triton_moe as tm
-    from secure_run.kernels import decode_linears
 
     out: dict[str, Any] = {"copy_1GiB_TB_s": _copy_tb_s(do_bench)}
     base = {k: dict(v) for k, v in tg._GEMV_TABLE.items()}
@@ -441,7 +440,7 @@ def tune_gemv(cfg: ModelConfig) -> dict[str, Any]:
             for cand in GEMV_M1_VARIANTS if m == 1 else GEMV_DOT_VARIANTS:
                 tg._GEMV_TABLE.update({"m1": cand, "m1_small_n": cand} if m == 1 else {"mdot": cand})
                 try:
-                    us = _graph_many_us([lambda s=s, x=x: decode_linears(x, tuple(s)) for s in sets], do_bench)
+                    us = _graph_many_us([lambda s=s, x=x: tg.gemv_triton(x, s) for s in sets], do_bench)
                     rows[str(cand)] = {"us": us, "TB_s": nbytes / us / 1e6}
                 except Exception as err:  # a variant that fails to compile is reported, the sweep goes on
                     rows[str(cand)] = f"{type(err).__name__}: {err}"[:200]

@@ -230,12 +230,12 @@ GEMV_ENV = "SECURE_RUN_GEMV"
 
 
 def _gemv_applies(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> bool:
-    """The Triton GEMV runs on CUDA (not under autograd) for at most 16 rows of one float dtype,
-    unless ``SECURE_RUN_GEMV=torch``."""
-    from secure_run.kernels._triton_gemv import GEMV_MAX_ROWS
+    """The Triton GEMV runs on CUDA (not under autograd) for at most ``DISPATCH_MAX_ROWS`` rows (one:
+    single-sequence decode) of one float dtype, unless ``SECURE_RUN_GEMV=torch``."""
+    from secure_run.kernels._triton_gemv import DISPATCH_MAX_ROWS
 
     w0 = weights[0]
-    if not x.is_cuda or x.numel() == 0 or x.numel() // x.shape[-1] > GEMV_MAX_ROWS:
+    if not x.is_cuda or x.numel() == 0 or x.numel() // x.shape[-1] > DISPATCH_MAX_ROWS:
         return False
     if w0.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.dtype != w0.dtype:
         return False
@@ -247,8 +247,9 @@ def _gemv_applies(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> bool:
 def decode_linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """``F.linear(x, w)`` for each of up to four weights [N_i, K] sharing the input x [..., K].
 
-    On CUDA with at most 16 rows (decode, batched decode) one Triton GEMV launch computes all of
-    them (:mod:`secure_run.kernels._triton_gemv`); prefill and CPU use ``F.linear``.
+    On CUDA with one row (single-sequence decode) one Triton GEMV launch computes all of them
+    (:mod:`secure_run.kernels._triton_gemv`); prefill, batched decode (cuBLAS measured as fast there)
+    and CPU use ``F.linear``.
     """
     if not _gemv_applies(x, weights):
         return tuple(torch.nn.functional.linear(x, w) for w in weights)

@@ -10,7 +10,8 @@ each program finds its weight by comparing its id with the segment starts.
   input width in ``BLOCK_K`` steps, fp32 products reduced per step (a fixed order: deterministic,
   no atomics, no split-K; small ``BLOCK_N`` gives enough programs where N is the hidden size).
 * ``2 <= M <= 16`` (batched decode): x padded to 16 rows, one ``tl.dot`` per ``BLOCK_K`` step with
-  fp32 accumulation (``ieee`` for fp32 inputs).
+  fp32 accumulation (``ieee`` for fp32 inputs). Measured no faster than cuBLAS on an H200, so the
+  model's dispatch sends only one-row products here (``DISPATCH_MAX_ROWS``).
 
 The result is rounded to the weight dtype like ``nn.Linear``. Loads are converted to fp32 right after
 ``tl.load`` (the interpreter's bf16 arithmetic is wrong, see ``_triton_common``).
@@ -26,7 +27,7 @@ import triton.language as tl
 
 from secure_run.kernels._triton_common import interpreting
 
-__all__ = ["GEMV_MAX_ROWS", "gemv_triton"]
+__all__ = ["DISPATCH_MAX_ROWS", "GEMV_MAX_ROWS", "gemv_triton"]
 
 #: most activation rows the GEMV path takes (more: F.linear, a GEMM)
 GEMV_MAX_ROWS = 16
@@ -93,14 +94,21 @@ def _gemv(x_ptr, w0, w1, w2, w3, o0, o1, o2, o3, n0, n1, n2, n3, nb1, nb2, nb3, 
 
 
 #: Launch shapes, chosen on an H200 by ``bench/model.py --tune-gemv`` (bench/RESULTS.md, "model"):
-#: "m1" for one activation row, "mdot" for 2..16 rows. The ``small_n`` entry is used when the
-#: launch has fewer than ``small_n_rows`` output rows in all (the hidden-size outputs: ``out_proj``,
-#: ``o_proj``), to get enough programs without split-K.
+#: "m1" for one activation row, "mdot" for 2..16 rows. The ``m1_small_n`` entry is used when the
+#: launch has fewer than ``_SMALL_N_ROWS`` output rows in all (the hidden-size outputs: ``out_proj``,
+#: ``o_proj``). Graphed, 4 rotating weight sets, 2026-12-02: in_proj 16.8 us (3.30 TB/s; cuBLAS 17.1),
+#: out_proj 8.7 us (2.54 TB/s; cuBLAS 11.7), q_search+q+k+v in one launch 15.3 us (3.05 TB/s; four
+#: cuBLAS calls 35.1), lm_head 164.5 us (4.28 TB/s; cuBLAS 171.9). 4 output rows per program were
+#: 10-37% slower, 1 row 10-20% slower.
 _GEMV_TABLE: dict[str, dict[str, int]] = {
-    "m1": {"block_n": 4, "block_k": 1024, "warps": 4, "stages": 3},
-    "m1_small_n": {"block_n": 2, "block_k": 1024, "warps": 4, "stages": 3},
-    "mdot": {"block_n": 16, "block_k": 256, "warps": 4, "stages": 3},
+    "m1": {"block_n": 2, "block_k": 1024, "warps": 4, "stages": 3},
+    "m1_small_n": {"block_n": 2, "block_k": 2048, "warps": 8, "stages": 3},
+    "mdot": {"block_n": 32, "block_k": 128, "warps": 4, "stages": 4},
 }
+#: Most rows :func:`secure_run.kernels.decode_linears` sends here. The 2..16-row ``tl.dot`` path
+#: measured no faster than cuBLAS (in_proj 17.2 vs 17.5 us at 4 rows, out_proj 12.9 vs 11.7), so
+#: batched decode keeps F.linear; the path stays tested and selectable.
+DISPATCH_MAX_ROWS = 1
 _SMALL_N_ROWS = 4096
 
 

@@ -115,9 +115,11 @@ def _router_fused(x_ptr, gw_ptr, logit_ptr, bias_ptr, ids_ptr, w_ptr, count_ptr,
 _ROUTER_GEMV_MAX_TOKENS = 16
 #: Decode router launches: experts per logits program, its warps, its input step, and the top-k
 #: program's warps; ``fused``: logits and top-k in one launch (``_router_fused``). Both kernels are
-#: latency-bound (~3 us each per layer on an H200, 0.15 ms per token over 23 layers); the
-#: alternatives are timed by bench/model.py --tune-gemv.
-_ROUTER: dict[str, int] = {"logit_block_e": 2, "logit_warps": 4, "logit_block_d": 1024, "topk_warps": 4,
+#: latency-bound. H200, graphed, 4 rotating gate matrices (bench/model.py --tune-gemv, 2026-12-02):
+#: batch 1 7.11 us with 1024-wide steps / 4 top-k warps, 5.46 us with this table (4 tokens: 7.36 ->
+#: 5.66); the one-launch fused form 6.6-10.2 us (its last program's serial top-k and the ticket cost
+#: more than the second launch; at 4 tokens 7.3-19.2 us), so it stays off.
+_ROUTER: dict[str, int] = {"logit_block_e": 2, "logit_warps": 4, "logit_block_d": 4096, "topk_warps": 1,
                            "fused": 0}
 _COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
 

@@ -109,15 +109,39 @@ RELEASED = [("in_proj", 2688, (10304,)), ("out_proj", 4096, (2688,)), ("qkv", 26
 @pytest.mark.parametrize("shape", RELEASED, ids=[r[0] for r in RELEASED])
 def test_gemv_gpu_released_shapes(shape: tuple[str, int, tuple[int, ...]], m: int, dtype: torch.dtype,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from secure_run.kernels._triton_gemv import gemv_triton
+
     _, k, ns = shape
     _poisoned_empty(monkeypatch)
     x, ws = _inputs(m, k, ns, dtype, "cuda", seed=m + k)
-    outs = decode_linears(x[None], tuple(ws))  # [1, M, K]: the model's [B, L, d] layout
+    outs = gemv_triton(x, ws)
     for w, o in zip(ws, outs):
         ref = torch.nn.functional.linear(x.double(), w.double())
-        assert o.shape == (1, m, w.shape[0])
-        assert rel(o[0], ref) < TOL[dtype]
-        assert rel(o[0], torch.nn.functional.linear(x, w)) < TOL[dtype]
+        assert o.shape == (m, w.shape[0])
+        assert rel(o, ref) < TOL[dtype]
+        assert rel(o, torch.nn.functional.linear(x, w)) < TOL[dtype]
+
+
+@pytest.mark.gpu
+def test_decode_linears_dispatch_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One row in the model's [B, L, d] layout goes to the Triton GEMV (one launch for all weights);
+    more rows than DISPATCH_MAX_ROWS, or SECURE_RUN_GEMV=torch, are F.linear bit for bit."""
+    import secure_run.kernels._triton_gemv as tg
+
+    calls: list[int] = []
+    real = tg.gemv_triton
+    monkeypatch.setattr(tg, "gemv_triton", lambda x, ws: calls.append(len(ws)) or real(x, ws))
+    x, ws = _inputs(1, 2688, (4096, 256), torch.bfloat16, "cuda", seed=9)
+    outs = decode_linears(x[None], tuple(ws))
+    assert calls == [2]
+    for w, o in zip(ws, outs):
+        assert o.shape == (1, 1, w.shape[0])
+        assert rel(o[0], x.double() @ w.double().T) < 1e-2
+    xb = torch.randn(1, tg.DISPATCH_MAX_ROWS + 1, 2688, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(decode_linear(xb, ws[0]), torch.nn.functional.linear(xb, ws[0]))
+    monkeypatch.setenv("SECURE_RUN_GEMV", "torch")
+    assert torch.equal(decode_linear(x, ws[0]), torch.nn.functional.linear(x, ws[0]))
+    assert calls == [2]
 
 
 @pytest.mark.gpu
