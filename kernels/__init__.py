@@ -24,8 +24,10 @@ decode, CUDA-graph safe), ``_schedule`` (stripe table and span extents shared by
 Model kernels (same backend rule): :func:`moe_route` (sigmoid router top-k), :func:`moe_experts`
 (grouped expert GEMV for decode, grouped GEMM for prefill), :func:`mamba_decode_step` (conv + SSM
 update + gated norm), :func:`add_rmsnorm` (residual add + RMSNorm); Triton in ``_triton_moe``,
-``_triton_mamba``, ``_triton_norm``, references in ``model_reference``. None of them synchronises
-with the host, so a decode step built from them can be captured in a CUDA graph.
+``_triton_mamba``, ``_triton_norm``, references in ``model_reference``. :func:`decode_linear` /
+:func:`decode_linears` (the dense projections of a one-token decode step: Triton GEMV in
+``_triton_gemv`` on CUDA, ``F.linear`` otherwise; ``SECURE_RUN_GEMV=torch`` forces ``F.linear``).
+None of them synchronises with the host, so a decode step built from them can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
