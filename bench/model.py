@@ -370,6 +370,130 @@ def _graph_of(fn: Any) -> Any:
     return graph.replay
 
 
+#: Dense decode GEMV variants timed by --tune-gemv (kernels/_triton_gemv.py ``_GEMV_TABLE``): one
+#: activation row ("m1" / "m1_small_n") and 2..16 rows ("mdot"); the committed entries first.
+GEMV_M1_VARIANTS: list[dict[str, int]] = [
+    {"block_n": 4, "block_k": 1024, "warps": 4, "stages": 3}, {"block_n": 2, "block_k": 1024, "warps": 4, "stages": 3},
+    {"block_n": 1, "block_k": 1024, "warps": 4, "stages": 3}, {"block_n": 8, "block_k": 1024, "warps": 8, "stages": 3},
+    {"block_n": 4, "block_k": 512, "warps": 4, "stages": 3}, {"block_n": 8, "block_k": 512, "warps": 4, "stages": 4},
+    {"block_n": 2, "block_k": 2048, "warps": 8, "stages": 3}, {"block_n": 4, "block_k": 2048, "warps": 8, "stages": 2},
+    {"block_n": 2, "block_k": 512, "warps": 2, "stages": 4}, {"block_n": 16, "block_k": 256, "warps": 4, "stages": 4},
+    {"block_n": 4, "block_k": 1024, "warps": 4, "stages": 1}, {"block_n": 1, "block_k": 2048, "warps": 8, "stages": 2},
+]
+GEMV_DOT_VARIANTS: list[dict[str, int]] = [
+    {"block_n": 16, "block_k": 256, "warps": 4, "stages": 3}, {"block_n": 32, "block_k": 256, "warps": 4, "stages": 3},
+    {"block_n": 16, "block_k": 512, "warps": 4, "stages": 3}, {"block_n": 32, "block_k": 128, "warps": 4, "stages": 4},
+    {"block_n": 64, "block_k": 128, "warps": 4, "stages": 3}, {"block_n": 16, "block_k": 128, "warps": 2, "stages": 4},
+]
+#: (input width, output rows of each weight of one launch, launches per token) at the released shapes
+GEMV_SHAPES: dict[str, tuple[int, tuple[int, ...], int]] = {
+    "mamba in_proj": (2688, (10304,), 23), "out_proj / o_proj": (4096, (2688,), 29),
+    "attn q_search+q+k+v": (2688, (4096, 4096, 256, 256), 6), "lm_head": (2688, (131072,), 1),
+}
+#: router variants for --tune-gemv (over the committed ``_ROUTER``)
+ROUTER_GEMV_VARIANTS: list[dict[str, int]] = [
+    {}, {"topk_warps": 1}, {"logit_block_d": 4096}, {"logit_block_d": 4096, "topk_warps": 1},
+    {"logit_block_e": 1, "logit_warps": 2, "topk_warps": 1}, {"fused": 1}, {"fused": 1, "logit_block_d": 4096},
+    {"fused": 1, "logit_block_e": 1, "logit_warps": 2}, {"fused": 1, "logit_block_e": 4},
+    {"fused": 1, "logit_block_e": 1, "logit_block_d": 4096, "logit_warps": 4},
+]
+
+
+def _graph_many_us(fns: list[Any], do_bench: Any, reps: int = 2) -> float:
+    """Median time of one call, from CUDA-graph replays of ``fns`` (rotating weight sets) x ``reps``."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            for f in fns:
+                f()
+    return float(do_bench(graph.replay, warmup=25, rep=120, return_mode="median")) * 1e3 / (reps * len(fns))
+
+
+def tune_gemv(cfg: ModelConfig) -> dict[str, Any]:
+    """Dense decode GEMVs (Triton variants vs cuBLAS F.linear) and the decode router variants at the
+    released shapes, each under a CUDA graph over 4 rotating weight sets (no L2 reuse)."""
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+
+    from secure_run.kernels import _triton_gemv as tg
+    from secure_run.kernels import _triton_moe as tm
+
+    out: dict[str, Any] = {"copy_1GiB_TB_s": _copy_tb_s(do_bench)}
+    base = {k: dict(v) for k, v in tg._GEMV_TABLE.items()}
+    for name, (k, ns, per_token) in GEMV_SHAPES.items():
+        nbytes = sum(ns) * k * 2
+        sets = [[torch.randn(n, k, device=DEV, dtype=DT) * 0.02 for n in ns] for _ in range(4)]
+        for m in (1, 4, 16) if name in ("mamba in_proj", "out_proj / o_proj") else (1,):
+            x = torch.randn(m, k, device=DEV, dtype=DT)
+            rows: dict[str, Any] = {}
+            us = _graph_many_us([lambda s=s, x=x: [F.linear(x, w) for w in s] for s in sets], do_bench)
+            rows["cublas"] = {"us": us, "TB_s": nbytes / us / 1e6}
+            for cand in GEMV_M1_VARIANTS if m == 1 else GEMV_DOT_VARIANTS:
+                tg._GEMV_TABLE.update({"m1": cand, "m1_small_n": cand} if m == 1 else {"mdot": cand})
+                try:
+                    us = _graph_many_us([lambda s=s, x=x: tg.gemv_triton(x, s) for s in sets], do_bench)
+                    rows[str(cand)] = {"us": us, "TB_s": nbytes / us / 1e6}
+                except Exception as err:  # a variant that fails to compile is reported, the sweep goes on
+                    rows[str(cand)] = f"{type(err).__name__}: {err}"[:200]
+                finally:
+                    tg._GEMV_TABLE.clear()
+                    tg._GEMV_TABLE.update({kk: dict(v) for kk, v in base.items()})
+            for key, v in rows.items():
+                if isinstance(v, dict):
+                    log(f"gemv {name} M={m} {key}: {v['us']:.2f} us ({v['TB_s']:.2f} TB/s)")
+            out[f"gemv {name} M={m}"] = {"rows": rows, "per_token": per_token, "bytes": nbytes}
+        del sets
+        torch.cuda.empty_cache()
+    # router: logits + top-k at batch 1 and 4, 4 rotating gate matrices
+    d, e, kk = cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok
+    gates = [torch.randn(e, d, device=DEV, dtype=DT) * 0.02 for _ in range(4)]
+    bias = torch.zeros(e, device=DEV)
+    rbase = dict(tm._ROUTER)
+    for t in (1, 4):
+        x = torch.randn(t, d, device=DEV, dtype=DT)
+        for cand in ROUTER_GEMV_VARIANTS:
+            tm._ROUTER.update(rbase | cand)
+            try:
+                us = _graph_many_us([lambda g=g, x=x: tm.moe_route_triton(x, g, bias, kk, True, 2.5) for g in gates],
+                                    do_bench)
+                out[f"router T={t} {cand or 'committed'}"] = {"us": us}
+                log(f"router T={t} {cand or 'committed'}: {us:.2f} us")
+            except Exception as err:
+                out[f"router T={t} {cand or 'committed'}"] = f"{type(err).__name__}: {err}"[:200]
+            finally:
+                tm._ROUTER.clear()
+                tm._ROUTER.update(rbase)
+    return out
+
+
+def gemv_table(t: dict[str, Any]) -> str:
+    """The --tune-gemv results: per shape cuBLAS, the committed and the best variant; per-token totals."""
+    lines = ["| shape | cuBLAS us (TB/s) | committed us (TB/s) | best variant | best us (TB/s) |", "|---|---|---|---|---|"]
+    for name, v in t.items():
+        if not (isinstance(v, dict) and "rows" in v):
+            continue
+        rows = {k: r for k, r in v["rows"].items() if isinstance(r, dict)}
+        cub = rows.get("cublas", {"us": float("nan"), "TB_s": float("nan")})
+        tri = {k: r for k, r in rows.items() if k != "cublas"}
+        first = next(iter(tri.values()), {"us": float("nan"), "TB_s": float("nan")})
+        best = min(tri.items(), key=lambda kv: kv[1]["us"]) if tri else ("-", first)
+        lines.append(f"| {name} | {cub['us']:.2f} ({cub['TB_s']:.2f}) | {first['us']:.2f} ({first['TB_s']:.2f}) | "
+                     f"{best[0]} | {best[1]['us']:.2f} ({best[1]['TB_s']:.2f}) |")
+    for name, v in t.items():
+        if name.startswith("router") and isinstance(v, dict):
+            lines.append(f"| {name} | | {v['us']:.2f} | | |")
+    return "\n".join(lines)
+
+
 def _cublas_gemv_ms(x: torch.Tensor, rows: int, do_bench: Any) -> float:
     """cuBLAS GEMV x [1, d] @ W[rows, d]^T over 4 rotating weights (the same bytes as a MoE layer)."""
     w = [torch.randn(rows, x.shape[1], device=DEV, dtype=DT) for _ in range(4)]
@@ -639,6 +763,9 @@ def table(res: dict[str, Any]) -> str:
         other = hfd.get(r["context"], {})
         lines.append(f"| decode tok/s @{r['context']:,} (graph step / +greedy readback) | {r['tok_s']:.1f} / "
                      f"{r['greedy_tok_s']:.1f} | {other.get('tok_s', float('nan')):.2f} |")
+        if "cublas_projections_tok_s" in r:
+            lines.append(f"| decode tok/s @{r['context']:,}, cuBLAS projections (SECURE_RUN_GEMV=torch) | "
+                         f"{r['cublas_projections_tok_s']:.1f} | - |")
     hfp = {r["length"]: r for r in hf.get("prefill", [])}
     for r in res.get("prefill", []):
         other = hfp.get(r["length"], {})
@@ -699,6 +826,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     ap.add_argument("--tune", action="store_true", help="kernel-level variants at the released shapes")
     ap.add_argument("--tune-only", action="store_true", help="only the kernel-level variants (no model is built)")
+    ap.add_argument("--tune-gemv", action="store_true", help="only the dense decode GEMV and router variants")
+    ap.add_argument("--cublas-baseline", action="store_true",
+                    help="also time each decode row with SECURE_RUN_GEMV=torch (cuBLAS projections)")
     ap.add_argument("--smoke", action="store_true", help="self-check of this script on a tiny config (BENCH_DEVICE=cpu)")
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
@@ -715,6 +845,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.prefill is not None:
         prefill_len = [int(x) for x in a.prefill.split(",") if x]
     cfg = config_from_dict(FULL if not a.smoke else FULL | SMOKE)
+    if a.tune_gemv:
+        with section(res, "tune gemv"):
+            res["tune_gemv"] = tune_gemv(cfg)
+        with open(os.path.join(a.out, "model_tune_gemv.json"), "w") as fh:
+            json.dump(res, fh, indent=1, default=str)
+        log(gemv_table(res.get("tune_gemv", {})))
+        return 0
     if a.tune_only:
         with section(res, "tune"):
             res["tune"] = tune_rows(cfg)
@@ -737,6 +874,15 @@ def main(argv: list[str] | None = None) -> int:
         with section(res, f"decode {ctx}"):
             res["decode"].append(decode_row(model, ctx, a.steps))
             log("decode", res["decode"][-1])
+        if a.cublas_baseline:
+            with section(res, f"decode {ctx} cuBLAS projections"):
+                os.environ["SECURE_RUN_GEMV"] = "torch"
+                try:
+                    base_row = decode_row(model, ctx, a.steps)
+                finally:
+                    os.environ.pop("SECURE_RUN_GEMV", None)
+                res["decode"][-1]["cublas_projections_tok_s"] = base_row["tok_s"]
+                log("decode cuBLAS projections", base_row)
     with section(res, "ttft"):
         res["ttft"] = ttft_row(model, 4096 if not a.smoke else 100, 64 if not a.smoke else 4)
         log("ttft", res["ttft"])

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device-machine session for the whole model: GPU tests of the engine, then bench/model.py.
 # Run from the repository root on the GPU box (torch + triton + pytest + transformers preinstalled):
-#   bash bench/model_session.sh [bench args...]        (env: SKIP_TESTS=1, SKIP_BENCH=1, TEST_TIMEOUT, BENCH_TIMEOUT)
+#   bash bench/model_session.sh [bench args...]        (env: SKIP_TESTS=1, SKIP_BENCH=1, TEST_TIMEOUT, BENCH_TIMEOUT,
+#                                                         GPU_TESTS: the test files, default below)
 # Needs .whl/ with pydantic, pydantic_core, annotated_types, typing_inspection wheels (cp312).
 # (python3 -P: the repo's own secure_run/ folder must not shadow the /tmp/sr symlink farm.)
 set -euo pipefail
@@ -10,7 +11,8 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 status=0
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
   timeout "${TEST_TIMEOUT:-240}" python3 -P -m pytest -p no:cacheprovider -q -rfE -m gpu \
-    tests/kernels/test_moe_mamba_kernels.py tests/model/test_graph_decode.py >"$OUT/gpu_tests.log" 2>&1 || status=$?
+    ${GPU_TESTS:-tests/kernels/test_moe_mamba_kernels.py tests/kernels/test_gemv.py tests/kernels/test_gemv_router.py
+    tests/model/test_graph_decode.py} >"$OUT/gpu_tests.log" 2>&1 || status=$?
   tail -25 "$OUT/gpu_tests.log"
   echo "gpu tests exit code: $status"
   if grep -E "^(FAILED|ERROR).*(ssd|conv)" "$OUT/gpu_tests.log" >/dev/null; then

@@ -24,8 +24,10 @@ decode, CUDA-graph safe), ``_schedule`` (stripe table and span extents shared by
 Model kernels (same backend rule): :func:`moe_route` (sigmoid router top-k), :func:`moe_experts`
 (grouped expert GEMV for decode, grouped GEMM for prefill), :func:`mamba_decode_step` (conv + SSM
 update + gated norm), :func:`add_rmsnorm` (residual add + RMSNorm); Triton in ``_triton_moe``,
-``_triton_mamba``, ``_triton_norm``, references in ``model_reference``. None of them synchronises
-with the host, so a decode step built from them can be captured in a CUDA graph.
+``_triton_mamba``, ``_triton_norm``, references in ``model_reference``. :func:`decode_linear` /
+:func:`decode_linears` (the dense projections of a one-token decode step: Triton GEMV in
+``_triton_gemv`` on CUDA, ``F.linear`` otherwise; ``SECURE_RUN_GEMV=torch`` forces ``F.linear``).
+None of them synchronises with the host, so a decode step built from them can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ __all__ = [
     "SpanParams",
     "add_rmsnorm",
     "causal_conv1d",
+    "decode_linear",
+    "decode_linears",
     "mamba_decode_step",
     "moe_experts",
     "moe_route",
@@ -222,3 +226,42 @@ def causal_conv1d(xbc: torch.Tensor, conv_state: torch.Tensor | None, weight: to
     from secure_run.kernels._triton_mamba import causal_conv1d_triton
 
     return causal_conv1d_triton(xbc, conv_state, weight, bias)
+
+
+GEMV_ENV = "SECURE_RUN_GEMV"
+
+
+def _gemv_applies(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> bool:
+    """The Triton GEMV runs on CUDA (not under autograd) for at most ``DISPATCH_MAX_ROWS`` rows (one:
+    single-sequence decode) of one float dtype, unless ``SECURE_RUN_GEMV=torch``."""
+    from secure_run.kernels._triton_gemv import DISPATCH_MAX_ROWS
+
+    w0 = weights[0]
+    if not x.is_cuda or x.numel() == 0 or x.numel() // x.shape[-1] > DISPATCH_MAX_ROWS:
+        return False
+    if w0.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.dtype != w0.dtype:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+        return False
+    return os.environ.get(GEMV_ENV, "triton") != "torch" and _triton_usable(x.device)
+
+
+def decode_linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """``F.linear(x, w)`` for each of up to four weights [N_i, K] sharing the input x [..., K].
+
+    On CUDA with one row (single-sequence decode) one Triton GEMV launch computes all of them
+    (:mod:`secure_run.kernels._triton_gemv`); prefill, batched decode (cuBLAS measured as fast there)
+    and CPU use ``F.linear``.
+    """
+    if not _gemv_applies(x, weights):
+        return tuple(torch.nn.functional.linear(x, w) for w in weights)
+    from secure_run.kernels._triton_gemv import gemv_triton
+
+    lead = x.shape[:-1]
+    outs = gemv_triton(x.reshape(-1, x.shape[-1]), list(weights))
+    return tuple(o.reshape(*lead, o.shape[-1]) for o in outs)
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` (no bias) through the decode GEMV where it applies (:func:`decode_linears`)."""
+    return decode_linears(x, (weight,))[0]

@@ -51,12 +51,12 @@ def _router_logits(x_ptr, w_ptr, out_ptr, d, E, BLOCK_E: tl.constexpr, BLOCK_D: 
 
 
 @triton.jit
-def _router_topk(logit_ptr, bias_ptr, ids_ptr, w_ptr, E, scale, K: tl.constexpr, BLOCK_E: tl.constexpr,
-                 BLOCK_K: tl.constexpr, NORMALISE: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
+def _topk_row(logit_ptr, bias_ptr, ids_ptr, w_ptr, t, E, scale, K: tl.constexpr, BLOCK_E: tl.constexpr,
+              BLOCK_K: tl.constexpr, NORMALISE: tl.constexpr, VOLATILE: tl.constexpr):
+    """Sigmoid + biased top-k of token t's fp32 logits row (lowest index among ties), weights stored."""
     offs_e = tl.arange(0, BLOCK_E)
     me = offs_e < E
-    logits = tl.load(logit_ptr + t * E + offs_e, mask=me, other=0.0)
+    logits = tl.load(logit_ptr + t * E + offs_e, mask=me, other=0.0, volatile=VOLATILE)
     scores = 1.0 / (1.0 + tl.exp(-logits))
     choice = tl.where(me, scores + tl.load(bias_ptr + offs_e, mask=me, other=0.0), float("-inf"))
     offs_k = tl.arange(0, BLOCK_K)
@@ -64,7 +64,7 @@ def _router_topk(logit_ptr, bias_ptr, ids_ptr, w_ptr, E, scale, K: tl.constexpr,
     wts = tl.zeros([BLOCK_K], dtype=tl.float32)
     for s in tl.static_range(K):
         best = tl.max(choice, axis=0)
-        idx = tl.min(tl.where(choice == best, offs_e, BLOCK_E), axis=0)  # lowest index among ties
+        idx = tl.min(tl.where(choice == best, offs_e, BLOCK_E), axis=0)
         sc = tl.sum(tl.where(offs_e == idx, scores, 0.0), axis=0)
         ids = tl.where(offs_k == s, idx.to(tl.int64), ids)
         wts = tl.where(offs_k == s, sc, wts)
@@ -76,11 +76,64 @@ def _router_topk(logit_ptr, bias_ptr, ids_ptr, w_ptr, E, scale, K: tl.constexpr,
     tl.store(w_ptr + t * K + offs_k, wts * scale, mask=mk)
 
 
+@triton.jit
+def _router_topk(logit_ptr, bias_ptr, ids_ptr, w_ptr, E, scale, K: tl.constexpr, BLOCK_E: tl.constexpr,
+                 BLOCK_K: tl.constexpr, NORMALISE: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    _topk_row(logit_ptr, bias_ptr, ids_ptr, w_ptr, t, E, scale, K, BLOCK_E, BLOCK_K, NORMALISE, False)
+
+
+@triton.jit
+def _router_fused(x_ptr, gw_ptr, logit_ptr, bias_ptr, ids_ptr, w_ptr, count_ptr, T, d, E, scale,
+                  K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, E_POW2: tl.constexpr,
+                  BLOCK_K: tl.constexpr, NORMALISE: tl.constexpr):
+    """Logits and top-k in one launch: each program writes the logits of BLOCK_E experts for every
+    token, then takes a ticket from a counter; the program that takes the last ticket (all logits
+    written) runs the top-k of every token and puts the counter back to 0 for the next launch.
+    Only the ticket is atomic: the values are summed in a fixed order (deterministic)."""
+    pid = tl.program_id(0)
+    offs_e = pid * BLOCK_E + tl.arange(0, BLOCK_E)
+    me = offs_e < E
+    for t in range(T):
+        acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+        for d0 in range(0, d, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            md = offs_d < d
+            xv = tl.load(x_ptr + t * d + offs_d, mask=md, other=0.0).to(tl.float32)
+            wv = tl.load(gw_ptr + offs_e[:, None].to(tl.int64) * d + offs_d[None, :],
+                         mask=me[:, None] & md[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(wv * xv[None, :], axis=1)
+        tl.store(logit_ptr + t * E + offs_e, acc, mask=me)
+    tl.debug_barrier()  # every thread's logits stored before the ticket (released by the atomic)
+    ticket = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == tl.num_programs(0) - 1:
+        for t in range(T):  # volatile loads: the other programs' logits, not a stale L1 line
+            _topk_row(logit_ptr, bias_ptr, ids_ptr, w_ptr, t, E, scale, K, E_POW2, BLOCK_K, NORMALISE, True)
+        tl.store(count_ptr, 0)
+
+
 _ROUTER_GEMV_MAX_TOKENS = 16
-#: Decode router launches: experts per logits program, its warps, and the top-k program's warps.
-#: Both kernels are latency-bound (~3 us each per layer on an H200, 0.15 ms per token over 23
-#: layers); the alternatives are timed by bench/model.py --tune-only, not yet measured.
-_ROUTER: dict[str, int] = {"logit_block_e": 2, "logit_warps": 4, "topk_warps": 4}
+#: Decode router launches: experts per logits program, its warps, its input step, and the top-k
+#: program's warps; ``fused``: logits and top-k in one launch (``_router_fused``). Both kernels are
+#: latency-bound. H200, graphed, 4 rotating gate matrices (bench/model.py --tune-gemv, 2026-12-02):
+#: batch 1 7.11 us with 1024-wide steps / 4 top-k warps, 5.46 us with this table (4 tokens: 7.36 ->
+#: 5.66); the one-launch fused form 6.6-10.2 us (its last program's serial top-k and the ticket cost
+#: more than the second launch; at 4 tokens 7.3-19.2 us), so it stays off.
+_ROUTER: dict[str, int] = {"logit_block_e": 2, "logit_warps": 4, "logit_block_d": 4096, "topk_warps": 1,
+                           "fused": 0}
+_COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def _ticket_counter(device: torch.device) -> torch.Tensor | None:
+    """The fused router's int32 counter for this device and stream (0 between launches); None while a
+    CUDA graph is being captured and none exists yet (allocating there would tie it to the graph)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    if key not in _COUNTERS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _COUNTERS[key] = torch.zeros(1, device=device, dtype=torch.int32)
+    return _COUNTERS[key]
 
 
 def moe_route_triton(x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor, top_k: int, normalise: bool,
@@ -93,8 +146,17 @@ def moe_route_triton(x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor, 
         logits = torch.nn.functional.linear(x.float(), gate_w.float()).contiguous()
     else:  # decode: _ROUTER["logit_block_e"] experts per program (64 programs for 128 experts)
         logits = torch.empty(t, e, device=x.device, dtype=torch.float32)
-        be = _ROUTER["logit_block_e"]
-        _router_logits[(t, triton.cdiv(e, be))](x, gate_w, logits, d, e, BLOCK_E=be, BLOCK_D=1024,
+        be, bd = _ROUTER["logit_block_e"], _ROUTER["logit_block_d"]
+        counter = _ticket_counter(x.device) if _ROUTER["fused"] else None
+        if counter is not None:
+            ids = torch.empty(t, top_k, device=x.device, dtype=torch.int64)
+            w = torch.empty(t, top_k, device=x.device, dtype=torch.float32)
+            _router_fused[(triton.cdiv(e, be),)](x, gate_w, logits, bias.float().contiguous(), ids, w, counter, t, d,
+                                                 e, float(scale), K=top_k, BLOCK_E=be, BLOCK_D=bd,
+                                                 E_POW2=next_pow2(e), BLOCK_K=next_pow2(top_k),
+                                                 NORMALISE=bool(normalise), num_warps=_ROUTER["logit_warps"])
+            return ids, w
+        _router_logits[(t, triton.cdiv(e, be))](x, gate_w, logits, d, e, BLOCK_E=be, BLOCK_D=bd,
                                                  num_warps=_ROUTER["logit_warps"])
     ids = torch.empty(t, top_k, device=x.device, dtype=torch.int64)
     w = torch.empty(t, top_k, device=x.device, dtype=torch.float32)

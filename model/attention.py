@@ -76,10 +76,17 @@ class _Projections(nn.Module):
         b, length, _ = t.shape
         return t.view(b, length, n, self.head_dim).transpose(1, 2)
 
+    @staticmethod
+    def _proj(x: torch.Tensor, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
+        """The bias-free projections ``layers`` of x [B, L, in]: in decode on CUDA one Triton GEMV launch
+        for all of them (:func:`secure_run.kernels.decode_linears`), else ``F.linear`` each."""
+        from secure_run.kernels import decode_linears
+
+        return decode_linears(x, tuple(layer.weight for layer in layers))
+
     def _out(self, o: torch.Tensor) -> torch.Tensor:  # [B, Hq, L, D] -> [B, L, d]
         b, _, length, _ = o.shape
-        out: torch.Tensor = self.o_proj(o.transpose(1, 2).reshape(b, length, self.n_q * self.head_dim))
-        return out
+        return self._proj(o.transpose(1, 2).reshape(b, length, self.n_q * self.head_dim), self.o_proj)[0]
 
 
 class CausalAttention(_Projections):
@@ -120,9 +127,10 @@ class SuperlinearAttention(_Projections):
 
     def forward(self, x: torch.Tensor, kv: KVState, positions: torch.Tensor) -> torch.Tensor:
         """x: [B, L, d] (normed), positions: [L] absolute, contiguous (or [B, L] per row) -> [B, L, d]."""
-        q1 = self._heads(self.q_search_proj(x), self.n_q)  # [B, Hq, L, D] search query
-        q2 = self._heads(self.q_proj(x), self.n_q)  # [B, Hq, L, D] attention query
-        kv.write(self._heads(self.k_proj(x), self.n_kv), self._heads(self.v_proj(x), self.n_kv), positions)
+        qs, qa, k, v = self._proj(x, self.q_search_proj, self.q_proj, self.k_proj, self.v_proj)  # one launch in decode
+        q1 = self._heads(qs, self.n_q)  # [B, Hq, L, D] search query
+        q2 = self._heads(qa, self.n_q)  # [B, Hq, L, D] attention query
+        kv.write(self._heads(k, self.n_kv), self._heads(v, self.n_kv), positions)
         kernel = _kernel()
         if positions.dim() == 1:
             # one call for prefill, chunked prefill and decode: K/V are the full static buffers

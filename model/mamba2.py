@@ -148,6 +148,13 @@ def _triton_ssd_enabled() -> bool:
     return os.environ.get(SSD_ENV, "triton") != "torch"
 
 
+def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """A bias-free projection: the Triton decode GEMV on CUDA for at most 16 rows, else ``F.linear``."""
+    from secure_run.kernels import decode_linear
+
+    return decode_linear(x, layer.weight)
+
+
 class Mamba2Mixer(nn.Module):
     """The Mamba-2 mixer of one ``M`` layer; parameter names match the checkpoint (``mixer.*``)."""
 
@@ -179,8 +186,7 @@ class Mamba2Mixer(nn.Module):
             self.dt_bias, self.A_log, self.D, self.norm.weight, n_heads=self.n_heads, head_dim=self.head_dim,
             n_groups=self.n_groups, state_size=self.state_size, dt_min=self.dt_min, dt_max=self.dt_max,
             eps=self.norm.eps)
-        out: torch.Tensor = self.out_proj(v)
-        return out
+        return _linear(v, self.out_proj)
 
     def _conv(self, xbc: torch.Tensor, state: MambaState | None) -> torch.Tensor:
         """Causal depthwise conv over [cached K inputs | new L inputs]; updates the conv cache."""
@@ -204,7 +210,7 @@ class Mamba2Mixer(nn.Module):
         """
         b, length, _ = u.shape
         h, p, g, n = self.n_heads, self.head_dim, self.n_groups, self.state_size
-        proj = self.in_proj(u)  # [B, L, d_inner + C + H]
+        proj = _linear(u, self.in_proj)  # [B, L, d_inner + C + H]
         if fused is None:
             fused = u.is_cuda
         if fused and length == 1 and state is not None:
@@ -242,5 +248,4 @@ class Mamba2Mixer(nn.Module):
             state.ssm.copy_(new)
         y = y + self.D.float()[:, None] * x.float()  # [B, L, H, P] fp32
         v = self.norm(y.reshape(b, length, self.d_inner), z)
-        out: torch.Tensor = self.out_proj(v.to(u.dtype))
-        return out
+        return _linear(v.to(u.dtype), self.out_proj)

@@ -169,8 +169,9 @@ class HybridLM(nn.Module):
             if logits_to_keep:
                 h = h[:, -logits_to_keep:]
             x = self.backbone.norm_f(h)
-        logits: torch.Tensor = self.lm_head(x)
-        return logits.float()  # [B, L', V]
+        from secure_run.kernels import decode_linear  # the Triton GEMV in decode on CUDA, else F.linear
+
+        return decode_linear(x, self.lm_head.weight).float()  # [B, L', V]
 
 
 class DecodeGraph:

@@ -239,6 +239,24 @@ def test_cuda_fused_step_equals_cpu_eager_fp32() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cuda_decode_gemv_step_equals_cpu_eager_fp32(batch: int) -> None:
+    """Decode steps (1 or 2 rows: the Triton GEMV projections and lm_head) equal the CPU's F.linear path."""
+    cpu = HybridLM(tiny_config(TINY_SL))
+    randomize(cpu, 13)
+    gpu = _gpu_model(TINY_SL, torch.float32, 13)
+    ids = torch.randint(0, 96, (batch, 19))
+    c_cpu, c_gpu = cpu.new_cache(batch, 30), gpu.new_cache(batch, 30)
+    cpu(ids, c_cpu)
+    gpu(ids.cuda(), c_gpu)
+    for step in range(3):
+        tok = torch.full((batch, 1), 7 + step)
+        lc = cpu(tok, c_cpu)
+        lg = gpu(tok.cuda(), c_gpu)
+        torch.testing.assert_close(lg.cpu(), lc, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
 def test_demo_greedy_graph_eager_cpu_equal() -> None:
     from secure_run.model.demo import demo_model_dir
     from secure_run.model.inference import load_for_inference
