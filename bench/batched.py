@@ -17,10 +17,15 @@ Two levels, each in its own section (a failure is reported, the run goes on):
   greedy turns of ``--worker-tokens`` tokens written at once, timed from the first request line
   to the last stats event; aggregate tok/s = tokens generated / seconds. One warm-up round first
   (the graphs of every batch size are captured once, for the worker's life).
+* **kernel** (``--kernel``): the span attention alone at the full-size shapes, bf16, per call
+  captured in a CUDA graph (as in the decode step): the shared-position batch-1 decode, 16 rows at
+  their own positions as a loop of batch-1 calls (what the model did before per-row positions
+  reached the kernels), and as one call with ``cache_position`` [16, 1] when the installed kernels
+  take it (``rows_supported``). Run it against another checkout (PYTHONPATH) for a before/after.
 
 Prints a table last and writes ``$OUT/batched_bench.json`` (or ``--out``).
 
-    python3 -P bench/batched.py [--ctx 4096] [--steps 64] [--skip-model] [--skip-worker]
+    python3 -P bench/batched.py [--ctx 4096] [--steps 64] [--skip-model] [--skip-worker] [--kernel]
     BENCH_DEVICE=cpu python3 -P bench/batched.py --smoke        # a tiny model on the CPU, end to end
 """
 
@@ -148,6 +153,64 @@ def model_rows(bm: Any, ctx: int, steps: int, smoke: bool, profile: bool = False
     return out
 
 
+def _graph_us(fn: Any, inner: int = 20, reps: int = 10) -> float:
+    """Microseconds per ``fn()`` call: ``inner`` calls captured in one CUDA graph, median of ``reps`` replays."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(1e3 * a.elapsed_time(b) / inner)
+    return round(sorted(times)[len(times) // 2], 2)
+
+
+def _kernel_ctx(attn: Any, params: Any, heads: tuple[int, int, int], ctx: int, rows: int, per_row: bool) -> dict[str, Any]:
+    """One context of :func:`kernel_rows` (random bf16 K/V of ``rows`` rows, ``ctx + 80`` slots)."""
+    hq, hkv, d = heads
+    lkv = ctx + 80
+    g = torch.Generator(device="cuda").manual_seed(ctx)
+    k, v = (torch.randn(rows, hkv, lkv, d, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    q1, q2 = (torch.randn(rows, hq, 1, d, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    pos = torch.tensor([[ctx - 61 * r] for r in range(rows)], device="cuda")
+    o = torch.empty_like(q2)
+    row: dict[str, Any] = {"context": ctx, "rows": rows, "positions": [ctx - 61 * r for r in range(rows)]}
+    row["shared_b1_us"] = _graph_us(lambda: attn(q1[:1], q2[:1], k[:1], v[:1], pos[0], params, out=o[:1]))
+    row["loop_us"] = _graph_us(lambda: [attn(q1[r:r + 1], q2[r:r + 1], k[r:r + 1], v[r:r + 1], pos[r], params,
+                                             out=o[r:r + 1]) for r in range(rows)])
+    if per_row:
+        row["rows_one_call_us"] = _graph_us(lambda: attn(q1, q2, k, v, pos, params, out=o))
+    return row
+
+
+def kernel_rows(bm: Any, ctxs: list[int], rows: int = 16) -> dict[str, Any]:
+    """Span attention alone (full-size heads, bf16): shared batch-1 decode, and ``rows`` rows at
+    positions ``ctx - 61 r`` as a loop of batch-1 calls or as one per-row-position call."""
+    import secure_run.kernels._checks as checks
+    from secure_run.kernels.span_triton import superlinear_attention_triton as attn
+    from secure_run.model.config import config_from_dict
+
+    cfg = config_from_dict(bm.FULL)
+    params = cfg.span_params()
+    heads = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+    out: dict[str, Any] = {"rows_supported": hasattr(checks, "per_row_positions"), "heads": list(heads),
+                           "mode": params.position_mode}
+    for ctx in ctxs:
+        out[str(ctx)] = _kernel_ctx(attn, params, heads, ctx, rows, out["rows_supported"])
+        bm.log(f"[kernel] {out[str(ctx)]}")
+        torch.cuda.empty_cache()
+    return out
+
+
 class _Events:
     """The worker's output: counts tokens and notes when the last stats event came."""
 
@@ -240,6 +303,11 @@ def table(res: dict[str, Any]) -> str:
         lines.append(f"| model, single-sequence DecodeGraph + greedy (reference) | 1 | "
                      f"{round(single['greedy_tok_s'], 1)} | {round(single['greedy_tok_s'], 1)} | "
                      f"{round(single['graph_step_ms'], 3)} (bare step) |")
+    kn = res.get("kernel", {})
+    for key, row in kn.items():
+        if isinstance(row, dict) and "loop_us" in row:
+            lines.append(f"| kernel, ctx {key}: shared batch-1 {row['shared_b1_us']} us; {row['rows']} rows: loop "
+                         f"{row['loop_us']} us, one call {row.get('rows_one_call_us', 'n/a')} us | | | | |")
     wk = res.get("worker", {})
     for n in STREAMS:
         row = wk.get(str(n))
@@ -257,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="also profile one eager step at 16 streams (CUDA)")
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--skip-worker", action="store_true")
+    ap.add_argument("--kernel", action="store_true", help="also time the span attention alone (CUDA)")
+    ap.add_argument("--kernel-ctx", type=int, nargs="+", default=[4096, 1 << 20])
     ap.add_argument("--smoke", action="store_true", help="a tiny config (CPU self-check of this script)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     args = ap.parse_args(argv)
@@ -265,9 +335,10 @@ def main(argv: list[str] | None = None) -> int:
                            "device": torch.cuda.get_device_name() if bm.DEV == "cuda" else platform.processor(),
                            "args": vars(args)}
     status = 0
-    for name, fn in (("model", lambda: model_rows(bm, args.ctx, args.steps, args.smoke, args.profile)),
+    for name, fn in (("kernel", lambda: kernel_rows(bm, args.kernel_ctx)),
+                     ("model", lambda: model_rows(bm, args.ctx, args.steps, args.smoke, args.profile)),
                      ("worker", lambda: worker_rows(bm.DEV, args.worker_tokens))):
-        if getattr(args, f"skip_{name}"):
+        if (name == "kernel" and not args.kernel) or (name != "kernel" and getattr(args, f"skip_{name}")):
             continue
         try:
             res[name] = fn()

@@ -129,7 +129,9 @@ def superlinear_attention(
         k: key cache [B, Hkv, Lkv, D] (Lkv = allocated length > max position; the unfilled
             tail is never read).
         v: value cache [B, Hkv, Lkv, D].
-        cache_position: [Lq] absolute positions, contiguous (cache_position[0] + arange(Lq)).
+        cache_position: [Lq] absolute positions, contiguous (cache_position[0] + arange(Lq)),
+            shared by every batch row; or, for decode (Lq == 1) only, [B, 1]: row b at its own
+            position (one kernel launch set for the batch; equal to a call per row).
         params: span hyper-parameters.
         attention_mask: [B, Lkv], 1 = valid key, or None.
         backend: "auto" | "reference" | "triton" (default: $SECURE_RUN_KERNEL_BACKEND or "auto").
@@ -147,6 +149,10 @@ def superlinear_attention(
     if not capturing and not (q2.is_cuda and q2.shape[2] == 1):
         check_positions(cache_position, k.shape[2])  # host sync: skipped for CUDA decode / graphs
     if which == "reference":
+        if cache_position.dim() == 2:  # per-row decode positions [B, 1]: the reference row by row
+            return torch.cat([superlinear_attention_reference(
+                q1[r:r + 1], q2[r:r + 1], k[r:r + 1], v[r:r + 1], cache_position[r], params,
+                None if attention_mask is None else attention_mask[r:r + 1]) for r in range(q2.shape[0])])
         return superlinear_attention_reference(q1, q2, k, v, cache_position, params, attention_mask)
     from secure_run.kernels.span_triton import superlinear_attention_triton
 

@@ -71,9 +71,7 @@ def check_shapes(
     if Hkv == 0 or Hq % Hkv != 0:
         raise _fail("query heads are not a multiple of KV heads", arg="k", rule="kernels.gqa",
                     got=f"Hq={Hq}, Hkv={Hkv}", expected="Hq % Hkv == 0", hint="check num_key_value_heads")
-    if cache_position.dim() != 1 or cache_position.numel() != Lq:
-        raise _fail("must be 1-D with one position per query", arg="cache_position", rule="kernels.cache_position",
-                    got=f"shape {tuple(cache_position.shape)}", expected=f"[{Lq}]", hint="pass the absolute positions")
+    per_row_positions(cache_position, B, Lq)
     if cache_position.dtype not in (torch.int64, torch.int32):
         raise _fail("must be an integer tensor", arg="cache_position", rule="kernels.cache_position",
                     got=str(cache_position.dtype), expected="int64 (or int32)", hint="use torch.arange(..., dtype=torch.long)")
@@ -83,9 +81,37 @@ def check_shapes(
                     hint="pass the key mask over the whole cache buffer (1 = valid)")
 
 
+def per_row_positions(cache_position: torch.Tensor, batch: int, lq: int) -> bool:
+    """The layout of ``cache_position``: False for [Lq] (shared by every batch row), True for
+    [B, 1] (decode, Lq == 1: row b at its own position ``cache_position[b, 0]``).
+
+    Raises:
+        KernelInputError: any other shape (rule ``kernels.cache_position``).
+    """
+    shape = tuple(cache_position.shape)
+    if cache_position.dim() == 1 and cache_position.numel() == lq:
+        return False
+    if cache_position.dim() == 2 and lq == 1 and shape == (batch, 1):
+        return True
+    if cache_position.dim() == 2:
+        raise _fail("per-row positions are for decode only and must be [B, 1]", arg="cache_position",
+                    rule="kernels.cache_position", got=f"shape {shape} for B={batch}, Lq={lq}",
+                    expected=f"[{lq}] (shared)" + (f" or [{batch}, 1] (one per row)" if lq == 1 else ""),
+                    hint="prefill rows at different positions one call per row; decode passes [B, 1]")
+    raise _fail("must be 1-D with one position per query", arg="cache_position", rule="kernels.cache_position",
+                got=f"shape {shape}", expected=f"[{lq}]" + (f" (or [{batch}, 1], one per row)" if lq == 1 else ""),
+                hint="pass the absolute positions; per-row decode positions are [B, 1], not [B]")
+
+
 def check_positions(cache_position: torch.Tensor, kv_len: int) -> None:
-    """Value rules on cache_position (host sync): contiguous, >= 0, inside the cache buffer."""
+    """Value rules on cache_position (host sync): contiguous, >= 0, inside the cache buffer.
+
+    Per-row decode positions [B, 1] are checked row by row (>= 0, inside the buffer)."""
     if cache_position.numel() == 0:
+        return
+    if cache_position.dim() == 2:
+        for row in cache_position:
+            check_positions(row, kv_len)
         return
     pos = cache_position.detach().to("cpu", torch.int64)
     first, last = int(pos[0]), int(pos[-1])

@@ -26,11 +26,11 @@ from secure_run.kernels._triton_search import select_topk
 
 @triton.jit
 def _decode_span_part(
-    pid, pos, Q2, K, V, MASK, S0, CONSTS, CV, CA, O_SPAN, L_SPAN,
+    pid, pos, POS, Q2, K, V, MASK, S0, CONSTS, CV, CA, O_SPAN, L_SPAN,
     Lkv, W, Hq, n_cand, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
     R: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, K_VAL: tl.constexpr, NC: tl.constexpr,
     NCH: tl.constexpr, CHUNK: tl.constexpr, BN: tl.constexpr, HAS_MASK: tl.constexpr, FWD: tl.constexpr,
-    HAS_W: tl.constexpr, LANE_MAX: tl.constexpr,
+    HAS_W: tl.constexpr, LANE_MAX: tl.constexpr, POS_ROWS: tl.constexpr,
 ):
     """Chunk c of the span of slot j of head h: fp32 online softmax over at most CHUNK keys.
 
@@ -45,6 +45,8 @@ def _decode_span_part(
     b = bh // Hq
     h = bh % Hq
     g = h // R
+    if POS_ROWS:
+        pos = tl.load(POS + b).to(tl.int64)
     s0 = 0
     if HAS_MASK:
         s0 = tl.load(S0 + b)
@@ -105,11 +107,11 @@ def _decode_span_part(
 
 @triton.jit
 def _decode_window_part(
-    wid, pos, Q2, K, V, MASK, O_WIN, L_WIN,
+    wid, pos, POS, Q2, K, V, MASK, O_WIN, L_WIN,
     Lkv, W, G, Hq, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
     R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, NWCH: tl.constexpr,
     WCHUNK: tl.constexpr, BNW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_W: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, POS_ROWS: tl.constexpr,
 ):
     """Window chunk c for the R query heads of one KV head: shared K/V blocks via tl.dot."""
     d = tl.arange(0, BD)
@@ -118,6 +120,8 @@ def _decode_window_part(
     bg = (wid // NWCH).to(tl.int64)
     b = bg // G
     g = bg % G
+    if POS_ROWS:
+        pos = tl.load(POS + b).to(tl.int64)
     rows = tl.arange(0, RP)
     rmask = rows < R
     heads = g * R + rows
@@ -166,12 +170,15 @@ def _decode_finalize_kernel(
     CV, CA, POS, S0, CONSTS, VALS, ANCS, QS, QE,
     n_cand, Lkv, W, Hq,
     NC: tl.constexpr, K_VAL: tl.constexpr, KP: tl.constexpr, HAS_MASK: tl.constexpr, FWD: tl.constexpr,
-    HAS_W: tl.constexpr,
+    HAS_W: tl.constexpr, POS_ROWS: tl.constexpr,
 ):
     """Per (b, h): merge the split candidates into the sorted top-K and bound their spans."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // Hq
-    pos = tl.load(POS).to(tl.int64)
+    if POS_ROWS:
+        pos = tl.load(POS + b).to(tl.int64)
+    else:
+        pos = tl.load(POS).to(tl.int64)
     idx = tl.arange(0, NC)
     cm = idx < n_cand
     cv = tl.load(CV + bh * n_cand + idx, mask=cm, other=float("-inf"))
@@ -300,7 +307,7 @@ def _decode_union_kernel(
     R: tl.constexpr, RP: tl.constexpr, RK: tl.constexpr, RKP: tl.constexpr, D: tl.constexpr,
     BD: tl.constexpr, K_VAL: tl.constexpr, CH: tl.constexpr, BN: tl.constexpr, NWCH: tl.constexpr,
     WCHUNK: tl.constexpr, BNW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_W: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, POS_ROWS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid < n_union_progs:
@@ -308,10 +315,10 @@ def _decode_union_kernel(
                            Lkv, G, Hq, MAXP, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
                            R, RK, RKP, D, BD, K_VAL, CH, BN, HAS_MASK, UPCAST, PRECISION)
     else:
-        pos = tl.load(POS).to(tl.int64)
-        _decode_window_part(pid - n_union_progs, pos, Q2, K, V, MASK, O_WIN, L_WIN,
+        pos = tl.load(POS).to(tl.int64)  # with POS_ROWS: replaced by the row's own in the part
+        _decode_window_part(pid - n_union_progs, pos, POS, Q2, K, V, MASK, O_WIN, L_WIN,
                             Lkv, W, G, Hq, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
-                            R, RP, D, BD, NWCH, WCHUNK, BNW, HAS_MASK, HAS_W, UPCAST, PRECISION)
+                            R, RP, D, BD, NWCH, WCHUNK, BNW, HAS_MASK, HAS_W, UPCAST, PRECISION, POS_ROWS)
 
 
 @triton.jit
@@ -396,18 +403,18 @@ def _decode_attn_kernel(
     R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, K_VAL: tl.constexpr,
     NC: tl.constexpr, NCH: tl.constexpr, NWCH: tl.constexpr, CHUNK: tl.constexpr, WCHUNK: tl.constexpr,
     BN: tl.constexpr, BNW: tl.constexpr, HAS_MASK: tl.constexpr, FWD: tl.constexpr, HAS_W: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, LANE_MAX: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, LANE_MAX: tl.constexpr, POS_ROWS: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    pos = tl.load(POS).to(tl.int64)
+    pos = tl.load(POS).to(tl.int64)  # the shared position (with POS_ROWS: row 0's, replaced per row)
     if pid < n_span_progs:
-        _decode_span_part(pid, pos, Q2, K, V, MASK, S0, CONSTS, CV, CA, O_SPAN, L_SPAN,
+        _decode_span_part(pid, pos, POS, Q2, K, V, MASK, S0, CONSTS, CV, CA, O_SPAN, L_SPAN,
                           Lkv, W, Hq, n_cand, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
-                          R, D, BD, K_VAL, NC, NCH, CHUNK, BN, HAS_MASK, FWD, HAS_W, LANE_MAX)
+                          R, D, BD, K_VAL, NC, NCH, CHUNK, BN, HAS_MASK, FWD, HAS_W, LANE_MAX, POS_ROWS)
     else:
-        _decode_window_part(pid - n_span_progs, pos, Q2, K, V, MASK, O_WIN, L_WIN,
+        _decode_window_part(pid - n_span_progs, pos, POS, Q2, K, V, MASK, O_WIN, L_WIN,
                             Lkv, W, G, Hq, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
-                            R, RP, D, BD, NWCH, WCHUNK, BNW, HAS_MASK, HAS_W, UPCAST, PRECISION)
+                            R, RP, D, BD, NWCH, WCHUNK, BNW, HAS_MASK, HAS_W, UPCAST, PRECISION, POS_ROWS)
 
 
 @triton.jit
@@ -483,8 +490,12 @@ def launch_decode(
     union_stages: int = 3,
     num_stages: int = 3,
     lane_max: bool = False,
+    pos_rows: bool = False,
 ) -> None:
     """One decode step for queries [B, Hq, 1, D] against the full cache; writes ``out``.
+
+    ``pos``: [1], the position of every row; with ``pos_rows``, [B] contiguous, row b's own
+    position (each row's search, window and span bounds follow it; one launch set for the batch).
 
     ``mode``: "union" (spans of the R query heads of a KV head deduplicated, each key read once)
     or "split" (every (head, slot) span streamed on its own). ``lane_max`` and ``num_stages``:
@@ -495,12 +506,13 @@ def launch_decode(
     B, Hq, _, D = q2.shape
     G, Lkv = k.shape[1], k.shape[2]
     R = Hq // G
+    assert pos.numel() == (B if pos_rows else 1), "decode positions: [1] shared, or [B] with pos_rows"
     n_stripes = offs.numel()
     n_splits = max(1, triton.cdiv(n_stripes, split_len))
     cv, ca = launch_search(
         q1, k, pos, offs, None, mask, s0, consts, num_spans=num_spans, window=window, forward=forward,
         n_splits=n_splits, final=False, split_len=split_len, block_s=block_s, upcast=upcast,
-        precision=precision, num_warps=4,
+        precision=precision, num_warps=4, pos_rows=pos_rows,
     )
     n_cand = cv.shape[3] * cv.shape[4]
     nwch = max(1, triton.cdiv(window, wchunk))
@@ -519,7 +531,8 @@ def launch_decode(
         ancs, qs, qe = (torch.empty(B, Hq, num_spans, dtype=torch.int64, device=dev) for _ in range(3))
         _decode_finalize_kernel[(B * Hq,)](
             cv, ca, pos, s0 if s0 is not None else dummy, consts, vals, ancs, qs, qe, n_cand, Lkv, window, Hq,
-            NC=NC, K_VAL=num_spans, KP=KP, HAS_MASK=mask is not None, FWD=forward, HAS_W=window > 0, num_warps=4,
+            NC=NC, K_VAL=num_spans, KP=KP, HAS_MASK=mask is not None, FWD=forward, HAS_W=window > 0,
+            POS_ROWS=pos_rows, num_warps=4,
         )
         RK = R * num_spans
         RKP = max(16, triton.next_power_of_2(RK))
@@ -533,7 +546,7 @@ def launch_decode(
             Lkv, window, G, Hq, maxp, n_union, 1.0 / (D**0.5), *strides,
             R=R, RP=RP, RK=RK, RKP=RKP, D=D, BD=BD, K_VAL=num_spans, CH=chunk,
             BN=block_n, NWCH=nwch, WCHUNK=wchunk, BNW=block_nw, HAS_MASK=mask is not None, HAS_W=window > 0,
-            UPCAST=upcast, PRECISION=precision, num_warps=union_warps, num_stages=union_stages,
+            UPCAST=upcast, PRECISION=precision, POS_ROWS=pos_rows, num_warps=union_warps, num_stages=union_stages,
         )
         _decode_union_merge_kernel[(B * Hq,)](
             vals, ancs, qs, qe, po, pl, plan, o_win, l_win, out, Hq, G, maxp, out.stride(0), out.stride(1),
@@ -552,8 +565,8 @@ def launch_decode(
         Lkv, window, G, Hq, n_cand, n_span_progs, 1.0 / (D**0.5), *strides,
         R=R, RP=RP, D=D, BD=BD, K_VAL=num_spans, NC=NC, NCH=nch, NWCH=nwch,
         CHUNK=chunk, WCHUNK=wchunk, BN=block_n, BNW=block_nw, HAS_MASK=mask is not None, FWD=forward,
-        HAS_W=window > 0, UPCAST=upcast, PRECISION=precision, LANE_MAX=lane_max, num_warps=num_warps,
-        num_stages=num_stages,
+        HAS_W=window > 0, UPCAST=upcast, PRECISION=precision, LANE_MAX=lane_max, POS_ROWS=pos_rows,
+        num_warps=num_warps, num_stages=num_stages,
     )
     _decode_merge_kernel[(B * Hq,)](
         cv, ca, o_span, l_span, o_win, l_win, out,

@@ -27,14 +27,17 @@ def _search_kernel(
     R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
     K_VAL: tl.constexpr, KP: tl.constexpr, FINAL: tl.constexpr, HAS_NS: tl.constexpr,
     HAS_MASK: tl.constexpr, FWD: tl.constexpr, HAS_W: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, POS_ROWS: tl.constexpr,
 ):
     x = tl.program_id(0)
     bg = tl.program_id(1)
     sp = tl.program_id(2)
     b = (bg // G).to(tl.int64)
     g = (bg % G).to(tl.int64)
-    pos = tl.load(POS + x).to(tl.int64)
+    if POS_ROWS:  # one position row per batch row: POS is [B, Lq]
+        pos = tl.load(POS + b * Lq + x).to(tl.int64)
+    else:  # POS is [Lq], shared by every batch row
+        pos = tl.load(POS + x).to(tl.int64)
     rows = tl.arange(0, RP)
     rmask = rows < R
     heads = g * R + rows
@@ -137,16 +140,20 @@ def launch_search(
     upcast: bool,
     precision: str,
     num_warps: int,
+    pos_rows: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Run the search. final (needs n_splits == 1): (values, anchors, qstart, qend) [B,Hq,Lq,K].
 
     Otherwise: candidate (values, anchors) [B,Hq,Lq,n_splits,KP] (merged by ``select_topk``).
+    ``pos``: [Lq] shared by every batch row, or with ``pos_rows`` [B, Lq] contiguous (row b's own
+    positions; ``ns`` must then be None).
     """
     B, Hq, Lq, D = q1.shape
     G, Lkv = k.shape[1], k.shape[2]
     R = Hq // G
     dev = q1.device
     assert not final or n_splits == 1
+    assert not pos_rows or (ns is None and pos.numel() == B * Lq)
     if final:
         shape: tuple[int, ...] = (B, Hq, Lq, num_spans)
         outs = (torch.empty(shape, dtype=torch.float32, device=dev),
@@ -165,6 +172,7 @@ def launch_search(
         q1.stride(0), q1.stride(1), q1.stride(2), k.stride(0), k.stride(1), k.stride(2),
         R=R, RP=max(16, triton.next_power_of_2(R)), D=D, BD=max(16, triton.next_power_of_2(D)), BS=block_s,
         K_VAL=num_spans, KP=next_pow2(num_spans), FINAL=final, HAS_NS=ns is not None, HAS_MASK=mask is not None,
-        FWD=forward, HAS_W=window > 0, UPCAST=upcast, PRECISION=precision, num_warps=num_warps,
+        FWD=forward, HAS_W=window > 0, UPCAST=upcast, PRECISION=precision, POS_ROWS=pos_rows,
+        num_warps=num_warps,
     )
     return outs

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from secure_run.errors import KernelUnavailable
+from secure_run.kernels._checks import per_row_positions
 from secure_run.kernels._schedule import first_valid_key, span_extent
 from secure_run.kernels._triton_common import device_offsets, dot_precision, interpreting, span_consts
 from secure_run.kernels._triton_decode import launch_decode
@@ -186,6 +187,11 @@ def superlinear_attention_triton(
 ) -> torch.Tensor:
     """Triton Superlinear attention; arguments as :func:`secure_run.kernels.superlinear_attention`.
 
+    ``cache_position``: [Lq] shared by every batch row, or for decode (Lq == 1) [B, 1], row b at
+    its own position: one launch set for the whole batch, each row's search, window and span
+    bounds following its position (same result as a call per row). Other shapes are refused
+    (:class:`~secure_run.kernels.KernelInputError`, rule ``kernels.cache_position``).
+
     ``out`` ([B, Hq, Lq, D], q2's dtype) receives the result when given (a static buffer for CUDA
     graphs; tests pass a NaN-poisoned one to prove every element is written).
     """
@@ -195,12 +201,14 @@ def superlinear_attention_triton(
     B, Hq, Lq, D = q2.shape
     Lkv = k.shape[2]
     dev = q2.device
+    rows = per_row_positions(cache_position, B, Lq)
     cfg = config_for(dev, D, q2.dtype, k.shape[2])
     if out is None:
         out = torch.empty(B, Hq, Lq, D, dtype=q2.dtype, device=dev)
     if Lq == 0:
         return out
-    pos = cache_position.to(device=dev, dtype=torch.int64).contiguous()
+    # per-row positions [B, 1] -> [B]; a batch of one row takes the shared-position kernels
+    pos = cache_position.to(device=dev, dtype=torch.int64).reshape(-1).contiguous()
     offs = device_offsets(params, Lkv, dev)
     consts = span_consts(params, dev)
     mask = _kernel_mask(attention_mask)
@@ -216,7 +224,7 @@ def superlinear_attention_triton(
             chunk=cfg.decode_union_chunk if cfg.decode_mode == "union" else cfg.decode_chunk, wchunk=cfg.decode_wchunk,
             block_n=cfg.decode_block_n, block_nw=cfg.decode_block_nw, upcast=upcast, precision=prec,
             num_warps=cfg.decode_warps, num_stages=cfg.decode_stages, union_warps=cfg.decode_union_warps,
-            union_stages=cfg.decode_union_stages, lane_max=cfg.decode_lane_max,
+            union_stages=cfg.decode_union_stages, lane_max=cfg.decode_lane_max, pos_rows=rows and B > 1,
         )
         return out
     ns = torch.searchsorted(offs, pos + 1, right=True).to(torch.int32)

@@ -12,9 +12,9 @@ model uses no positional encoding), write K/V into the static cache at the absol
 
 Positions are either ``[L]`` (every row of the batch at the same absolute positions: prefill and
 single-sequence decode) or ``[B, L]`` (each row at its own positions: the batched decode of a
-:class:`~secure_run.model.cache.SlotPool`, ``L == 1``). Per-row positions run the attention core
-row by row on batch-1 views of the cache (the span kernels take one position vector per call; on
-CUDA the row loop is captured into the decode graph, so it costs launches, not host syncs).
+:class:`~secure_run.model.cache.SlotPool`, ``L == 1``). Per-row decode positions ``[B, 1]`` are one
+attention call (the span kernels take one position per row for ``Lq == 1``); only ``[B, L]`` with
+``L > 1`` would run the attention core row by row on batch-1 views of the cache.
 
 Axis legend: ``B`` batch, ``L`` new tokens, ``S`` cached positions read, ``Hq``/``Hkv`` query / KV
 heads, ``D`` head dim, ``d`` hidden.
@@ -132,10 +132,11 @@ class SuperlinearAttention(_Projections):
         q2 = self._heads(qa, self.n_q)  # [B, Hq, L, D] attention query
         kv.write(self._heads(k, self.n_kv), self._heads(v, self.n_kv), positions)
         kernel = _kernel()
-        if positions.dim() == 1:
-            # one call for prefill, chunked prefill and decode: K/V are the full static buffers
+        if positions.dim() == 1 or positions.shape[1] == 1:
+            # one call for prefill, chunked prefill and decode (positions [B, 1] in a batched decode:
+            # each row at its own position, one launch set): K/V are the full static buffers
             o = kernel(q1, q2, kv.k, kv.v, positions, self.params, attention_mask=None)  # [B, Hq, L, D]
-        else:  # each row at its own positions [L]: one call per row on batch-1 views of the cache
+        else:  # several new tokens per row at per-row positions: one call per row on batch-1 views
             o = torch.cat([kernel(q1[r:r + 1], q2[r:r + 1], kv.k[r:r + 1], kv.v[r:r + 1], positions[r],
                                   self.params, attention_mask=None) for r in range(x.shape[0])])
         return self._out(o.to(x.dtype))

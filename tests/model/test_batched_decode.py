@@ -120,6 +120,66 @@ def test_batched_decode_equals_each_alone(base: dict[str, object]) -> None:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_batched_step_is_one_attention_call_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows at different positions share one attention call per layer (positions [n, 1]), not one per row."""
+    import secure_run.kernels as kernels
+
+    model = _model(TINY_SL, 25)
+    pool = SlotPool(model.config, 4, 32)
+    dec = BatchDecoder(model, pool)
+    rows = [pool.acquire() for _ in range(3)]
+    for r, n in zip(rows, (2, 9, 5), strict=True):
+        view = pool.row(r)
+        model(torch.tensor([_prompt(n, r, model.config.vocab_size)]), view)
+        pool.sync(r, view)
+    seen: list[tuple[int, ...]] = []
+    real = kernels.superlinear_attention
+
+    def counting(*args: object, **kw: object) -> torch.Tensor:
+        pos = args[4]
+        assert isinstance(pos, torch.Tensor)
+        seen.append(tuple(pos.shape))
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "superlinear_attention", counting)
+    dec.step({r: 1 for r in rows})  # bucket 4
+    n_layers = len(model.config.layers_of("attention"))
+    assert n_layers >= 1 and seen == [(4, 1)] * n_layers
+
+
+def test_batched_decode_equals_each_alone_triton_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same, with the batched steps' attention on the Triton span kernels (CPU interpreter):
+    per-row positions [n, 1] in one launch set; prefill and the solo runs stay on the reference."""
+    import os
+
+    import secure_run.kernels as kernels
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU interpreter test (the GPU runs the graph tests below)")
+    real = kernels.superlinear_attention
+    calls = []
+
+    def rows_on_triton(*args: object, **kw: object) -> torch.Tensor:
+        pos = args[4]
+        assert isinstance(pos, torch.Tensor)
+        if pos.dim() == 2:
+            calls.append(pos.shape[0])
+            kw["backend"] = "triton"
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    model = _model(TINY_SL, 26)
+    seqs = _schedule(model.config.vocab_size)[:3]
+    with monkeypatch.context() as mp:
+        mp.setattr(kernels, "superlinear_attention", rows_on_triton)
+        run_batched(model, seqs, rows=4, max_len=16)
+    assert calls and max(calls) == 4
+    for s in seqs:
+        toks, seen = solo(model, s.prompt, s.n)
+        assert s.toks == toks
+        for got, want in zip(s.seen, seen, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_rows_not_stepped_keep_their_state_below_the_bucket() -> None:
     """A row that is active but left out of a step is not touched when it lies outside the bucket."""
     model = _model(TINY_SL, 22)
