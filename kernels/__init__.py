@@ -240,16 +240,18 @@ GEMV_ENV = "SECURE_RUN_GEMV"
 def _gemv_applies(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> bool:
     """The Triton GEMV runs on CUDA (not under autograd) for at most ``DISPATCH_MAX_ROWS`` rows (one:
     single-sequence decode) of one float dtype, unless ``SECURE_RUN_GEMV=torch``."""
-    from secure_run.kernels._triton_gemv import DISPATCH_MAX_ROWS
-
     w0 = weights[0]
-    if not x.is_cuda or x.numel() == 0 or x.numel() // x.shape[-1] > DISPATCH_MAX_ROWS:
-        return False
+    if not x.is_cuda or x.numel() == 0:
+        return False  # before any Triton import: the CPU worker image has no triton at all
     if w0.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.dtype != w0.dtype:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
         return False
-    return os.environ.get(GEMV_ENV, "triton") != "torch" and _triton_usable(x.device)
+    if os.environ.get(GEMV_ENV, "triton") == "torch" or not _triton_usable(x.device):
+        return False
+    from secure_run.kernels._triton_gemv import DISPATCH_MAX_ROWS
+
+    return x.numel() // x.shape[-1] <= DISPATCH_MAX_ROWS
 
 
 def decode_linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
