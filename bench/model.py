@@ -192,6 +192,24 @@ def graph_vs_eager(model: HybridLM, ctx: int, steps: int = 8) -> dict[str, Any]:
             "graph_tokens": toks_g, "eager_tokens": toks_e}
 
 
+@contextlib.contextmanager
+def env_settings(spec: str) -> Iterator[None]:
+    """Set ``ENV=VALUE[,ENV=VALUE]`` for the block, then restore the previous values."""
+    pairs = [kv.split("=", 1) for kv in spec.split(",") if kv]
+    if any(len(p) != 2 or not p[0] for p in pairs):
+        raise SystemExit(f"--variant {spec!r}: expected ENV=VALUE[,ENV=VALUE]")
+    old = {k: os.environ.get(k) for k, _ in pairs}
+    os.environ.update(dict(pairs))
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def decode_row(model: HybridLM, ctx: int, steps: int) -> dict[str, Any]:
     cache = fill_cache(model, ctx, steps * 2 + 8)
     graph: Any = DecodeGraph(model, cache) if DEV == "cuda" else _EagerStep(model, cache)
@@ -763,9 +781,8 @@ def table(res: dict[str, Any]) -> str:
         other = hfd.get(r["context"], {})
         lines.append(f"| decode tok/s @{r['context']:,} (graph step / +greedy readback) | {r['tok_s']:.1f} / "
                      f"{r['greedy_tok_s']:.1f} | {other.get('tok_s', float('nan')):.2f} |")
-        if "cublas_projections_tok_s" in r:
-            lines.append(f"| decode tok/s @{r['context']:,}, cuBLAS projections (SECURE_RUN_GEMV=torch) | "
-                         f"{r['cublas_projections_tok_s']:.1f} | - |")
+        for spec, tok_s in r.get("variants", {}).items():
+            lines.append(f"| decode tok/s @{r['context']:,}, same run with {spec} | {tok_s:.1f} | - |")
     hfp = {r["length"]: r for r in hf.get("prefill", [])}
     for r in res.get("prefill", []):
         other = hfp.get(r["length"], {})
@@ -829,6 +846,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tune-gemv", action="store_true", help="only the dense decode GEMV and router variants")
     ap.add_argument("--cublas-baseline", action="store_true",
                     help="also time each decode row with SECURE_RUN_GEMV=torch (cuBLAS projections)")
+    ap.add_argument("--variant", action="append", default=[], metavar="ENV=VALUE[,ENV=VALUE]",
+                    help="also time each decode row with these environment settings (repeatable), same process")
     ap.add_argument("--smoke", action="store_true", help="self-check of this script on a tiny config (BENCH_DEVICE=cpu)")
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
@@ -874,15 +893,12 @@ def main(argv: list[str] | None = None) -> int:
         with section(res, f"decode {ctx}"):
             res["decode"].append(decode_row(model, ctx, a.steps))
             log("decode", res["decode"][-1])
-        if a.cublas_baseline:
-            with section(res, f"decode {ctx} cuBLAS projections"):
-                os.environ["SECURE_RUN_GEMV"] = "torch"
-                try:
-                    base_row = decode_row(model, ctx, a.steps)
-                finally:
-                    os.environ.pop("SECURE_RUN_GEMV", None)
-                res["decode"][-1]["cublas_projections_tok_s"] = base_row["tok_s"]
-                log("decode cuBLAS projections", base_row)
+        for spec in (["SECURE_RUN_GEMV=torch"] if a.cublas_baseline else []) + a.variant:
+            with section(res, f"decode {ctx} {spec}"):
+                with env_settings(spec):
+                    other = decode_row(model, ctx, a.steps)
+                res["decode"][-1].setdefault("variants", {})[spec] = other["tok_s"]
+                log(f"decode {spec}", other)
     with section(res, "ttft"):
         res["ttft"] = ttft_row(model, 4096 if not a.smoke else 100, 64 if not a.smoke else 4)
         log("ttft", res["ttft"])
