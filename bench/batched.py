@@ -66,21 +66,18 @@ def profile_step(model: Any, dec: Any, n: int, steps: int = 3) -> dict[str, Any]
     dec.step(toks)
     torch.cuda.synchronize()
     bench_model = sys.modules.get("bench_model") or _bench_model()
-    with bench_model.mixer_ranges(model), profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             dec.step(toks)
         torch.cuda.synchronize()
-    groups: dict[str, float] = {}
-    for fe in prof.events():
-        if fe.name.startswith("mixer:") and fe.device_type == torch.autograd.DeviceType.CPU:
-            groups[fe.name] = round(groups.get(fe.name, 0.0) + float(fe.device_time_total) / steps / 1e3, 3)
     kernels: dict[str, float] = {}
     for ev in prof.key_averages():
         dev_us = float(getattr(ev, "self_device_time_total", 0.0) or 0.0)
-        if dev_us > 0 and ev.device_type == torch.autograd.DeviceType.CUDA and not ev.key.startswith("mixer:"):
+        if dev_us > 0 and ev.device_type == torch.autograd.DeviceType.CUDA:
             kernels[ev.key[:60]] = round(dev_us / steps / 1e3, 3)
     top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:10])
-    return {"streams": n, "gpu_busy_ms": round(sum(kernels.values()), 3), "per_mixer_ms": groups, "top_kernels_ms": top}
+    return {"streams": n, "gpu_busy_ms": round(sum(kernels.values()), 3), "parts_ms": bench_model.kernel_parts(kernels),
+            "top_kernels_ms": top}
 
 
 def model_rows(bm: Any, ctx: int, steps: int, smoke: bool, profile: bool = False) -> dict[str, Any]:

@@ -237,28 +237,25 @@ def decode_row(model: HybridLM, ctx: int, steps: int) -> dict[str, Any]:
     return row
 
 
-@contextlib.contextmanager
-def mixer_ranges(model: HybridLM) -> Iterator[None]:
-    """Name every mixer's calls ``mixer:<kind>`` in the profiler (forward hooks, removed on exit)."""
-    from torch.profiler import record_function
+#: Kernel name prefixes of each part of a step. The profiler does not tie Triton launches (driver
+#: API) to the Python ranges they run in, so the parts are read from the kernel names instead.
+KERNEL_PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("MoE experts", ("_up_gemv", "_down_gemv", "_down_finalize", "_up_gemm", "_down_gemm", "_sum_slots")),
+    ("MoE router", ("_router",)),
+    ("span attention", ("_decode_", "_search_kernel", "_pair_attn", "_merge_kernel")),
+    ("Mamba-2", ("_ssm_step", "_conv_step", "_gated_norm", "_ssd_", "_conv_prefill")),
+    ("dense projections", ("_gemv", "nvjet", "sm80_xmma_gemm", "sm90_xmma_gemm", "cutlass", "gemm")),
+    ("add + RMSNorm", ("_add_rmsnorm",)),
+)
 
-    handles = []
-    for block in model.backbone.layers:
-        def pre(mod: torch.nn.Module, _args: Any, kind: str = block.kind) -> None:
-            rf = record_function(f"mixer:{kind}")
-            rf.__enter__()
-            mod._bench_rf = rf  # type: ignore[assignment]
 
-        def post(mod: torch.nn.Module, _args: Any, _out: Any) -> None:
-            mod._bench_rf.__exit__(None, None, None)  # type: ignore[union-attr]
-
-        handles.append(block.mixer.register_forward_pre_hook(pre))
-        handles.append(block.mixer.register_forward_hook(post))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+def kernel_parts(kernels: dict[str, float]) -> dict[str, float]:
+    """ms per part (KERNEL_PARTS, first match wins), the rest under "other (PyTorch ops)"."""
+    parts: dict[str, float] = {}
+    for name, ms in kernels.items():
+        part = next((p for p, prefixes in KERNEL_PARTS if name.startswith(prefixes)), "other (PyTorch ops)")
+        parts[part] = round(parts.get(part, 0.0) + ms, 4)
+    return parts
 
 
 def profile_decode(model: HybridLM, ctx: int, length: int = 1, steps: int = 5) -> dict[str, Any]:
@@ -271,30 +268,23 @@ def profile_decode(model: HybridLM, ctx: int, length: int = 1, steps: int = 5) -
         model(ids, cache, check_ids=False, logits_to_keep=1)
     sync()
     acts = [ProfilerActivity.CUDA, ProfilerActivity.CPU] if DEV == "cuda" else [ProfilerActivity.CPU]
-    with mixer_ranges(model), profile(activities=acts) as prof:
+    with profile(activities=acts) as prof:
         for _ in range(steps):
             model(ids, cache, check_ids=False, logits_to_keep=1)
         sync()
     kernels: dict[str, float] = {}
     busy = 0.0
     n_kernels = 0
-    groups: dict[str, float] = {}
-    for fe in prof.events():  # CPU-side ranges: device time of the kernels launched inside them
-        if fe.name.startswith("mixer:") and fe.device_type == torch.autograd.DeviceType.CPU:
-            groups[fe.name] = groups.get(fe.name, 0.0) + float(fe.device_time_total) / steps / 1e3
     for ev in prof.key_averages():
         dev_us = float(getattr(ev, "self_device_time_total", 0.0) or 0.0)
-        if ev.key.startswith("mixer:"):
-            continue
         if dev_us > 0 and ev.device_type == torch.autograd.DeviceType.CUDA:
             kernels[ev.key] = dev_us / steps / 1e3
             busy += dev_us / steps / 1e3
             n_kernels += ev.count // steps
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
-    other = busy - sum(groups.values())
     del cache
-    return {"context": ctx, "new_tokens": length, "gpu_busy_ms": busy, "kernels_per_token": n_kernels, "per_mixer_ms": groups,
-            "outside_mixers_ms": other, "top_kernels_ms": dict(top)}
+    return {"context": ctx, "new_tokens": length, "gpu_busy_ms": busy, "kernels_per_token": n_kernels,
+            "parts_ms": kernel_parts(kernels), "top_kernels_ms": dict(top)}
 
 
 def prefill_row(model: HybridLM, length: int) -> dict[str, Any]:
@@ -798,9 +788,9 @@ def table(res: dict[str, Any]) -> str:
                      f"{t['generate_decode_tok_s_incl_capture']:.1f} | - |")
     if "profile" in res:
         p = res["profile"]
-        mix = ", ".join(f"{k[6:]} {v:.2f}" for k, v in p["per_mixer_ms"].items())
+        mix = ", ".join(f"{k} {v:.2f}" for k, v in p["parts_ms"].items())
         lines.append(f"| decode @{p['context']:,} GPU busy ms/token (eager, {p['kernels_per_token']} kernels) | "
-                     f"{p['gpu_busy_ms']:.2f} ({mix}, rest {p['outside_mixers_ms']:.2f}) | - |")
+                     f"{p['gpu_busy_ms']:.2f} ({mix}) | - |")
     if "graph_vs_eager" in res:
         gv = res["graph_vs_eager"]
         lines.append(f"| graph vs eager, {gv['steps']} greedy steps @{gv['context']:,}: tokens equal / max rel logit diff | "
