@@ -112,14 +112,16 @@ def _decode_variant(**changes: Any) -> Iterator[None]:
         span_triton.config_for = base
 
 
-#: What ``--only sweep`` times: the committed table first, then the previous split-K setting (one
-#: running max, pipelined loads) and the union design at 1M, the split stream at 4M. The first
-#: H200 sweep of 37 variants is in bench/RESULTS.md ("kernels").
+#: What ``--only sweep`` times: the committed table first, then the other designs: at 1M the
+#: previous split-K setting (one running max, pipelined loads) and the union; at 4M the split
+#: stream; at 8M and 10M the union (the table's boundary between them is 8M). The first H200 sweep
+#: of 37 variants is in bench/RESULTS.md ("kernels").
 SWEEP_CONTEXTS: dict[int, list[dict[str, Any]]] = {
     1 << 20: [dict(decode_mode="split", decode_lane_max=False, decode_stages=3),
               dict(decode_mode="union", decode_union_chunk=2048)],
     1 << 22: [dict(decode_mode="split")],
-    10 << 20: [],
+    8 << 20: [dict(decode_mode="union")],
+    10 << 20: [dict(decode_mode="union"), dict(decode_mode="split", decode_chunk=2048)],
 }
 
 

@@ -66,19 +66,24 @@ _CPU_INTERPRETER = TritonConfig(
 )
 
 
+#: the union decode design is used from 2M keys up to (not including) this length
+_UNION_BELOW = 8 << 20
+
+
 def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: int = 0) -> TritonConfig:
     """The tunables for this device type, head_dim, dtype and cache length (a fixed table).
 
     Decode design by cache length (H200, released shapes, ``bench/kernels.py --only sweep``, see
-    bench/RESULTS.md): below 2M keys the per-span split-K stream with a per-lane running max and no
-    software pipelining (139 -> 126 us at 1M); from 2M on, the deduplicated union of a KV head's
-    spans in 2048-key pieces (289 us at 4M, 446 us at 10M; scoring only the rows whose span meets a
-    piece, 16 at a time, was slower: 306 / 472 us).
+    bench/RESULTS.md): the per-span split-K stream with a per-lane running max and no software
+    pipelining (139 -> 126 us at 1M; 388 us at 10M), except from 2M to 8M keys, where the
+    deduplicated union of a KV head's spans in 2048-key pieces is a little faster (288 vs 292 us at
+    4M; at 10M it is 444 us: its 48-row tiles do not keep up with the split stream there). Scoring
+    only the rows whose span meets a piece, 16 at a time, was slower (306 / 472 us at 4M / 10M).
     """
     if device.type != "cuda":
         return _CPU_INTERPRETER
     wide = dtype == torch.float32 or head_dim > 128
-    union = kv_len >= (1 << 21)
+    union = (1 << 21) <= kv_len < _UNION_BELOW
     return TritonConfig(
         search_block_s=32 if wide else 64,
         search_warps=4,
