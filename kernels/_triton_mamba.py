@@ -1,5 +1,6 @@
-"""Triton Mamba-2: decode step (after ``in_proj``, before ``out_proj``; three launches) and the
-chunked SSD scan of prefill (three launches, at the end of this file).
+"""Triton Mamba-2: decode step (after ``in_proj``, before ``out_proj``; three launches), the
+chunked SSD scan of prefill (three launches) and the prefill tail after the conv (scan + D skip +
+gated group RMSNorm: ``ssd_prefill_triton``, three or four launches; see "prefill" below).
 
 1. ``_conv_step``: every conv channel once (grid over channel blocks): shift the conv state, add
    the new input, depthwise conv + bias, SiLU (rounded to the model dtype as ``F.conv1d`` + SiLU in
@@ -132,10 +133,16 @@ def mamba_decode_step_triton(
 # Same math as secure_run.model.mamba2.ssd_chunked_scan (fp32 accumulation), three launches:
 #   A. per (batch, chunk, head): the chunk's own state  S_c = sum_s exp(Acum_last - Acum_s) dt_s x_s B_s^T
 #      and its total log-decay;
-#   B. per (batch, head, P block): walk the chunks in order, replacing each S_c by the state that
-#      ENTERS the chunk (from the initial state) and writing the final state;
-#   C. per (batch, chunk, head): y_l = sum_{s<=l} (C_l . B_s) exp(Acum_l - Acum_s) dt_s x_s
-#      + exp(Acum_l) C_l . S_in.
+#   B. per (batch * head, block of P*N state elements): walk the chunks in order, replacing each S_c
+#      by the state that ENTERS the chunk (from the initial state) and writing the final state
+#      (thousands of programs, the next chunk's load issued before the current store);
+#   C. per (batch, chunk, HPP heads of one group, row block): C.B once for the group's heads, then
+#      per head y_l = sum_{s<=l} (C_l . B_s) exp(Acum_l - Acum_s) dt_s x_s + exp(Acum_l) C_l . S_in,
+#      optionally + D x_l, times silu(z_l), and the group RMSNorm (FUSE_NORM).
+# ``ssd_prefill_triton`` adds the norm launch (``_gated_norm_rows``) unless C fused it. With 16-bit
+# inputs and ``SsdConfig.lowp`` the dots of A and C take 16-bit operands (fp32 accumulate).
+# ``_ssd_state_pass_v1`` / ``_ssd_chunk_scan_v1``: B and C as first committed (``legacy=True``,
+# the mixer's ``SECURE_RUN_SSD=v1``), kept so that the benchmark's baseline stays measurable.
 # Padded steps past L have dt = 0 and x = B = C = 0: no decay and no input.
 
 
