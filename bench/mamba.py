@@ -133,12 +133,13 @@ def _stage_bytes(d: Dims, dtype: torch.dtype) -> dict[str, float]:
         "chunk_scan_gated": length * (2 * di + 2 * gn) * e + length * d.h * 4 + st + length * di * 4,
         "chunk_scan_fused": length * (2 * di + 2 * gn) * e + length * d.h * 4 + st + length * di * (4 + e),
         "norm": length * di * (4 + e),
+        "conv": 2 * length * (di + 2 * gn) * e,
         "after_conv": length * (2 * di + 2 * gn) * e + length * di * e + st,  # one pass, states once (ideal)
     }
 
 
 def _per_kernel(t: dict[str, torch.Tensor], d: Dims, dtype: torch.dtype, bench: Callable[..., float],
-                sweep: bool, rows: list[dict[str, Any]]) -> Any:
+                sweep: bool, extra: bool, rows: list[dict[str, Any]]) -> Any:
     """Times each stage, old and new (with the launch variants when ``sweep``); returns the best config."""
     from secure_run.kernels import _triton_mamba as tm
 
@@ -158,7 +159,7 @@ def _per_kernel(t: dict[str, torch.Tensor], d: Dims, dtype: torch.dtype, bench: 
     add("state_pass", "old (per head, 16 rows of P)",
         bench(lambda: tm._pass_states(work, decay, t["s0"], tm.SCAN_API, legacy=True)), "state_pass")
     best = tm.SsdConfig()
-    sp = [(512, 4)] if not sweep else [(blk, w) for blk in (256, 512, 1024, 2048) for w in (4, 8)]
+    sp = [(best.state_block, best.state_warps)] if not sweep else [(blk, w) for blk in (256, 512, 1024, 2048) for w in (4, 8)]
     sp_best = (float("inf"), best)
     for blk, w in sp:
         cfg = replace(best, state_block=blk, state_warps=w)
@@ -184,6 +185,9 @@ def _per_kernel(t: dict[str, torch.Tensor], d: Dims, dtype: torch.dtype, bench: 
         yield from grid
         if sweep:  # software-pipelining depth of the per-head loop, for the best of the grid
             yield from (replace(sc_best[1], scan_stages=st) for st in (1, 3))
+        if extra:  # around the first sweep's pick (heads=8, rows=64, 4 warps, 2 stages)
+            yield from (replace(best, scan_heads=hp, scan_block_l=bl, scan_warps=w)
+                        for hp, bl, w in ((4, 64, 4), (8, 32, 4), (8, 64, 2), (8, 32, 2)))
 
     for cfg in scan_variants():
         if cfg in tried:
@@ -224,8 +228,43 @@ def _per_kernel(t: dict[str, torch.Tensor], d: Dims, dtype: torch.dtype, bench: 
     return best
 
 
-def _mixer_forward(d: Dims, dtype: torch.dtype, dev: str, bench: Callable[..., float]) -> dict[str, Any]:
-    """The whole mixer (in_proj, conv, scan, norm, out_proj) with SECURE_RUN_SSD=v1 and with the default."""
+def _conv_variants(d: Dims, dtype: torch.dtype, dev: str, bench: Callable[..., float], extra: bool,
+                   rows: list[dict[str, Any]]) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """The prefill conv (reads the in_proj rows in place) with its launch blocks; returns (old, best)."""
+    from secure_run.kernels import _triton_mamba as tm
+
+    di, gn = d.h * d.p, d.g * d.n
+    c = di + 2 * gn
+    gen = torch.Generator(device=dev).manual_seed(3)
+    proj = torch.randn(1, d.length, di + c + d.h, generator=gen, device=dev).to(dtype)
+    xbc = proj[..., di:di + c]
+    state = torch.randn(1, c, 4, generator=gen, device=dev).to(dtype)
+    w = (0.3 * torch.randn(c, 4, generator=gen, device=dev)).to(dtype)
+    bias = (0.1 * torch.randn(c, generator=gen, device=dev)).to(dtype)
+    old = tm.CONV_BLOCKS
+    ref = tm.causal_conv1d_triton(xbc, state, w, bias, old)
+    nbytes = _stage_bytes(d, dtype)["conv"]
+    variants = [old] + ([(64, 128, 4), (128, 128, 8), (32, 256, 4), (64, 256, 8), (16, 256, 4), (128, 64, 4),
+                         (64, 64, 2)] if extra else [])
+    best = (float("inf"), old)
+    for blk in variants:
+        got = tm.causal_conv1d_triton(xbc, state, w, bias, blk)
+        if not torch.equal(got, ref):  # same per-element math: any difference is a bug
+            print(f"  conv {blk} differs from the committed launch: skipped")
+            continue
+        ms = bench(lambda blk=blk: tm.causal_conv1d_triton(xbc, state, w, bias, blk))
+        rows.append({"stage": "conv", "variant": f"rows={blk[0]} ch={blk[1]} warps={blk[2]}", "ms": ms,
+                     "GB/s": nbytes / ms / 1e6})
+        print(f"  conv {blk} {ms:.3f} ms", flush=True)
+        best = min(best, (ms, blk), key=lambda v: v[0])
+    return old, best[1]
+
+
+def _mixer_forward(d: Dims, dtype: torch.dtype, dev: str, bench: Callable[..., float],
+                   conv_old: tuple[int, int, int], conv_new: tuple[int, int, int]) -> dict[str, Any]:
+    """The whole mixer (in_proj, conv, scan, norm, out_proj) with SECURE_RUN_SSD=v1 and the committed conv
+    launch, and with the default path and the chosen conv launch."""
+    from secure_run.kernels import _triton_mamba as tm
     from secure_run.model.config import parse_config_json
     from secure_run.model.mamba2 import Mamba2Mixer
 
@@ -248,10 +287,12 @@ def _mixer_forward(d: Dims, dtype: torch.dtype, dev: str, bench: Callable[..., f
     ys = {}
     for mode in ("v1", "triton"):
         os.environ["SECURE_RUN_SSD"] = mode
+        tm.CONV_BLOCKS = conv_old if mode == "v1" else conv_new
         with torch.no_grad():
             ys[mode] = mixer(u, None, fused=True)
             out[f"mixer_{mode}_ms"] = bench(lambda: mixer(u, None, fused=True))
     os.environ.pop("SECURE_RUN_SSD", None)
+    tm.CONV_BLOCKS = conv_old
     out["mixer_new_vs_old_rel"] = _rel(ys["triton"], ys["v1"])
     return out
 
@@ -261,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--length", type=int, default=32768)
     ap.add_argument("--check-length", type=int, default=4173, help="odd length of the float64 accuracy check")
     ap.add_argument("--sweep", action="store_true", help="state-pass / chunk-scan / norm launch variants")
+    ap.add_argument("--extra", action="store_true", help="a few more chunk-scan variants and the conv launch variants")
     ap.add_argument("--no-mixer", action="store_true", help="skip the whole-mixer timing")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     ap.add_argument("--smoke", action="store_true", help="tiny shapes under TRITON_INTERPRET=1 on the CPU")
@@ -279,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"card: {card}, torch {torch.__version__}, triton {triton.__version__}, dims {asdict(d)}", flush=True)
     rows: list[dict[str, Any]] = []
     t = _inputs(d, dev, dtype, seed=1)
-    best = _per_kernel(t, d, dtype, bench, args.sweep and not smoke, rows)
+    best = _per_kernel(t, d, dtype, bench, args.sweep and not smoke, args.extra, rows)
+    conv_old, conv_best = _conv_variants(d, dtype, dev, bench, args.extra, rows)
     print(f"chosen: {best}", flush=True)
     res: dict[str, Any] = {"card": card, "dims": asdict(d), "dtype": str(dtype), "rows": rows,
                            "chosen": asdict(best), "default": asdict(tm.SsdConfig())}
@@ -292,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     o_new, f_new = _new_after_conv(t, d, dtype, None)
     res.update({"after_conv_old_ms": old_ms, "after_conv_new_default_ms": new_def_ms,
                 "after_conv_new_chosen_ms": new_best_ms, "after_conv_new_fused_norm_ms": new_fused_ms,
-                "after_conv_bytes_floor_ms": _stage_bytes(d, dtype)["after_conv"] / 4.0e9 * 1e3,
+                "after_conv_bytes_floor_ms": _stage_bytes(d, dtype)["after_conv"] / 4.0e12 * 1e3,
                 "new_vs_old_out_rel": _rel(o_new, o_old), "new_vs_old_state_rel": _rel(f_new, f_old)})
     del o_old, o_new, f_old, f_new
     # accuracy against float64 at an odd length (every variant family once)
@@ -311,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         acc[name] = (_rel(o, ref), _rel(f, rfin))
     res["accuracy_vs_fp64"] = {k: {"out": v[0], "state": v[1]} for k, v in acc.items()}
     if not args.no_mixer and not smoke:
-        res.update(_mixer_forward(d, dtype, dev, bench))
+        res.update(_mixer_forward(d, dtype, dev, bench, conv_old, conv_best))
+    res["conv_blocks"] = {"old": conv_old, "chosen": conv_best}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "mamba.json"), "w") as fh:
         json.dump(res, fh, indent=1)
@@ -329,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{res['new_vs_old_state_rel']:.2e} |")
     for k, v in acc.items():
         print(f"| vs fp64 at L={dc.length}: {k} out / state | {v[0]:.2e} / {v[1]:.2e} |")
-    print(f"chosen config: {best}")
+    print(f"chosen config: {best}; conv blocks {conv_best} (committed {conv_old})")
     bad = [k for k, v in acc.items() if not (v[0] < 1e-2 and v[1] < 1e-2)]
     if bad:
         print(f"ACCURACY FAILED: {bad}")

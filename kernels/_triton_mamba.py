@@ -399,14 +399,14 @@ class SsdConfig:
     """
 
     lowp: bool = True
-    state_block: int = 512
+    state_block: int = 256
     state_warps: int = 4
     scan_block_l: int = 64
     scan_heads: int = 8
-    scan_warps: int = 8
+    scan_warps: int = 4
     scan_stages: int = 2
     fuse_norm: bool = False
-    norm_rows: int = 4
+    norm_rows: int = 8
 
 
 SCAN_API = SsdConfig(lowp=False)  # ssd_scan_triton: tf32 dots for 16-bit inputs (fp32: IEEE), as before
@@ -599,8 +599,11 @@ def _conv_prefill(x_ptr, sxb, sxl, state_ptr, w_ptr, b_ptr, out_ptr, L, C, KW: t
              mask=ml[:, None] & mc[None, :])
 
 
+CONV_BLOCKS = (32, 128, 4)  # (rows, channels, warps) per program of ``_conv_prefill``
+
+
 def causal_conv1d_triton(xbc: torch.Tensor, conv_state: torch.Tensor | None, weight: torch.Tensor,
-                         bias: torch.Tensor | None) -> torch.Tensor:
+                         bias: torch.Tensor | None, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Triton version of :func:`secure_run.kernels.model_reference.causal_conv1d_reference`.
 
     Reads xbc [B, L, C] in place (any row stride, unit channel stride): no transpose, no concat.
@@ -611,9 +614,9 @@ def causal_conv1d_triton(xbc: torch.Tensor, conv_state: torch.Tensor | None, wei
         xbc = xbc.contiguous()
     out = torch.empty(b, length, c, device=xbc.device, dtype=xbc.dtype)
     state = conv_state.contiguous() if conv_state is not None else out
-    block_l, block_c = 32, 128
+    block_l, block_c, warps = blocks or CONV_BLOCKS
     _conv_prefill[(b, triton.cdiv(length, block_l), triton.cdiv(c, block_c))](
         xbc, xbc.stride(0), xbc.stride(1), state, weight.contiguous(), bias if bias is not None else weight, out,
         length, c, KW=kw, HAS_STATE=conv_state is not None, HAS_BIAS=bias is not None, BLOCK_L=block_l,
-        BLOCK_C=block_c)
+        BLOCK_C=block_c, num_warps=warps)
     return out

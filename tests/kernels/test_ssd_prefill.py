@@ -183,6 +183,25 @@ def test_mixer_prefill_modes_equal_eager(mode: str, monkeypatch: pytest.MonkeyPa
     assert torch.equal(sf.conv, se.conv)
 
 
+@cpu_interp
+@pytest.mark.parametrize("blocks", [(16, 64, 2), (64, 256, 8)])
+def test_causal_conv_launch_blocks_interpreter(blocks: tuple[int, int, int]) -> None:
+    """The conv's launch blocks (swept by bench/mamba.py) change nothing: odd L, channels not a block multiple."""
+    from secure_run.kernels._triton_mamba import causal_conv1d_triton
+    from secure_run.kernels.model_reference import causal_conv1d_reference
+
+    gen = torch.Generator().manual_seed(9)
+    c = 200
+    proj = torch.randn(1, 71, c + 30, generator=gen)
+    xbc = proj[..., 10:10 + c]
+    state = torch.randn(1, c, 4, generator=gen)
+    w = 0.5 * torch.randn(c, 4, generator=gen)
+    b = 0.1 * torch.randn(c, generator=gen)
+    got = causal_conv1d_triton(xbc, state, w, b, blocks)
+    ref = causal_conv1d_reference(xbc.double(), state.double(), w.double(), b.double())
+    assert rel(got, ref) < 1e-5
+
+
 # --- GPU -----------------------------------------------------------------------------------------
 
 
