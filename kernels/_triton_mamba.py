@@ -599,7 +599,7 @@ def _conv_prefill(x_ptr, sxb, sxl, state_ptr, w_ptr, b_ptr, out_ptr, L, C, KW: t
              mask=ml[:, None] & mc[None, :])
 
 
-CONV_BLOCKS = (32, 128, 4)  # (rows, channels, warps) per program of ``_conv_prefill``
+CONV_BLOCKS = (64, 128, 4)  # (rows, channels, warps) per program of ``_conv_prefill`` (H200 sweep: bench/mamba.py)
 
 
 def causal_conv1d_triton(xbc: torch.Tensor, conv_state: torch.Tensor | None, weight: torch.Tensor,
