@@ -43,6 +43,7 @@ from secure_run.kernels.model_reference import (
     add_rmsnorm_reference,
     causal_conv1d_reference,
     mamba_decode_step_reference,
+    mamba_prefill_ssd_reference,
     moe_experts_reference,
     moe_route_reference,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "decode_linear",
     "decode_linears",
     "mamba_decode_step",
+    "mamba_prefill_ssd",
     "moe_experts",
     "moe_route",
     "resolve_backend",
@@ -210,10 +212,11 @@ def add_rmsnorm(h: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, eps: f
 
 def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor, *,
              chunk_size: int, initial_state: torch.Tensor | None = None,
-             backend: Backend | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             backend: Backend | None = None, legacy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Mamba-2 chunked SSD scan (prefill): (y [B, L, H, P] fp32, final state [B, H, P, N] fp32).
 
-    The reference is :func:`secure_run.model.mamba2.ssd_chunked_scan`.
+    The reference is :func:`secure_run.model.mamba2.ssd_chunked_scan`. ``legacy`` (Triton only):
+    the first committed state pass and chunk scan (the benchmark's baseline).
     """
     if resolve_backend(x.device, backend) == "reference":
         from secure_run.model.mamba2 import ssd_chunked_scan
@@ -221,7 +224,26 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, Bm: torch.Tenso
         return ssd_chunked_scan(x, dt, A, Bm, Cm, chunk_size=chunk_size, initial_state=initial_state)
     from secure_run.kernels._triton_mamba import ssd_scan_triton
 
-    return ssd_scan_triton(x, dt, A, Bm, Cm, chunk_size=chunk_size, initial_state=initial_state)
+    return ssd_scan_triton(x, dt, A, Bm, Cm, chunk_size=chunk_size, initial_state=initial_state, legacy=legacy)
+
+
+def mamba_prefill_ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor,
+                      D: torch.Tensor, z: torch.Tensor, norm_w: torch.Tensor, *, chunk_size: int,
+                      initial_state: torch.Tensor | None, eps: float, group_size: int, out_dtype: torch.dtype,
+                      backend: Backend | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-2 prefill from the conv output to the ``out_proj`` input: SSD scan + D skip + gated group
+    RMSNorm -> (out [B, L, H * P] in ``out_dtype``, final state [B, H, P, N] fp32).
+
+    See :func:`~secure_run.kernels.model_reference.mamba_prefill_ssd_reference` for the math.
+    """
+    if resolve_backend(x.device, backend) == "reference":
+        return mamba_prefill_ssd_reference(x, dt, A, Bm, Cm, D, z, norm_w, chunk_size=chunk_size,
+                                           initial_state=initial_state, eps=eps, group_size=group_size,
+                                           out_dtype=out_dtype)
+    from secure_run.kernels._triton_mamba import ssd_prefill_triton
+
+    return ssd_prefill_triton(x, dt, A, Bm, Cm, D, z, norm_w, chunk_size=chunk_size, initial_state=initial_state,
+                              eps=eps, group_size=group_size, out_dtype=out_dtype)
 
 
 def causal_conv1d(xbc: torch.Tensor, conv_state: torch.Tensor | None, weight: torch.Tensor,

@@ -24,6 +24,7 @@ __all__ = [
     "add_rmsnorm_reference",
     "causal_conv1d_reference",
     "mamba_decode_step_reference",
+    "mamba_prefill_ssd_reference",
     "moe_experts_reference",
     "moe_route_reference",
 ]
@@ -134,3 +135,29 @@ def causal_conv1d_reference(xbc: torch.Tensor, conv_state: torch.Tensor | None, 
     full = torch.cat([head, xt], dim=-1)  # [B, C, K + L]
     out = F.conv1d(full[..., 1:], weight[:, None, :], bias, groups=c)  # [B, C, L]
     return F.silu(out).transpose(1, 2)
+
+
+def mamba_prefill_ssd_reference(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor,
+                                Cm: torch.Tensor, D: torch.Tensor, z: torch.Tensor, norm_w: torch.Tensor, *,
+                                chunk_size: int, initial_state: torch.Tensor | None, eps: float, group_size: int,
+                                out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prefill mixer between the conv and ``out_proj``: chunked SSD scan (fp32) + ``D x``, gate
+    ``y * silu(z)``, RMSNorm over groups of ``group_size``, times ``norm_w``, cast to ``out_dtype``
+    (the math of ``Mamba2Mixer.forward`` with ``GatedRMSNorm``).
+
+    Args:
+        x: [B, L, H, P]; dt: [B, L, H] (softplus'ed, clamped); A, D: [H]; Bm, Cm: [B, L, G, N];
+        z: [B, L, H * P] gate; norm_w: [H * P]; initial_state: [B, H, P, N] or None.
+
+    Returns:
+        (out [B, L, H * P] in ``out_dtype``, final state [B, H, P, N] fp32).
+    """
+    from secure_run.model.mamba2 import ssd_chunked_scan
+
+    b, length, h, p = x.shape
+    y, final = ssd_chunked_scan(x, dt, A, Bm, Cm, chunk_size=chunk_size, initial_state=initial_state)
+    y = y + D.float()[:, None] * x.float()
+    v = y.reshape(b, length, h * p) * F.silu(z.float())
+    vg = v.reshape(b, length, -1, group_size)
+    vg = vg * torch.rsqrt(vg.pow(2).mean(-1, keepdim=True) + eps)
+    return (norm_w * vg.reshape(b, length, h * p)).to(out_dtype), final

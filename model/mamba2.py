@@ -141,11 +141,19 @@ def ssd_step(
 SSD_ENV = "SECURE_RUN_SSD"
 
 
-def _triton_ssd_enabled() -> bool:
-    """The Triton prefill conv + scan are used on CUDA unless ``SECURE_RUN_SSD=torch`` (PyTorch's)."""
+def _ssd_mode() -> str:
+    """Prefill path on CUDA from ``SECURE_RUN_SSD``: "triton" (default: Triton conv, then one fused
+    scan + D + gated norm call), "v1" (the Triton conv and scan as first committed, D skip and gated
+    norm in PyTorch: the benchmark's baseline) or "torch" (PyTorch's conv and scan)."""
     import os
 
-    return os.environ.get(SSD_ENV, "triton") != "torch"
+    mode = os.environ.get(SSD_ENV, "triton")
+    return mode if mode in ("v1", "torch") else "triton"
+
+
+def _triton_ssd_enabled() -> bool:
+    """The Triton prefill conv + scan are used on CUDA unless ``SECURE_RUN_SSD=torch`` (PyTorch's)."""
+    return _ssd_mode() != "torch"
 
 
 def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
@@ -205,8 +213,9 @@ class Mamba2Mixer(nn.Module):
         """u: [B, L, d] (normed) -> [B, L, d]. With ``state``, starts from and updates the caches.
 
         ``fused``: run a one-token step with state through :func:`secure_run.kernels.mamba_decode_step`
-        and longer inputs through :func:`secure_run.kernels.ssd_scan` (default: on CUDA; Triton there,
-        the PyTorch references elsewhere).
+        and longer inputs through :func:`secure_run.kernels.mamba_prefill_ssd` (scan, D skip and gated
+        norm; ``SECURE_RUN_SSD`` picks the path, see :func:`_ssd_mode`) (default: on CUDA; Triton
+        there, the PyTorch references elsewhere).
         """
         b, length, _ = u.shape
         h, p, g, n = self.n_heads, self.head_dim, self.n_groups, self.state_size
@@ -237,11 +246,22 @@ class Mamba2Mixer(nn.Module):
         else:
             init = state.ssm if state is not None else None
             bm4, cm4 = bm.reshape(b, length, g, n), cm.reshape(b, length, g, n)
-            if fused and _triton_ssd_enabled():  # CUDA: the Triton chunked scan (no [q, q] tensors in memory)
-                x = x if x.stride(-1) == 1 else x.contiguous()
+            mode = _ssd_mode() if fused else "torch"
+            if mode != "torch" and x.stride(-1) != 1:
+                x = x.contiguous()
+            if mode == "triton":  # CUDA: scan + D skip + gated norm in Triton, out_proj input out
+                from secure_run.kernels import mamba_prefill_ssd
+
+                v, new = mamba_prefill_ssd(x, dt, A, bm4, cm4, self.D, z, self.norm.weight,
+                                           chunk_size=self.chunk_size, initial_state=init, eps=self.norm.eps,
+                                           group_size=self.norm.group_size, out_dtype=u.dtype)
+                if state is not None:
+                    state.ssm.copy_(new)
+                return _linear(v, self.out_proj)
+            if mode == "v1":  # the first Triton scan (no [q, q] tensors in memory), PyTorch D + norm
                 from secure_run.kernels import ssd_scan
 
-                y, new = ssd_scan(x, dt, A, bm4, cm4, chunk_size=self.chunk_size, initial_state=init)
+                y, new = ssd_scan(x, dt, A, bm4, cm4, chunk_size=self.chunk_size, initial_state=init, legacy=True)
             else:
                 y, new = ssd_chunked_scan(x, dt, A, bm4, cm4, chunk_size=self.chunk_size, initial_state=init)
         if state is not None:
