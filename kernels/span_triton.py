@@ -25,7 +25,7 @@ from secure_run.kernels._schedule import first_valid_key, span_extent
 from secure_run.kernels._triton_common import device_offsets, dot_precision, interpreting, span_consts
 from secure_run.kernels._triton_decode import launch_decode
 from secure_run.kernels._triton_prefill import launch_prefill_attention
-from secure_run.kernels._triton_search import launch_search
+from secure_run.kernels._triton_search import launch_search, launch_search_split
 from secure_run.kernels.params import SpanParams
 from secure_run.kernels.reference import SpanSearch
 
@@ -39,6 +39,11 @@ class TritonConfig:
 
     search_block_s: int
     search_warps: int
+    search_design: str
+    search_split_block: int
+    search_block_q: int
+    search_split_warps: int
+    search_split_stages: int
     pair_block_p: int
     pair_block_n: int
     pair_warps: int
@@ -60,7 +65,8 @@ class TritonConfig:
 
 
 _CPU_INTERPRETER = TritonConfig(
-    search_block_s=16, search_warps=4, pair_block_p=16, pair_block_n=16, pair_warps=4, pair_stages=1,
+    search_block_s=16, search_warps=4, search_design="split", search_split_block=16, search_block_q=4,
+    search_split_warps=4, search_split_stages=1, pair_block_p=16, pair_block_n=16, pair_warps=4, pair_stages=1,
     merge_block_m=16, decode_mode="split", decode_split=32, decode_chunk=32, decode_wchunk=16, decode_block_n=16,
     decode_block_nw=16, decode_warps=4, decode_stages=1, decode_lane_max=True, decode_union_chunk=32, decode_union_warps=4, decode_union_stages=1, prefill_segment=1 << 15,
 )
@@ -82,6 +88,11 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
     return TritonConfig(
         search_block_s=32 if wide else 64,
         search_warps=4,
+        search_design="split",
+        search_split_block=32 if wide else 64,
+        search_block_q=16,
+        search_split_warps=4,
+        search_split_stages=2,
         pair_block_p=64 if wide else 128,
         pair_block_n=32 if wide else 64,
         pair_warps=8,
@@ -151,13 +162,41 @@ def span_search_triton(
     ns = torch.searchsorted(offs, pos + 1, right=True).to(torch.int32)
     mask = _kernel_mask(attention_mask)
     s0 = first_valid_key(attention_mask, q1.shape[0], q1.device) if mask is not None else None
-    v, a, qs, qe = launch_search(
-        q1, k, pos, offs, ns, mask, s0, span_consts(params, q1.device), num_spans=params.num_spans,
-        window=params.window_len, forward=params.forward_factor > 0, n_splits=1, final=True,
-        split_len=max(1, offs.numel()), block_s=cfg.search_block_s, upcast=_upcast(q1),
-        precision=dot_precision(q1.dtype), num_warps=cfg.search_warps,
+    v, a, qs, qe = _prefill_search(
+        q1, k, pos, offs, ns, mask, s0, span_consts(params, q1.device), params, cfg, _upcast(q1),
+        dot_precision(q1.dtype),
     )
     return SpanSearch(v, a, qs, qe)
+
+
+def _prefill_search(
+    q1: torch.Tensor,
+    k: torch.Tensor,
+    pos: torch.Tensor,
+    offs: torch.Tensor,
+    ns: torch.Tensor,
+    mask: torch.Tensor | None,
+    s0: torch.Tensor | None,
+    consts: torch.Tensor,
+    params: SpanParams,
+    cfg: TritonConfig,
+    upcast: bool,
+    precision: str,
+) -> tuple[torch.Tensor, ...]:
+    """Search of a prefill segment by the table's design: "split" (stripe splits swept over the
+    whole segment, L2-friendly) or "single" (one program walks all stripes of a query)."""
+    W, fwd = params.window_len, params.forward_factor > 0
+    if cfg.search_design == "split":
+        return launch_search_split(
+            q1, k, pos, offs, ns, mask, s0, consts, num_spans=params.num_spans, window=W, forward=fwd,
+            block_s=cfg.search_split_block, block_q=cfg.search_block_q, upcast=upcast, precision=precision,
+            num_warps=cfg.search_split_warps, num_stages=cfg.search_split_stages,
+        )
+    return launch_search(
+        q1, k, pos, offs, ns, mask, s0, consts, num_spans=params.num_spans, window=W, forward=fwd,
+        n_splits=1, final=True, split_len=max(1, offs.numel()), block_s=cfg.search_block_s, upcast=upcast,
+        precision=precision, num_warps=cfg.search_warps,
+    )
 
 
 def _upcast(x: torch.Tensor) -> bool:
@@ -231,10 +270,8 @@ def superlinear_attention_triton(
     for a in range(0, Lq, cfg.prefill_segment):
         b = min(Lq, a + cfg.prefill_segment)
         pa = pos[a:b]
-        val, anc, qs, qe = launch_search(
-            q1[:, :, a:b], k, pa, offs, ns[a:b], mask, s0, consts, num_spans=params.num_spans, window=W,
-            forward=fwd, n_splits=1, final=True, split_len=max(1, offs.numel()), block_s=cfg.search_block_s,
-            upcast=upcast, precision=prec, num_warps=cfg.search_warps,
+        val, anc, qs, qe = _prefill_search(
+            q1[:, :, a:b], k, pa, offs, ns[a:b], mask, s0, consts, params, cfg, upcast, prec,
         )
         launch_prefill_attention(
             q2[:, :, a:b], k, v, pa, mask, val, anc, qs, qe, out[:, :, a:b], window=W,
