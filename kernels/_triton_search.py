@@ -217,9 +217,25 @@ def _key_value_stripe(key):
 
 
 @triton.jit
+def _lane_insert(key, k1, k2, k3, k4, K_VAL: tl.constexpr):
+    """Insert ``key`` into each lane's sorted best keys k1 > k2 > k3 > k4 (the first K_VAL used)."""
+    c1 = key > k1
+    c2 = key > k2
+    c3 = key > k3
+    if K_VAL >= 4:
+        k4 = tl.where(c3, k3, tl.where(key > k4, key, k4))
+    if K_VAL >= 3:
+        k3 = tl.where(c2, k2, tl.where(c3, key, k3))
+    if K_VAL >= 2:
+        k2 = tl.where(c1, k1, tl.where(c2, key, k2))
+    k1 = tl.where(c1, key, k1)
+    return k1, k2, k3, k4
+
+
+@triton.jit
 def _search_split_kernel(
     Q1, K, POS, OFFS, NS, MASK, CAND,
-    n_stripes, Lq, Lkv, G, Hq, BH,
+    n_stripes, Lq, Lkv, G, Hq, BH, split_len,
     s_qb, s_qh, s_ql, s_kb, s_kh, s_kl,
     R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
     BQ: tl.constexpr, K_VAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
@@ -235,41 +251,56 @@ def _search_split_kernel(
     heads = g * R + rows
     d = tl.arange(0, BD)
     dmask = d < D
-    ii = sp * BS + tl.arange(0, BS)
-    f = tl.load(OFFS + ii, mask=ii < n_stripes, other=1 << 40)
+    cols = tl.arange(0, BS)
+    lo_s = sp * split_len
     cbase = (sp * BH + b * Hq + heads).to(tl.int64) * Lq
     for xi in range(BQ):
         x = qb * BQ + xi
         xok = x < Lq
         xc = tl.minimum(x, Lq - 1)
         pos = tl.load(POS + xc).to(tl.int64)
-        ns = tl.load(NS + xc)
-        live = xok & (sp * BS < ns)  # this split holds stripes of this query
+        hi_s = tl.minimum(tl.minimum(lo_s + split_len, n_stripes), tl.load(NS + xc))
+        live = xok & (lo_s < hi_s)  # this split holds stripes of this query
         q = tl.load(Q1 + b * s_qb + heads[:, None] * s_qh + xc * s_ql + d[None, :],
                     mask=rmask[:, None] & dmask[None, :] & live, other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
-        a = pos + 1 - f
-        ok = (a >= 0) & (ii < ns) & live
-        if HAS_MASK:
-            ok = ok & (tl.load(MASK + b * Lkv + a, mask=ok, other=0) != 0)
-        kt = tl.load(K + b * s_kb + g * s_kh + a[:, None] * s_kl + d[None, :],
-                     mask=ok[:, None] & dmask[None, :], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        s = tl.dot(q, tl.trans(kt), input_precision=PRECISION)  # [RP, BS], no 1/sqrt(D)
-        key = tl.where(ok[None, :], _score_key(s, ii[None, :]), KEY_NONE)
+        # best K_VAL keys per (head, lane): sorted, updated elementwise (no reduction in the loop)
+        k1 = tl.full([RP, BS], KEY_NONE, tl.int64)
+        k2 = k1
+        k3 = k1
+        k4 = k1
+        for i0 in range(lo_s, hi_s, BS):
+            ii = i0 + cols
+            inb = ii < hi_s
+            f = tl.load(OFFS + ii, mask=inb, other=1 << 40)
+            a = pos + 1 - f
+            ok = (a >= 0) & inb & xok
+            if HAS_MASK:
+                ok = ok & (tl.load(MASK + b * Lkv + a, mask=ok, other=0) != 0)
+            kt = tl.load(K + b * s_kb + g * s_kh + a[:, None] * s_kl + d[None, :],
+                         mask=ok[:, None] & dmask[None, :], other=0.0)
+            if UPCAST:
+                kt = kt.to(tl.float32)
+            s = tl.dot(q, tl.trans(kt), input_precision=PRECISION)  # [RP, BS], no 1/sqrt(D)
+            key = tl.where(ok[None, :], _score_key(s, ii[None, :]), KEY_NONE)
+            k1, k2, k3, k4 = _lane_insert(key, k1, k2, k3, k4, K_VAL)
         for j in tl.static_range(K_VAL):
-            mk = tl.max(key, axis=1)
+            mk = tl.max(k1, axis=1)
             tl.store(CAND + (cbase + x) * K_VAL + j, mk, mask=rmask & live)
-            key = tl.where(key == mk[:, None], KEY_NONE, key)
+            top = k1 == mk[:, None]  # one lane (keys are distinct; KEY_NONE shifts harmlessly)
+            k1 = tl.where(top, k2, k1)
+            if K_VAL >= 3:
+                k2 = tl.where(top, k3, k2)
+            if K_VAL >= 4:
+                k3 = tl.where(top, k4, k3)
 
 
 @triton.jit
 def _search_finalize_kernel(
     CAND, POS, OFFS, NS, S0, CONSTS, OUT_V, OUT_A, OUT_QS, OUT_QE,
-    Lq, Lkv, W, Hq, BH, n_splits,
-    BS: tl.constexpr, K_VAL: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, NC: tl.constexpr,
+    Lq, Lkv, W, Hq, BH, n_splits, split_len,
+    K_VAL: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, NC: tl.constexpr,
     HAS_MASK: tl.constexpr, FWD: tl.constexpr, HAS_W: tl.constexpr,
 ):
     xb = tl.program_id(0)
@@ -288,7 +319,7 @@ def _search_finalize_kernel(
     for sp0 in range(0, n_splits, PER):
         sp = sp0 + cc // K_VAL
         cm = (cc < PER * K_VAL) & (sp < n_splits)
-        m2 = xm[:, None] & cm[None, :] & ((sp * BS)[None, :] < ns[:, None])
+        m2 = xm[:, None] & cm[None, :] & ((sp * split_len)[None, :] < ns[:, None])
         off = ((sp.to(tl.int64) * BH + bh) * Lq)[None, :] * K_VAL + xs[:, None] * K_VAL + (cc % K_VAL)[None, :]
         key = tl.load(CAND + off, mask=m2, other=KEY_NONE)
         for _ in tl.static_range(K_VAL):
@@ -331,6 +362,7 @@ def launch_search_split(
     window: int,
     forward: bool,
     block_s: int,
+    split_len: int,
     block_q: int,
     upcast: bool,
     precision: str,
@@ -338,7 +370,10 @@ def launch_search_split(
     num_stages: int,
     block_m: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prefill search in stripe splits of ``block_s``: (values, anchors, qstart, qend) [B,Hq,Lq,K].
+    """Prefill search in stripe splits: (values, anchors, qstart, qend) [B,Hq,Lq,K].
+
+    ``split_len`` stripes per split (a multiple of the tile ``block_s``; 0: one split holding every
+    stripe, i.e. one program walks all stripes of its queries), ``block_q`` queries per program.
 
     Same result as ``launch_search(..., final=True)`` (top-k by score, the nearer anchor first on
     an exact tie). ``pos`` [Lq] shared by the batch rows; ``ns`` [Lq] int32: stripes per query.
@@ -350,7 +385,9 @@ def launch_search_split(
     R = Hq // G
     dev = q1.device
     n_stripes = offs.numel()
-    n_splits = max(1, triton.cdiv(n_stripes, block_s))
+    assert split_len % block_s == 0, "split_len: a multiple of block_s"
+    split_len = split_len or max(block_s, triton.cdiv(n_stripes, block_s) * block_s)
+    n_splits = max(1, triton.cdiv(n_stripes, split_len))
     shape = (B, Hq, Lq, num_spans)
     ov = torch.empty(shape, dtype=torch.float32, device=dev)
     oa, oqs, oqe = (torch.empty(shape, dtype=torch.int64, device=dev) for _ in range(3))
@@ -360,7 +397,7 @@ def launch_search_split(
     m_arg = mask if mask is not None else pos
     _search_split_kernel[(triton.cdiv(Lq, block_q), B * G, n_splits)](
         q1, k, pos, offs, ns, m_arg, cand,
-        n_stripes, Lq, Lkv, G, Hq, B * Hq,
+        n_stripes, Lq, Lkv, G, Hq, B * Hq, split_len,
         q1.stride(0), q1.stride(1), q1.stride(2), k.stride(0), k.stride(1), k.stride(2),
         R=R, RP=max(16, triton.next_power_of_2(R)), D=D, BD=max(16, triton.next_power_of_2(D)), BS=block_s,
         BQ=block_q, K_VAL=num_spans, HAS_MASK=mask is not None, UPCAST=upcast, PRECISION=precision,
@@ -369,8 +406,8 @@ def launch_search_split(
     KP = next_pow2(num_spans)
     _search_finalize_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
         cand, pos, offs, ns, s0 if s0 is not None else pos, consts, ov, oa, oqs, oqe,
-        Lq, Lkv, window, Hq, B * Hq, n_splits,
-        BS=block_s, K_VAL=num_spans, KP=KP, BM=block_m, NC=32, HAS_MASK=mask is not None, FWD=forward,
+        Lq, Lkv, window, Hq, B * Hq, n_splits, split_len,
+        K_VAL=num_spans, KP=KP, BM=block_m, NC=32, HAS_MASK=mask is not None, FWD=forward,
         HAS_W=window > 0, num_warps=4,
     )
     return ov, oa, oqs, oqe

@@ -6,7 +6,7 @@
     ...                span_power=0.5, inv_search_power_int=2)
     >>> cfg = config_for(torch.device("cuda"), head_dim=128, dtype=torch.float16)
     >>> (cfg.pair_block_p, cfg.pair_block_n, cfg.decode_chunk)
-    (128, 64, 1024)
+    (128, 32, 1024)
 
 Tunables come from a deterministic table keyed by device type, head_dim and dtype (no autotune
 sweep at run time, so a decode step can be captured in a CUDA graph). Decode (Lq == 1) never
@@ -41,6 +41,7 @@ class TritonConfig:
     search_warps: int
     search_design: str
     search_split_block: int
+    search_split_len: int
     search_block_q: int
     search_split_warps: int
     search_split_stages: int
@@ -65,7 +66,7 @@ class TritonConfig:
 
 
 _CPU_INTERPRETER = TritonConfig(
-    search_block_s=16, search_warps=4, search_design="split", search_split_block=16, search_block_q=4,
+    search_block_s=16, search_warps=4, search_design="split", search_split_block=16, search_split_len=32, search_block_q=4,
     search_split_warps=4, search_split_stages=1, pair_block_p=16, pair_block_n=16, pair_warps=4, pair_stages=1,
     merge_block_m=16, decode_mode="split", decode_split=32, decode_chunk=32, decode_wchunk=16, decode_block_n=16,
     decode_block_nw=16, decode_warps=4, decode_stages=1, decode_lane_max=True, decode_union_chunk=32, decode_union_warps=4, decode_union_stages=1, prefill_segment=1 << 15,
@@ -90,13 +91,14 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
         search_warps=4,
         search_design="split",
         search_split_block=32 if wide else 64,
-        search_block_q=16,
+        search_split_len=0,
+        search_block_q=4,
         search_split_warps=4,
         search_split_stages=2,
         pair_block_p=64 if wide else 128,
-        pair_block_n=32 if wide else 64,
-        pair_warps=8,
-        pair_stages=2 if wide else 3,
+        pair_block_n=32,
+        pair_warps=8 if wide else 4,
+        pair_stages=2 if wide else 4,
         merge_block_m=16,
         decode_mode="union" if union else "split",
         decode_split=64,
@@ -189,7 +191,7 @@ def _prefill_search(
     if cfg.search_design == "split":
         return launch_search_split(
             q1, k, pos, offs, ns, mask, s0, consts, num_spans=params.num_spans, window=W, forward=fwd,
-            block_s=cfg.search_split_block, block_q=cfg.search_block_q, upcast=upcast, precision=precision,
+            block_s=cfg.search_split_block, split_len=cfg.search_split_len, block_q=cfg.search_block_q, upcast=upcast, precision=precision,
             num_warps=cfg.search_split_warps, num_stages=cfg.search_split_stages,
         )
     return launch_search(

@@ -33,10 +33,12 @@ def design(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> I
     yield name
 
 
-SPLIT = ("split", {"search_split_block": 16, "search_block_q": 4})
-SPLIT_Q1 = ("split", {"search_split_block": 16, "search_block_q": 1})
-SPLIT_Q8_32 = ("split", {"search_split_block": 32, "search_block_q": 8})
-SINGLE = ("single", {})
+#: stripes in splits of 16 (one tile each), 4 queries per program
+SPLIT = ("split", {"search_split_block": 16, "search_split_len": 16, "search_block_q": 4})
+#: splits of 32 stripes = two tiles of 16 (per-lane running top-k across tiles), 1 query per program
+SPLIT_Q1 = ("split", {"search_split_block": 16, "search_split_len": 32, "search_block_q": 1})
+#: one split holding every stripe (tiles of 16), 8 queries per program
+SPLIT_Q8_32 = ("split", {"search_split_block": 16, "search_split_len": 0, "search_block_q": 8})
 
 
 def _assert_same(got: object, ref: object) -> None:
@@ -47,7 +49,7 @@ def _assert_same(got: object, ref: object) -> None:
     torch.testing.assert_close(got.values[fin], ref.values[fin].float(), rtol=1e-5, atol=1e-5)  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("design", [SPLIT, SPLIT_Q1, SPLIT_Q8_32], indirect=True, ids=["bs16-q4", "bs16-q1", "bs32-q8"])
+@pytest.mark.parametrize("design", [SPLIT, SPLIT_Q1, SPLIT_Q8_32], indirect=True, ids=["split16-q4", "split32-q1", "one-split-q8"])
 @pytest.mark.parametrize(
     ("params", "mode", "with_mask", "dtype"),
     [(P_F55, "exact", False, torch.float32), (P_F55, UP, True, torch.float32), (P_INT2, "exact", True, torch.float16),
@@ -92,7 +94,8 @@ def test_split_equals_single_design(monkeypatch: pytest.MonkeyPatch) -> None:
         assert torch.equal(getattr(res["split"], f), getattr(res["single"], f)), f
 
 
-@pytest.mark.parametrize("design", [SPLIT, SPLIT_Q8_32], indirect=True, ids=["bs16", "bs32"])
+@pytest.mark.parametrize("design", [SPLIT, SPLIT_Q1, SPLIT_Q8_32], indirect=True,
+                         ids=["split16", "split32", "one-split"])
 def test_split_search_exact_ties_prefer_the_nearer_anchor(design: str) -> None:
     """Keys equal at many anchor positions give exactly equal scores: the kept slots are the best
     scores, an exact tie going to the nearer anchor (smaller stripe), whichever split it is in."""
