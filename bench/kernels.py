@@ -16,6 +16,10 @@ reports, for ours, the bytes (decode) or useful FLOPs (prefill) of the work actu
 implied rate, to compare with the floors of performance.md section 2. Prints a table last and
 writes JSON to ``$OUT/kernels_bench.json`` (or ``--out``).
 
+``--only search`` (issue 11, K3 / K4): the prefill search variants alone (anchors compared with the
+previous table's on every row), the pair-tile variants alone, then the whole layer with the previous
+table, the current table and the fastest variants, in one process (bench/RESULTS.md "kernels").
+
 Run: ``python bench/kernels.py [--quick] [--skip-upstream]`` with ``secure_run`` importable.
 """
 
@@ -206,7 +210,7 @@ def bench_decode(Lkv: int, upstream: Any, rows: list[dict[str, Any]], rep: int) 
 
 
 #: ``--only search``: prefill search designs and tunables, each timed alone at the K3 / K4 shapes;
-#: the first entry is the previous single-program search (every stripe of a query in one program).
+#: the first entry is the previous table (single program per query, 4 warps), the second the table.
 SEARCH_VARIANTS: list[dict[str, Any]] = [
     dict(search_design="single", search_warps=4),
     dict(search_design="single", search_warps=2),

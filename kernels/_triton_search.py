@@ -7,6 +7,9 @@ its own top-K candidates, merged later by :func:`select_topk` inside the consume
 
 Grid: (Lq, B * Hkv, n_splits). Output (FINAL): values fp32, anchors / qstart / qend int64, each
 [B, Hq, Lq, K]; (not FINAL): candidate values / anchors [B, Hq, Lq, n_splits, KP] (KP = next pow2 of K).
+
+Prefill alternative (``launch_search_split``, selectable, not the table's choice): the stripes of a
+whole segment swept split by split, then ``_search_finalize_kernel`` merges the splits.
 """
 
 from __future__ import annotations
@@ -178,15 +181,23 @@ def launch_search(
     return outs
 
 
-# --- prefill: stripe-split search (L2-friendly order) + finalize --------------------------------
+# --- prefill, alternative design: stripe-split search + finalize (search_design="split") ----------
 #
-# The single-program search above walks all ~1900 stripes of a query (at 1M) before the next query
-# starts, so consecutive programs read anchor rows spread over the whole cache: at a 32K chunk of
-# a 1M context that is ~32 GB of 256-byte gathers, nearly all from HBM. Here the stripes are cut
-# into splits of BS stripes and the grid runs split by split (the slowest grid axis): while one
-# split is being scored for every query of the chunk, the rows it touches (the split's offset
-# range plus the chunk length, ~23 MB per KV head at 1M) stay in L2, and a row that query x reads
-# at stripe i is read again by query x + F(i+1) - F(i) at stripe i + 1.
+# Not the table's choice: on the H200 (bench/RESULTS.md "kernels", 2026-12-02) every setting of it
+# measured slower than the single-program kernel above with 2 warps (K3: best 9.07 vs 8.70 ms; K4:
+# 7.79 vs 6.75 ms). It is kept selectable and tested as the base for further work.
+#
+# Idea: the single-program search walks all ~1900 stripes of a query (at 1M) before the next query
+# starts, so consecutive programs read anchor rows spread over the whole cache (~32 GB of 256-byte
+# gathers per 32K chunk at 1M). Here the stripes are cut into splits and the grid runs split by
+# split (the slowest grid axis): while one split is scored for every query of the chunk, the rows
+# it touches (its offset range plus the chunk length, ~23 MB per KV head at 1M for 64 stripes) can
+# stay in L2, and a row that query x reads at stripe i is read again by query x + F(i+1) - F(i) at
+# stripe i + 1. Measured: one 64-stripe tile per split gained only 4% at the same tile and warps
+# (11.48 vs 11.93 ms, K3), so the search is not bound by HBM traffic; the cost is in the top-k
+# reductions and latency (2 warps instead of 4: -27%). Within a split, each (head, lane) keeps its
+# own sorted best keys across tiles (elementwise updates, no reduction in the stripe loop); one
+# split holding every stripe with 1 query per program is this design's best (9.07 ms, K3).
 #
 # Each (query, head, split) writes its best K_VAL keys; the finalize kernel merges the splits. A key
 # is one int64 that orders like (score descending, stripe ascending): the score's fp32 bits mapped

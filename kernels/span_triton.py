@@ -66,8 +66,8 @@ class TritonConfig:
 
 
 _CPU_INTERPRETER = TritonConfig(
-    search_block_s=16, search_warps=4, search_design="split", search_split_block=16, search_split_len=32, search_block_q=4,
-    search_split_warps=4, search_split_stages=1, pair_block_p=16, pair_block_n=16, pair_warps=4, pair_stages=1,
+    search_block_s=16, search_warps=4, search_design="single", search_split_block=16, search_split_len=32,
+    search_block_q=4, search_split_warps=4, search_split_stages=1, pair_block_p=16, pair_block_n=16, pair_warps=4, pair_stages=1,
     merge_block_m=16, decode_mode="split", decode_split=32, decode_chunk=32, decode_wchunk=16, decode_block_n=16,
     decode_block_nw=16, decode_warps=4, decode_stages=1, decode_lane_max=True, decode_union_chunk=32, decode_union_warps=4, decode_union_stages=1, prefill_segment=1 << 15,
 )
@@ -81,6 +81,13 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
     software pipelining (139 -> 126 us at 1M); from 2M on, the deduplicated union of a KV head's
     spans in 2048-key pieces (289 us at 4M, 446 us at 10M; scoring only the rows whose span meets a
     piece, 16 at a time, was slower: 306 / 472 us).
+
+    Prefill (H200, fp16, released shapes, ``bench/kernels.py --only search``, bench/RESULTS.md
+    "kernels", 2026-12-02): the single-program search with 2 warps instead of 4 (K3 32K chunk at
+    1M: 11.95 -> 8.70 ms; K4 128K: 10.19 -> 6.75 ms, same anchors on every row); the stripe-split
+    design (``search_design="split"``) measured slower in every setting tried (best 9.07 / 7.79
+    ms). Pair tiles 128 queries x 32 keys, 4 warps, 4 stages instead of 128 x 64, 8 warps, 3
+    stages: 59.6 -> 51.5 ms (K3), 74.0 -> 62.0 ms (K4).
     """
     if device.type != "cuda":
         return _CPU_INTERPRETER
@@ -88,11 +95,11 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
     union = kv_len >= (1 << 21)
     return TritonConfig(
         search_block_s=32 if wide else 64,
-        search_warps=4,
-        search_design="split",
+        search_warps=4 if wide else 2,
+        search_design="single",
         search_split_block=32 if wide else 64,
         search_split_len=0,
-        search_block_q=4,
+        search_block_q=1,
         search_split_warps=4,
         search_split_stages=2,
         pair_block_p=64 if wide else 128,
@@ -185,8 +192,9 @@ def _prefill_search(
     upcast: bool,
     precision: str,
 ) -> tuple[torch.Tensor, ...]:
-    """Search of a prefill segment by the table's design: "split" (stripe splits swept over the
-    whole segment, L2-friendly) or "single" (one program walks all stripes of a query)."""
+    """Search of a prefill segment by the table's design: "single" (one program walks all stripes
+    of a query; the table's choice) or "split" (``launch_search_split``: stripe splits swept over
+    the whole segment, then a merge; measured slower, kept selectable)."""
     W, fwd = params.window_len, params.forward_factor > 0
     if cfg.search_design == "split":
         return launch_search_split(
