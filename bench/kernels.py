@@ -218,7 +218,10 @@ SEARCH_VARIANTS: list[dict[str, Any]] = [
            search_split_warps=w, search_split_stages=st)
       for bs, sl, bq, w, st in [(64, 64, 16, 2, 2), (64, 64, 16, 1, 2), (64, 0, 1, 4, 2), (64, 0, 4, 4, 2),
                                 (64, 0, 4, 2, 2), (64, 0, 4, 4, 3), (32, 0, 4, 2, 3), (128, 0, 4, 4, 2),
-                                (64, 512, 4, 4, 2), (64, 256, 8, 2, 2)]),
+                                (64, 512, 4, 4, 2), (64, 256, 8, 2, 2),
+                                # added after the recorded H200 runs (not measured yet): per-lane
+                                # top-k with the 2 warps that made the single kernel fast
+                                (64, 0, 1, 2, 2), (64, 0, 1, 2, 3)]),
 ]
 #: ``--only search``: pair-tile attention tunables (sort + pair tiles + merge, given the search)
 PAIR_VARIANTS: list[dict[str, Any]] = [
