@@ -16,6 +16,10 @@ reports, for ours, the bytes (decode) or useful FLOPs (prefill) of the work actu
 implied rate, to compare with the floors of performance.md section 2. Prints a table last and
 writes JSON to ``$OUT/kernels_bench.json`` (or ``--out``).
 
+``--only search`` (issue 11, K3 / K4): the prefill search variants alone (anchors compared with the
+previous table's on every row), the pair-tile variants alone, then the whole layer with the previous
+table, the current table and the fastest variants, in one process (bench/RESULTS.md "kernels").
+
 Run: ``python bench/kernels.py [--quick] [--skip-upstream]`` with ``secure_run`` importable.
 """
 
@@ -207,6 +211,115 @@ def bench_decode(Lkv: int, upstream: Any, rows: list[dict[str, Any]], rep: int) 
     torch.cuda.empty_cache()
 
 
+#: ``--only search``: prefill search designs and tunables, each timed alone at the K3 / K4 shapes;
+#: the first entry is the previous table (single program per query, 4 warps), the second the table.
+SEARCH_VARIANTS: list[dict[str, Any]] = [
+    dict(search_design="single", search_warps=4),
+    dict(search_design="single", search_warps=2),
+    *(dict(search_design="split", search_split_block=bs, search_split_len=sl, search_block_q=bq,
+           search_split_warps=w, search_split_stages=st)
+      for bs, sl, bq, w, st in [(64, 64, 16, 2, 2), (64, 64, 16, 1, 2), (64, 0, 1, 4, 2), (64, 0, 4, 4, 2),
+                                (64, 0, 4, 2, 2), (64, 0, 4, 4, 3), (32, 0, 4, 2, 3), (128, 0, 4, 4, 2),
+                                (64, 512, 4, 4, 2), (64, 256, 8, 2, 2),
+                                # added after the recorded H200 runs (not measured yet): per-lane
+                                # top-k with the 2 warps that made the single kernel fast
+                                (64, 0, 1, 2, 2), (64, 0, 1, 2, 3)]),
+]
+#: ``--only search``: pair-tile attention tunables (sort + pair tiles + merge, given the search)
+PAIR_VARIANTS: list[dict[str, Any]] = [
+    dict(pair_block_p=128, pair_block_n=64, pair_warps=8, pair_stages=3),  # the previous table
+    *(dict(pair_block_p=p_, pair_block_n=n_, pair_warps=w, pair_stages=st)
+      for p_, n_, w, st in [(128, 32, 4, 4), (128, 32, 4, 3), (128, 16, 4, 4), (64, 32, 4, 4), (128, 32, 8, 4),
+                            (256, 32, 8, 3), (64, 64, 4, 3)]),
+]
+#: the previous table's prefill settings (single-program search, 128 x 64 pair tiles, 8 warps)
+PREVIOUS = dict(search_design="single", search_warps=4, pair_block_p=128, pair_block_n=64, pair_warps=8,
+                pair_stages=3)
+#: the K3 / K4 shapes: (name, chunk length, context, first position)
+SEARCH_SHAPES = [("K3 chunk 32K @1M", 32768, 1 << 20, (1 << 20) - 32768), ("K4 prefill 128K", 1 << 17, 1 << 17, 0)]
+
+
+def bench_search(rows: list[dict[str, Any]], rep: int, shapes: list[tuple[str, int, int, int]]) -> None:
+    """Per shape: each search variant alone (and its anchors against the previous design's), each
+    pair-tile variant alone, then the whole layer with the previous search vs the table's."""
+    for name, L, Lkv, start in shapes:
+        _bench_search_shape(rows, rep, name, L, Lkv, start)
+        torch.cuda.empty_cache()
+
+
+def _bench_search_shape(rows: list[dict[str, Any]], rep: int, name: str, L: int, Lkv: int, start: int) -> None:
+    from secure_run.kernels._triton_common import dot_precision
+    from secure_run.kernels._triton_prefill import launch_prefill_attention
+    from secure_run.kernels.span_triton import span_search_triton
+
+    q1, q2 = _rand(1, HQ, L, D, seed=30), _rand(1, HQ, L, D, seed=40)
+    k, v = _rand(1, HKV, Lkv, D, seed=50), _rand(1, HKV, Lkv, D, seed=60)
+    pos = torch.arange(start, start + L, device=DEV)
+
+    def search() -> Any:
+        return span_search_triton(q1, k, pos, P)
+
+    def layer() -> Any:
+        return superlinear_attention(q1, q2, k, v, pos, P)
+
+    base_anchors = None
+    best: dict[str, tuple[float, dict[str, Any]]] = {}
+    for var in SEARCH_VARIANTS:
+        try:
+            with _decode_variant(**var):
+                got = search()
+                t = _ms(search, rep)
+        except Exception as err:  # report the variant, keep sweeping
+            rows.append({"work": name, "kind": "error", "variant": var, "error": repr(err)[:300]})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
+        a = got.anchors.sort(-1).values
+        if base_anchors is None:
+            base_anchors = a
+        same = float((a == base_anchors).all(-1).float().mean())
+        if t < best.get("search", (float("inf"), {}))[0]:
+            best["search"] = (t, var)
+        rows.append({"work": name, "kind": "search", "variant": var, "search_ms": t, "same_anchors": same})
+        print(json.dumps(rows[-1]), flush=True)
+        del got
+    s = search()
+    cfg0 = span_triton.config_for(k.device, D, DT, Lkv)
+    out = torch.empty_like(q2)
+    for var in PAIR_VARIANTS:
+        cfg = dataclasses.replace(cfg0, **var)
+
+        def pair(cfg: Any = cfg) -> None:
+            for a0 in range(0, L, cfg.prefill_segment):
+                b0 = min(L, a0 + cfg.prefill_segment)
+                launch_prefill_attention(
+                    q2[:, :, a0:b0], k, v, pos[a0:b0], None, s.values[:, :, a0:b0], s.anchors[:, :, a0:b0],
+                    s.qstart[:, :, a0:b0], s.qend[:, :, a0:b0], out[:, :, a0:b0], window=P.window_len,
+                    block_p=cfg.pair_block_p, block_n=cfg.pair_block_n, block_m=cfg.merge_block_m,
+                    upcast=False, precision=dot_precision(DT), num_warps=cfg.pair_warps,
+                    num_stages=cfg.pair_stages)
+        try:
+            t = _ms(pair, rep)
+        except Exception as err:  # report the variant, keep sweeping
+            rows.append({"work": name, "kind": "error", "variant": var, "error": repr(err)[:300]})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
+        if t < best.get("pair", (float("inf"), {}))[0]:
+            best["pair"] = (t, var)
+        rows.append({"work": name, "kind": "pair", "variant": var, "pair_ms": t})
+        print(json.dumps(rows[-1]), flush=True)
+    r: dict[str, Any] = {"work": name, "kind": "layer", "table": dataclasses.asdict(cfg0)}
+    with _decode_variant(**PREVIOUS):
+        r["previous_ms"] = _ms(layer, rep)
+    r["ours_ms"] = _ms(layer, rep)
+    if "search" in best and "pair" in best:
+        r["best_variant"] = {**best["search"][1], **best["pair"][1]}
+        with _decode_variant(**r["best_variant"]):
+            r["best_ms"] = _ms(layer, rep)
+    r["ours_kernels_us"] = _kernel_profile(layer, 3)
+    rows.append(r)
+    print(json.dumps(rows[-1]), flush=True)
+
+
 def _prefill_flops(q1: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, sample: int = 512) -> float:
     """Useful FLOPs of span + window attention (4*D per query-key pair), from a row sample."""
     L = pos.numel()
@@ -282,7 +395,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
     ap.add_argument("--skip-upstream", action="store_true")
-    ap.add_argument("--only", default="", help="comma list: decode,prefill,chunk,check,sweep")
+    ap.add_argument("--only", default="", help="comma list: decode,prefill,chunk,check,sweep,search")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     a = ap.parse_args()
     upstream = None
@@ -305,6 +418,8 @@ def main() -> None:
             rows.append({"work": label, "kind": "error", "error": repr(e)[:300]})
             torch.cuda.empty_cache()
 
+    if "search" in only:
+        guarded("search", lambda: bench_search(rows, 300, SEARCH_SHAPES))
     if "sweep" in only:
         guarded("decode sweep", lambda: sweep_decode(rows, 150))
     if not only or "decode" in only:
@@ -329,6 +444,16 @@ def main() -> None:
           f"{'up/ours':>9}{'SDPA/ours':>10}  rate"
     print(hdr)
     for r in rows:
+        if r["kind"] in ("search", "pair"):
+            key = "search_ms" if r["kind"] == "search" else "pair_ms"
+            extra = f"  same anchors {r['same_anchors']:.4f}" if "same_anchors" in r else ""
+            print(f"{r['work']:<18}{r['kind']:>7}{r[key]:>9.2f} ms  {r['variant']}{extra}")
+            continue
+        if r["kind"] == "layer":
+            ks = ", ".join(f"{n[:16]} {t / 1e3:.1f}" for n, t in r["ours_kernels_us"].items())
+            print(f"{r['work']:<18}  layer: previous table {r['previous_ms']:.2f} ms, table {r['ours_ms']:.2f} ms"
+                  f"  [{ks}]; best variants {r.get('best_ms', float('nan')):.2f} ms {r.get('best_variant')}")
+            continue
         if r["kind"] == "sweep":
             ks = ", ".join(f"{n[:14]} {t:.0f}" for n, t in r["kernels_us"].items())
             print(f"{r['work']:<14}{r['graph_us']:>7.1f} us  {r['variant']}" + (f"  [{ks}]" if ks else ""))

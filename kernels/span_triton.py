@@ -6,7 +6,7 @@
     ...                span_power=0.5, inv_search_power_int=2)
     >>> cfg = config_for(torch.device("cuda"), head_dim=128, dtype=torch.float16)
     >>> (cfg.pair_block_p, cfg.pair_block_n, cfg.decode_chunk)
-    (128, 64, 1024)
+    (128, 32, 1024)
 
 Tunables come from a deterministic table keyed by device type, head_dim and dtype (no autotune
 sweep at run time, so a decode step can be captured in a CUDA graph). Decode (Lq == 1) never
@@ -25,7 +25,7 @@ from secure_run.kernels._schedule import first_valid_key, span_extent
 from secure_run.kernels._triton_common import device_offsets, dot_precision, interpreting, span_consts
 from secure_run.kernels._triton_decode import launch_decode
 from secure_run.kernels._triton_prefill import launch_prefill_attention
-from secure_run.kernels._triton_search import launch_search
+from secure_run.kernels._triton_search import launch_search, launch_search_split
 from secure_run.kernels.params import SpanParams
 from secure_run.kernels.reference import SpanSearch
 
@@ -39,6 +39,12 @@ class TritonConfig:
 
     search_block_s: int
     search_warps: int
+    search_design: str
+    search_split_block: int
+    search_split_len: int
+    search_block_q: int
+    search_split_warps: int
+    search_split_stages: int
     pair_block_p: int
     pair_block_n: int
     pair_warps: int
@@ -60,7 +66,8 @@ class TritonConfig:
 
 
 _CPU_INTERPRETER = TritonConfig(
-    search_block_s=16, search_warps=4, pair_block_p=16, pair_block_n=16, pair_warps=4, pair_stages=1,
+    search_block_s=16, search_warps=4, search_design="single", search_split_block=16, search_split_len=32,
+    search_block_q=4, search_split_warps=4, search_split_stages=1, pair_block_p=16, pair_block_n=16, pair_warps=4, pair_stages=1,
     merge_block_m=16, decode_mode="split", decode_split=32, decode_chunk=32, decode_wchunk=16, decode_block_n=16,
     decode_block_nw=16, decode_warps=4, decode_stages=1, decode_lane_max=True, decode_union_chunk=32, decode_union_warps=4, decode_union_stages=1, prefill_segment=1 << 15,
 )
@@ -79,6 +86,13 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
     deduplicated union of a KV head's spans in 2048-key pieces is a little faster (288 vs 292 us at
     4M; at 10M it is 444 us: its 48-row tiles do not keep up with the split stream there). Scoring
     only the rows whose span meets a piece, 16 at a time, was slower (306 / 472 us at 4M / 10M).
+
+    Prefill (H200, fp16, released shapes, ``bench/kernels.py --only search``, bench/RESULTS.md
+    "kernels", 2026-12-02): the single-program search with 2 warps instead of 4 (K3 32K chunk at
+    1M: 11.95 -> 8.70 ms; K4 128K: 10.19 -> 6.75 ms, same anchors on every row); the stripe-split
+    design (``search_design="split"``) measured slower in every setting tried (best 9.07 / 7.79
+    ms). Pair tiles 128 queries x 32 keys, 4 warps, 4 stages instead of 128 x 64, 8 warps, 3
+    stages: 59.6 -> 51.5 ms (K3), 74.0 -> 62.0 ms (K4).
     """
     if device.type != "cuda":
         return _CPU_INTERPRETER
@@ -86,11 +100,17 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
     union = (1 << 21) <= kv_len < _UNION_BELOW
     return TritonConfig(
         search_block_s=32 if wide else 64,
-        search_warps=4,
+        search_warps=4 if wide else 2,
+        search_design="single",
+        search_split_block=32 if wide else 64,
+        search_split_len=0,
+        search_block_q=1,
+        search_split_warps=4,
+        search_split_stages=2,
         pair_block_p=64 if wide else 128,
-        pair_block_n=32 if wide else 64,
-        pair_warps=8,
-        pair_stages=2 if wide else 3,
+        pair_block_n=32,
+        pair_warps=8 if wide else 4,
+        pair_stages=2 if wide else 4,
         merge_block_m=16,
         decode_mode="union" if union else "split",
         decode_split=64,
@@ -156,13 +176,42 @@ def span_search_triton(
     ns = torch.searchsorted(offs, pos + 1, right=True).to(torch.int32)
     mask = _kernel_mask(attention_mask)
     s0 = first_valid_key(attention_mask, q1.shape[0], q1.device) if mask is not None else None
-    v, a, qs, qe = launch_search(
-        q1, k, pos, offs, ns, mask, s0, span_consts(params, q1.device), num_spans=params.num_spans,
-        window=params.window_len, forward=params.forward_factor > 0, n_splits=1, final=True,
-        split_len=max(1, offs.numel()), block_s=cfg.search_block_s, upcast=_upcast(q1),
-        precision=dot_precision(q1.dtype), num_warps=cfg.search_warps,
+    v, a, qs, qe = _prefill_search(
+        q1, k, pos, offs, ns, mask, s0, span_consts(params, q1.device), params, cfg, _upcast(q1),
+        dot_precision(q1.dtype),
     )
     return SpanSearch(v, a, qs, qe)
+
+
+def _prefill_search(
+    q1: torch.Tensor,
+    k: torch.Tensor,
+    pos: torch.Tensor,
+    offs: torch.Tensor,
+    ns: torch.Tensor,
+    mask: torch.Tensor | None,
+    s0: torch.Tensor | None,
+    consts: torch.Tensor,
+    params: SpanParams,
+    cfg: TritonConfig,
+    upcast: bool,
+    precision: str,
+) -> tuple[torch.Tensor, ...]:
+    """Search of a prefill segment by the table's design: "single" (one program walks all stripes
+    of a query; the table's choice) or "split" (``launch_search_split``: stripe splits swept over
+    the whole segment, then a merge; measured slower, kept selectable)."""
+    W, fwd = params.window_len, params.forward_factor > 0
+    if cfg.search_design == "split":
+        return launch_search_split(
+            q1, k, pos, offs, ns, mask, s0, consts, num_spans=params.num_spans, window=W, forward=fwd,
+            block_s=cfg.search_split_block, split_len=cfg.search_split_len, block_q=cfg.search_block_q, upcast=upcast, precision=precision,
+            num_warps=cfg.search_split_warps, num_stages=cfg.search_split_stages,
+        )
+    return launch_search(
+        q1, k, pos, offs, ns, mask, s0, consts, num_spans=params.num_spans, window=W, forward=fwd,
+        n_splits=1, final=True, split_len=max(1, offs.numel()), block_s=cfg.search_block_s, upcast=upcast,
+        precision=precision, num_warps=cfg.search_warps,
+    )
 
 
 def _upcast(x: torch.Tensor) -> bool:
@@ -236,10 +285,8 @@ def superlinear_attention_triton(
     for a in range(0, Lq, cfg.prefill_segment):
         b = min(Lq, a + cfg.prefill_segment)
         pa = pos[a:b]
-        val, anc, qs, qe = launch_search(
-            q1[:, :, a:b], k, pa, offs, ns[a:b], mask, s0, consts, num_spans=params.num_spans, window=W,
-            forward=fwd, n_splits=1, final=True, split_len=max(1, offs.numel()), block_s=cfg.search_block_s,
-            upcast=upcast, precision=prec, num_warps=cfg.search_warps,
+        val, anc, qs, qe = _prefill_search(
+            q1[:, :, a:b], k, pa, offs, ns[a:b], mask, s0, consts, params, cfg, upcast, prec,
         )
         launch_prefill_attention(
             q2[:, :, a:b], k, v, pa, mask, val, anc, qs, qe, out[:, :, a:b], window=W,

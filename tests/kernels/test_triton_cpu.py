@@ -231,7 +231,7 @@ def test_multi_segment_prefill_equals_reference(segment: int, monkeypatch: pytes
     whole = superlinear_attention_triton(q1, q2, k, v, pos, params, mask)
     base = span_triton.config_for
     calls: list[int] = []
-    real_search = span_triton.launch_search
+    real_search = span_triton._prefill_search
 
     def counting_search(q1_, *a: object, **kw: object) -> tuple[torch.Tensor, ...]:
         calls.append(q1_.shape[2])
@@ -239,7 +239,7 @@ def test_multi_segment_prefill_equals_reference(segment: int, monkeypatch: pytes
 
     monkeypatch.setattr(span_triton, "config_for",
                         lambda *a, **kw: dataclasses.replace(base(*a, **kw), prefill_segment=segment))
-    monkeypatch.setattr(span_triton, "launch_search", counting_search)
+    monkeypatch.setattr(span_triton, "_prefill_search", counting_search)
     out = torch.full((B, 4, L, 16), float("nan"))
     superlinear_attention_triton(q1, q2, k, v, pos, params, mask, out=out)
     assert calls == [segment] * (L // segment) + ([L % segment] if L % segment else [])
