@@ -2,7 +2,7 @@
 # One device call for issue 11's numbers: the whole-model bench (bench/model.py), the one-layer kernel
 # bench (bench/kernels.py: prefill rows incl. K4, the K3 chunk, the decode sweep incl. K1/K2), then the
 # GPU tests of the engine. Each step has its own time limit; the exit code is nonzero if any step failed.
-#   bash bench/engine_session.sh            (env: MODEL_TIMEOUT, KERNEL_TIMEOUT, TEST_TIMEOUT, MODEL_ARGS, GPU_K)
+#   bash bench/engine_session.sh            (env: MODEL_TIMEOUT, KERNEL_TIMEOUT, TEST_TIMEOUT, MODEL_ARGS, KERNEL_ONLY, GPU_K)
 set -euo pipefail
 source bench/gpu_env.sh
 unset TRITON_INTERPRET
@@ -16,7 +16,7 @@ timeout "${MODEL_TIMEOUT:-220}" python3 -P bench/model.py --out "$OUT" ${MODEL_A
 { grep -E '^(\||card:|built)' "$OUT/model.log" || true; } | tail -30
 echo "model bench exit code: $mstatus"
 kstatus=0
-timeout "${KERNEL_TIMEOUT:-120}" python3 -P bench/kernels.py --only prefill,chunk,sweep --skip-upstream --out "$OUT" \
+timeout "${KERNEL_TIMEOUT:-120}" python3 -P bench/kernels.py --only "${KERNEL_ONLY:-prefill,chunk,sweep}" --skip-upstream --out "$OUT" \
   >"$OUT/kernels.log" 2>&1 || kstatus=$?
 { grep -v '^{' "$OUT/kernels.log" || true; } | tail -25  # the table (JSON progress lines left out)
 echo "kernel bench exit code: $kstatus"
