@@ -63,6 +63,7 @@ __all__ = [
     "causal_conv1d",
     "decode_linear",
     "decode_linears",
+    "env_choice",
     "mamba_decode_step",
     "mamba_prefill_ssd",
     "moe_experts",
@@ -80,6 +81,25 @@ def _triton_usable(device: torch.device) -> bool:
     except ImportError:
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def env_choice(name: str, allowed: tuple[str, ...], default: str) -> str:
+    """The value of the switch ``name`` (``default`` when unset), one of ``allowed``.
+
+    Raises:
+        UsageError: any other value (rule ``kernels.env-choice``), so a mistyped switch is not
+            silently read as the default.
+    """
+    value = os.environ.get(name, default)
+    if value not in allowed:
+        raise UsageError(
+            f"{name}={value!r} is not a known setting",
+            details=(f"expected one of {', '.join(allowed)} (default {default})",),
+            hint=f"set {name} to one of those, or unset it",
+            path=name,
+            rule="kernels.env-choice",
+        )
+    return value
 
 
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
@@ -269,7 +289,7 @@ def _gemv_applies(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> bool:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
         return False
-    if os.environ.get(GEMV_ENV, "triton") == "torch" or not _triton_usable(x.device):
+    if env_choice(GEMV_ENV, ("triton", "torch"), "triton") == "torch" or not _triton_usable(x.device):
         return False
     from secure_run.kernels._triton_gemv import DISPATCH_MAX_ROWS
 

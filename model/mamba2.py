@@ -145,10 +145,9 @@ def _ssd_mode() -> str:
     """Prefill path on CUDA from ``SECURE_RUN_SSD``: "triton" (default: Triton conv, then one fused
     scan + D + gated norm call), "v1" (the Triton conv and scan as first committed, D skip and gated
     norm in PyTorch: the benchmark's baseline) or "torch" (PyTorch's conv and scan)."""
-    import os
+    from secure_run.kernels import env_choice
 
-    mode = os.environ.get(SSD_ENV, "triton")
-    return mode if mode in ("v1", "torch") else "triton"
+    return env_choice(SSD_ENV, ("triton", "v1", "torch"), "triton")
 
 
 def _triton_ssd_enabled() -> bool:
