@@ -74,3 +74,33 @@ def near_tie_rows(
     scale = s.values[..., 0].abs().clamp(min=1.0)
     both = torch.isfinite(kth) & torch.isfinite(nxt)
     return both & ((kth - nxt).abs() <= rel * scale)
+
+
+_TINY_MAMBA_CONFIG = '''{"model_type": "nemotron_h", "vocab_size": 64, "hidden_size": 32,
+  "num_hidden_layers": 1, "hybrid_override_pattern": "M", "num_attention_heads": 4,
+  "num_key_value_heads": 2, "head_dim": 8, "mamba_num_heads": 4, "mamba_head_dim": 16,
+  "ssm_state_size": 16, "n_groups": 2, "conv_kernel": 4, "chunk_size": 16, "n_routed_experts": 4,
+  "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+  "moe_shared_expert_intermediate_size": 16, "torch_dtype": "float32"}'''
+
+
+def tiny_mamba_mixer(seed: int):  # type: ignore[no-untyped-def]
+    """A one-layer Mamba-2 mixer (4 heads of 16, state 16, 2 groups, chunk 16) with random weights and
+    random dt_bias / A_log / D / norm weight, and a factory of empty states for it."""
+    from secure_run.model.cache import MambaState
+    from secure_run.model.config import parse_config_json
+    from secure_run.model.mamba2 import Mamba2Mixer
+
+    cfg = parse_config_json(_TINY_MAMBA_CONFIG)
+    torch.manual_seed(seed)
+    mixer = Mamba2Mixer(cfg)
+    with torch.no_grad():
+        mixer.dt_bias.copy_(torch.randn(4) - 1.0)
+        mixer.A_log.copy_(0.5 * torch.randn(4))
+        mixer.D.copy_(torch.randn(4))
+        mixer.norm.weight.copy_(1.0 + 0.2 * torch.randn(64))
+
+    def new_state() -> MambaState:
+        return MambaState(conv=torch.zeros(1, cfg.mamba_conv_dim, 4), ssm=torch.zeros(1, 4, 16, 16))
+
+    return mixer, new_state

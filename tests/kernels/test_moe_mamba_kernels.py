@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from kernel_helpers import tiny_mamba_mixer
 
 from secure_run.kernels import add_rmsnorm, mamba_decode_step, moe_experts, moe_route
 from secure_run.kernels.model_reference import (
@@ -308,25 +309,8 @@ def test_mamba_reference_equals_eager_mixer() -> None:
 def test_mixer_fused_prefill_and_decode_equal_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     """The mixer's CUDA path (Triton scan for prefill, fused step for decode), run under the
     interpreter, equals its eager path over a chunked prefill and two decode steps."""
-    from secure_run.model.cache import MambaState
-    from secure_run.model.config import parse_config_json
-    from secure_run.model.mamba2 import Mamba2Mixer
-
     monkeypatch.setenv("SECURE_RUN_KERNEL_BACKEND", "triton")
-    cfg = parse_config_json('''{"model_type": "nemotron_h", "vocab_size": 64, "hidden_size": 32,
-      "num_hidden_layers": 1, "hybrid_override_pattern": "M", "num_attention_heads": 4,
-      "num_key_value_heads": 2, "head_dim": 8, "mamba_num_heads": 4, "mamba_head_dim": 16,
-      "ssm_state_size": 16, "n_groups": 2, "conv_kernel": 4, "chunk_size": 16, "n_routed_experts": 4,
-      "num_experts_per_tok": 2, "moe_intermediate_size": 16,
-      "moe_shared_expert_intermediate_size": 16, "torch_dtype": "float32"}''')
-    torch.manual_seed(1)
-    mixer = Mamba2Mixer(cfg)
-    with torch.no_grad():
-        mixer.dt_bias.copy_(torch.randn(4) - 1.0)
-        mixer.A_log.copy_(0.5 * torch.randn(4))
-
-    def new_state() -> MambaState:
-        return MambaState(conv=torch.zeros(1, cfg.mamba_conv_dim, 4), ssm=torch.zeros(1, 4, 16, 16))
+    mixer, new_state = tiny_mamba_mixer(1)
 
     se, sf = new_state(), new_state()
     u = torch.randn(1, 45, 32)
