@@ -854,20 +854,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.prefill is not None:
         prefill_len = [int(x) for x in a.prefill.split(",") if x]
     cfg = config_from_dict(FULL if not a.smoke else FULL | SMOKE)
-    if a.tune_gemv:
-        with section(res, "tune gemv"):
-            res["tune_gemv"] = tune_gemv(cfg)
-        with open(os.path.join(a.out, "model_tune_gemv.json"), "w") as fh:
-            json.dump(res, fh, indent=1, default=str)
-        log(gemv_table(res.get("tune_gemv", {})))
-        return 0
-    if a.tune_only:
-        with section(res, "tune"):
-            res["tune"] = tune_rows(cfg)
-        with open(os.path.join(a.out, "model_tune.json"), "w") as fh:
-            json.dump(res, fh, indent=1, default=str)
-        log(tune_table(res.get("tune", {})))
-        return 0
+    for wanted, key, tune, show in ((a.tune_gemv, "tune_gemv", tune_gemv, gemv_table),
+                                    (a.tune_only, "tune", tune_rows, tune_table)):
+        if wanted:  # kernel-level variants only: no model is built
+            with section(res, key.replace("_", " ")):
+                res[key] = tune(cfg)
+            with open(os.path.join(a.out, f"model_{key}.json"), "w") as fh:
+                json.dump(res, fh, indent=1, default=str)
+            log(show(res.get(key, {})))
+            return 0
     res["prefill_mamba_kernels"] = os.environ.get("SECURE_RUN_SSD", "triton")
     _JSON_PATH.append(os.path.join(a.out, "model_bench.json"))
     t0 = time.perf_counter()
