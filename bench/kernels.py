@@ -214,27 +214,29 @@ def bench_decode(Lkv: int, upstream: Any, rows: list[dict[str, Any]], rep: int) 
 #: ``--only search``: prefill search designs and tunables, each timed alone at the K3 / K4 shapes;
 #: the first entry is the previous table (single program per query, 4 warps), the second the table.
 SEARCH_VARIANTS: list[dict[str, Any]] = [
+    dict(search_design="single", search_warps=2),  # the table
     dict(search_design="single", search_warps=4),
-    dict(search_design="single", search_warps=2),
+    # the stripe-split design: its best setting of the 2026-12-02 sweep (bench/RESULTS.md lists the
+    # rest), then per-lane top-k with the 2 warps that made the single kernel fast
     *(dict(search_design="split", search_split_block=bs, search_split_len=sl, search_block_q=bq,
            search_split_warps=w, search_split_stages=st)
-      for bs, sl, bq, w, st in [(64, 64, 16, 2, 2), (64, 64, 16, 1, 2), (64, 0, 1, 4, 2), (64, 0, 4, 4, 2),
-                                (64, 0, 4, 2, 2), (64, 0, 4, 4, 3), (32, 0, 4, 2, 3), (128, 0, 4, 4, 2),
-                                (64, 512, 4, 4, 2), (64, 256, 8, 2, 2),
-                                # added after the recorded H200 runs (not measured yet): per-lane
-                                # top-k with the 2 warps that made the single kernel fast
-                                (64, 0, 1, 2, 2), (64, 0, 1, 2, 3)]),
+      for bs, sl, bq, w, st in [(64, 0, 1, 4, 2), (64, 0, 1, 2, 2), (64, 0, 1, 2, 3)]),
 ]
-#: ``--only search``: pair-tile attention tunables (sort + pair tiles + merge, given the search)
+#: ``--only search``: pair-tile attention tunables (sort + pair tiles + merge, given the search):
+#: BP queries x BN keys, warps, stages, unmasked inside run (phases), TMA loads in it
 PAIR_VARIANTS: list[dict[str, Any]] = [
-    dict(pair_block_p=128, pair_block_n=64, pair_warps=8, pair_stages=3),  # the previous table
-    *(dict(pair_block_p=p_, pair_block_n=n_, pair_warps=w, pair_stages=st)
-      for p_, n_, w, st in [(128, 32, 4, 4), (128, 32, 4, 3), (128, 16, 4, 4), (64, 32, 4, 4), (128, 32, 8, 4),
-                            (256, 32, 8, 3), (64, 64, 4, 3)]),
+    dict(pair_block_p=p_, pair_block_n=n_, pair_warps=w, pair_stages=st, pair_phases=ph, pair_tma=tma)
+    for p_, n_, w, st, ph, tma in [
+        (128, 32, 4, 4, False, False),  # the previous table (every block masked)
+        (128, 64, 8, 3, True, True),  # the table
+        (128, 64, 8, 3, True, False), (64, 64, 4, 3, True, True), (64, 64, 4, 3, True, False),
+        (128, 32, 4, 4, True, True), (128, 128, 8, 2, True, True), (128, 64, 8, 3, False, False),
+    ]
 ]
-#: the previous table's prefill settings (single-program search, 128 x 64 pair tiles, 8 warps)
-PREVIOUS = dict(search_design="single", search_warps=4, pair_block_p=128, pair_block_n=64, pair_warps=8,
-                pair_stages=3)
+#: the previous table's prefill settings (2-warp single-program search, 128 x 32 pair tiles, 4 warps,
+#: 4 stages, every block masked)
+PREVIOUS = dict(search_design="single", search_warps=2, pair_block_p=128, pair_block_n=32, pair_warps=4,
+                pair_stages=4, pair_phases=False, pair_tma=False)
 #: the K3 / K4 shapes: (name, chunk length, context, first position)
 SEARCH_SHAPES = [("K3 chunk 32K @1M", 32768, 1 << 20, (1 << 20) - 32768), ("K4 prefill 128K", 1 << 17, 1 << 17, 0)]
 
@@ -296,7 +298,7 @@ def _bench_search_shape(rows: list[dict[str, Any]], rep: int, name: str, L: int,
                     s.qstart[:, :, a0:b0], s.qend[:, :, a0:b0], out[:, :, a0:b0], window=P.window_len,
                     block_p=cfg.pair_block_p, block_n=cfg.pair_block_n, block_m=cfg.merge_block_m,
                     upcast=False, precision=dot_precision(DT), num_warps=cfg.pair_warps,
-                    num_stages=cfg.pair_stages)
+                    num_stages=cfg.pair_stages, phases=cfg.pair_phases, tma=cfg.pair_tma)
         try:
             t = _ms(pair, rep)
         except Exception as err:  # report the variant, keep sweeping

@@ -49,6 +49,8 @@ class TritonConfig:
     pair_block_n: int
     pair_warps: int
     pair_stages: int
+    pair_phases: bool
+    pair_tma: bool
     merge_block_m: int
     decode_mode: str
     decode_split: int
@@ -68,6 +70,7 @@ class TritonConfig:
 _CPU_INTERPRETER = TritonConfig(
     search_block_s=16, search_warps=4, search_design="single", search_split_block=16, search_split_len=32,
     search_block_q=4, search_split_warps=4, search_split_stages=1, pair_block_p=16, pair_block_n=16, pair_warps=4, pair_stages=1,
+    pair_phases=True, pair_tma=True,
     merge_block_m=16, decode_mode="split", decode_split=32, decode_chunk=32, decode_wchunk=16, decode_block_n=16,
     decode_block_nw=16, decode_warps=4, decode_stages=1, decode_lane_max=True, decode_union_chunk=32, decode_union_warps=4, decode_union_stages=1, prefill_segment=1 << 15,
 )
@@ -91,8 +94,11 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
     "kernels", 2026-12-02): the single-program search with 2 warps instead of 4 (K3 32K chunk at
     1M: 11.95 -> 8.70 ms; K4 128K: 10.19 -> 6.75 ms, same anchors on every row); the stripe-split
     design (``search_design="split"``) measured slower in every setting tried (best 9.07 / 7.79
-    ms). Pair tiles 128 queries x 32 keys, 4 warps, 4 stages instead of 128 x 64, 8 warps, 3
-    stages: 59.6 -> 51.5 ms (K3), 74.0 -> 62.0 ms (K4).
+    ms). Pair tiles (2026-12-03): each tile runs the key blocks that lie inside every row's range
+    without masks, loading K / V there through TMA descriptors, in 128 queries x 64 keys, 8 warps, 3
+    stages; pair tiles alone 50.6 -> 32.0 ms (K3), 56.9 -> 42.0 ms (K4) against the fully masked
+    128 x 32, 4 warps, 4 stages of the previous table (which had beaten 128 x 64 with every block
+    masked: 59.6 / 74.0 ms). fp32 and head_dim > 128 keep 64 x 32 tiles and pointer loads.
     """
     if device.type != "cuda":
         return _CPU_INTERPRETER
@@ -108,9 +114,11 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
         search_split_warps=4,
         search_split_stages=2,
         pair_block_p=64 if wide else 128,
-        pair_block_n=32,
-        pair_warps=8 if wide else 4,
-        pair_stages=2 if wide else 4,
+        pair_block_n=32 if wide else 64,
+        pair_warps=8,
+        pair_stages=2 if wide else 3,
+        pair_phases=True,
+        pair_tma=not wide,
         merge_block_m=16,
         decode_mode="union" if union else "split",
         decode_split=64,
@@ -291,6 +299,7 @@ def superlinear_attention_triton(
         launch_prefill_attention(
             q2[:, :, a:b], k, v, pa, mask, val, anc, qs, qe, out[:, :, a:b], window=W,
             block_p=cfg.pair_block_p, block_n=cfg.pair_block_n, block_m=cfg.merge_block_m, upcast=upcast,
-            precision=prec, num_warps=cfg.pair_warps, num_stages=cfg.pair_stages,
+            precision=prec, num_warps=cfg.pair_warps, num_stages=cfg.pair_stages, phases=cfg.pair_phases,
+            tma=cfg.pair_tma,
         )
     return out
