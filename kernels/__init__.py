@@ -142,6 +142,7 @@ def superlinear_attention(
     attention_mask: torch.Tensor | None = None,
     *,
     backend: Backend | None = None,
+    positions_checked: bool = False,
 ) -> torch.Tensor:
     """Superlinear attention of a chunk of queries against a static KV cache.
 
@@ -157,6 +158,10 @@ def superlinear_attention(
         params: span hyper-parameters.
         attention_mask: [B, Lkv], 1 = valid key, or None.
         backend: "auto" | "reference" | "triton" (default: $SECURE_RUN_KERNEL_BACKEND or "auto").
+        positions_checked: the caller built ``cache_position`` from host-side counters that are
+            already bounds-checked (the model: ``HybridCache.positions_for``), so the value check
+            and its host sync are skipped. The kernels read keys up to each position without a
+            bound of their own: never pass True for positions that come from a caller's input.
 
     Returns:
         [B, Hq, Lq, D] in q2's dtype. ``Lq == 1`` takes the decode path.
@@ -168,7 +173,7 @@ def superlinear_attention(
     check_shapes(q1, q2, k, v, cache_position, attention_mask)
     which = resolve_backend(q2.device, backend)
     capturing = q2.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing and not (q2.is_cuda and q2.shape[2] == 1):
+    if not positions_checked and not capturing and not (q2.is_cuda and q2.shape[2] == 1):
         check_positions(cache_position, k.shape[2])  # host sync: skipped for CUDA decode / graphs
     if which == "reference":
         if cache_position.dim() == 2:  # per-row decode positions [B, 1]: the reference row by row

@@ -135,8 +135,12 @@ class SuperlinearAttention(_Projections):
         if positions.dim() == 1 or positions.shape[1] == 1:
             # one call for prefill, chunked prefill and decode (positions [B, 1] in a batched decode:
             # each row at its own position, one launch set): K/V are the full static buffers
-            o = kernel(q1, q2, kv.k, kv.v, positions, self.params, attention_mask=None)  # [B, Hq, L, D]
+            # positions come from the cache's host-side counters (``positions_for``, the decode
+            # graphs, the slot pool), checked against the buffer there: no per-layer host sync
+            o = kernel(q1, q2, kv.k, kv.v, positions, self.params, attention_mask=None,
+                       positions_checked=True)  # [B, Hq, L, D]
         else:  # several new tokens per row at per-row positions: one call per row on batch-1 views
             o = torch.cat([kernel(q1[r:r + 1], q2[r:r + 1], kv.k[r:r + 1], kv.v[r:r + 1], positions[r],
-                                  self.params, attention_mask=None) for r in range(x.shape[0])])
+                                  self.params, attention_mask=None, positions_checked=True)
+                           for r in range(x.shape[0])])
         return self._out(o.to(x.dtype))

@@ -139,3 +139,26 @@ def test_cache_refuses_overflow_and_bad_input(model: HybridLM) -> None:
         model(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(UsageError):
         model(_ids(3, batch=2), model.new_cache(1, 8))
+
+
+def test_prefill_skips_the_per_layer_position_check(folder_factory: Callable[..., Path],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model's positions come from the cache's bounds-checked counters, so no attention layer
+    re-checks them (on CUDA that check is a host sync per layer and chunk: ~7 ms of a 128K one-shot
+    layer on the H200); a chunk past the buffer is still refused, by the cache, before any layer."""
+    import secure_run.kernels as kernels
+
+    model = load_model(folder_factory(TINY_SL))
+    ids = _ids()
+    want = model(ids)
+
+    def refuse(*_a: object, **_k: object) -> None:
+        raise AssertionError("per-layer position check called")
+
+    monkeypatch.setattr(kernels, "check_positions", refuse)
+    cache = model.new_cache(1, L)
+    got = torch.cat([model(ids[:, :20], cache), model(ids[:, 20:], cache)], 1)  # prefill, chunked
+    assert _rel(got, want) < 1e-5
+    with pytest.raises(UsageError) as info:
+        model(ids[:, :1], cache)  # the cache is full
+    assert info.value.rule == "cache.full"
