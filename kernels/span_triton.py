@@ -96,9 +96,10 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
     design (``search_design="split"``) measured slower in every setting tried (best 9.07 / 7.79
     ms). Pair tiles (2026-12-03): each tile runs the key blocks that lie inside every row's range
     without masks, loading K / V there through TMA descriptors, in 128 queries x 64 keys, 8 warps, 3
-    stages; pair tiles alone 50.6 -> 32.0 ms (K3), 56.9 -> 42.0 ms (K4) against the fully masked
-    128 x 32, 4 warps, 4 stages of the previous table (which had beaten 128 x 64 with every block
-    masked: 59.6 / 74.0 ms). fp32 and head_dim > 128 keep 64 x 32 tiles and pointer loads.
+    stages: pair tiles alone 47.2 -> 33.3 ms (K3), 56.8 -> 46.4 ms (K4), the layer 58.1 -> 43.0 /
+    65.1 -> 53.0 ms, against the every-block-masked 128 x 32, 4 warps, 4 stages of the previous
+    table (128 x 64 with every block masked: 46.1 / 59.5 ms). fp32 and head_dim > 128 keep 64 x 32
+    tiles and pointer loads.
     """
     if device.type != "cuda":
         return _CPU_INTERPRETER
