@@ -214,7 +214,8 @@ def bench_decode(Lkv: int, upstream: Any, rows: list[dict[str, Any]], rep: int) 
 
 
 #: ``--only search``: prefill search designs and tunables, each timed alone at the K3 / K4 shapes;
-#: the first entry is the previous table (single program per query, 4 warps), the second the table.
+#: the first entry is the table (single program per query, 2 warps): the others' anchors are compared
+#: with its anchors.
 SEARCH_VARIANTS: list[dict[str, Any]] = [
     dict(search_design="single", search_warps=2),  # the table
     dict(search_design="single", search_warps=4),

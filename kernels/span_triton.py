@@ -6,7 +6,7 @@
     ...                span_power=0.5, inv_search_power_int=2)
     >>> cfg = config_for(torch.device("cuda"), head_dim=128, dtype=torch.float16)
     >>> (cfg.pair_block_p, cfg.pair_block_n, cfg.decode_chunk)
-    (128, 32, 1024)
+    (128, 64, 1024)
 
 Tunables come from a deterministic table keyed by device type, head_dim and dtype (no autotune
 sweep at run time, so a decode step can be captured in a CUDA graph). Decode (Lq == 1) never
@@ -93,8 +93,9 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
     Prefill (H200, fp16, released shapes, ``bench/kernels.py --only search``, bench/RESULTS.md
     "kernels", 2026-12-02): the single-program search with 2 warps instead of 4 (K3 32K chunk at
     1M: 11.95 -> 8.70 ms; K4 128K: 10.19 -> 6.75 ms, same anchors on every row); the stripe-split
-    design (``search_design="split"``) measured slower in every setting tried (best 9.07 / 7.79
-    ms). Pair tiles (2026-12-03): each tile runs the key blocks that lie inside every row's range
+    design (``search_design="split"``) with 2 warps is a little faster alone (8.47 / 6.56 vs 9.21 /
+    6.75 ms on 2026-12-03) but not in the whole layer (K3 42.4 vs 43.0 ms and 43.2 vs 43.1 in two
+    calls; K4 54.1 vs 53.0 and 57.3 vs 53.8), and slower in every other setting tried. Pair tiles (2026-12-03): each tile runs the key blocks that lie inside every row's range
     without masks, loading K / V there through TMA descriptors, in 128 queries x 64 keys, 8 warps, 3
     stages: pair tiles alone 47.2 -> 33.3 ms (K3), 56.8 -> 46.4 ms (K4), the layer 58.1 -> 43.0 /
     65.1 -> 53.0 ms, against the every-block-masked 128 x 32, 4 warps, 4 stages of the previous
