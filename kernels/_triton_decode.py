@@ -12,6 +12,12 @@ from the current position, and nothing is read back to the host.
      K/V block through one ``tl.dot`` ([R, D] x [D, BN]) -> (o, lse) per head;
 3. ``_decode_merge_kernel`` (b, h): LSE-merge the window parts with each slot's span parts, then
    the softmax gate over the search values.
+
+The "piece" design replaces step 2's span programs: ``_decode_piece_plan_kernel`` lists each KV
+head's (row, piece) items in piece order, and ``_decode_piece_kernel`` streams one item per
+program (same per-row loop as the split stream), so the reads of keys that several heads' spans
+share happen at the same time. The "union" design (``_decode_union_kernel``) scores every key once
+for all the rows of its KV head.
 """
 
 from __future__ import annotations
@@ -25,37 +31,14 @@ from secure_run.kernels._triton_search import select_topk
 
 
 @triton.jit
-def _decode_span_part(
-    pid, pos, POS, Q2, K, V, MASK, S0, CONSTS, CV, CA, O_SPAN, L_SPAN,
-    Lkv, W, Hq, n_cand, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
-    R: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, K_VAL: tl.constexpr, NC: tl.constexpr,
-    NCH: tl.constexpr, CHUNK: tl.constexpr, BN: tl.constexpr, HAS_MASK: tl.constexpr, FWD: tl.constexpr,
-    HAS_W: tl.constexpr, LANE_MAX: tl.constexpr, POS_ROWS: tl.constexpr,
-):
-    """Chunk c of the span of slot j of head h: fp32 online softmax over at most CHUNK keys.
+def _stream_keys(q, k_base, v_base, m_row, lo, hi, s_kl, s_vl, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+                 HAS_MASK: tl.constexpr, LANE_MAX: tl.constexpr):
+    """(o, lse) of one query row ``q`` (fp32, scaled) over keys [lo, hi]: fp32 online softmax.
 
     ``LANE_MAX``: the running max is kept per key lane too, so the loop has no cross-warp step at
     all (the lanes are rescaled to the common max once at the end)."""
     d = tl.arange(0, BD)
     dmask = d < D
-    c = pid % NCH
-    rest = pid // NCH
-    j = rest % K_VAL
-    bh = (rest // K_VAL).to(tl.int64)
-    b = bh // Hq
-    h = bh % Hq
-    g = h // R
-    if POS_ROWS:
-        pos = tl.load(POS + b).to(tl.int64)
-    s0 = 0
-    if HAS_MASK:
-        s0 = tl.load(S0 + b)
-    _, a = select_topk(CV, CA, bh * n_cand, j, NC, n_cand, K_VAL)
-    qs, qe = span_bounds(a, pos, s0, Lkv, W, CONSTS, FWD, HAS_W)
-    lo = tl.maximum(qs, 0) + c * CHUNK
-    hi = tl.minimum(qe, lo + CHUNK - 1)
-    hi = tl.where(a >= 0, hi, -1)
-    q = tl.load(Q2 + b * s_qb + h * s_qh + d, mask=dmask, other=0.0).to(tl.float32) * sm_scale
     # running max is a scalar; sums stay per key lane ([BN] and [BN, BD]) and are reduced once at
     # the end, so each step needs one cross-warp reduction (the max) instead of three
     m_i = tl.full([], float("-inf"), tl.float32)
@@ -63,13 +46,11 @@ def _decode_span_part(
     l2 = tl.full([BN], 0.0, tl.float32)
     acc2 = tl.full([BN, BD], 0.0, tl.float32)
     cols = tl.arange(0, BN)
-    k_base = K + b * s_kb + g * s_kh
-    v_base = V + b * s_vb + g * s_vh
     for k0 in range(lo, hi + 1, BN):
         kk = k0 + cols
         km = kk <= hi
         if HAS_MASK:
-            km = km & (tl.load(MASK + b * Lkv + kk, mask=km, other=0) != 0)
+            km = km & (tl.load(m_row + kk, mask=km, other=0) != 0)
         kt = tl.load(k_base + kk[:, None] * s_kl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
         vt = tl.load(v_base + kk[:, None] * s_vl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
         s = tl.sum(kt.to(tl.float32) * q[None, :], axis=1)
@@ -100,6 +81,40 @@ def _decode_span_part(
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    return o, lse
+
+
+@triton.jit
+def _decode_span_part(
+    pid, pos, POS, Q2, K, V, MASK, S0, CONSTS, CV, CA, O_SPAN, L_SPAN,
+    Lkv, W, Hq, n_cand, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
+    R: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, K_VAL: tl.constexpr, NC: tl.constexpr,
+    NCH: tl.constexpr, CHUNK: tl.constexpr, BN: tl.constexpr, HAS_MASK: tl.constexpr, FWD: tl.constexpr,
+    HAS_W: tl.constexpr, LANE_MAX: tl.constexpr, POS_ROWS: tl.constexpr,
+):
+    """Chunk c of the span of slot j of head h: fp32 online softmax over at most CHUNK keys."""
+    d = tl.arange(0, BD)
+    dmask = d < D
+    c = pid % NCH
+    rest = pid // NCH
+    j = rest % K_VAL
+    bh = (rest // K_VAL).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    g = h // R
+    if POS_ROWS:
+        pos = tl.load(POS + b).to(tl.int64)
+    s0 = 0
+    if HAS_MASK:
+        s0 = tl.load(S0 + b)
+    _, a = select_topk(CV, CA, bh * n_cand, j, NC, n_cand, K_VAL)
+    qs, qe = span_bounds(a, pos, s0, Lkv, W, CONSTS, FWD, HAS_W)
+    lo = tl.maximum(qs, 0) + c * CHUNK
+    hi = tl.minimum(qe, lo + CHUNK - 1)
+    hi = tl.where(a >= 0, hi, -1)
+    q = tl.load(Q2 + b * s_qb + h * s_qh + d, mask=dmask, other=0.0).to(tl.float32) * sm_scale
+    o, lse = _stream_keys(q, K + b * s_kb + g * s_kh, V + b * s_vb + g * s_vh, MASK + b * Lkv, lo, hi, s_kl, s_vl,
+                          D, BD, BN, HAS_MASK, LANE_MAX)
     row = (bh * K_VAL + j) * NCH + c
     tl.store(O_SPAN + row * D + d, o, mask=dmask)
     tl.store(L_SPAN + row, lse)
@@ -396,6 +411,107 @@ def _decode_union_merge_kernel(
 
 
 @triton.jit
+def _decode_piece_plan_kernel(
+    QS, QE, ITEMS, COUNT, L_SPAN, CAP,
+    RK: tl.constexpr, RKP: tl.constexpr, NCH: tl.constexpr, NCHP: tl.constexpr, PIECE: tl.constexpr,
+    EB: tl.constexpr, BY_PIECE: tl.constexpr,
+):
+    """Work list of one KV head (program (b*G + g, item block)): its RK span rows (bounds from the
+    finalize kernel; row r = local head * K + slot) cut at PIECE-key boundaries.
+
+    Row r covers pieces [qs // PIECE, qe // PIECE]; its item i (piece p = first + i) goes to rank
+    (items of earlier pieces) + (earlier rows on p) with ``BY_PIECE``, else (items of earlier rows)
+    + i. In piece order the rows that share keys are adjacent in the work list, so the programs
+    reading those keys run together and the second read can come from L2. An item is stored as
+    p * 256 + r. Parts past a row's last piece get lse = -inf for the merge. Block 0 also stores the
+    item count.
+    """
+    bg = tl.program_id(0).to(tl.int64)
+    eb = tl.program_id(1)
+    r = tl.arange(0, RKP)
+    rm = r < RK
+    qs = tl.load(QS + bg * RK + r, mask=rm, other=-1)
+    qe = tl.load(QE + bg * RK + r, mask=rm, other=-1)
+    ok = rm & (qs >= 0) & (qe >= qs)
+    first = tl.where(ok, qs // PIECE, 0)
+    npc = tl.where(ok, qe // PIECE - first + 1, 0)
+    if eb == 0:
+        tl.store(COUNT + bg, tl.sum(npc, axis=0))
+    e = eb * EB + tl.arange(0, EB)
+    er = e // NCHP
+    ei = e % NCHP
+    erm = er < RK
+    qse = tl.load(QS + bg * RK + er, mask=erm, other=-1)
+    qee = tl.load(QE + bg * RK + er, mask=erm, other=-1)
+    oke = erm & (qse >= 0) & (qee >= qse)
+    fe = tl.where(oke, qse // PIECE, 0)
+    ne = tl.where(oke, qee // PIECE - fe + 1, 0)
+    pe = fe + ei
+    if BY_PIECE:
+        before = tl.minimum(tl.maximum(pe[:, None] - first[None, :], 0), npc[None, :])
+        same = (r[None, :] < er[:, None]) & (first[None, :] <= pe[:, None]) & (pe[:, None] < first[None, :] + npc[None, :])
+        rank = tl.sum(before, axis=1) + tl.sum(same.to(tl.int64), axis=1)
+    else:
+        rank = tl.sum(tl.where(r[None, :] < er[:, None], npc[None, :], 0), axis=1) + ei
+    tl.store(ITEMS + bg * CAP + rank, pe * 256 + er, mask=ei < ne)
+    tl.store(L_SPAN + (bg * RK + er) * NCH + ei, float("-inf"), mask=erm & (ei >= ne) & (ei < NCH))
+
+
+@triton.jit
+def _decode_piece_part(
+    t, Q2, K, V, MASK, QS, QE, ITEMS, COUNT, O_SPAN, L_SPAN,
+    Lkv, G, Hq, CAP, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
+    R: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, K_VAL: tl.constexpr,
+    NCH: tl.constexpr, PIECE: tl.constexpr, BN: tl.constexpr, HAS_MASK: tl.constexpr, LANE_MAX: tl.constexpr,
+):
+    """Item t of the work list: one span row over the keys of one piece -> its part (o, lse)."""
+    bg = (t // CAP).to(tl.int64)
+    i = t % CAP
+    if i < tl.load(COUNT + bg):
+        d = tl.arange(0, BD)
+        dmask = d < D
+        b = bg // G
+        g = bg % G
+        it = tl.load(ITEMS + bg * CAP + i)
+        p = it // 256
+        er = it % 256  # local row: head * K + slot
+        j = er % K_VAL
+        bh = b * Hq + g * R + er // K_VAL
+        qs = tl.load(QS + bh * K_VAL + j)
+        qe = tl.load(QE + bh * K_VAL + j)
+        lo = tl.maximum(qs, p * PIECE)
+        hi = tl.minimum(qe, p * PIECE + PIECE - 1)
+        q = tl.load(Q2 + b * s_qb + (bh % Hq) * s_qh + d, mask=dmask, other=0.0).to(tl.float32) * sm_scale
+        o, lse = _stream_keys(q, K + b * s_kb + g * s_kh, V + b * s_vb + g * s_vh, MASK + b * Lkv, lo, hi, s_kl,
+                              s_vl, D, BD, BN, HAS_MASK, LANE_MAX)
+        row = (bh * K_VAL + j) * NCH + (p - qs // PIECE)
+        tl.store(O_SPAN + row * D + d, o, mask=dmask)
+        tl.store(L_SPAN + row, lse)
+
+
+@triton.jit
+def _decode_piece_kernel(
+    Q2, K, V, POS, MASK, QS, QE, ITEMS, COUNT, O_SPAN, L_SPAN, O_WIN, L_WIN,
+    Lkv, W, G, Hq, CAP, n_piece_progs, sm_scale,
+    s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
+    R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, K_VAL: tl.constexpr,
+    NCH: tl.constexpr, NWCH: tl.constexpr, PIECE: tl.constexpr, WCHUNK: tl.constexpr,
+    BN: tl.constexpr, BNW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_W: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, LANE_MAX: tl.constexpr, POS_ROWS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid < n_piece_progs:
+        _decode_piece_part(pid, Q2, K, V, MASK, QS, QE, ITEMS, COUNT, O_SPAN, L_SPAN,
+                           Lkv, G, Hq, CAP, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
+                           R, D, BD, K_VAL, NCH, PIECE, BN, HAS_MASK, LANE_MAX)
+    else:
+        pos = tl.load(POS).to(tl.int64)  # with POS_ROWS: replaced by the row's own in the part
+        _decode_window_part(pid - n_piece_progs, pos, POS, Q2, K, V, MASK, O_WIN, L_WIN,
+                            Lkv, W, G, Hq, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
+                            R, RP, D, BD, NWCH, WCHUNK, BNW, HAS_MASK, HAS_W, UPCAST, PRECISION, POS_ROWS)
+
+
+@triton.jit
 def _decode_attn_kernel(
     Q2, K, V, POS, MASK, S0, CONSTS, CV, CA, O_SPAN, L_SPAN, O_WIN, L_WIN,
     Lkv, W, G, Hq, n_cand, n_span_progs, sm_scale,
@@ -421,8 +537,8 @@ def _decode_attn_kernel(
 def _decode_merge_kernel(
     CV, CA, O_SPAN, L_SPAN, O_WIN, L_WIN, OUT,
     n_cand, s_ob, s_oh, Hq,
-    K_VAL: tl.constexpr, NC: tl.constexpr, NCH: tl.constexpr, NWCH: tl.constexpr, NCHP: tl.constexpr,
-    NWCHP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    K_VAL: tl.constexpr, KP: tl.constexpr, NC: tl.constexpr, NCH: tl.constexpr, NWCH: tl.constexpr,
+    NCHP: tl.constexpr, NWCHP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     b = bh // Hq
@@ -436,17 +552,25 @@ def _decode_merge_kernel(
     ow = tl.load(O_WIN + (bh * NWCH + wc)[:, None] * D + d[None, :], mask=wm[:, None] & dmask[None, :], other=0.0)
     sc = tl.arange(0, NCHP)
     sm = sc < NCH
-    gmax = float("-inf")
+    # the gate: softmax over the top-K search values (-1e9 for an empty slot), one pass over the
+    # candidates; no load below depends on it, so every part load can be in flight at once
+    idx = tl.arange(0, NC)
+    cm = idx < n_cand
+    cv = tl.load(CV + bh * n_cand + idx, mask=cm, other=float("-inf"))
+    ca = tl.load(CA + bh * n_cand + idx, mask=cm, other=-1)
+    gate = tl.full([KP], float("-inf"), tl.float32)
+    kc = tl.arange(0, KP)
     for jj in tl.static_range(K_VAL):
-        vj, aj = select_topk(CV, CA, bh * n_cand, jj, NC, n_cand, K_VAL)
-        gmax = tl.maximum(gmax, tl.where(aj >= 0, vj, -1e9))
-    gsum = 0.0
+        mv, am = tl.max(cv, axis=0, return_indices=True)
+        ma = tl.sum(tl.where(idx == am, ca, 0), axis=0)
+        gate = tl.where(kc == jj, tl.where((mv > float("-inf")) & (ma >= 0), mv, -1e9), gate)
+        cv = tl.where(idx == am, float("-inf"), cv)
+    gate = tl.exp(gate - tl.max(gate, axis=0))
+    gsum = tl.sum(gate, axis=0)
     out = tl.full([BD], 0.0, tl.float32)
     for jj in tl.static_range(K_VAL):
-        vj, aj = select_topk(CV, CA, bh * n_cand, jj, NC, n_cand, K_VAL)
-        gj = tl.exp(tl.where(aj >= 0, vj, -1e9) - gmax)
-        gsum += gj
         ls = tl.load(L_SPAN + (bh * K_VAL + jj) * NCH + sc, mask=sm, other=float("-inf"))
+        # parts with lse = -inf may hold anything (the piece design leaves them unwritten)
         os_ = tl.load(O_SPAN + ((bh * K_VAL + jj) * NCH + sc)[:, None] * D + d[None, :],
                       mask=sm[:, None] & dmask[None, :], other=0.0)
         mx = tl.maximum(tl.max(lw, axis=0), tl.max(ls, axis=0))
@@ -454,7 +578,8 @@ def _decode_merge_kernel(
         ew = tl.exp(lw - mu)
         es = tl.exp(ls - mu)
         den = tl.sum(ew, axis=0) + tl.sum(es, axis=0)
-        num = tl.sum(ew[:, None] * ow, axis=0) + tl.sum(es[:, None] * os_, axis=0)
+        num = tl.sum(ew[:, None] * ow, axis=0) + tl.sum(tl.where((ls > float("-inf"))[:, None], es[:, None] * os_, 0.0), axis=0)
+        gj = tl.sum(tl.where(kc == jj, gate, 0.0), axis=0)
         out += gj * (num / tl.where(den > 0, den, 1.0))
     out = out / gsum
     tl.store(OUT + b * s_ob + h * s_oh + d, out.to(OUT.dtype.element_ty), mask=dmask)
@@ -497,8 +622,11 @@ def launch_decode(
     ``pos``: [1], the position of every row; with ``pos_rows``, [B] contiguous, row b's own
     position (each row's search, window and span bounds follow it; one launch set for the batch).
 
-    ``mode``: "union" (spans of the R query heads of a KV head deduplicated, each key read once)
-    or "split" (every (head, slot) span streamed on its own). ``lane_max`` and ``num_stages``:
+    ``mode``: "union" (spans of the R query heads of a KV head deduplicated, each key read once),
+    "split" (every (head, slot) span streamed on its own in ``chunk``-key chunks from its start), or
+    "piece" (the split stream cut at a global grid of ``chunk``-key pieces, its work list ordered by
+    piece, so the heads that share keys read them together and the repeats come from L2;
+    "piece-rows": the same work list in row order, kept to measure what the piece order gains). ``lane_max`` and ``num_stages``:
     the split stream's running max per key lane, and its software-pipelining depth.
     """
     from secure_run.kernels._triton_search import launch_search
@@ -555,22 +683,56 @@ def launch_decode(
             num_warps=4,
         )
         return
-    nch = max(1, triton.cdiv(max_span, chunk))
-    o_span = torch.empty(B * Hq * num_spans * nch, D, dtype=torch.float32, device=dev)
-    l_span = torch.empty(B * Hq * num_spans * nch, dtype=torch.float32, device=dev)
-    n_span_progs = B * Hq * num_spans * nch
-    _decode_attn_kernel[(n_span_progs + B * G * nwch,)](
-        q2, k, v, pos, m_arg, s0 if s0 is not None else dummy, consts, cv, ca,
-        o_span, l_span, o_win, l_win,
-        Lkv, window, G, Hq, n_cand, n_span_progs, 1.0 / (D**0.5), *strides,
-        R=R, RP=RP, D=D, BD=BD, K_VAL=num_spans, NC=NC, NCH=nch, NWCH=nwch,
-        CHUNK=chunk, WCHUNK=wchunk, BN=block_n, BNW=block_nw, HAS_MASK=mask is not None, FWD=forward,
-        HAS_W=window > 0, UPCAST=upcast, PRECISION=precision, LANE_MAX=lane_max, POS_ROWS=pos_rows,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    if mode in ("piece", "piece-rows"):
+        nch = max(1, triton.cdiv(max_span, chunk)) + 1  # a span meets at most this many pieces
+        o_span = torch.empty(B * Hq * num_spans * nch, D, dtype=torch.float32, device=dev)
+        l_span = torch.empty(B * Hq * num_spans * nch, dtype=torch.float32, device=dev)
+        RK = R * num_spans
+        assert RK <= 256, "piece work items pack the local row in 8 bits"
+        cap = RK * nch
+        KP = triton.next_power_of_2(num_spans)
+        vals = torch.empty(B, Hq, num_spans, dtype=torch.float32, device=dev)
+        ancs, qs, qe = (torch.empty(B, Hq, num_spans, dtype=torch.int64, device=dev) for _ in range(3))
+        _decode_finalize_kernel[(B * Hq,)](
+            cv, ca, pos, s0 if s0 is not None else dummy, consts, vals, ancs, qs, qe, n_cand, Lkv, window, Hq,
+            NC=NC, K_VAL=num_spans, KP=KP, HAS_MASK=mask is not None, FWD=forward, HAS_W=window > 0,
+            POS_ROWS=pos_rows, num_warps=4,
+        )
+        items = torch.empty(B * G * cap, dtype=torch.int64, device=dev)
+        count = torch.empty(B * G, dtype=torch.int64, device=dev)
+        RKP = triton.next_power_of_2(RK)
+        nchp = triton.next_power_of_2(nch)
+        eb = min(64, RKP * nchp)
+        _decode_piece_plan_kernel[(B * G, RKP * nchp // eb)](
+            qs, qe, items, count, l_span, cap,
+            RK=RK, RKP=RKP, NCH=nch, NCHP=nchp, PIECE=chunk, EB=eb, BY_PIECE=mode == "piece", num_warps=4,
+        )
+        n_piece_progs = B * G * cap
+        _decode_piece_kernel[(n_piece_progs + B * G * nwch,)](
+            q2, k, v, pos, m_arg, qs, qe, items, count, o_span, l_span, o_win, l_win,
+            Lkv, window, G, Hq, cap, n_piece_progs, 1.0 / (D**0.5), *strides,
+            R=R, RP=RP, D=D, BD=BD, K_VAL=num_spans, NCH=nch, NWCH=nwch, PIECE=chunk, WCHUNK=wchunk,
+            BN=block_n, BNW=block_nw, HAS_MASK=mask is not None, HAS_W=window > 0, UPCAST=upcast,
+            PRECISION=precision, LANE_MAX=lane_max, POS_ROWS=pos_rows, num_warps=num_warps, num_stages=num_stages,
+        )
+    else:
+        nch = max(1, triton.cdiv(max_span, chunk))
+        o_span = torch.empty(B * Hq * num_spans * nch, D, dtype=torch.float32, device=dev)
+        l_span = torch.empty(B * Hq * num_spans * nch, dtype=torch.float32, device=dev)
+        n_span_progs = B * Hq * num_spans * nch
+        _decode_attn_kernel[(n_span_progs + B * G * nwch,)](
+            q2, k, v, pos, m_arg, s0 if s0 is not None else dummy, consts, cv, ca,
+            o_span, l_span, o_win, l_win,
+            Lkv, window, G, Hq, n_cand, n_span_progs, 1.0 / (D**0.5), *strides,
+            R=R, RP=RP, D=D, BD=BD, K_VAL=num_spans, NC=NC, NCH=nch, NWCH=nwch,
+            CHUNK=chunk, WCHUNK=wchunk, BN=block_n, BNW=block_nw, HAS_MASK=mask is not None, FWD=forward,
+            HAS_W=window > 0, UPCAST=upcast, PRECISION=precision, LANE_MAX=lane_max, POS_ROWS=pos_rows,
+            num_warps=num_warps, num_stages=num_stages,
+        )
     _decode_merge_kernel[(B * Hq,)](
         cv, ca, o_span, l_span, o_win, l_win, out,
         n_cand, out.stride(0), out.stride(1), Hq,
-        K_VAL=num_spans, NC=NC, NCH=nch, NWCH=nwch, NCHP=max(2, triton.next_power_of_2(nch)),
+        K_VAL=num_spans, KP=triton.next_power_of_2(num_spans), NC=NC, NCH=nch, NWCH=nwch,
+        NCHP=max(2, triton.next_power_of_2(nch)),
         NWCHP=max(2, triton.next_power_of_2(nwch)), D=D, BD=BD, num_warps=4,
     )

@@ -1,6 +1,6 @@
 """Batched decode with one position per row (``cache_position`` [B, 1], Lq == 1), under the CPU
 interpreter: one launch set for rows at very different positions (window-only, few stripes, many
-stripes) equals the reference run row by row, for both decode designs, fp32 and fp16; the row's
+stripes) equals the reference run row by row, for every decode design, fp32 and fp16; the row's
 result is bit-identical to a batch-1 call of that row; the shared-position path is unchanged; other
 position shapes are refused with the ``kernels.cache_position`` rule.
 """
@@ -30,7 +30,7 @@ def _use_decode_mode(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
 
     base = span_triton.config_for
     monkeypatch.setattr(span_triton, "config_for", lambda *a, **kw: dataclasses.replace(
-        base(*a, **kw), decode_mode=mode[:5], decode_lane_max=mode == "split-lanes"))
+        base(*a, **kw), decode_mode=mode.split("-")[0], decode_lane_max=mode.endswith("-lanes")))
 
 
 def _inputs(dtype: torch.dtype, seed: int, hq: int = 2, hkv: int = 1, d: int = 16) -> tuple[torch.Tensor, ...]:
@@ -47,8 +47,8 @@ def _per_row_reference(q1: torch.Tensor, q2: torch.Tensor, k: torch.Tensor, v: t
 @pytest.mark.parametrize(
     ("mode", "dtype"),
     [("split", torch.float32), ("split-lanes", torch.float32), ("union", torch.float32),
-     ("split-lanes", torch.float16), ("union", torch.float16)],
-    ids=["split-fp32", "split-lanes-fp32", "union-fp32", "split-lanes-fp16", "union-fp16"],
+     ("split-lanes", torch.float16), ("union", torch.float16), ("piece-lanes", torch.float16)],
+    ids=["split-fp32", "split-lanes-fp32", "union-fp32", "split-lanes-fp16", "union-fp16", "piece-lanes-fp16"],
 )
 def test_rows_at_own_positions_equal_reference_row_by_row(mode: str, dtype: torch.dtype,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,7 +70,7 @@ def test_rows_at_own_positions_equal_reference_row_by_row(mode: str, dtype: torc
         assert torch.equal(out[r:r + 1], alone), f"row {r} differs from its batch-1 call"
 
 
-@pytest.mark.parametrize("mode", ["split", "union"])
+@pytest.mark.parametrize("mode", ["split", "union", "piece"])
 def test_rows_with_mask_and_no_forward_spans(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     _use_decode_mode(monkeypatch, mode)
     q1, q2, k, v = _inputs(torch.float32, seed=43)

@@ -1,5 +1,5 @@
 """GPU (marker ``gpu``): batched decode with one position per row (``cache_position`` [B, 1]) at the
-released shapes (32 query heads, 2 KV heads, head_dim 128), bf16, both decode designs: every row
+released shapes (32 query heads, 2 KV heads, head_dim 128), bf16, every decode design: every row
 equals the reference run for that row alone (near-tie rows excluded, as in test_triton_gpu.py) and
 the batch-1 call of that row; one CUDA graph replays new per-row positions like eager calls.
 """
@@ -27,10 +27,10 @@ def _use_decode_mode(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
 
     base = span_triton.config_for
     monkeypatch.setattr(span_triton, "config_for", lambda *a, **kw: dataclasses.replace(
-        base(*a, **kw), decode_mode=mode[:5], decode_lane_max=mode == "split-lanes"))
+        base(*a, **kw), decode_mode=mode.split("-")[0], decode_lane_max=mode.endswith("-lanes")))
 
 
-@pytest.mark.parametrize("mode", ["split-lanes", "union"])
+@pytest.mark.parametrize("mode", ["split-lanes", "union", "piece-lanes"])
 def test_rows_at_own_positions_equal_reference_bf16(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     _use_decode_mode(monkeypatch, mode)
     lkv = 1 << 17

@@ -97,7 +97,7 @@ def _use_decode_mode(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     base = span_triton.config_for
     # split-lanes: the split stream with a running max per key lane (the GPU default), split: one max
     monkeypatch.setattr(span_triton, "config_for", lambda *a, **kw: dataclasses.replace(
-        base(*a, **kw), decode_mode=mode[:5], decode_lane_max=mode == "split-lanes"))
+        base(*a, **kw), decode_mode=mode.split("-")[0], decode_lane_max=mode.endswith("-lanes")))
 
 
 @pytest.fixture(params=["union", "split", "split-lanes"])

@@ -155,7 +155,7 @@ def test_decode_with_mask_and_batch() -> None:
     _check_rows(out, q1, q2, k, v, pos, P_RELEASED, mask, torch.tensor([0], device=DEV), TOL[torch.float16], 0.2)
 
 
-@pytest.mark.parametrize("mode", ["split", "split-lanes", "union"])
+@pytest.mark.parametrize("mode", ["split", "split-lanes", "union", "piece-lanes"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_both_decode_designs_equal_reference(mode: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     import dataclasses
@@ -164,7 +164,7 @@ def test_both_decode_designs_equal_reference(mode: str, dtype: torch.dtype, monk
 
     base = span_triton.config_for
     monkeypatch.setattr(span_triton, "config_for", lambda *a, **kw: dataclasses.replace(
-        base(*a, **kw), decode_mode=mode[:5], decode_lane_max=mode == "split-lanes"))
+        base(*a, **kw), decode_mode=mode.split("-")[0], decode_lane_max=mode.endswith("-lanes")))
     Lkv = 1 << 20
     q1, q2, k, v = make_inputs(2, HQ, HKV, 1, Lkv, D, dtype, DEV, seed=31)
     for p in (5000, Lkv - 1):
@@ -174,7 +174,7 @@ def test_both_decode_designs_equal_reference(mode: str, dtype: torch.dtype, monk
         _check_rows(out, q1, q2, k, v, pos, P_RELEASED, None, torch.tensor([0], device=DEV), TOL[dtype], 0.1)
 
 
-@pytest.mark.parametrize("Lkv", [1 << 18, 1 << 22], ids=["256K-split", "4M-union"])
+@pytest.mark.parametrize("Lkv", [1 << 18, 1 << 22], ids=["256K-split", "4M-piece"])
 def test_decode_cuda_graph_replay_matches_eager(Lkv: int) -> None:
     q1, q2, k, v = make_inputs(1, HQ, HKV, 1, Lkv, D, torch.bfloat16, DEV, seed=9)
     pos = torch.tensor([Lkv - 5000], device=DEV)

@@ -1,0 +1,117 @@
+"""The "piece" decode design under the CPU interpreter: its work list (each KV head's span rows cut
+at a global grid of piece boundaries, in piece order) and its results against the reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+from kernel_helpers import P_INT2, P_INT3_NOFWD, SMALL, left_pad_mask, make_inputs, row_rel_err
+
+from secure_run.kernels import span_triton
+from secure_run.kernels._triton_decode import _decode_piece_plan_kernel
+from secure_run.kernels.reference import span_search_reference, superlinear_attention_reference
+from secure_run.kernels.span_triton import superlinear_attention_triton
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU interpreter suite")
+
+
+def _plan(qs: torch.Tensor, qe: torch.Tensor, piece: int, nch: int, by_piece: bool) -> tuple[list[int], int, torch.Tensor]:
+    """Run the plan kernel on one KV head's rows; (items as p * 256 + row, count, part lse)."""
+    rk = qs.numel()
+    cap = rk * nch
+    items = torch.full((cap,), -7, dtype=torch.int64)
+    count = torch.full((1,), -7, dtype=torch.int64)
+    lse = torch.full((rk * nch,), 5.0)
+    rkp = 1 << max(0, (rk - 1).bit_length())
+    nchp = 1 << max(0, (nch - 1).bit_length())
+    eb = min(64, rkp * nchp)
+    _decode_piece_plan_kernel[(1, rkp * nchp // eb)](
+        qs, qe, items, count, lse, cap, RK=rk, RKP=rkp, NCH=nch, NCHP=nchp, PIECE=piece, EB=eb, BY_PIECE=by_piece,
+    )
+    n = int(count[0])
+    assert (items[n:] == -7).all(), "nothing is written past the item count"
+    return items[:n].tolist(), n, lse.view(rk, nch)
+
+
+def _expected(qs: list[int], qe: list[int], piece: int, by_piece: bool) -> list[int]:
+    pairs = [(p, r) for r, (a, b) in enumerate(zip(qs, qe, strict=True)) if a >= 0 and b >= a
+             for p in range(a // piece, b // piece + 1)]
+    pairs.sort(key=(lambda t: t) if by_piece else (lambda t: (t[1], t[0])))
+    return [p * 256 + r for p, r in pairs]
+
+
+@pytest.mark.parametrize("by_piece", [True, False], ids=["piece-order", "row-order"])
+def test_plan_lists_every_row_piece_once_in_order(by_piece: bool) -> None:
+    # rows: overlapping, one inside another, touching at a boundary, a one-key span, no anchor (-1),
+    # and a span ending exactly on a piece boundary
+    qs = [0, 10, 31, 32, -1, 95, 40, 63, 64]
+    qe = [40, 20, 32, 95, -1, 95, 100, 63, 64]
+    piece, nch = 32, 4
+    t_qs, t_qe = torch.tensor(qs), torch.tensor(qe)
+    items, n, lse = _plan(t_qs, t_qe, piece, nch, by_piece)
+    assert items == _expected(qs, qe, piece, by_piece)
+    # parts past each row's last piece are empty (-inf) for the merge; the others are left for the
+    # attention programs (the poison 5.0 stays)
+    for r, (a, b) in enumerate(zip(qs, qe, strict=True)):
+        used = b // piece - a // piece + 1 if a >= 0 else 0
+        assert (lse[r, used:] == float("-inf")).all() and (lse[r, :used] == 5.0).all(), r
+
+
+def test_plan_fills_the_capacity_of_full_length_rows() -> None:
+    # every row spans the most pieces a row can meet: the list is exactly full
+    piece, nch = 16, 3
+    qs = torch.tensor([15, 31, 47, 63, 79, 95])
+    qe = qs + 2 * piece - 30 + 28  # 30 keys from the last key of a piece: meets 3 pieces
+    items, n, _ = _plan(qs, qe, piece, nch, True)
+    assert n == 6 * 3 == qs.numel() * nch
+    assert items == _expected(qs.tolist(), qe.tolist(), piece, True)
+
+
+def _use_pieces(monkeypatch: pytest.MonkeyPatch, mode: str, chunk: int, lane_max: bool = True) -> None:
+    base = span_triton.config_for
+    monkeypatch.setattr(span_triton, "config_for", lambda *a, **kw: dataclasses.replace(
+        base(*a, **kw), decode_mode=mode, decode_chunk=chunk, decode_lane_max=lane_max))
+
+
+@pytest.mark.parametrize(("mode", "chunk", "lane_max"), [("piece", 32, True), ("piece", 16, False),
+                                                         ("piece-rows", 32, True)])
+def test_piece_decode_equals_reference(mode: str, chunk: int, lane_max: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    _use_pieces(monkeypatch, mode, chunk, lane_max)
+    # 8 query heads on one KV head: 24 spans of ~45 keys in 200 keys share most of their keys
+    q1, q2, k, v = make_inputs(1, 8, 1, 1, 200, 16, torch.float32, seed=17)
+    pos = torch.tensor([199])
+    s = span_search_reference(q1, k, pos, P_INT2)
+    met = torch.where(s.anchors >= 0, s.qend // chunk - s.qstart // chunk + 1, 0)
+    assert (met >= 3).any()  # rows that meet three pieces or more
+    out = torch.full((1, 8, 1, 16), float("nan"))
+    superlinear_attention_triton(q1, q2, k, v, pos, P_INT2, out=out)
+    assert row_rel_err(out, superlinear_attention_reference(q1, q2, k, v, pos, P_INT2)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_piece_decode_with_mask_and_batch(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _use_pieces(monkeypatch, "piece", 16)
+    params = SMALL[name]
+    q1, q2, k, v = make_inputs(2, 4, 2, 1, 70, 32, torch.float32, seed=14)
+    mask = left_pad_mask(2, 70, 6)
+    for p in sorted({max(params.window_len - 1, 0), 68}):
+        pos = torch.tensor([p])
+        out = torch.full((2, 4, 1, 32), float("nan"))
+        superlinear_attention_triton(q1, q2, k, v, pos, params, mask, out=out)
+        ref = superlinear_attention_reference(q1, q2, k, v, pos, params, mask)
+        assert row_rel_err(out, ref).max() <= 1e-4, f"position {p}"
+
+
+def test_piece_decode_rows_at_own_positions(monkeypatch: pytest.MonkeyPatch) -> None:
+    _use_pieces(monkeypatch, "piece", 32)
+    q1, q2, k, v = make_inputs(3, 4, 2, 1, 400, 16, torch.float32, seed=41)
+    pos = torch.tensor([[60], [250], [399]])
+    out = torch.full(q2.shape, float("nan"))
+    superlinear_attention_triton(q1, q2, k, v, pos, P_INT3_NOFWD, out=out)
+    for r in range(3):
+        ref = superlinear_attention_reference(q1[r:r + 1], q2[r:r + 1], k[r:r + 1], v[r:r + 1], pos[r],
+                                              P_INT3_NOFWD)
+        assert row_rel_err(out[r:r + 1], ref).max() <= 1e-4, f"row {r}"
