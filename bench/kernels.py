@@ -118,16 +118,14 @@ def _decode_variant(**changes: Any) -> Iterator[None]:
         span_triton.config_for = base
 
 
-#: What ``--only sweep`` times: the committed table first, then the other designs: at 1M the
-#: previous split-K setting (one running max, pipelined loads) and the union; at 4M the split
-#: stream; at 8M and 10M the union (the table's boundary between them is 8M). The first H200 sweep
-#: of 37 variants is in bench/RESULTS.md ("kernels").
+#: What ``--only sweep`` times: the committed table first (split below 2M keys, pieces from 2M),
+#: then the other designs: at 1M the pieces and the union; at 4M the union, the split stream and
+#: the pieces in row order (the work list not sorted by piece); at 10M the split stream and the
+#: pieces in row order. The first H200 sweep of 37 variants is in bench/RESULTS.md ("kernels").
 SWEEP_CONTEXTS: dict[int, list[dict[str, Any]]] = {
-    1 << 20: [dict(decode_mode="split", decode_lane_max=False, decode_stages=3),
-              dict(decode_mode="union", decode_union_chunk=2048)],
-    1 << 22: [dict(decode_mode="split")],
-    8 << 20: [dict(decode_mode="union")],
-    10 << 20: [dict(decode_mode="union"), dict(decode_mode="split", decode_chunk=2048)],
+    1 << 20: [dict(decode_mode="piece"), dict(decode_mode="union", decode_union_chunk=2048)],
+    1 << 22: [dict(decode_mode="union"), dict(decode_mode="split"), dict(decode_mode="piece-rows")],
+    10 << 20: [dict(decode_mode="split"), dict(decode_mode="piece-rows")],
 }
 
 
@@ -431,7 +429,7 @@ def main() -> None:
     if "search" in only:
         guarded("search", lambda: bench_search(rows, 300, SEARCH_SHAPES))
     if "sweep" in only:
-        guarded("decode sweep", lambda: sweep_decode(rows, 150))
+        guarded("decode sweep", lambda: sweep_decode(rows, 150, profile=True))
     if not only or "decode" in only:
         for Lkv in ([1 << 20] if a.quick else [1 << 17, 1 << 20, 1 << 22]):
             guarded(f"decode {Lkv}", lambda Lkv=Lkv: bench_decode(Lkv, upstream, rows, rep))

@@ -76,19 +76,21 @@ _CPU_INTERPRETER = TritonConfig(
 )
 
 
-#: the union decode design is used from 2M keys up to (not including) this length
-_UNION_BELOW = 8 << 20
+#: the piece decode design is used from this cache length on (the split stream below it)
+_PIECES_FROM = 1 << 21
 
 
 def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: int = 0) -> TritonConfig:
     """The tunables for this device type, head_dim, dtype and cache length (a fixed table).
 
     Decode design by cache length (H200, released shapes, ``bench/kernels.py --only sweep``, see
-    bench/RESULTS.md): the per-span split-K stream with a per-lane running max and no software
-    pipelining (139 -> 126 us at 1M; 388 us at 10M), except from 2M to 8M keys, where the
-    deduplicated union of a KV head's spans in 2048-key pieces is a little faster (288 vs 292 us at
-    4M; at 10M it is 444 us: its 48-row tiles do not keep up with the split stream there). Scoring
-    only the rows whose span meets a piece, 16 at a time, was slower (306 / 472 us at 4M / 10M).
+    bench/RESULTS.md): below 2M keys the per-span split-K stream with a per-lane running max and no
+    software pipelining (126 us at 1M; the piece design is 136 there: its finalize + plan launches
+    cost more than they save); from 2M keys the piece design (each KV head's span rows cut at a
+    global grid of 1024-key pieces, one program per (row, piece), in piece order): 251 vs 289 us
+    (union) and 294 (split) at 4M, 373 vs 390 us (split) at 10M (2026-12-03). The union design
+    (every key of a KV head's merged spans scored once for all 48 rows, 48-row tiles) and the
+    split stream stay selectable and tested.
 
     Prefill (H200, fp16, released shapes, ``bench/kernels.py --only search``, bench/RESULTS.md
     "kernels", 2026-12-02): the single-program search with 2 warps instead of 4 (K3 32K chunk at
@@ -105,7 +107,7 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
     if device.type != "cuda":
         return _CPU_INTERPRETER
     wide = dtype == torch.float32 or head_dim > 128
-    union = (1 << 21) <= kv_len < _UNION_BELOW
+    pieces = kv_len >= _PIECES_FROM
     return TritonConfig(
         search_block_s=32 if wide else 64,
         search_warps=4 if wide else 2,
@@ -122,7 +124,7 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
         pair_phases=True,
         pair_tma=not wide,
         merge_block_m=16,
-        decode_mode="union" if union else "split",
+        decode_mode="piece" if pieces else "split",
         decode_split=64,
         decode_chunk=1024,
         decode_wchunk=512,
