@@ -411,6 +411,17 @@ def _decode_union_merge_kernel(
 
 
 @triton.jit
+def _row_pieces(QS, QE, base, rows, RK: tl.constexpr, PIECE: tl.constexpr):
+    """(first piece, number of pieces) of span rows ``rows`` (0, 0 for a row past RK or with no span)."""
+    rm = rows < RK
+    qs = tl.load(QS + base + rows, mask=rm, other=-1)
+    qe = tl.load(QE + base + rows, mask=rm, other=-1)
+    ok = rm & (qs >= 0) & (qe >= qs)
+    first = tl.where(ok, qs // PIECE, 0)
+    return first, tl.where(ok, qe // PIECE - first + 1, 0)
+
+
+@triton.jit
 def _decode_piece_plan_kernel(
     QS, QE, ITEMS, COUNT, L_SPAN, CAP,
     RK: tl.constexpr, RKP: tl.constexpr, NCH: tl.constexpr, NCHP: tl.constexpr, PIECE: tl.constexpr,
@@ -429,23 +440,14 @@ def _decode_piece_plan_kernel(
     bg = tl.program_id(0).to(tl.int64)
     eb = tl.program_id(1)
     r = tl.arange(0, RKP)
-    rm = r < RK
-    qs = tl.load(QS + bg * RK + r, mask=rm, other=-1)
-    qe = tl.load(QE + bg * RK + r, mask=rm, other=-1)
-    ok = rm & (qs >= 0) & (qe >= qs)
-    first = tl.where(ok, qs // PIECE, 0)
-    npc = tl.where(ok, qe // PIECE - first + 1, 0)
+    first, npc = _row_pieces(QS, QE, bg * RK, r, RK, PIECE)
     if eb == 0:
         tl.store(COUNT + bg, tl.sum(npc, axis=0))
     e = eb * EB + tl.arange(0, EB)
     er = e // NCHP
     ei = e % NCHP
     erm = er < RK
-    qse = tl.load(QS + bg * RK + er, mask=erm, other=-1)
-    qee = tl.load(QE + bg * RK + er, mask=erm, other=-1)
-    oke = erm & (qse >= 0) & (qee >= qse)
-    fe = tl.where(oke, qse // PIECE, 0)
-    ne = tl.where(oke, qee // PIECE - fe + 1, 0)
+    fe, ne = _row_pieces(QS, QE, bg * RK, er, RK, PIECE)
     pe = fe + ei
     if BY_PIECE:
         before = tl.minimum(tl.maximum(pe[:, None] - first[None, :], 0), npc[None, :])
@@ -585,6 +587,22 @@ def _decode_merge_kernel(
     tl.store(OUT + b * s_ob + h * s_oh + d, out.to(OUT.dtype.element_ty), mask=dmask)
 
 
+def _finalize(
+    cv: torch.Tensor, ca: torch.Tensor, pos: torch.Tensor, s0: torch.Tensor | None, consts: torch.Tensor, Lkv: int,
+    window: int, forward: bool, has_mask: bool, pos_rows: bool, shape: tuple[int, int, int], NC: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The search candidates merged into each (b, h)'s sorted top-K: (values, anchors, qstart, qend)."""
+    B, Hq, K_VAL = shape
+    vals = torch.empty(shape, dtype=torch.float32, device=cv.device)
+    ancs, qs, qe = (torch.empty(shape, dtype=torch.int64, device=cv.device) for _ in range(3))
+    _decode_finalize_kernel[(B * Hq,)](
+        cv, ca, pos, s0 if s0 is not None else pos, consts, vals, ancs, qs, qe, cv.shape[3] * cv.shape[4], Lkv,
+        window, Hq, NC=NC, K_VAL=K_VAL, KP=triton.next_power_of_2(K_VAL), HAS_MASK=has_mask, FWD=forward,
+        HAS_W=window > 0, POS_ROWS=pos_rows, num_warps=4,
+    )
+    return vals, ancs, qs, qe
+
+
 def launch_decode(
     q1: torch.Tensor,
     q2: torch.Tensor,
@@ -655,13 +673,8 @@ def launch_decode(
     strides = (q2.stride(0), q2.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
     if mode == "union":
         KP = triton.next_power_of_2(num_spans)
-        vals = torch.empty(B, Hq, num_spans, dtype=torch.float32, device=dev)
-        ancs, qs, qe = (torch.empty(B, Hq, num_spans, dtype=torch.int64, device=dev) for _ in range(3))
-        _decode_finalize_kernel[(B * Hq,)](
-            cv, ca, pos, s0 if s0 is not None else dummy, consts, vals, ancs, qs, qe, n_cand, Lkv, window, Hq,
-            NC=NC, K_VAL=num_spans, KP=KP, HAS_MASK=mask is not None, FWD=forward, HAS_W=window > 0,
-            POS_ROWS=pos_rows, num_warps=4,
-        )
+        vals, ancs, qs, qe = _finalize(cv, ca, pos, s0, consts, Lkv, window, forward, mask is not None, pos_rows,
+                                       (B, Hq, num_spans), NC)
         RK = R * num_spans
         RKP = max(16, triton.next_power_of_2(RK))
         maxp = triton.cdiv(RK * max_span, chunk) + RK
@@ -690,14 +703,8 @@ def launch_decode(
         RK = R * num_spans
         assert RK <= 256, "piece work items pack the local row in 8 bits"
         cap = RK * nch
-        KP = triton.next_power_of_2(num_spans)
-        vals = torch.empty(B, Hq, num_spans, dtype=torch.float32, device=dev)
-        ancs, qs, qe = (torch.empty(B, Hq, num_spans, dtype=torch.int64, device=dev) for _ in range(3))
-        _decode_finalize_kernel[(B * Hq,)](
-            cv, ca, pos, s0 if s0 is not None else dummy, consts, vals, ancs, qs, qe, n_cand, Lkv, window, Hq,
-            NC=NC, K_VAL=num_spans, KP=KP, HAS_MASK=mask is not None, FWD=forward, HAS_W=window > 0,
-            POS_ROWS=pos_rows, num_warps=4,
-        )
+        _, _, qs, qe = _finalize(cv, ca, pos, s0, consts, Lkv, window, forward, mask is not None, pos_rows,
+                                 (B, Hq, num_spans), NC)
         items = torch.empty(B * G * cap, dtype=torch.int64, device=dev)
         count = torch.empty(B * G, dtype=torch.int64, device=dev)
         RKP = triton.next_power_of_2(RK)
