@@ -434,7 +434,7 @@ def _decode_piece_plan_kernel(
     (items of earlier pieces) + (earlier rows on p) with ``BY_PIECE``, else (items of earlier rows)
     + i. In piece order the rows that share keys are adjacent in the work list, so the programs
     reading those keys run together and the second read can come from L2. An item is stored as
-    p * 256 + r. Parts past a row's last piece get lse = -inf for the merge. Block 0 also stores the
+    p * 65536 + r. Parts past a row's last piece get lse = -inf for the merge. Block 0 also stores the
     item count.
     """
     bg = tl.program_id(0).to(tl.int64)
@@ -455,7 +455,7 @@ def _decode_piece_plan_kernel(
         rank = tl.sum(before, axis=1) + tl.sum(same.to(tl.int64), axis=1)
     else:
         rank = tl.sum(tl.where(r[None, :] < er[:, None], npc[None, :], 0), axis=1) + ei
-    tl.store(ITEMS + bg * CAP + rank, pe * 256 + er, mask=ei < ne)
+    tl.store(ITEMS + bg * CAP + rank, pe * 65536 + er, mask=ei < ne)
     tl.store(L_SPAN + (bg * RK + er) * NCH + ei, float("-inf"), mask=erm & (ei >= ne) & (ei < NCH))
 
 
@@ -475,8 +475,8 @@ def _decode_piece_part(
         b = bg // G
         g = bg % G
         it = tl.load(ITEMS + bg * CAP + i)
-        p = it // 256
-        er = it % 256  # local row: head * K + slot
+        p = it // 65536
+        er = it % 65536  # local row: head * K + slot
         j = er % K_VAL
         bh = b * Hq + g * R + er // K_VAL
         qs = tl.load(QS + bh * K_VAL + j)
@@ -701,7 +701,7 @@ def launch_decode(
         o_span = torch.empty(B * Hq * num_spans * nch, D, dtype=torch.float32, device=dev)
         l_span = torch.empty(B * Hq * num_spans * nch, dtype=torch.float32, device=dev)
         RK = R * num_spans
-        assert RK <= 256, "piece work items pack the local row in 8 bits"
+        assert RK <= 65536, "piece work items pack the local row in 16 bits"
         cap = RK * nch
         _, _, qs, qe = _finalize(cv, ca, pos, s0, consts, Lkv, window, forward, mask is not None, pos_rows,
                                  (B, Hq, num_spans), NC)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reaso
 
 
 def _plan(qs: torch.Tensor, qe: torch.Tensor, piece: int, nch: int, by_piece: bool) -> tuple[list[int], int, torch.Tensor]:
-    """Run the plan kernel on one KV head's rows; (items as p * 256 + row, count, part lse)."""
+    """Run the plan kernel on one KV head's rows; (items as p * 65536 + row, count, part lse)."""
     rk = qs.numel()
     cap = rk * nch
     items = torch.full((cap,), -7, dtype=torch.int64)
@@ -40,7 +40,7 @@ def _expected(qs: list[int], qe: list[int], piece: int, by_piece: bool) -> list[
     pairs = [(p, r) for r, (a, b) in enumerate(zip(qs, qe, strict=True)) if a >= 0 and b >= a
              for p in range(a // piece, b // piece + 1)]
     pairs.sort(key=(lambda t: t) if by_piece else (lambda t: (t[1], t[0])))
-    return [p * 256 + r for p, r in pairs]
+    return [p * 65536 + r for p, r in pairs]
 
 
 @pytest.mark.parametrize("by_piece", [True, False], ids=["piece-order", "row-order"])
@@ -115,3 +115,14 @@ def test_piece_decode_rows_at_own_positions(monkeypatch: pytest.MonkeyPatch) -> 
         ref = superlinear_attention_reference(q1[r:r + 1], q2[r:r + 1], k[r:r + 1], v[r:r + 1], pos[r],
                                               P_INT3_NOFWD)
         assert row_rel_err(out[r:r + 1], ref).max() <= 1e-4, f"row {r}"
+
+
+def test_piece_decode_more_rows_than_a_byte(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 96 query heads on one KV head x 3 slots = 288 span rows: more than 8 bits of row index
+    _use_pieces(monkeypatch, "piece", 32)
+    q1, q2, k, v = make_inputs(1, 96, 1, 1, 200, 16, torch.float32, seed=19)
+    pos = torch.tensor([199])
+    assert 96 * P_INT2.num_spans > 256
+    out = torch.full((1, 96, 1, 16), float("nan"))
+    superlinear_attention_triton(q1, q2, k, v, pos, P_INT2, out=out)
+    assert row_rel_err(out, superlinear_attention_reference(q1, q2, k, v, pos, P_INT2)).max() <= 1e-4
