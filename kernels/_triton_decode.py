@@ -29,6 +29,9 @@ import triton.language as tl
 from secure_run.kernels._triton_common import span_bounds
 from secure_run.kernels._triton_search import select_topk
 
+#: the decode designs ``launch_decode`` runs (a sweep variant with any other name is refused)
+DECODE_MODES = ("split", "union", "piece", "piece-rows")
+
 
 @triton.jit
 def _stream_keys(q, k_base, v_base, m_row, lo, hi, s_kl, s_vl, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
@@ -648,6 +651,9 @@ def launch_decode(
     the split stream's running max per key lane, and its software-pipelining depth.
     """
     from secure_run.kernels._triton_search import launch_search
+
+    if mode not in DECODE_MODES:
+        raise ValueError(f"decode mode {mode!r}: expected one of {', '.join(DECODE_MODES)}")
 
     B, Hq, _, D = q2.shape
     G, Lkv = k.shape[1], k.shape[2]

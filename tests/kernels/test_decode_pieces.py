@@ -126,3 +126,11 @@ def test_piece_decode_more_rows_than_a_byte(monkeypatch: pytest.MonkeyPatch) -> 
     out = torch.full((1, 96, 1, 16), float("nan"))
     superlinear_attention_triton(q1, q2, k, v, pos, P_INT2, out=out)
     assert row_rel_err(out, superlinear_attention_reference(q1, q2, k, v, pos, P_INT2)).max() <= 1e-4
+
+
+def test_unknown_decode_mode_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a misspelt design must not silently run the split stream (a sweep would report it under the typo)
+    _use_pieces(monkeypatch, "pieces", 32)
+    q1, q2, k, v = make_inputs(1, 4, 2, 1, 70, 16, torch.float32, seed=3)
+    with pytest.raises(ValueError, match="decode mode 'pieces': expected one of split, union, piece, piece-rows"):
+        superlinear_attention_triton(q1, q2, k, v, torch.tensor([68]), P_INT2)
