@@ -118,14 +118,17 @@ def _decode_variant(**changes: Any) -> Iterator[None]:
         span_triton.config_for = base
 
 
-#: What ``--only sweep`` times: the committed table first (split below 2M keys, pieces from 2M),
-#: then the other designs: at 1M the pieces and the union; at 4M the union, the split stream and
-#: the pieces in row order (the work list not sorted by piece); at 10M the split stream and the
-#: pieces in row order. The first H200 sweep of 37 variants is in bench/RESULTS.md ("kernels").
+#: What ``--only sweep`` times: the committed table first (shared pieces of 2048 keys, gaps between a
+#: group's spans skipped, 1-warp finalize and merge), then the previous table's designs at their
+#: measured best (the split stream at 1M, the pieces per row at 4M and 10M, 1024-key pieces, 4-warp
+#: small kernels) and variants of the shared design. Earlier sweeps are in bench/RESULTS.md ("kernels").
+_OLD = dict(decode_chunk=1024, decode_small_warps=4)
 SWEEP_CONTEXTS: dict[int, list[dict[str, Any]]] = {
-    1 << 20: [dict(decode_mode="piece"), dict(decode_mode="union", decode_union_chunk=2048)],
-    1 << 22: [dict(decode_mode="union"), dict(decode_mode="split"), dict(decode_mode="piece-rows")],
-    10 << 20: [dict(decode_mode="split"), dict(decode_mode="piece-rows")],
+    1 << 20: [dict(decode_mode="split", **_OLD), dict(decode_skip_gaps=False), dict(decode_chunk=4096),
+              dict(decode_chunk=8192), dict(decode_chunk=4096, decode_union_stages=2), dict(decode_union_stages=2)],
+    1 << 22: [dict(decode_mode="piece", **_OLD), dict(decode_skip_gaps=False), dict(decode_chunk=4096),
+              dict(decode_chunk=8192), dict(decode_chunk=4096, decode_union_stages=2)],
+    10 << 20: [dict(decode_mode="piece", **_OLD), dict(decode_chunk=4096), dict(decode_chunk=8192)],
 }
 
 
@@ -189,7 +192,7 @@ def bench_decode(Lkv: int, upstream: Any, rows: list[dict[str, Any]], rep: int) 
     r["ours_ms"] = _ms(_rotating([ours(a, b) for a, b in qs]), rep)
     r["ours_graph_ms"] = _ms(_rotating([_graphed(ours(a, b)) for a, b in qs]), rep)
     other = "union" if span_triton.config_for(k.device, D, DT, Lkv).decode_mode == "split" else "split"
-    with _decode_variant(decode_mode=other, decode_union_chunk=2048):  # the other decode design, for comparison
+    with _decode_variant(decode_mode=other, decode_chunk=1024, decode_union_chunk=2048):  # the other design
         r[f"ours_{other}_graph_ms"] = _ms(_rotating([_graphed(ours(a, b)) for a, b in qs]), rep)
         r[f"ours_{other}_kernels_us"] = _kernel_profile(_graphed(ours(*qs[0])))
     r["sdpa_ms"] = _ms(_rotating([(lambda a=a, b=b: F.scaled_dot_product_attention(b, k, v, enable_gqa=True))

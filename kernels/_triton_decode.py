@@ -30,7 +30,7 @@ from secure_run.kernels._triton_common import span_bounds
 from secure_run.kernels._triton_search import select_topk
 
 #: the decode designs ``launch_decode`` runs (a sweep variant with any other name is refused)
-DECODE_MODES = ("split", "union", "piece", "piece-rows")
+DECODE_MODES = ("split", "union", "piece", "piece-rows", "shared")
 
 
 @triton.jit
@@ -517,6 +517,136 @@ def _decode_piece_kernel(
 
 
 @triton.jit
+def _kv_head_rows(QS, QE, bg, R: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr, K_VAL: tl.constexpr):
+    """Span bounds of the R * K_VAL rows of KV head ``bg`` (from the finalize kernel) as flat
+    [RP * KP] vectors, row h * KP + slot j; -1 for padding rows and slots."""
+    f = tl.arange(0, RP * KP)
+    fm = (f // KP < R) & (f % KP < K_VAL)
+    at = (bg * R + f // KP) * K_VAL + f % KP
+    return tl.load(QS + at, mask=fm, other=-1), tl.load(QE + at, mask=fm, other=-1)
+
+
+@triton.jit
+def _decode_shared_part(
+    t, Q2, K, V, MASK, QS, QE, O_SPAN, L_SPAN,
+    Lkv, G, Hq, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
+    R: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    K_VAL: tl.constexpr, NCH: tl.constexpr, PIECE: tl.constexpr, GR: tl.constexpr, BN: tl.constexpr,
+    HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SKIP_GAPS: tl.constexpr,
+):
+    """Program t = (KV head, span row er, its piece index ei): each piece's keys are read once.
+
+    Row er (span bounds from the finalize kernel) meets pieces [first, first + n) of the global PIECE-key grid.
+    The rows that cover piece p = first + ei are ranked by row index; the program of the row whose
+    rank is a multiple of GR scores the piece's keys for that rank and the next GR - 1 (one
+    ``tl.dot`` per key block, each row masked to its own span) and writes each of those rows'
+    parts. Every other program of a used piece has nothing to do; a program past its row's last
+    piece marks the part empty (lse = -inf).
+    """
+    RK: tl.constexpr = R * K_VAL
+    ei = t % NCH
+    rest = t // NCH
+    er = rest % RK
+    bg = (rest // RK).to(tl.int64)
+    b = bg // G
+    g = bg % G
+    qs_f, qe_f = _kv_head_rows(QS, QE, bg, R, RP, KP, K_VAL)
+    f = tl.arange(0, RP * KP)  # flat row h * KP + j; orders like the row index h * K_VAL + j
+    ok = (qs_f >= 0) & (qe_f >= qs_f)
+    first = tl.where(ok, qs_f // PIECE, 0)
+    npc = tl.where(ok, qe_f // PIECE - first + 1, 0)
+    mine = f == (er // K_VAL) * KP + er % K_VAL
+    my_first = tl.sum(tl.where(mine, first, 0), axis=0)
+    my_n = tl.sum(tl.where(mine, npc, 0), axis=0)
+    gi = tl.arange(0, GR)
+    if ei >= my_n:
+        tl.store(L_SPAN + (bg * RK + er) * NCH + ei, float("-inf"))
+    else:
+        p = my_first + ei
+        cover = (first <= p) & (p < first + npc)
+        # rank of each covering row among the covering rows (exclusive prefix count)
+        rank = tl.sum(((f[None, :] < f[:, None]) & cover[None, :]).to(tl.int32), axis=1)
+        my_rank = tl.sum(tl.where(mine, rank, 0), axis=0)
+        if my_rank % GR == 0:
+            hit = cover[None, :] & (rank[None, :] == my_rank + gi[:, None])  # [group slot, flat row]
+            gm = tl.sum(hit.to(tl.int32), axis=1) > 0
+            gf = tl.sum(tl.where(hit, f[None, :], 0), axis=1)  # the group's rows (0 for an empty slot)
+            qs = tl.sum(tl.where(hit, qs_f[None, :], 0), axis=1)
+            qe = tl.sum(tl.where(hit, qe_f[None, :], 0), axis=1)
+            gfirst = tl.sum(tl.where(hit, first[None, :], 0), axis=1)
+            hl = gf // KP  # local head
+            base = p * PIECE
+            # row bounds relative to the piece, as int32 (cheap [rows, BN] compares in the hot loop)
+            rlo = tl.where(gm, tl.maximum(qs - base, 0), PIECE).to(tl.int32)
+            rhi = tl.where(gm, tl.minimum(qe - base, PIECE - 1), -1).to(tl.int32)
+            lo = base + tl.min(rlo, axis=0)
+            hi = base + tl.max(rhi, axis=0)
+            d = tl.arange(0, BD)
+            dmask = d < D
+            q = tl.load(Q2 + b * s_qb + (g * R + hl)[:, None] * s_qh + d[None, :],
+                        mask=gm[:, None] & dmask[None, :], other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+            m_i = tl.full([GR], float("-inf"), tl.float32)
+            l_i = tl.full([GR], 0.0, tl.float32)
+            acc = tl.full([GR, BD], 0.0, tl.float32)
+            cols = tl.arange(0, BN)
+            k_base = K + b * s_kb + g * s_kh
+            v_base = V + b * s_vb + g * s_vh
+            for k0 in range(lo, hi + 1, BN):
+                kk = k0 + cols
+                km = kk <= hi
+                kr = (k0 - base).to(tl.int32) + cols
+                inside = (kr[None, :] >= rlo[:, None]) & (kr[None, :] <= rhi[:, None])
+                if SKIP_GAPS:  # keys between the group's spans are not read
+                    km = km & (tl.max(inside.to(tl.int32), axis=0) > 0)
+                if HAS_MASK:
+                    km = km & (tl.load(MASK + b * Lkv + kk, mask=km, other=0) != 0)
+                kt = tl.load(k_base + kk[:, None] * s_kl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
+                vt = tl.load(v_base + kk[:, None] * s_vl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
+                if UPCAST:
+                    kt = kt.to(tl.float32)
+                    vt = vt.to(tl.float32)
+                sc = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * sm_scale
+                sc = tl.where(inside & km[None, :], sc, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp(m_i - m_use)
+                pr = tl.exp(sc - m_use[:, None])
+                l_i = l_i * alpha + tl.sum(pr, axis=1)
+                acc = acc * alpha[:, None] + tl.dot(pr.to(vt.dtype), vt, input_precision=PRECISION)
+                m_i = m_new
+            has = l_i > 0
+            o = acc / tl.where(has, l_i, 1.0)[:, None]
+            lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+            part = (bg * RK + hl * K_VAL + gf % KP) * NCH + (p - gfirst)
+            tl.store(L_SPAN + part, lse, mask=gm)
+            tl.store(O_SPAN + part[:, None] * D + d[None, :], o, mask=gm[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _decode_shared_kernel(
+    Q2, K, V, POS, MASK, QS, QE, O_SPAN, L_SPAN, O_WIN, L_WIN,
+    Lkv, W, G, Hq, n_shared_progs, sm_scale,
+    s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
+    R: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    K_VAL: tl.constexpr, NCH: tl.constexpr, NWCH: tl.constexpr, PIECE: tl.constexpr, GR: tl.constexpr,
+    WCHUNK: tl.constexpr, BN: tl.constexpr, BNW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_W: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, POS_ROWS: tl.constexpr, SKIP_GAPS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid < n_shared_progs:
+        _decode_shared_part(pid, Q2, K, V, MASK, QS, QE, O_SPAN, L_SPAN,
+                            Lkv, G, Hq, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
+                            R, RP, KP, D, BD, K_VAL, NCH, PIECE, GR, BN, HAS_MASK, UPCAST, PRECISION, SKIP_GAPS)
+    else:
+        pos = tl.load(POS).to(tl.int64)  # with POS_ROWS: replaced by the row's own in the part
+        _decode_window_part(pid - n_shared_progs, pos, POS, Q2, K, V, MASK, O_WIN, L_WIN,
+                            Lkv, W, G, Hq, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
+                            R, RP, D, BD, NWCH, WCHUNK, BNW, HAS_MASK, HAS_W, UPCAST, PRECISION, POS_ROWS)
+
+
+@triton.jit
 def _decode_attn_kernel(
     Q2, K, V, POS, MASK, S0, CONSTS, CV, CA, O_SPAN, L_SPAN, O_WIN, L_WIN,
     Lkv, W, G, Hq, n_cand, n_span_progs, sm_scale,
@@ -593,6 +723,7 @@ def _decode_merge_kernel(
 def _finalize(
     cv: torch.Tensor, ca: torch.Tensor, pos: torch.Tensor, s0: torch.Tensor | None, consts: torch.Tensor, Lkv: int,
     window: int, forward: bool, has_mask: bool, pos_rows: bool, shape: tuple[int, int, int], NC: int,
+    num_warps: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The search candidates merged into each (b, h)'s sorted top-K: (values, anchors, qstart, qend)."""
     B, Hq, K_VAL = shape
@@ -601,7 +732,7 @@ def _finalize(
     _decode_finalize_kernel[(B * Hq,)](
         cv, ca, pos, s0 if s0 is not None else pos, consts, vals, ancs, qs, qe, cv.shape[3] * cv.shape[4], Lkv,
         window, Hq, NC=NC, K_VAL=K_VAL, KP=triton.next_power_of_2(K_VAL), HAS_MASK=has_mask, FWD=forward,
-        HAS_W=window > 0, POS_ROWS=pos_rows, num_warps=4,
+        HAS_W=window > 0, POS_ROWS=pos_rows, num_warps=num_warps,
     )
     return vals, ancs, qs, qe
 
@@ -637,6 +768,8 @@ def launch_decode(
     num_stages: int = 3,
     lane_max: bool = False,
     pos_rows: bool = False,
+    small_warps: int = 4,
+    skip_gaps: bool = True,
 ) -> None:
     """One decode step for queries [B, Hq, 1, D] against the full cache; writes ``out``.
 
@@ -647,8 +780,13 @@ def launch_decode(
     "split" (every (head, slot) span streamed on its own in ``chunk``-key chunks from its start), or
     "piece" (the split stream cut at a global grid of ``chunk``-key pieces, its work list ordered by
     piece, so the heads that share keys read them together and the repeats come from L2;
-    "piece-rows": the same work list in row order, kept to measure what the piece order gains). ``lane_max`` and ``num_stages``:
-    the split stream's running max per key lane, and its software-pipelining depth.
+    "piece-rows": the same work list in row order, kept to measure what the piece order gains), or
+    "shared" (the global-grid pieces of each KV head's spans, each read once for up to 16 of the
+    rows covering it; with ``skip_gaps`` the keys between the group's spans are not read).
+    ``small_warps``: the warps of the finalize and merge kernels.
+    ``lane_max`` and ``num_stages``: the split stream's running max per key lane, and its
+    software-pipelining depth; ``union_warps`` and ``union_stages``: those of the union and shared
+    kernels.
     """
     from secure_run.kernels._triton_search import launch_search
 
@@ -680,7 +818,7 @@ def launch_decode(
     if mode == "union":
         KP = triton.next_power_of_2(num_spans)
         vals, ancs, qs, qe = _finalize(cv, ca, pos, s0, consts, Lkv, window, forward, mask is not None, pos_rows,
-                                       (B, Hq, num_spans), NC)
+                                       (B, Hq, num_spans), NC, small_warps)
         RK = R * num_spans
         RKP = max(16, triton.next_power_of_2(RK))
         maxp = triton.cdiv(RK * max_span, chunk) + RK
@@ -702,7 +840,22 @@ def launch_decode(
             num_warps=4,
         )
         return
-    if mode in ("piece", "piece-rows"):
+    if mode == "shared":
+        nch = max(1, triton.cdiv(max_span, chunk)) + 1  # a span meets at most this many pieces
+        o_span = torch.empty(B * Hq * num_spans * nch, D, dtype=torch.float32, device=dev)
+        l_span = torch.empty(B * Hq * num_spans * nch, dtype=torch.float32, device=dev)
+        n_shared = B * G * R * num_spans * nch
+        _, _, qs, qe = _finalize(cv, ca, pos, s0, consts, Lkv, window, forward, mask is not None, pos_rows,
+                                 (B, Hq, num_spans), NC, small_warps)
+        _decode_shared_kernel[(n_shared + B * G * nwch,)](
+            q2, k, v, pos, m_arg, qs, qe, o_span, l_span, o_win, l_win,
+            Lkv, window, G, Hq, n_shared, 1.0 / (D**0.5), *strides,
+            R=R, RP=RP, KP=triton.next_power_of_2(num_spans), D=D, BD=BD, K_VAL=num_spans, NCH=nch, NWCH=nwch,
+            PIECE=chunk, GR=16, WCHUNK=wchunk, BN=block_n, BNW=block_nw, HAS_MASK=mask is not None,
+            HAS_W=window > 0, UPCAST=upcast, PRECISION=precision, POS_ROWS=pos_rows, SKIP_GAPS=skip_gaps,
+            num_warps=union_warps, num_stages=union_stages,
+        )
+    elif mode in ("piece", "piece-rows"):
         nch = max(1, triton.cdiv(max_span, chunk)) + 1  # a span meets at most this many pieces
         o_span = torch.empty(B * Hq * num_spans * nch, D, dtype=torch.float32, device=dev)
         l_span = torch.empty(B * Hq * num_spans * nch, dtype=torch.float32, device=dev)
@@ -710,7 +863,7 @@ def launch_decode(
         assert RK <= 65536, "piece work items pack the local row in 16 bits"
         cap = RK * nch
         _, _, qs, qe = _finalize(cv, ca, pos, s0, consts, Lkv, window, forward, mask is not None, pos_rows,
-                                 (B, Hq, num_spans), NC)
+                                 (B, Hq, num_spans), NC, small_warps)
         items = torch.empty(B * G * cap, dtype=torch.int64, device=dev)
         count = torch.empty(B * G, dtype=torch.int64, device=dev)
         RKP = triton.next_power_of_2(RK)
@@ -747,5 +900,5 @@ def launch_decode(
         n_cand, out.stride(0), out.stride(1), Hq,
         K_VAL=num_spans, KP=triton.next_power_of_2(num_spans), NC=NC, NCH=nch, NWCH=nwch,
         NCHP=max(2, triton.next_power_of_2(nch)),
-        NWCHP=max(2, triton.next_power_of_2(nwch)), D=D, BD=BD, num_warps=4,
+        NWCHP=max(2, triton.next_power_of_2(nwch)), D=D, BD=BD, num_warps=small_warps,
     )

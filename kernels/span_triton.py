@@ -6,7 +6,7 @@
     ...                span_power=0.5, inv_search_power_int=2)
     >>> cfg = config_for(torch.device("cuda"), head_dim=128, dtype=torch.float16)
     >>> (cfg.pair_block_p, cfg.pair_block_n, cfg.decode_chunk)
-    (128, 64, 1024)
+    (128, 64, 2048)
 
 Tunables come from a deterministic table keyed by device type, head_dim and dtype (no autotune
 sweep at run time, so a decode step can be captured in a CUDA graph). Decode (Lq == 1) never
@@ -64,6 +64,8 @@ class TritonConfig:
     decode_union_chunk: int
     decode_union_warps: int
     decode_union_stages: int
+    decode_small_warps: int
+    decode_skip_gaps: bool
     prefill_segment: int
 
 
@@ -72,25 +74,24 @@ _CPU_INTERPRETER = TritonConfig(
     search_block_q=4, search_split_warps=4, search_split_stages=1, pair_block_p=16, pair_block_n=16, pair_warps=4, pair_stages=1,
     pair_phases=True, pair_tma=True,
     merge_block_m=16, decode_mode="split", decode_split=32, decode_chunk=32, decode_wchunk=16, decode_block_n=16,
-    decode_block_nw=16, decode_warps=4, decode_stages=1, decode_lane_max=True, decode_union_chunk=32, decode_union_warps=4, decode_union_stages=1, prefill_segment=1 << 15,
+    decode_block_nw=16, decode_warps=4, decode_stages=1, decode_lane_max=True, decode_union_chunk=32, decode_union_warps=4, decode_union_stages=1, decode_small_warps=4, decode_skip_gaps=True,
+    prefill_segment=1 << 15,
 )
 
 
-#: the piece decode design is used from this cache length on (the split stream below it)
-_PIECES_FROM = 1 << 21
-
-
 def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: int = 0) -> TritonConfig:
-    """The tunables for this device type, head_dim, dtype and cache length (a fixed table).
+    """The tunables for this device type, head_dim, dtype and cache length (a fixed table; today's
+    decode choice is the same at every length).
 
-    Decode design by cache length (H200, released shapes, ``bench/kernels.py --only sweep``, see
-    bench/RESULTS.md): below 2M keys the per-span split-K stream with a per-lane running max and no
-    software pipelining (126 us at 1M; the piece design is 136 there: its finalize + plan launches
-    cost more than they save); from 2M keys the piece design (each KV head's span rows cut at a
-    global grid of 1024-key pieces, one program per (row, piece), in piece order): 251 vs 289 us
-    (union) and 294 (split) at 4M, 373 vs 390 us (split) at 10M (2026-12-03). The union design
-    (every key of a KV head's merged spans scored once for all 48 rows, 48-row tiles) and the
-    split stream stay selectable and tested.
+    Decode design (H200, released shapes, ``bench/kernels.py --only sweep``, see bench/RESULTS.md,
+    2026-12-03): "shared", each KV head's span rows cut at a global grid of 2048-key pieces, each
+    piece read once for up to 16 of the rows that cover it (16-row ``tl.dot`` tiles, 4 warps, 3
+    stages), with 1-warp finalize and merge kernels: 113.5 us at 1M (split stream 126.2), 214.0 at
+    4M (pieces per row 244.2), 345.9 at 10M (pieces 362.8). 1024-key pieces: 122.1 / 222.5 / 348.9.
+    Tried and slower: the merge fused into the shared kernel (the program that writes a head's
+    last part merges it: 129.2 / 324.1 us), and the finalize done inside every shared program
+    (225 / 804 us). The split stream, the pieces per row and the union design stay selectable
+    and tested.
 
     Prefill (H200, fp16, released shapes, ``bench/kernels.py --only search``, bench/RESULTS.md
     "kernels", 2026-12-02): the single-program search with 2 warps instead of 4 (K3 32K chunk at
@@ -107,7 +108,6 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
     if device.type != "cuda":
         return _CPU_INTERPRETER
     wide = dtype == torch.float32 or head_dim > 128
-    pieces = kv_len >= _PIECES_FROM
     return TritonConfig(
         search_block_s=32 if wide else 64,
         search_warps=4 if wide else 2,
@@ -124,9 +124,9 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
         pair_phases=True,
         pair_tma=not wide,
         merge_block_m=16,
-        decode_mode="piece" if pieces else "split",
+        decode_mode="shared",
         decode_split=64,
-        decode_chunk=1024,
+        decode_chunk=2048,
         decode_wchunk=512,
         decode_block_n=64 if head_dim <= 128 else 32,
         decode_block_nw=32 if wide else 64,
@@ -136,6 +136,8 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
         decode_union_chunk=2048,
         decode_union_warps=4,
         decode_union_stages=3,
+        decode_small_warps=1,
+        decode_skip_gaps=True,
         prefill_segment=1 << 15,
     )
 
@@ -290,7 +292,8 @@ def superlinear_attention_triton(
             chunk=cfg.decode_union_chunk if cfg.decode_mode == "union" else cfg.decode_chunk, wchunk=cfg.decode_wchunk,
             block_n=cfg.decode_block_n, block_nw=cfg.decode_block_nw, upcast=upcast, precision=prec,
             num_warps=cfg.decode_warps, num_stages=cfg.decode_stages, union_warps=cfg.decode_union_warps,
-            union_stages=cfg.decode_union_stages, lane_max=cfg.decode_lane_max, pos_rows=rows and B > 1,
+            union_stages=cfg.decode_union_stages, small_warps=cfg.decode_small_warps,
+            skip_gaps=cfg.decode_skip_gaps, lane_max=cfg.decode_lane_max, pos_rows=rows and B > 1,
         )
         return out
     ns = torch.searchsorted(offs, pos + 1, right=True).to(torch.int32)

@@ -20,7 +20,7 @@ from secure_run.kernels.span_triton import superlinear_attention_triton
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("mode", ["split", "union", "piece"])
+@pytest.mark.parametrize("mode", ["split", "union", "piece", "shared"])
 @pytest.mark.parametrize("Lkv", [4 << 20, 10 << 20], ids=["4M", "10M"])
 def test_long_decode_designs_equal_reference(Lkv: int, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     base = span_triton.config_for

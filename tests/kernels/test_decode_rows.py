@@ -47,8 +47,9 @@ def _per_row_reference(q1: torch.Tensor, q2: torch.Tensor, k: torch.Tensor, v: t
 @pytest.mark.parametrize(
     ("mode", "dtype"),
     [("split", torch.float32), ("split-lanes", torch.float32), ("union", torch.float32),
-     ("split-lanes", torch.float16), ("union", torch.float16), ("piece-lanes", torch.float16)],
-    ids=["split-fp32", "split-lanes-fp32", "union-fp32", "split-lanes-fp16", "union-fp16", "piece-lanes-fp16"],
+     ("split-lanes", torch.float16), ("union", torch.float16), ("piece-lanes", torch.float16), ("shared", torch.float32), ("shared", torch.float16)],
+    ids=["split-fp32", "split-lanes-fp32", "union-fp32", "split-lanes-fp16", "union-fp16", "piece-lanes-fp16",
+         "shared-fp32", "shared-fp16"],
 )
 def test_rows_at_own_positions_equal_reference_row_by_row(mode: str, dtype: torch.dtype,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,7 +71,7 @@ def test_rows_at_own_positions_equal_reference_row_by_row(mode: str, dtype: torc
         assert torch.equal(out[r:r + 1], alone), f"row {r} differs from its batch-1 call"
 
 
-@pytest.mark.parametrize("mode", ["split", "union", "piece"])
+@pytest.mark.parametrize("mode", ["split", "union", "piece", "shared"])
 def test_rows_with_mask_and_no_forward_spans(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     _use_decode_mode(monkeypatch, mode)
     q1, q2, k, v = _inputs(torch.float32, seed=43)

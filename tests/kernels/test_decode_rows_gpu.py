@@ -30,7 +30,7 @@ def _use_decode_mode(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
         base(*a, **kw), decode_mode=mode.split("-")[0], decode_lane_max=mode.endswith("-lanes")))
 
 
-@pytest.mark.parametrize("mode", ["split-lanes", "union", "piece-lanes"])
+@pytest.mark.parametrize("mode", ["split-lanes", "union", "piece-lanes", "shared"])
 def test_rows_at_own_positions_equal_reference_bf16(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     _use_decode_mode(monkeypatch, mode)
     lkv = 1 << 17

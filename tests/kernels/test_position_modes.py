@@ -204,7 +204,7 @@ def test_triton_search_prefill_decode_equal_reference_fp32_mode(params: SpanPara
     from secure_run.kernels import span_triton
 
     base = span_triton.config_for
-    for mode in ("split", "union", "piece"):  # every decode design
+    for mode in ("split", "union", "piece", "shared"):  # every decode design
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(span_triton, "config_for", lambda *a, mode=mode, **kw: dataclasses.replace(base(*a, **kw), decode_mode=mode))
             for p in (31, 32, 69):

@@ -155,7 +155,7 @@ def test_decode_with_mask_and_batch() -> None:
     _check_rows(out, q1, q2, k, v, pos, P_RELEASED, mask, torch.tensor([0], device=DEV), TOL[torch.float16], 0.2)
 
 
-@pytest.mark.parametrize("mode", ["split", "split-lanes", "union", "piece-lanes"])
+@pytest.mark.parametrize("mode", ["split", "split-lanes", "union", "piece-lanes", "shared"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_both_decode_designs_equal_reference(mode: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     import dataclasses
