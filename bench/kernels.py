@@ -125,9 +125,10 @@ def _decode_variant(**changes: Any) -> Iterator[None]:
 _OLD = dict(decode_chunk=1024, decode_small_warps=4)
 SWEEP_CONTEXTS: dict[int, list[dict[str, Any]]] = {
     1 << 20: [dict(decode_mode="split", **_OLD), dict(decode_skip_gaps=False), dict(decode_chunk=4096),
-              dict(decode_chunk=8192), dict(decode_chunk=4096, decode_union_stages=2), dict(decode_union_stages=2)],
+              dict(decode_chunk=8192), dict(decode_chunk=4096, decode_union_stages=2), dict(decode_union_stages=2),
+              dict(decode_union_warps=2)],
     1 << 22: [dict(decode_mode="piece", **_OLD), dict(decode_skip_gaps=False), dict(decode_chunk=4096),
-              dict(decode_chunk=8192), dict(decode_chunk=4096, decode_union_stages=2)],
+              dict(decode_chunk=8192), dict(decode_chunk=4096, decode_union_stages=2), dict(decode_union_warps=2)],
     10 << 20: [dict(decode_mode="piece", **_OLD), dict(decode_chunk=4096), dict(decode_chunk=8192)],
 }
 
