@@ -118,18 +118,17 @@ def _decode_variant(**changes: Any) -> Iterator[None]:
         span_triton.config_for = base
 
 
-#: What ``--only sweep`` times: the committed table first (shared pieces of 2048 keys, gaps between a
-#: group's spans skipped, 1-warp finalize and merge), then the previous table's designs at their
-#: measured best (the split stream at 1M, the pieces per row at 4M and 10M, 1024-key pieces, 4-warp
-#: small kernels) and variants of the shared design. Earlier sweeps are in bench/RESULTS.md ("kernels").
+#: What ``--only sweep`` times: the committed table first (shared pieces of 2048 keys, 1-warp finalize
+#: and merge), then the previous table's designs at their measured best (the split stream at 1M, the
+#: pieces per row at 4M and 10M: 1024-key pieces, 4-warp small kernels) and the nearest variants of
+#: the shared design. The sweeps that chose the table (pieces of 1024-8192 keys, 2 / 4 / 8 warps, 2 / 3
+#: stages, skipping the keys between a group's spans, the merge or the finalize fused into the
+#: shared kernel) are in bench/RESULTS.md ("kernels").
 _OLD = dict(decode_chunk=1024, decode_small_warps=4)
 SWEEP_CONTEXTS: dict[int, list[dict[str, Any]]] = {
-    1 << 20: [dict(decode_mode="split", **_OLD), dict(decode_skip_gaps=False), dict(decode_chunk=4096),
-              dict(decode_chunk=8192), dict(decode_chunk=4096, decode_union_stages=2), dict(decode_union_stages=2),
-              dict(decode_union_warps=2)],
-    1 << 22: [dict(decode_mode="piece", **_OLD), dict(decode_skip_gaps=False), dict(decode_chunk=4096),
-              dict(decode_chunk=8192), dict(decode_chunk=4096, decode_union_stages=2), dict(decode_union_warps=2)],
-    10 << 20: [dict(decode_mode="piece", **_OLD), dict(decode_chunk=4096), dict(decode_chunk=8192)],
+    1 << 20: [dict(decode_mode="split", **_OLD), dict(decode_chunk=1024), dict(decode_union_stages=2)],
+    1 << 22: [dict(decode_mode="piece", **_OLD), dict(decode_chunk=1024)],
+    10 << 20: [dict(decode_mode="piece", **_OLD), dict(decode_chunk=1024)],
 }
 
 

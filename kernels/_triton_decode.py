@@ -532,7 +532,7 @@ def _decode_shared_part(
     Lkv, G, Hq, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
     R: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     K_VAL: tl.constexpr, NCH: tl.constexpr, PIECE: tl.constexpr, GR: tl.constexpr, BN: tl.constexpr,
-    HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SKIP_GAPS: tl.constexpr,
+    HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Program t = (KV head, span row er, its piece index ei): each piece's keys are read once.
 
@@ -596,10 +596,6 @@ def _decode_shared_part(
             for k0 in range(lo, hi + 1, BN):
                 kk = k0 + cols
                 km = kk <= hi
-                kr = (k0 - base).to(tl.int32) + cols
-                inside = (kr[None, :] >= rlo[:, None]) & (kr[None, :] <= rhi[:, None])
-                if SKIP_GAPS:  # keys between the group's spans are not read
-                    km = km & (tl.max(inside.to(tl.int32), axis=0) > 0)
                 if HAS_MASK:
                     km = km & (tl.load(MASK + b * Lkv + kk, mask=km, other=0) != 0)
                 kt = tl.load(k_base + kk[:, None] * s_kl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
@@ -608,7 +604,9 @@ def _decode_shared_part(
                     kt = kt.to(tl.float32)
                     vt = vt.to(tl.float32)
                 sc = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * sm_scale
-                sc = tl.where(inside & km[None, :], sc, float("-inf"))
+                kr = (k0 - base).to(tl.int32) + cols
+                inside = (kr[None, :] >= rlo[:, None]) & (kr[None, :] <= rhi[:, None]) & km[None, :]
+                sc = tl.where(inside, sc, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(sc, axis=1))
                 m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
                 alpha = tl.exp(m_i - m_use)
@@ -632,13 +630,13 @@ def _decode_shared_kernel(
     R: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     K_VAL: tl.constexpr, NCH: tl.constexpr, NWCH: tl.constexpr, PIECE: tl.constexpr, GR: tl.constexpr,
     WCHUNK: tl.constexpr, BN: tl.constexpr, BNW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_W: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, POS_ROWS: tl.constexpr, SKIP_GAPS: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, POS_ROWS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid < n_shared_progs:
         _decode_shared_part(pid, Q2, K, V, MASK, QS, QE, O_SPAN, L_SPAN,
                             Lkv, G, Hq, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
-                            R, RP, KP, D, BD, K_VAL, NCH, PIECE, GR, BN, HAS_MASK, UPCAST, PRECISION, SKIP_GAPS)
+                            R, RP, KP, D, BD, K_VAL, NCH, PIECE, GR, BN, HAS_MASK, UPCAST, PRECISION)
     else:
         pos = tl.load(POS).to(tl.int64)  # with POS_ROWS: replaced by the row's own in the part
         _decode_window_part(pid - n_shared_progs, pos, POS, Q2, K, V, MASK, O_WIN, L_WIN,
@@ -769,7 +767,6 @@ def launch_decode(
     lane_max: bool = False,
     pos_rows: bool = False,
     small_warps: int = 4,
-    skip_gaps: bool = True,
 ) -> None:
     """One decode step for queries [B, Hq, 1, D] against the full cache; writes ``out``.
 
@@ -782,8 +779,7 @@ def launch_decode(
     piece, so the heads that share keys read them together and the repeats come from L2;
     "piece-rows": the same work list in row order, kept to measure what the piece order gains), or
     "shared" (the global-grid pieces of each KV head's spans, each read once for up to 16 of the
-    rows covering it; with ``skip_gaps`` the keys between the group's spans are not read).
-    ``small_warps``: the warps of the finalize and merge kernels.
+    rows covering it). ``small_warps``: the warps of the finalize and merge kernels.
     ``lane_max`` and ``num_stages``: the split stream's running max per key lane, and its
     software-pipelining depth; ``union_warps`` and ``union_stages``: those of the union and shared
     kernels.
@@ -852,7 +848,7 @@ def launch_decode(
             Lkv, window, G, Hq, n_shared, 1.0 / (D**0.5), *strides,
             R=R, RP=RP, KP=triton.next_power_of_2(num_spans), D=D, BD=BD, K_VAL=num_spans, NCH=nch, NWCH=nwch,
             PIECE=chunk, GR=16, WCHUNK=wchunk, BN=block_n, BNW=block_nw, HAS_MASK=mask is not None,
-            HAS_W=window > 0, UPCAST=upcast, PRECISION=precision, POS_ROWS=pos_rows, SKIP_GAPS=skip_gaps,
+            HAS_W=window > 0, UPCAST=upcast, PRECISION=precision, POS_ROWS=pos_rows,
             num_warps=union_warps, num_stages=union_stages,
         )
     elif mode in ("piece", "piece-rows"):

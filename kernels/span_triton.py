@@ -65,7 +65,6 @@ class TritonConfig:
     decode_union_warps: int
     decode_union_stages: int
     decode_small_warps: int
-    decode_skip_gaps: bool
     prefill_segment: int
 
 
@@ -74,7 +73,7 @@ _CPU_INTERPRETER = TritonConfig(
     search_block_q=4, search_split_warps=4, search_split_stages=1, pair_block_p=16, pair_block_n=16, pair_warps=4, pair_stages=1,
     pair_phases=True, pair_tma=True,
     merge_block_m=16, decode_mode="split", decode_split=32, decode_chunk=32, decode_wchunk=16, decode_block_n=16,
-    decode_block_nw=16, decode_warps=4, decode_stages=1, decode_lane_max=True, decode_union_chunk=32, decode_union_warps=4, decode_union_stages=1, decode_small_warps=4, decode_skip_gaps=True,
+    decode_block_nw=16, decode_warps=4, decode_stages=1, decode_lane_max=True, decode_union_chunk=32, decode_union_warps=4, decode_union_stages=1, decode_small_warps=4,
     prefill_segment=1 << 15,
 )
 
@@ -86,12 +85,12 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
     Decode design (H200, released shapes, ``bench/kernels.py --only sweep``, see bench/RESULTS.md,
     2026-12-03): "shared", each KV head's span rows cut at a global grid of 2048-key pieces, each
     piece read once for up to 16 of the rows that cover it (16-row ``tl.dot`` tiles, 4 warps, 3
-    stages), with 1-warp finalize and merge kernels: 113.5 us at 1M (split stream 126.2), 214.0 at
-    4M (pieces per row 244.2), 345.9 at 10M (pieces 362.8). 1024-key pieces: 122.1 / 222.5 / 348.9.
-    Tried and slower: the merge fused into the shared kernel (the program that writes a head's
-    last part merges it: 129.2 / 324.1 us), and the finalize done inside every shared program
-    (225 / 804 us). The split stream, the pieces per row and the union design stay selectable
-    and tested.
+    stages), with 1-warp finalize and merge kernels: 113.0 us at 1M (split stream 125.8), 213.8 at
+    4M (pieces per row 244.5), ~350 at 10M (pieces 362.9). Slower in the same sweeps: 1024-, 4096-
+    and 8192-key pieces, 2 or 8 warps, 2 stages, skipping the keys between a group's spans (145.6 /
+    225.0 us), the merge fused into the shared kernel (129.2 / 324.1 us) and the finalize done
+    inside every shared program (225 / 804 us). The split stream, the pieces per row and the union
+    design stay selectable and tested.
 
     Prefill (H200, fp16, released shapes, ``bench/kernels.py --only search``, bench/RESULTS.md
     "kernels", 2026-12-02): the single-program search with 2 warps instead of 4 (K3 32K chunk at
@@ -137,7 +136,6 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
         decode_union_warps=4,
         decode_union_stages=3,
         decode_small_warps=1,
-        decode_skip_gaps=True,
         prefill_segment=1 << 15,
     )
 
@@ -292,8 +290,7 @@ def superlinear_attention_triton(
             chunk=cfg.decode_union_chunk if cfg.decode_mode == "union" else cfg.decode_chunk, wchunk=cfg.decode_wchunk,
             block_n=cfg.decode_block_n, block_nw=cfg.decode_block_nw, upcast=upcast, precision=prec,
             num_warps=cfg.decode_warps, num_stages=cfg.decode_stages, union_warps=cfg.decode_union_warps,
-            union_stages=cfg.decode_union_stages, small_warps=cfg.decode_small_warps,
-            skip_gaps=cfg.decode_skip_gaps, lane_max=cfg.decode_lane_max, pos_rows=rows and B > 1,
+            union_stages=cfg.decode_union_stages, small_warps=cfg.decode_small_warps, lane_max=cfg.decode_lane_max, pos_rows=rows and B > 1,
         )
         return out
     ns = torch.searchsorted(offs, pos + 1, right=True).to(torch.int32)

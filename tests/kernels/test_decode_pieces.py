@@ -73,21 +73,20 @@ def test_plan_fills_the_capacity_of_full_length_rows() -> None:
 
 
 def _use_pieces(monkeypatch: pytest.MonkeyPatch, mode: str, chunk: int, lane_max: bool = True,
-                small_warps: int = 4, skip_gaps: bool = True) -> None:
+                small_warps: int = 4) -> None:
     base = span_triton.config_for
     monkeypatch.setattr(span_triton, "config_for", lambda *a, **kw: dataclasses.replace(
         base(*a, **kw), decode_mode=mode, decode_chunk=chunk, decode_lane_max=lane_max,
-        decode_small_warps=small_warps, decode_skip_gaps=skip_gaps))
+        decode_small_warps=small_warps))
 
 
-@pytest.mark.parametrize(("mode", "chunk", "lane_max", "small_warps", "skip_gaps"),
-                         [("piece", 32, True, 4, True), ("piece", 16, False, 4, True),
-                          ("piece-rows", 32, True, 4, True), ("shared", 32, True, 4, True),
-                          ("shared", 16, True, 4, True), ("shared", 32, True, 1, True),
-                          ("shared", 64, True, 4, False), ("shared", 64, True, 4, True)])
-def test_piece_decode_equals_reference(mode: str, chunk: int, lane_max: bool, small_warps: int, skip_gaps: bool,
+@pytest.mark.parametrize(("mode", "chunk", "lane_max", "small_warps"),
+                         [("piece", 32, True, 4), ("piece", 16, False, 4), ("piece-rows", 32, True, 4),
+                          ("shared", 32, True, 4), ("shared", 16, True, 4), ("shared", 32, True, 1),
+                          ("shared", 64, True, 4)])
+def test_piece_decode_equals_reference(mode: str, chunk: int, lane_max: bool, small_warps: int,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    _use_pieces(monkeypatch, mode, chunk, lane_max, small_warps, skip_gaps)
+    _use_pieces(monkeypatch, mode, chunk, lane_max, small_warps)
     # 8 query heads on one KV head: 24 spans of ~45 keys in 200 keys share most of their keys
     q1, q2, k, v = make_inputs(1, 8, 1, 1, 200, 16, torch.float32, seed=17)
     pos = torch.tensor([199])
