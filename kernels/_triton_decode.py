@@ -18,6 +18,12 @@ head's (row, piece) items in piece order, and ``_decode_piece_kernel`` streams o
 program (same per-row loop as the split stream), so the reads of keys that several heads' spans
 share happen at the same time. The "union" design (``_decode_union_kernel``) scores every key once
 for all the rows of its KV head.
+
+The "shared" design (the table's choice on CUDA) keeps the global piece grid but reads each piece
+once: ``_decode_shared_kernel`` runs one program per (KV head, span row, piece index of that row);
+of the rows covering a piece, the program of every 16th (by row index) scores the piece's keys for
+itself and the next 15 covering rows with ``tl.dot`` tiles, each row masked to its own span, and
+writes their parts for the split merge. No plan kernel, no work list, a fixed grid.
 """
 
 from __future__ import annotations
@@ -31,6 +37,18 @@ from secure_run.kernels._triton_search import select_topk
 
 #: the decode designs ``launch_decode`` runs (a sweep variant with any other name is refused)
 DECODE_MODES = ("split", "union", "piece", "piece-rows", "shared")
+
+
+@triton.jit
+def _kv_block(k_base, v_base, m_row, k0, hi, cols, d, dmask, s_kl, s_vl, HAS_MASK: tl.constexpr):
+    """Keys k0 + cols (those <= hi and, with HAS_MASK, unmasked in ``m_row``): (key mask, K, V)."""
+    kk = k0 + cols
+    km = kk <= hi
+    if HAS_MASK:
+        km = km & (tl.load(m_row + kk, mask=km, other=0) != 0)
+    kt = tl.load(k_base + kk[:, None] * s_kl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
+    vt = tl.load(v_base + kk[:, None] * s_vl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
+    return km, kt, vt
 
 
 @triton.jit
@@ -50,12 +68,7 @@ def _stream_keys(q, k_base, v_base, m_row, lo, hi, s_kl, s_vl, D: tl.constexpr, 
     acc2 = tl.full([BN, BD], 0.0, tl.float32)
     cols = tl.arange(0, BN)
     for k0 in range(lo, hi + 1, BN):
-        kk = k0 + cols
-        km = kk <= hi
-        if HAS_MASK:
-            km = km & (tl.load(m_row + kk, mask=km, other=0) != 0)
-        kt = tl.load(k_base + kk[:, None] * s_kl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
-        vt = tl.load(v_base + kk[:, None] * s_vl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
+        km, kt, vt = _kv_block(k_base, v_base, m_row, k0, hi, cols, d, dmask, s_kl, s_vl, HAS_MASK)
         s = tl.sum(kt.to(tl.float32) * q[None, :], axis=1)
         s = tl.where(km, s, float("-inf"))
         if LANE_MAX:
@@ -85,6 +98,41 @@ def _stream_keys(q, k_base, v_base, m_row, lo, hi, s_kl, s_vl, D: tl.constexpr, 
     o = acc / tl.where(has, l_i, 1.0)
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
     return o, lse
+
+
+@triton.jit
+def _stream_rows(q, k_base, v_base, m_row, lo, hi, base, rlo, rhi, sm_scale, s_kl, s_vl, M: tl.constexpr,
+                 D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, HAS_MASK: tl.constexpr,
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """(o, lse) of M query rows ``q`` over keys [lo, hi], each key block read once for all rows
+    (``tl.dot``); row i sees only keys base + [rlo[i], rhi[i]] (int32 bounds relative to ``base``:
+    cheap [M, BN] compares in the hot loop). fp32 online softmax per row."""
+    d = tl.arange(0, BD)
+    dmask = d < D
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.full([M], 0.0, tl.float32)
+    acc = tl.full([M, BD], 0.0, tl.float32)
+    cols = tl.arange(0, BN)
+    for k0 in range(lo, hi + 1, BN):
+        km, kt, vt = _kv_block(k_base, v_base, m_row, k0, hi, cols, d, dmask, s_kl, s_vl, HAS_MASK)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        sc = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * sm_scale
+        kr = (k0 - base).to(tl.int32) + cols
+        inside = (kr[None, :] >= rlo[:, None]) & (kr[None, :] <= rhi[:, None]) & km[None, :]
+        sc = tl.where(inside, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_use)
+        pr = tl.exp(sc - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(pr, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(pr.to(vt.dtype), vt, input_precision=PRECISION)
+        m_i = m_new
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    return o, lse, has
 
 
 @triton.jit
@@ -150,34 +198,10 @@ def _decode_window_part(
     hi = tl.minimum(pos, lo + WCHUNK - 1)
     if not HAS_W:
         hi = lo - 1
-    m_w = tl.full([RP], float("-inf"), tl.float32)
-    l_w = tl.full([RP], 0.0, tl.float32)
-    acc_w = tl.full([RP, BD], 0.0, tl.float32)
-    cols = tl.arange(0, BNW)
-    k_base = K + b * s_kb + g * s_kh
-    v_base = V + b * s_vb + g * s_vh
-    for k0 in range(lo, hi + 1, BNW):
-        kk = k0 + cols
-        km = kk <= hi
-        if HAS_MASK:
-            km = km & (tl.load(MASK + b * Lkv + kk, mask=km, other=0) != 0)
-        kt = tl.load(k_base + kk[:, None] * s_kl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
-        vt = tl.load(v_base + kk[:, None] * s_vl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * sm_scale
-        s = tl.where(km[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_w, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_w - m_use)
-        p = tl.exp(s - m_use[:, None])
-        l_w = l_w * alpha + tl.sum(p, axis=1)
-        acc_w = acc_w * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
-        m_w = m_new
-    has = l_w > 0
-    o = acc_w / tl.where(has, l_w, 1.0)[:, None]
-    lse = tl.where(has, m_w + tl.log(tl.where(has, l_w, 1.0)), float("-inf"))
+    # every head sees every key of the chunk: row bounds [0, WCHUNK] relative to lo
+    o, lse, _ = _stream_rows(q, K + b * s_kb + g * s_kh, V + b * s_vb + g * s_vh, MASK + b * Lkv, lo, hi, lo,
+                             tl.full([RP], 0, tl.int32), tl.full([RP], WCHUNK, tl.int32), sm_scale, s_kl, s_vl,
+                             RP, D, BD, BNW, HAS_MASK, UPCAST, PRECISION)
     row = (b * Hq + heads) * NWCH + c
     tl.store(O_WIN + row[:, None] * D + d[None, :], o, mask=rmask[:, None] & dmask[None, :])
     tl.store(L_WIN + row, lse, mask=rmask)
@@ -279,39 +303,11 @@ def _decode_union_part(
         q = tl.load(Q2 + b * s_qb + h[:, None] * s_qh + d[None, :], mask=rm[:, None] & dmask[None, :], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
-        # row bounds relative to the piece, as int32 (cheap [rows, BN] compares in the hot loop)
+        # row bounds relative to the piece
         rlo = tl.where(ok, tl.minimum(tl.maximum(qs - lo, 0), CH), CH).to(tl.int32)
         rhi = tl.where(ok, tl.minimum(tl.maximum(qe - lo, -1), CH - 1), -1).to(tl.int32)
-        m_i = tl.full([RKP], float("-inf"), tl.float32)
-        l_i = tl.full([RKP], 0.0, tl.float32)
-        acc = tl.full([RKP, BD], 0.0, tl.float32)
-        cols = tl.arange(0, BN)
-        k_base = K + b * s_kb + g * s_kh
-        v_base = V + b * s_vb + g * s_vh
-        for k0 in range(lo, hi + 1, BN):
-            kk = k0 + cols
-            km = kk <= hi
-            if HAS_MASK:
-                km = km & (tl.load(MASK + b * Lkv + kk, mask=km, other=0) != 0)
-            kt = tl.load(k_base + kk[:, None] * s_kl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
-            vt = tl.load(v_base + kk[:, None] * s_vl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
-            if UPCAST:
-                kt = kt.to(tl.float32)
-                vt = vt.to(tl.float32)
-            sc = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * sm_scale
-            kr = (k0 - lo).to(tl.int32) + cols
-            inside = (kr[None, :] >= rlo[:, None]) & (kr[None, :] <= rhi[:, None]) & km[None, :]
-            sc = tl.where(inside, sc, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_use)
-            pr = tl.exp(sc - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(pr, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(pr.to(vt.dtype), vt, input_precision=PRECISION)
-            m_i = m_new
-        has = l_i > 0
-        o = acc / tl.where(has, l_i, 1.0)[:, None]
-        lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+        o, lse, has = _stream_rows(q, K + b * s_kb + g * s_kh, V + b * s_vb + g * s_vh, MASK + b * Lkv, lo, hi, lo,
+                                   rlo, rhi, sm_scale, s_kl, s_vl, RKP, D, BD, BN, HAS_MASK, UPCAST, PRECISION)
         row = (bg * MAXP + piece) * RK + r
         tl.store(PL + row, lse, mask=rm)
         tl.store(PO + row[:, None] * D + d[None, :], o, mask=(rm & has)[:, None] & dmask[None, :])
@@ -587,36 +583,9 @@ def _decode_shared_part(
                         mask=gm[:, None] & dmask[None, :], other=0.0)
             if UPCAST:
                 q = q.to(tl.float32)
-            m_i = tl.full([GR], float("-inf"), tl.float32)
-            l_i = tl.full([GR], 0.0, tl.float32)
-            acc = tl.full([GR, BD], 0.0, tl.float32)
-            cols = tl.arange(0, BN)
-            k_base = K + b * s_kb + g * s_kh
-            v_base = V + b * s_vb + g * s_vh
-            for k0 in range(lo, hi + 1, BN):
-                kk = k0 + cols
-                km = kk <= hi
-                if HAS_MASK:
-                    km = km & (tl.load(MASK + b * Lkv + kk, mask=km, other=0) != 0)
-                kt = tl.load(k_base + kk[:, None] * s_kl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
-                vt = tl.load(v_base + kk[:, None] * s_vl + d[None, :], mask=km[:, None] & dmask[None, :], other=0.0)
-                if UPCAST:
-                    kt = kt.to(tl.float32)
-                    vt = vt.to(tl.float32)
-                sc = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * sm_scale
-                kr = (k0 - base).to(tl.int32) + cols
-                inside = (kr[None, :] >= rlo[:, None]) & (kr[None, :] <= rhi[:, None]) & km[None, :]
-                sc = tl.where(inside, sc, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp(m_i - m_use)
-                pr = tl.exp(sc - m_use[:, None])
-                l_i = l_i * alpha + tl.sum(pr, axis=1)
-                acc = acc * alpha[:, None] + tl.dot(pr.to(vt.dtype), vt, input_precision=PRECISION)
-                m_i = m_new
-            has = l_i > 0
-            o = acc / tl.where(has, l_i, 1.0)[:, None]
-            lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+            o, lse, _ = _stream_rows(q, K + b * s_kb + g * s_kh, V + b * s_vb + g * s_vh, MASK + b * Lkv, lo, hi,
+                                     base, rlo, rhi, sm_scale, s_kl, s_vl, GR, D, BD, BN, HAS_MASK, UPCAST,
+                                     PRECISION)
             part = (bg * RK + hl * K_VAL + gf % KP) * NCH + (p - gfirst)
             tl.store(L_SPAN + part, lse, mask=gm)
             tl.store(O_SPAN + part[:, None] * D + d[None, :], o, mask=gm[:, None] & dmask[None, :])
