@@ -5,9 +5,10 @@ layout (``backbone.*``, one 2-D tensor per routed expert); secure-run loads thos
 its strict loader and must produce the same logits (fp32, <= 1e-4 relative error) for the prefill
 and for every decode step.
 
-Delta clamp: transformers' pure-torch Mamba fallback clamps Delta to ``(time_step_min, inf)``,
-while the CUDA kernels (and spec/model.md 2.3 step 4) use ``time_step_limit = (0, inf)``.
-transformers cannot be built with ``time_step_min = 0`` (its dt_bias init takes
+Delta clamp: transformers' pure-torch Mamba fallback clamps Delta to ``(time_step_min, inf)`` up to
+5.24 and to ``config.time_step_limit`` from 5.25; the model is built with both at 0.001, so every
+version clamps alike. The CUDA kernels (and spec/model.md 2.3 step 4) use ``time_step_limit = (0,
+inf)``; transformers cannot be built with ``time_step_min = 0`` (its dt_bias init takes
 ``log(time_step_min)``), so after construction every HF mixer's ``time_step_limit`` attribute is set
 to ``(0, inf)``, the value our config carries. A second test keeps transformers' clamp and gives
 our config ``time_step_limit = [0.001, inf]`` instead: the prefills agree, and so does our decode
@@ -42,8 +43,10 @@ def _hf_model(patch_clamp: bool) -> Any:
             "head_dim", "intermediate_size", "mamba_num_heads", "mamba_head_dim", "n_groups", "ssm_state_size",
             "conv_kernel", "chunk_size", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
             "moe_shared_expert_intermediate_size", "routed_scaling_factor", "layer_norm_epsilon")
+    # the clamp made explicit: transformers <= 5.24 clamps Delta to (time_step_min, inf) whatever the
+    # config says, 5.25 on to config.time_step_limit; with both set to 0.001 every version clamps alike
     hc = NemotronHConfig(**{k: TINY[k] for k in keys}, n_shared_experts=1, max_position_embeddings=256,
-                         time_step_min=0.001)
+                         time_step_min=0.001, time_step_limit=(0.001, math.inf))
     hc._attn_implementation = "eager"
     torch.manual_seed(0)
     model = NemotronHForCausalLM(hc).eval()
