@@ -19,6 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # grid dependency control (programmatic dependent launch), Triton >= 3.4
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_PDL = True
+except ImportError:  # pragma: no cover - every Triton the runner supports has it
+    HAS_PDL = False
+
 from secure_run.kernels._schedule import stripe_offsets
 from secure_run.kernels.params import SpanParams, fp32
 
@@ -58,6 +65,36 @@ def _offsets_cached(params: SpanParams, max_t: int, device: str) -> torch.Tensor
 def device_offsets(params: SpanParams, max_t: int, device: torch.device) -> torch.Tensor:
     """Stripe offset table F(i) on ``device`` (cached per params, length and device)."""
     return _offsets_cached(params, int(max_t), str(device))
+
+
+@functools.lru_cache(maxsize=16)
+def _capability_major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch is available for kernels on ``device`` (Hopper or later)."""
+    return HAS_PDL and device.type == "cuda" and not interpreting() and _capability_major(device) >= 9
+
+
+def pdl_launch(pdl: bool) -> dict[str, bool]:
+    """Launch options of a kernel that calls :func:`grid_dependency` (programmatic dependent
+    launch, Hopper and later; nothing under the interpreter or when ``pdl`` is off)."""
+    assert not pdl or HAS_PDL, "programmatic dependent launch needs Triton >= 3.4"
+    return {"launch_pdl": True} if pdl else {}
+
+
+@triton.jit
+def grid_dependency(PDL: tl.constexpr):
+    """First statement of a kernel launched with :func:`pdl_launch`: let the next kernel of the
+    stream launch now (its programs wait in their own ``grid_dependency`` until this grid has
+    finished), then wait for the previous kernel to finish and its writes to be visible. Called
+    before any global memory access, so every read-after-write and write-after-read order of the
+    stream holds as with an ordinary launch; only the launch latency and the programs' start-up
+    overlap the previous kernel's tail."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
 
 
 def dot_precision(dtype: torch.dtype) -> str:

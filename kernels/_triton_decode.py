@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from secure_run.kernels._triton_common import span_bounds
+from secure_run.kernels._triton_common import grid_dependency, pdl_launch, span_bounds
 from secure_run.kernels._triton_search import select_topk
 
 #: the decode designs ``launch_decode`` runs (a sweep variant with any other name is refused)
@@ -212,9 +212,10 @@ def _decode_finalize_kernel(
     CV, CA, POS, S0, CONSTS, VALS, ANCS, QS, QE,
     n_cand, Lkv, W, Hq,
     NC: tl.constexpr, K_VAL: tl.constexpr, KP: tl.constexpr, HAS_MASK: tl.constexpr, FWD: tl.constexpr,
-    HAS_W: tl.constexpr, POS_ROWS: tl.constexpr,
+    HAS_W: tl.constexpr, POS_ROWS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Per (b, h): merge the split candidates into the sorted top-K and bound their spans."""
+    grid_dependency(PDL)
     bh = tl.program_id(0).to(tl.int64)
     b = bh // Hq
     if POS_ROWS:
@@ -599,8 +600,9 @@ def _decode_shared_kernel(
     R: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     K_VAL: tl.constexpr, NCH: tl.constexpr, NWCH: tl.constexpr, PIECE: tl.constexpr, GR: tl.constexpr,
     WCHUNK: tl.constexpr, BN: tl.constexpr, BNW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_W: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, POS_ROWS: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, POS_ROWS: tl.constexpr, PDL: tl.constexpr,
 ):
+    grid_dependency(PDL)
     pid = tl.program_id(0)
     if pid < n_shared_progs:
         _decode_shared_part(pid, Q2, K, V, MASK, QS, QE, O_SPAN, L_SPAN,
@@ -640,8 +642,9 @@ def _decode_merge_kernel(
     CV, CA, O_SPAN, L_SPAN, O_WIN, L_WIN, OUT,
     n_cand, s_ob, s_oh, Hq,
     K_VAL: tl.constexpr, KP: tl.constexpr, NC: tl.constexpr, NCH: tl.constexpr, NWCH: tl.constexpr,
-    NCHP: tl.constexpr, NWCHP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    NCHP: tl.constexpr, NWCHP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr,
 ):
+    grid_dependency(PDL)
     bh = tl.program_id(0).to(tl.int64)
     b = bh // Hq
     h = bh % Hq
@@ -690,7 +693,7 @@ def _decode_merge_kernel(
 def _finalize(
     cv: torch.Tensor, ca: torch.Tensor, pos: torch.Tensor, s0: torch.Tensor | None, consts: torch.Tensor, Lkv: int,
     window: int, forward: bool, has_mask: bool, pos_rows: bool, shape: tuple[int, int, int], NC: int,
-    num_warps: int,
+    num_warps: int, pdl: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The search candidates merged into each (b, h)'s sorted top-K: (values, anchors, qstart, qend)."""
     B, Hq, K_VAL = shape
@@ -699,7 +702,7 @@ def _finalize(
     _decode_finalize_kernel[(B * Hq,)](
         cv, ca, pos, s0 if s0 is not None else pos, consts, vals, ancs, qs, qe, cv.shape[3] * cv.shape[4], Lkv,
         window, Hq, NC=NC, K_VAL=K_VAL, KP=triton.next_power_of_2(K_VAL), HAS_MASK=has_mask, FWD=forward,
-        HAS_W=window > 0, POS_ROWS=pos_rows, num_warps=num_warps,
+        HAS_W=window > 0, POS_ROWS=pos_rows, PDL=pdl, num_warps=num_warps, **pdl_launch(pdl),
     )
     return vals, ancs, qs, qe
 
@@ -736,6 +739,7 @@ def launch_decode(
     lane_max: bool = False,
     pos_rows: bool = False,
     small_warps: int = 4,
+    pdl: bool = False,
 ) -> None:
     """One decode step for queries [B, Hq, 1, D] against the full cache; writes ``out``.
 
@@ -748,7 +752,10 @@ def launch_decode(
     piece, so the heads that share keys read them together and the repeats come from L2;
     "piece-rows": the same work list in row order, kept to measure what the piece order gains), or
     "shared" (the global-grid pieces of each KV head's spans, each read once for up to 16 of the
-    rows covering it). ``small_warps``: the warps of the finalize and merge kernels.
+    rows covering it). ``small_warps``: the warps of the finalize and merge kernels. ``pdl``: the
+    search, finalize, shared and merge kernels are launched as programmatic dependents (Hopper):
+    each lets the next one launch at its start and waits for the previous one before touching
+    memory, so launch latency overlaps the previous kernel's tail.
     ``lane_max`` and ``num_stages``: the split stream's running max per key lane, and its
     software-pipelining depth; ``union_warps`` and ``union_stages``: those of the union and shared
     kernels.
@@ -767,7 +774,7 @@ def launch_decode(
     cv, ca = launch_search(
         q1, k, pos, offs, None, mask, s0, consts, num_spans=num_spans, window=window, forward=forward,
         n_splits=n_splits, final=False, split_len=split_len, block_s=block_s, upcast=upcast,
-        precision=precision, num_warps=4, pos_rows=pos_rows,
+        precision=precision, num_warps=4, pos_rows=pos_rows, pdl=pdl,
     )
     n_cand = cv.shape[3] * cv.shape[4]
     nwch = max(1, triton.cdiv(window, wchunk))
@@ -776,14 +783,19 @@ def launch_decode(
     l_win = torch.empty(B * Hq * nwch, dtype=torch.float32, device=dev)
     BD = max(16, triton.next_power_of_2(D))
     NC = max(16, triton.next_power_of_2(n_cand))
+
+    def spans() -> tuple[torch.Tensor, ...]:
+        """(values, anchors, qstart, qend) [B, Hq, K]: the split candidates merged."""
+        return _finalize(cv, ca, pos, s0, consts, Lkv, window, forward, mask is not None, pos_rows, (B, Hq, num_spans),
+                         NC, small_warps, pdl)
+
     RP = max(16, triton.next_power_of_2(R))
     dummy = pos
     m_arg = mask if mask is not None else dummy
     strides = (q2.stride(0), q2.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
     if mode == "union":
         KP = triton.next_power_of_2(num_spans)
-        vals, ancs, qs, qe = _finalize(cv, ca, pos, s0, consts, Lkv, window, forward, mask is not None, pos_rows,
-                                       (B, Hq, num_spans), NC, small_warps)
+        vals, ancs, qs, qe = spans()
         RK = R * num_spans
         RKP = max(16, triton.next_power_of_2(RK))
         maxp = triton.cdiv(RK * max_span, chunk) + RK
@@ -810,15 +822,14 @@ def launch_decode(
         o_span = torch.empty(B * Hq * num_spans * nch, D, dtype=torch.float32, device=dev)
         l_span = torch.empty(B * Hq * num_spans * nch, dtype=torch.float32, device=dev)
         n_shared = B * G * R * num_spans * nch
-        _, _, qs, qe = _finalize(cv, ca, pos, s0, consts, Lkv, window, forward, mask is not None, pos_rows,
-                                 (B, Hq, num_spans), NC, small_warps)
+        _, _, qs, qe = spans()
         _decode_shared_kernel[(n_shared + B * G * nwch,)](
             q2, k, v, pos, m_arg, qs, qe, o_span, l_span, o_win, l_win,
             Lkv, window, G, Hq, n_shared, 1.0 / (D**0.5), *strides,
             R=R, RP=RP, KP=triton.next_power_of_2(num_spans), D=D, BD=BD, K_VAL=num_spans, NCH=nch, NWCH=nwch,
             PIECE=chunk, GR=16, WCHUNK=wchunk, BN=block_n, BNW=block_nw, HAS_MASK=mask is not None,
-            HAS_W=window > 0, UPCAST=upcast, PRECISION=precision, POS_ROWS=pos_rows,
-            num_warps=union_warps, num_stages=union_stages,
+            HAS_W=window > 0, UPCAST=upcast, PRECISION=precision, POS_ROWS=pos_rows, PDL=pdl,
+            num_warps=union_warps, num_stages=union_stages, **pdl_launch(pdl),
         )
     elif mode in ("piece", "piece-rows"):
         nch = max(1, triton.cdiv(max_span, chunk)) + 1  # a span meets at most this many pieces
@@ -827,8 +838,7 @@ def launch_decode(
         RK = R * num_spans
         assert RK <= 65536, "piece work items pack the local row in 16 bits"
         cap = RK * nch
-        _, _, qs, qe = _finalize(cv, ca, pos, s0, consts, Lkv, window, forward, mask is not None, pos_rows,
-                                 (B, Hq, num_spans), NC, small_warps)
+        _, _, qs, qe = spans()
         items = torch.empty(B * G * cap, dtype=torch.int64, device=dev)
         count = torch.empty(B * G, dtype=torch.int64, device=dev)
         RKP = triton.next_power_of_2(RK)
@@ -865,5 +875,5 @@ def launch_decode(
         n_cand, out.stride(0), out.stride(1), Hq,
         K_VAL=num_spans, KP=triton.next_power_of_2(num_spans), NC=NC, NCH=nch, NWCH=nwch,
         NCHP=max(2, triton.next_power_of_2(nch)),
-        NWCHP=max(2, triton.next_power_of_2(nwch)), D=D, BD=BD, num_warps=small_warps,
+        NWCHP=max(2, triton.next_power_of_2(nwch)), D=D, BD=BD, PDL=pdl, num_warps=small_warps, **pdl_launch(pdl),
     )

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from secure_run.kernels._triton_common import next_pow2, span_bounds
+from secure_run.kernels._triton_common import grid_dependency, next_pow2, pdl_launch, span_bounds
 
 
 @triton.jit
@@ -30,8 +30,9 @@ def _search_kernel(
     R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
     K_VAL: tl.constexpr, KP: tl.constexpr, FINAL: tl.constexpr, HAS_NS: tl.constexpr,
     HAS_MASK: tl.constexpr, FWD: tl.constexpr, HAS_W: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, POS_ROWS: tl.constexpr,
+    PRECISION: tl.constexpr, POS_ROWS: tl.constexpr, PDL: tl.constexpr,
 ):
+    grid_dependency(PDL)
     x = tl.program_id(0)
     bg = tl.program_id(1)
     sp = tl.program_id(2)
@@ -144,12 +145,14 @@ def launch_search(
     precision: str,
     num_warps: int,
     pos_rows: bool = False,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Run the search. final (needs n_splits == 1): (values, anchors, qstart, qend) [B,Hq,Lq,K].
 
     Otherwise: candidate (values, anchors) [B,Hq,Lq,n_splits,KP] (merged by ``select_topk``).
     ``pos``: [Lq] shared by every batch row, or with ``pos_rows`` [B, Lq] contiguous (row b's own
-    positions; ``ns`` must then be None).
+    positions; ``ns`` must then be None). ``pdl``: launched as a programmatic dependent of the
+    previous kernel (see ``grid_dependency``).
     """
     B, Hq, Lq, D = q1.shape
     G, Lkv = k.shape[1], k.shape[2]
@@ -175,8 +178,8 @@ def launch_search(
         q1.stride(0), q1.stride(1), q1.stride(2), k.stride(0), k.stride(1), k.stride(2),
         R=R, RP=max(16, triton.next_power_of_2(R)), D=D, BD=max(16, triton.next_power_of_2(D)), BS=block_s,
         K_VAL=num_spans, KP=next_pow2(num_spans), FINAL=final, HAS_NS=ns is not None, HAS_MASK=mask is not None,
-        FWD=forward, HAS_W=window > 0, UPCAST=upcast, PRECISION=precision, POS_ROWS=pos_rows,
-        num_warps=num_warps,
+        FWD=forward, HAS_W=window > 0, UPCAST=upcast, PRECISION=precision, POS_ROWS=pos_rows, PDL=pdl,
+        num_warps=num_warps, **pdl_launch(pdl),
     )
     return outs
 

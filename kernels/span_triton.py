@@ -22,7 +22,13 @@ import torch
 from secure_run.errors import KernelUnavailable
 from secure_run.kernels._checks import per_row_positions
 from secure_run.kernels._schedule import first_valid_key, span_extent
-from secure_run.kernels._triton_common import device_offsets, dot_precision, interpreting, span_consts
+from secure_run.kernels._triton_common import (
+    device_offsets,
+    dot_precision,
+    interpreting,
+    pdl_supported,
+    span_consts,
+)
 from secure_run.kernels._triton_decode import launch_decode
 from secure_run.kernels._triton_prefill import launch_prefill_attention
 from secure_run.kernels._triton_search import launch_search, launch_search_split
@@ -65,6 +71,7 @@ class TritonConfig:
     decode_union_warps: int
     decode_union_stages: int
     decode_small_warps: int
+    decode_pdl: bool
     prefill_segment: int
 
 
@@ -74,6 +81,7 @@ _CPU_INTERPRETER = TritonConfig(
     pair_phases=True, pair_tma=True,
     merge_block_m=16, decode_mode="split", decode_split=32, decode_chunk=32, decode_wchunk=16, decode_block_n=16,
     decode_block_nw=16, decode_warps=4, decode_stages=1, decode_lane_max=True, decode_union_chunk=32, decode_union_warps=4, decode_union_stages=1, decode_small_warps=4,
+    decode_pdl=False,
     prefill_segment=1 << 15,
 )
 
@@ -85,12 +93,16 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
     Decode design (H200, released shapes, ``bench/kernels.py --only sweep``, see bench/RESULTS.md,
     2026-12-03): "shared", each KV head's span rows cut at a global grid of 2048-key pieces, each
     piece read once for up to 16 of the rows that cover it (16-row ``tl.dot`` tiles, 4 warps, 3
-    stages), with 1-warp finalize and merge kernels: 113.0 us at 1M (split stream 125.8), 213.8 at
-    4M (pieces per row 244.5), ~350 at 10M (pieces 362.9). Slower in the same sweeps: 1024-, 4096-
-    and 8192-key pieces, 2 or 8 warps, 2 stages, skipping the keys between a group's spans (145.6 /
-    225.0 us), the merge fused into the shared kernel (129.2 / 324.1 us) and the finalize done
-    inside every shared program (225 / 804 us). The split stream, the pieces per row and the union
-    design stay selectable and tested.
+    stages), with 1-warp finalize and merge kernels, the four kernels launched as programmatic
+    dependents (``decode_pdl``, Hopper; 17:18Z: 111.0 vs 113.8 us at 1M, 212.3 vs 213.8 at 4M,
+    345.2 vs 347.6 at 10M). Against the split stream 125.7 at 1M and the pieces per row 243.4 at
+    4M, 362.6 at 10M. Slower or no better in the same sweeps: 1024-, 4096- and 8192-key pieces, 2
+    or 8 warps, 2 stages, 32-key blocks, 32 or 128 stripes per search split, skipping the keys
+    between a group's spans (145.6 / 225.0 us), the merge fused into the shared kernel (129.2 /
+    324.1 us), the finalize done inside every shared program (225 / 804 us) or by the last search
+    program of each KV head (the search 5 -> 9 us at 1M, 6 -> 50 at 4M), the inner pieces run
+    first (111.2 vs 112.6, 216.3 vs 214.9) and a 100 % shared-memory carveout (no change). The
+    split stream, the pieces per row and the union design stay selectable and tested.
 
     Prefill (H200, fp16, released shapes, ``bench/kernels.py --only search``, bench/RESULTS.md
     "kernels", 2026-12-02): the single-program search with 2 warps instead of 4 (K3 32K chunk at
@@ -136,6 +148,7 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
         decode_union_warps=4,
         decode_union_stages=3,
         decode_small_warps=1,
+        decode_pdl=True,
         prefill_segment=1 << 15,
     )
 
@@ -290,7 +303,7 @@ def superlinear_attention_triton(
             chunk=cfg.decode_union_chunk if cfg.decode_mode == "union" else cfg.decode_chunk, wchunk=cfg.decode_wchunk,
             block_n=cfg.decode_block_n, block_nw=cfg.decode_block_nw, upcast=upcast, precision=prec,
             num_warps=cfg.decode_warps, num_stages=cfg.decode_stages, union_warps=cfg.decode_union_warps,
-            union_stages=cfg.decode_union_stages, small_warps=cfg.decode_small_warps, lane_max=cfg.decode_lane_max, pos_rows=rows and B > 1,
+            union_stages=cfg.decode_union_stages, small_warps=cfg.decode_small_warps, pdl=cfg.decode_pdl and pdl_supported(q2.device), lane_max=cfg.decode_lane_max, pos_rows=rows and B > 1,
         )
         return out
     ns = torch.searchsorted(offs, pos + 1, right=True).to(torch.int32)
