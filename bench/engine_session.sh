@@ -18,12 +18,13 @@ echo "model bench exit code: $mstatus"
 kstatus=0
 timeout "${KERNEL_TIMEOUT:-120}" python3 -P bench/kernels.py --only "${KERNEL_ONLY:-prefill,chunk,sweep}" --skip-upstream --out "$OUT" \
   >"$OUT/kernels.log" 2>&1 || kstatus=$?
-{ grep -v '^{' "$OUT/kernels.log" || true; } | tail -25  # the table (JSON progress lines left out)
+{ grep -v '^{' "$OUT/kernels.log" || true; } | tail -50  # the table (JSON progress lines left out)
 echo "kernel bench exit code: $kstatus"
 tstatus=0
 timeout "${TEST_TIMEOUT:-150}" python3 -P -m pytest -p no:cacheprovider -q -rfE -m gpu \
   -k "${GPU_K:-search or prefill or ssd or graph_replay or cuda_fused or gemv_step or greedy}" \
   tests/kernels/test_ssd_prefill.py tests/kernels/test_search_split_gpu.py tests/kernels/test_triton_gpu.py \
+  tests/kernels/test_decode_long_gpu.py tests/kernels/test_decode_rows_gpu.py \
   tests/model/test_graph_decode.py >"$OUT/gpu_tests.log" 2>&1 || tstatus=$?
 tail -15 "$OUT/gpu_tests.log"
 echo "gpu tests exit code: $tstatus"

@@ -65,6 +65,30 @@ def _ms(fn: Callable[[], Any], rep: int) -> float:
     return float(do_bench(fn, warmup=max(25, rep // 10), rep=rep, return_mode="median"))
 
 
+_FLUSH: list[torch.Tensor] = []
+
+
+def _ms_read_flush(fn: Callable[[], Any], n: int = 200) -> float:
+    """Median ms of ``fn`` (CUDA events) with the L2 emptied before each call by *reading* 512 MB.
+
+    do_bench empties it by writing 256 MB of zeros, which leaves the L2 full of dirty lines: a call
+    that streams from memory then also pays for writing them back (up to ~50 MB, ~12 us at 4.3 TB/s),
+    work that a decode step inside the model, after kernels that read weights, does not do."""
+    if not _FLUSH:
+        _FLUSH.append(torch.ones(256 << 20, dtype=torch.int16, device=DEV))
+    for _ in range(10):
+        fn()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for a, b in ev:
+        _FLUSH[0].sum()
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize()
+    ts = sorted(a.elapsed_time(b) for a, b in ev)
+    return float(ts[len(ts) // 2])
+
+
 def _rotating(fns: list[Callable[[], Any]]) -> Callable[[], Any]:
     state = {"i": 0}
 
@@ -124,16 +148,103 @@ def _decode_variant(**changes: Any) -> Iterator[None]:
 #: the shared design. The sweeps that chose the table (pieces of 1024-8192 keys, 2 / 4 / 8 warps, 2 / 3
 #: stages, skipping the keys between a group's spans, the merge or the finalize fused into the
 #: shared kernel) are in bench/RESULTS.md ("kernels").
-_OLD = dict(decode_chunk=1024, decode_small_warps=4)
+_OLD = dict(decode_chunk=1024, decode_small_warps=4, decode_pdl=False)
 SWEEP_CONTEXTS: dict[int, list[dict[str, Any]]] = {
-    1 << 20: [dict(decode_mode="split", **_OLD), dict(decode_chunk=1024), dict(decode_union_stages=2)],
-    1 << 22: [dict(decode_mode="piece", **_OLD), dict(decode_chunk=1024)],
-    10 << 20: [dict(decode_mode="piece", **_OLD), dict(decode_chunk=1024)],
+    1 << 20: [dict(decode_mode="split", **_OLD), dict(decode_pdl=False), dict(decode_split=128),
+              dict(decode_split=32)],
+    1 << 22: [dict(decode_mode="piece", **_OLD), dict(decode_pdl=False), dict(decode_split=128)],
+    10 << 20: [dict(decode_mode="piece", **_OLD), dict(decode_pdl=False)],
 }
+
+
+def graph_floor(rows: list[dict[str, Any]], rep: int) -> None:
+    """What the timing of a graph replay costs with (nearly) no work: 1 and 4 one-element kernels."""
+    x = torch.zeros(1, device=DEV)
+    for n in (1, 4):
+        def steps(n: int = n) -> None:
+            for _ in range(n):
+                x.add_(1.0)
+        g = _graphed(steps)
+        rows.append({"work": f"graph of {n} tiny kernel(s)", "kind": "floor", "graph_us": _ms(g, rep) * 1e3,
+                     "graph_read_us": _ms_read_flush(g) * 1e3})
+        print(json.dumps(rows[-1]), flush=True)
+    for mb in (306, 756):  # the distinct K / V bytes of one decode call at 1M and 4M
+        big = torch.ones(mb << 19, dtype=torch.float16, device=DEV)
+        g = _graphed(lambda big=big: big.sum())
+        rows.append({"work": f"graph: sum of {mb} MB", "kind": "floor", "graph_us": _ms(g, rep) * 1e3,
+                     "graph_read_us": _ms_read_flush(g) * 1e3})
+        print(json.dumps(rows[-1]), flush=True)
+        del big, g
+
+
+def _compiled(fn: Any) -> list[Any]:
+    """The compiled variants of a Triton ``@jit`` function so far (every device)."""
+    return [ck for caches in fn.device_caches.values() for ck in caches[0].values()]
+
+
+def _decode_jits() -> list[Any]:
+    from secure_run.kernels import _triton_decode, _triton_search
+    return [_triton_search._search_kernel, _triton_decode._decode_finalize_kernel,
+            _triton_decode._decode_shared_kernel, _triton_decode._decode_merge_kernel]
+
+
+def _timeline(fn: Callable[[], Any], iters: int = 20) -> list[list[Any]]:
+    """Kernels of one graph replay: [name, start, end] in µs from the first kernel's start (means
+    over ``iters`` replays)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+            torch.cuda.synchronize()
+    evs = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
+                 key=lambda e: e.time_range.start)
+    n = len(evs) // iters
+    acc: list[list[Any]] = [[evs[i].name[:20], 0.0, 0.0] for i in range(n)]
+    for r in range(iters):
+        t0 = evs[r * n].time_range.start
+        for i in range(n):
+            e = evs[r * n + i]
+            acc[i][1] += (e.time_range.start - t0) / iters
+            acc[i][2] += (e.time_range.end - t0) / iters
+    return [[a, round(b, 1), round(c, 1)] for a, b, c in acc]
+
+
+def timeline_decode(rows: list[dict[str, Any]], rep: int) -> None:
+    """Where a graphed decode call's time goes between its kernels (profiler timeline of one replay),
+    with and without programmatic dependent launch; then the registers and shared memory of the
+    compiled decode kernels. The floor rows come from ``--only sweep``. (A carveout of 100 % shared memory on every kernel, set through the
+    driver, changed nothing: 111.5 vs 111.0 us at 1M, 211.7 vs 212.0 at 4M, 2026-12-03 ~17:13Z.)"""
+    for Lkv in (1 << 20, 1 << 22):
+        k, v = _rand(1, HKV, Lkv, D, seed=1), _rand(1, HKV, Lkv, D, seed=2)
+        pos = torch.tensor([Lkv - 1], device=DEV)
+        qs = [(_rand(1, HQ, 1, D, seed=10 + i), _rand(1, HQ, 1, D, seed=20 + i)) for i in range(4)]
+        for var in ({"committed": True}, {"decode_pdl": False}):
+            with _decode_variant(**{k_: v_ for k_, v_ in var.items() if k_ != "committed"}):
+                fns = [_graphed(lambda a=a, b=b, k=k, v=v, pos=pos: superlinear_attention(a, b, k, v, pos, P))
+                       for a, b in qs]
+                t = _ms(_rotating(fns), rep)
+                t_read = _ms_read_flush(_rotating(fns))
+                tl_ = _timeline(fns[0])
+            rows.append({"work": f"timeline @{Lkv // 1024}K", "kind": "sweep", "graph_us": t * 1e3,
+                         "graph_read_us": t_read * 1e3, "variant": var, "kernels_us": {}, "timeline": tl_})
+            print(json.dumps(rows[-1]), flush=True)
+            del fns
+        del k, v
+        torch.cuda.empty_cache()
+    for fn in _decode_jits():
+        for ck in _compiled(fn):
+            rows.append({"work": "compiled", "kind": "compiled", "name": ck.name, "n_regs": ck.n_regs,
+                         "n_spills": ck.n_spills, "shared": ck.metadata.shared, "num_warps": ck.metadata.num_warps})
+            print(json.dumps(rows[-1]), flush=True)
 
 
 def sweep_decode(rows: list[dict[str, Any]], rep: int, profile: bool = False) -> None:
     """Graphed decode time of each variant of SWEEP_CONTEXTS (the committed table first)."""
+    graph_floor(rows, rep)
     for Lkv, variants in SWEEP_CONTEXTS.items():
         k, v = _rand(1, HKV, Lkv, D, seed=1), _rand(1, HKV, Lkv, D, seed=2)
         pos = torch.tensor([Lkv - 1], device=DEV)
@@ -145,6 +256,7 @@ def sweep_decode(rows: list[dict[str, Any]], rep: int, profile: bool = False) ->
                     fns = [_graphed(lambda a=a, b=b, k=k, v=v, pos=pos: superlinear_attention(a, b, k, v, pos, P))
                            for a, b in qs]
                     t = _ms(_rotating(fns), rep)
+                    t_read = _ms_read_flush(_rotating(fns))
                     prof = _kernel_profile(fns[0]) if profile else {}
                     del fns
             except Exception as err:  # report the variant, keep sweeping
@@ -153,7 +265,7 @@ def sweep_decode(rows: list[dict[str, Any]], rep: int, profile: bool = False) ->
                 print(json.dumps(rows[-1]), flush=True)
                 continue
             rows.append({"work": f"sweep @{Lkv // 1024}K", "kind": "sweep", "variant": var, "graph_us": t * 1e3,
-                         "kernels_us": prof})
+                         "graph_read_us": t_read * 1e3, "kernels_us": prof})
             print(json.dumps(rows[-1]), flush=True)
         del k, v
         torch.cuda.empty_cache()
@@ -406,7 +518,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
     ap.add_argument("--skip-upstream", action="store_true")
-    ap.add_argument("--only", default="", help="comma list: decode,prefill,chunk,check,sweep,search")
+    ap.add_argument("--only", default="", help="comma list: decode,prefill,chunk,check,sweep,search,timeline")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     a = ap.parse_args()
     upstream = None
@@ -433,6 +545,8 @@ def main() -> None:
         guarded("search", lambda: bench_search(rows, 300, SEARCH_SHAPES))
     if "sweep" in only:
         guarded("decode sweep", lambda: sweep_decode(rows, 150, profile=True))
+    if "timeline" in only:
+        guarded("decode timeline", lambda: timeline_decode(rows, 150))
     if not only or "decode" in only:
         for Lkv in ([1 << 20] if a.quick else [1 << 17, 1 << 20, 1 << 22]):
             guarded(f"decode {Lkv}", lambda Lkv=Lkv: bench_decode(Lkv, upstream, rows, rep))
@@ -467,7 +581,15 @@ def main() -> None:
             continue
         if r["kind"] == "sweep":
             ks = ", ".join(f"{n[:14]} {t:.0f}" for n, t in r["kernels_us"].items())
-            print(f"{r['work']:<14}{r['graph_us']:>7.1f} us  {r['variant']}" + (f"  [{ks}]" if ks else ""))
+            print(f"{r['work']:<14}{r['graph_us']:>7.1f} us (read flush {r['graph_read_us']:.1f})  {r['variant']}"
+                  + (f"  [{ks}]" if ks else "") + (f"  timeline {r['timeline']}" if "timeline" in r else ""))
+            continue
+        if r["kind"] == "compiled":
+            print(f"{r['name'][:32]:<34} regs {r['n_regs']}, spills {r['n_spills']}, shared {r['shared']} B, "
+                  f"{r['num_warps']} warps")
+            continue
+        if r["kind"] == "floor":
+            print(f"{r['work']:<26}{r['graph_us']:>7.1f} us (read flush {r['graph_read_us']:.1f})")
             continue
         if r["kind"] == "error":
             print(f"{r['work']:<22} ERROR {r.get('variant', '')} {r['error'][:80]}")
