@@ -113,8 +113,9 @@ def _graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
     return g.replay
 
 
-def _kernel_profile(fn: Callable[[], Any], iters: int = 20) -> dict[str, float]:
-    """Average device time per call of each kernel name (µs), from torch.profiler."""
+def _profiled(fn: Callable[[], Any], iters: int, sync_each: bool = False) -> Any:
+    """torch.profiler (CUDA activity) over ``iters`` calls of ``fn`` after one untimed call;
+    ``sync_each``: wait for the device after every call (calls then never overlap)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -122,7 +123,15 @@ def _kernel_profile(fn: Callable[[], Any], iters: int = 20) -> dict[str, float]:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             fn()
+            if sync_each:
+                torch.cuda.synchronize()
         torch.cuda.synchronize()
+    return prof
+
+
+def _kernel_profile(fn: Callable[[], Any], iters: int = 20) -> dict[str, float]:
+    """Average device time per call of each kernel name (µs), from torch.profiler."""
+    prof = _profiled(fn, iters)
     out: dict[str, float] = {}
     for ev in prof.key_averages():
         t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
@@ -143,11 +152,13 @@ def _decode_variant(**changes: Any) -> Iterator[None]:
 
 
 #: What ``--only sweep`` times: the committed table first (shared pieces of 2048 keys, 1-warp finalize
-#: and merge), then the previous table's designs at their measured best (the split stream at 1M, the
-#: pieces per row at 4M and 10M: 1024-key pieces, 4-warp small kernels) and the nearest variants of
-#: the shared design. The sweeps that chose the table (pieces of 1024-8192 keys, 2 / 4 / 8 warps, 2 / 3
-#: stages, skipping the keys between a group's spans, the merge or the finalize fused into the
-#: shared kernel) are in bench/RESULTS.md ("kernels").
+#: and merge, the four kernels launched as programmatic dependents), then the previous table's designs
+#: at their measured best (the split stream at 1M, the pieces per row at 4M and 10M: 1024-key pieces,
+#: 4-warp small kernels, plain launches), the table with plain launches, and 32 / 128 stripes per
+#: search split. The sweeps that chose the table (pieces of 1024-8192 keys, 2 / 4 / 8 warps, 2 / 3 / 4
+#: stages, 32-key blocks, skipping the keys between a group's spans, the merge or the finalize fused
+#: into the shared kernel, the finalize by the last search program, the inner pieces first, a 100 %
+#: shared-memory carveout) are in bench/RESULTS.md ("kernels").
 _OLD = dict(decode_chunk=1024, decode_small_warps=4, decode_pdl=False)
 SWEEP_CONTEXTS: dict[int, list[dict[str, Any]]] = {
     1 << 20: [dict(decode_mode="split", **_OLD), dict(decode_pdl=False), dict(decode_split=128),
@@ -192,14 +203,8 @@ def _timeline(fn: Callable[[], Any], iters: int = 20) -> list[list[Any]]:
     """Kernels of one graph replay: [name, start, end] in µs from the first kernel's start (means
     over ``iters`` replays)."""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
 
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-            torch.cuda.synchronize()
+    prof = _profiled(fn, iters, sync_each=True)
     evs = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
                  key=lambda e: e.time_range.start)
     n = len(evs) // iters
