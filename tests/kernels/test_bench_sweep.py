@@ -1,0 +1,36 @@
+"""The decode sweep of bench/kernels.py names only real tunables and designs: a misspelt field or
+mode would only show on the GPU, as an error row in place of a measurement."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from secure_run.kernels._triton_decode import DECODE_MODES
+from secure_run.kernels.span_triton import TritonConfig, config_for
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "kernels.py"
+
+
+def _bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_sweep_variant_is_a_valid_table_change() -> None:
+    fields = {f.name for f in dataclasses.fields(TritonConfig)}
+    base = config_for(torch.device("cuda"), 128, torch.float16, 1 << 20)
+    for lkv, variants in _bench().SWEEP_CONTEXTS.items():
+        assert variants, f"no variants at {lkv}"
+        for var in variants:
+            assert set(var) <= fields, f"unknown tunable in {var}"
+            cfg = dataclasses.replace(base, **var)
+            assert cfg != base, f"{var} changes nothing"
+            assert cfg.decode_mode in DECODE_MODES
