@@ -94,15 +94,16 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
     2026-12-03): "shared", each KV head's span rows cut at a global grid of 2048-key pieces, each
     piece read once for up to 16 of the rows that cover it (16-row ``tl.dot`` tiles, 4 warps, 3
     stages), with 1-warp finalize and merge kernels, the four kernels launched as programmatic
-    dependents (``decode_pdl``, Hopper; 17:18Z: 111.0 vs 113.8 us at 1M, 212.3 vs 213.8 at 4M,
-    345.2 vs 347.6 at 10M). Against the split stream 125.7 at 1M and the pieces per row 243.4 at
-    4M, 362.6 at 10M. Slower or no better in the same sweeps: 1024-, 4096- and 8192-key pieces, 2
-    or 8 warps, 2 stages, 32-key blocks, 32 or 128 stripes per search split, skipping the keys
-    between a group's spans (145.6 / 225.0 us), the merge fused into the shared kernel (129.2 /
-    324.1 us), the finalize done inside every shared program (225 / 804 us) or by the last search
-    program of each KV head (the search 5 -> 9 us at 1M, 6 -> 50 at 4M), the inner pieces run
-    first (111.2 vs 112.6, 216.3 vs 214.9) and a 100 % shared-memory carveout (no change). The
-    split stream, the pieces per row and the union design stay selectable and tested.
+    dependents (``decode_pdl``, Hopper; 17:18Z: 111.0 vs 113.8 us at 1M, 212.3 vs 213.8 at 4M, 345.2
+    vs 347.6 at 10M). Against the split stream 125.7 at 1M and the pieces per row 243.4 at 4M, 362.6
+    at 10M. Slower or no better in the same sweeps: 1024-, 4096- and 8192-key pieces, 2 or 8 warps,
+    2 stages, 32-key blocks (also with 6 stages), 128-key blocks with 8 warps, 32 or 128 stripes per
+    search split, skipping the keys between a group's spans (145.6 / 225.0 us), the merge fused into
+    the shared kernel (129.2 / 324.1 us), the finalize done inside every shared program (225 / 804
+    us) or by the last search program of each KV head (the search 5 -> 9 us at 1M, 6 -> 50 at 4M),
+    the inner pieces run first (111.2 vs 112.6, 216.3 vs 214.9) and a 100 % shared-memory carveout
+    (no change). The split stream, the pieces per row and the union design stay selectable and
+    tested.
 
     Prefill (H200, fp16, released shapes, ``bench/kernels.py --only search``, bench/RESULTS.md
     "kernels", 2026-12-02): the single-program search with 2 warps instead of 4 (K3 32K chunk at
