@@ -152,23 +152,24 @@ def _decode_variant(**changes: Any) -> Iterator[None]:
         span_triton.config_for = base
 
 
-#: What ``--only sweep`` times: the committed table first (shared pieces of 2048 keys, 1-warp
-#: finalize and merge, the four kernels launched as programmatic dependents), then the previous
-#: table's designs at their measured best (the split stream at 1M, the pieces per row at 4M and 10M:
-#: 1024-key pieces, 4-warp small kernels, plain launches), the table with plain launches, and 32 /
-#: 128 stripes per search split, and wider or deeper shared streams (``_WIDE``). The sweeps that
-#: chose the table (pieces of 1024-8192 keys, 2 / 4 / 8 warps, 2 / 3 / 4 / 6 stages, 32- and 128-key
-#: blocks, skipping the keys between a group's spans, the merge or the finalize fused into the
-#: shared kernel, the finalize by the last search program, the inner pieces first, a 100 % shared-
-#: memory carveout) are in bench/RESULTS.md ("kernels").
+#: What ``--only sweep`` times: the committed table first, then the previous table's designs at
+#: their measured best (the split stream at 1M, the pieces per row at 4M and 10M: 1024-key pieces,
+#: 4-warp small kernels, plain launches), the table with plain launches, and more shared-stream
+#: programs per SM (``_OCC``). The sweeps that chose the table (pieces of 1024-8192 keys, 2 / 4 / 8 warps, 2 / 3 /
+#: 4 / 6 stages, 32- and 128-key blocks, 128-key blocks with 8 warps, 32 / 128 stripes per search
+#: split, skipping the keys between a group's spans, the merge or the finalize fused into the shared
+#: kernel, the finalize by the last search program, the inner pieces first, a 100 % shared-memory
+#: carveout) are in bench/RESULTS.md ("kernels").
 _OLD = dict(decode_chunk=1024, decode_small_warps=4, decode_pdl=False)
-#: more bytes in flight per program of the shared stream (128-key blocks, 8 warps), or a deeper pipeline
-_WIDE: list[dict[str, Any]] = [dict(decode_block_n=128, decode_union_warps=8, decode_union_stages=2),
-                               dict(decode_block_n=128, decode_union_warps=8, decode_union_stages=3),
-                               dict(decode_block_n=32, decode_union_stages=6)]
+#: more shared-stream programs per SM: the register cap at 128 (no spills at 3 stages; 4 programs per
+#: SM need <= 57 KB of shared memory each, i.e. 2 stages), and 1 stage (no cp.async pipeline)
+_OCC: list[dict[str, Any]] = [dict(decode_union_stages=2, decode_union_maxnreg=128),
+                              dict(decode_union_stages=1, decode_union_maxnreg=128),
+                              dict(decode_union_stages=2, decode_block_n=32, decode_union_maxnreg=128),
+                              dict(decode_union_stages=4)]
 SWEEP_CONTEXTS: dict[int, list[dict[str, Any]]] = {
-    1 << 20: [dict(decode_mode="split", **_OLD), dict(decode_pdl=False), *_WIDE, dict(decode_chunk=1024, **_WIDE[0])],
-    1 << 22: [dict(decode_mode="piece", **_OLD), dict(decode_pdl=False), *_WIDE],
+    1 << 20: [dict(decode_mode="split", **_OLD), dict(decode_pdl=False), *_OCC],
+    1 << 22: [dict(decode_mode="piece", **_OLD), dict(decode_pdl=False), *_OCC],
     10 << 20: [dict(decode_mode="piece", **_OLD), dict(decode_pdl=False)],
 }
 
@@ -279,6 +280,67 @@ def timeline_decode(rows: list[dict[str, Any]], rep: int) -> None:
             rows.append({"work": "compiled", "kind": "compiled", "name": ck.name, "n_regs": ck.n_regs,
                          "n_spills": ck.n_spills, "shared": ck.metadata.shared, "num_warps": ck.metadata.num_warps})
             print(json.dumps(rows[-1]), flush=True)
+
+
+#: what ``--only trace`` compares: the table, 1024-key pieces, and 4 programs per SM
+TRACE_VARIANTS: list[dict[str, Any]] = [{"committed": True}, dict(decode_chunk=1024),
+                                        dict(decode_union_stages=2, decode_union_maxnreg=128)]
+
+
+def _trace_stats(tr: torch.Tensor) -> dict[str, Any]:
+    """Summary of one streaming-kernel trace ([programs, 3]: SM, start ns, end ns; unused rows -1):
+    when its programs end (µs from the first start), how long they run, and how evenly the SMs finish."""
+    tr = tr[tr[:, 1] > 0].double()
+    t0 = tr[:, 1].min()
+    end = (tr[:, 2] - t0) / 1e3
+    dur = (tr[:, 2] - tr[:, 1]) / 1e3
+    sm = tr[:, 0].long()
+    sm_end = torch.zeros(int(sm.max()) + 1, dtype=torch.float64).scatter_reduce(0, sm, end, "amax")
+    sm_busy = torch.zeros_like(sm_end).index_add_(0, sm, dur)
+    used = sm_end > 0
+
+    def q(x: torch.Tensor) -> list[float]:
+        return [round(float(torch.quantile(x, p)), 1) for p in (0.0, 0.5, 0.9, 1.0)]
+
+    return {"programs": int(tr.shape[0]), "working_over_2us": int((dur > 2).sum()), "sms": int(used.sum()),
+            "end_q0_50_90_100": q(end), "dur_q0_50_90_100": q(dur), "sm_end_q0_50_90_100": q(sm_end[used]),
+            "sm_busy_q0_50_90_100": q(sm_busy[used])}
+
+
+def trace_decode(rows: list[dict[str, Any]], rep: int) -> None:
+    """Per-program trace of the streaming kernel (SM, start, end from the global timer) in one graph
+    replay at 1M and 4M, for ``TRACE_VARIANTS``, beside each variant's graphed time."""
+    import functools
+
+    from secure_run.kernels._triton_decode import launch_decode
+
+    buf = torch.full((1 << 16, 3), -1, dtype=torch.int64, device=DEV)
+    for Lkv in (1 << 20, 1 << 22):
+        k, v = _rand(1, HKV, Lkv, D, seed=1), _rand(1, HKV, Lkv, D, seed=2)
+        pos = torch.tensor([Lkv - 1], device=DEV)
+        qs = [(_rand(1, HQ, 1, D, seed=10 + i), _rand(1, HQ, 1, D, seed=20 + i)) for i in range(4)]
+        for var in TRACE_VARIANTS:
+            with _decode_variant(**{k_: v_ for k_, v_ in var.items() if k_ != "committed"}):
+                fns = [_graphed(lambda a=a, b=b, k=k, v=v, pos=pos: superlinear_attention(a, b, k, v, pos, P))
+                       for a, b in qs]
+                t = _ms(_rotating(fns), rep)
+                t_read = _ms_read_flush(_rotating(fns))
+                span_triton.launch_decode = functools.partial(launch_decode, trace=buf)
+                try:
+                    g = _graphed(lambda q=qs[0], k=k, v=v, pos=pos: superlinear_attention(*q, k, v, pos, P))
+                finally:
+                    span_triton.launch_decode = launch_decode
+                buf.fill_(-1)
+                _FLUSH[0].sum()  # L2 emptied by a read, as in the read-flush timing
+                g()
+                torch.cuda.synchronize()
+                stats = _trace_stats(buf.cpu())
+            rows.append({"work": f"trace @{Lkv // 1024}K", "kind": "sweep", "variant": var, "graph_us": t * 1e3,
+                         "graph_read_us": t_read * 1e3, "kernels_us": {}, "trace": stats})
+            print(json.dumps(rows[-1]), flush=True)
+            del fns, g
+        del k, v
+        torch.cuda.empty_cache()
 
 
 def sweep_decode(rows: list[dict[str, Any]], rep: int, profile: bool = False) -> None:
@@ -557,7 +619,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
     ap.add_argument("--skip-upstream", action="store_true")
-    ap.add_argument("--only", default="", help="comma list: decode,prefill,chunk,check,sweep,search,timeline,floor")
+    ap.add_argument("--only", default="", help="comma list: decode,prefill,chunk,check,sweep,search,timeline,trace,floor")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     a = ap.parse_args()
     upstream = None
@@ -586,6 +648,8 @@ def main() -> None:
         guarded("decode sweep", lambda: sweep_decode(rows, 150, profile=True))
     if "timeline" in only:
         guarded("decode timeline", lambda: timeline_decode(rows, 150))
+    if "trace" in only:
+        guarded("decode trace", lambda: trace_decode(rows, 150))
     if "floor" in only and "sweep" not in only:  # the sweep measures the floor first
         guarded("graph floor", lambda: graph_floor(rows, 150))
     if not only or "decode" in only:
@@ -623,7 +687,8 @@ def main() -> None:
         if r["kind"] == "sweep":
             ks = ", ".join(f"{n[:14]} {t:.0f}" for n, t in r["kernels_us"].items())
             print(f"{r['work']:<14}{r['graph_us']:>7.1f} us (read flush {r['graph_read_us']:.1f})  {r['variant']}"
-                  + (f"  [{ks}]" if ks else "") + (f"  timeline {r['timeline']}" if "timeline" in r else ""))
+                  + (f"  [{ks}]" if ks else "") + (f"  timeline {r['timeline']}" if "timeline" in r else "")
+                  + (f"  trace {r['trace']}" if "trace" in r else ""))
             continue
         if r["kind"] == "compiled":
             print(f"{r['name'][:32]:<34} regs {r['n_regs']}, spills {r['n_spills']}, shared {r['shared']} B, "

@@ -24,6 +24,12 @@ once: ``_decode_shared_kernel`` runs one program per (KV head, span row, piece i
 of the rows covering a piece, the program of every 16th (by row index) scores the piece's keys for
 itself and the next 15 covering rows with ``tl.dot`` tiles, each row masked to its own span, and
 writes their parts for the split merge. No plan kernel, no work list, a fixed grid.
+
+Two designs that size the shared reads evenly were measured on the H200 and dropped (bench/RESULTS.md,
+2026-12-03 ~19:00Z): small equal items handed out by the hardware (one program per 256- to
+2048-key block of a KV head's span union: 143-204 us at 1M), and one wave of equal shares of the
+union cut by a per-KV-head finalize (202 us at 1M; the stream alone no faster than "shared", ~100
+us, at the same ~25 GB/s per SM).
 """
 
 from __future__ import annotations
@@ -601,9 +607,12 @@ def _decode_shared_kernel(
     K_VAL: tl.constexpr, NCH: tl.constexpr, NWCH: tl.constexpr, PIECE: tl.constexpr, GR: tl.constexpr,
     WCHUNK: tl.constexpr, BN: tl.constexpr, BNW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_W: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, POS_ROWS: tl.constexpr, PDL: tl.constexpr,
+    TRACE, DO_TRACE: tl.constexpr,
 ):
     grid_dependency(PDL)
     pid = tl.program_id(0)
+    if DO_TRACE:
+        _, t0 = _trace_now()
     if pid < n_shared_progs:
         _decode_shared_part(pid, Q2, K, V, MASK, QS, QE, O_SPAN, L_SPAN,
                             Lkv, G, Hq, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
@@ -613,6 +622,25 @@ def _decode_shared_kernel(
         _decode_window_part(pid - n_shared_progs, pos, POS, Q2, K, V, MASK, O_WIN, L_WIN,
                             Lkv, W, G, Hq, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
                             R, RP, D, BD, NWCH, WCHUNK, BNW, HAS_MASK, HAS_W, UPCAST, PRECISION, POS_ROWS)
+    if DO_TRACE:
+        _trace_store(TRACE, pid, t0)
+
+
+@triton.jit
+def _trace_now():
+    """(SM id, global nanosecond timer) of the calling program (GPU only: inline PTX)."""
+    sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+    t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+    return sm, t
+
+
+@triton.jit
+def _trace_store(TRACE, pid, t0):
+    """Program ``pid``'s record in a trace buffer [programs, 3] (int64): SM id, start and end (ns)."""
+    sm, t1 = _trace_now()
+    tl.store(TRACE + pid * 3 + 0, sm.to(tl.int64))
+    tl.store(TRACE + pid * 3 + 1, t0)
+    tl.store(TRACE + pid * 3 + 2, t1)
 
 
 @triton.jit
@@ -740,6 +768,8 @@ def launch_decode(
     pos_rows: bool = False,
     small_warps: int = 4,
     pdl: bool = False,
+    trace: torch.Tensor | None = None,
+    maxnreg: int = 0,
 ) -> None:
     """One decode step for queries [B, Hq, 1, D] against the full cache; writes ``out``.
 
@@ -758,7 +788,10 @@ def launch_decode(
     memory, so launch latency overlaps the previous kernel's tail.
     ``lane_max`` and ``num_stages``: the split stream's running max per key lane, and its
     software-pipelining depth; ``union_warps`` and ``union_stages``: those of the union and shared
-    kernels.
+    kernels; ``maxnreg`` (when nonzero): the shared kernel's register cap (more programs per SM).
+    ``trace`` ("shared"; CUDA only, for bench/kernels.py): an int64 buffer
+    [programs, 3] that each program of the streaming kernel fills with its SM id and its start and
+    end on the global nanosecond timer.
     """
     from secure_run.kernels._triton_search import launch_search
 
@@ -829,7 +862,8 @@ def launch_decode(
             R=R, RP=RP, KP=triton.next_power_of_2(num_spans), D=D, BD=BD, K_VAL=num_spans, NCH=nch, NWCH=nwch,
             PIECE=chunk, GR=16, WCHUNK=wchunk, BN=block_n, BNW=block_nw, HAS_MASK=mask is not None,
             HAS_W=window > 0, UPCAST=upcast, PRECISION=precision, POS_ROWS=pos_rows, PDL=pdl,
-            num_warps=union_warps, num_stages=union_stages, **pdl_launch(pdl),
+            TRACE=trace if trace is not None else pos, DO_TRACE=trace is not None,
+            num_warps=union_warps, num_stages=union_stages, **pdl_launch(pdl), **({"maxnreg": maxnreg} if maxnreg else {}),
         )
     elif mode in ("piece", "piece-rows"):
         nch = max(1, triton.cdiv(max_span, chunk)) + 1  # a span meets at most this many pieces

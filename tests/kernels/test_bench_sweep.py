@@ -34,3 +34,13 @@ def test_every_sweep_variant_is_a_valid_table_change() -> None:
             cfg = dataclasses.replace(base, **var)
             assert cfg != base, f"{var} changes nothing"
             assert cfg.decode_mode in DECODE_MODES
+
+
+def test_every_trace_variant_is_a_valid_table_change() -> None:
+    fields = {f.name for f in dataclasses.fields(TritonConfig)}
+    variants = _bench().TRACE_VARIANTS
+    assert variants[0] == {"committed": True}
+    for var in variants[1:]:
+        assert set(var) <= fields, f"unknown tunable in {var}"
+        cfg = dataclasses.replace(config_for(torch.device("cuda"), 128, torch.float16, 1 << 20), **var)
+        assert cfg.decode_mode == "shared", "only the shared streaming kernel is traced"

@@ -53,3 +53,35 @@ def test_decode_graph_replay_matches_eager_10m() -> None:
         graph.replay()
         eager = superlinear_attention(n1, n2, k, v, torch.tensor([p], device=DEV), P_REL32)
         torch.testing.assert_close(out, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change", [{}, {"decode_union_stages": 2, "decode_union_maxnreg": 128}],
+                         ids=["table", "regs-128"])
+def test_stream_trace_records_every_program_and_changes_nothing(change: dict[str, int],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/kernels.py's trace of the shared stream (with the table's tunables, and with the
+    register cap of its sweep): every program writes its SM and a start no later than its end, the
+    rows past the grid stay untouched, the result is bit-equal to the untraced call and matches
+    the reference."""
+    import functools
+
+    from secure_run.kernels._triton_decode import launch_decode
+
+    base = span_triton.config_for
+    monkeypatch.setattr(span_triton, "config_for", lambda *a, **kw: dataclasses.replace(base(*a, **kw), **change))
+    dtype = torch.bfloat16
+    q1, q2, k, v = make_inputs(1, HQ, HKV, 1, 1 << 20, D, dtype, DEV, seed=5)
+    pos = torch.tensor([(1 << 20) - 1], device=DEV)
+    plain = superlinear_attention_triton(q1, q2, k, v, pos, P_REL32)
+    _check_rows(plain, q1, q2, k, v, pos, P_REL32, None, torch.tensor([0], device=DEV), TOL[dtype], 0.1)
+    buf = torch.full((1 << 16, 3), -1, dtype=torch.int64, device=DEV)
+    monkeypatch.setattr(span_triton, "launch_decode", functools.partial(launch_decode, trace=buf))
+    traced = superlinear_attention_triton(q1, q2, k, v, pos, P_REL32)
+    assert torch.equal(traced, plain)
+    rec = buf.cpu()
+    n = int((rec[:, 1] > 0).sum())
+    assert n > 100 and (rec[:n, 1] > 0).all() and (rec[n:] == -1).all(), "programs 0..n-1 recorded, nothing after"
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    assert ((rec[:n, 0] >= 0) & (rec[:n, 0] < sms)).all()
+    assert (rec[:n, 2] >= rec[:n, 1]).all()
+    assert int(rec[:n, 2].max() - rec[:n, 1].min()) < 10**8, "one call spans well under 0.1 s"
