@@ -103,7 +103,12 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
     the shared kernel (129.2 / 324.1 us), the finalize done inside every shared program (225 / 804
     us) or by the last search program of each KV head (the search 5 -> 9 us at 1M, 6 -> 50 at 4M),
     the inner pieces run first (111.2 vs 112.6, 216.3 vs 214.9) and a 100 % shared-memory carveout
-    (no change). The split stream, the pieces per row and the union design stay selectable and
+    (no change). Slower in the calls of 2026-12-03 ~18:50-19:45Z (against 110.6-112.0 / 212.0-215.1
+    us for the table): small equal blocks of each KV head's span union handed out by the hardware
+    (143-204 / 238-454 us), one wave of equal shares of the union cut by a per-KV-head finalize
+    (202 / 373-399 us), 4 shared programs per SM under a 128-register cap with 2 stages (117.1 /
+    235.8), 1 stage (166.3 / 317.7), 32-key blocks (145.0 / 270.3) and 4 stages (134.9 / 218.2).
+    The split stream, the pieces per row and the union design stay selectable and
     tested.
 
     Prefill (H200, fp16, released shapes, ``bench/kernels.py --only search``, bench/RESULTS.md
