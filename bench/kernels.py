@@ -154,22 +154,20 @@ def _decode_variant(**changes: Any) -> Iterator[None]:
 
 #: What ``--only sweep`` times: the committed table first, then the previous table's designs at
 #: their measured best (the split stream at 1M, the pieces per row at 4M and 10M: 1024-key pieces,
-#: 4-warp small kernels, plain launches), the table with plain launches, and the pieces met by one
-#: row streamed in per-lane registers (``_LANES``). The sweeps that chose the table (pieces of 1024-8192 keys, 2 / 4 / 8 warps, 2 / 3 /
+#: 4-warp small kernels, plain launches), the table with plain launches, and 4 shared programs per
+#: SM (``_REGS_128``). The sweeps that chose the table (pieces of 1024-8192 keys, 2 / 4 / 8 warps, 2 / 3 /
 #: 4 / 6 stages, 32- and 128-key blocks, 128-key blocks with 8 warps, 32 / 128 stripes per search
-#: split, 4 programs per SM under a 128-register cap, skipping the keys between a group's spans, the merge or the finalize fused into the shared
+#: split, 1 or 4 stages and 32-key blocks under a 128-register cap, a piece met by one row streamed in
+#: per-lane registers, small blocks or equal shares of each KV head's span union, skipping the keys between a group's spans, the merge or the finalize fused into the shared
 #: kernel, the finalize by the last search program, the inner pieces first, a 100 % shared-memory
 #: carveout) are in bench/RESULTS.md ("kernels").
 _OLD = dict(decode_chunk=1024, decode_small_warps=4, decode_pdl=False)
-#: a piece met by one row streamed in per-lane registers (64 or 32 keys a step; under the table's
-#: 168 registers, or uncapped: 228, 2 programs per SM)
-_LANES: list[dict[str, Any]] = [dict(decode_single_lanes=64, decode_union_maxnreg=168),
-                                dict(decode_single_lanes=32, decode_union_maxnreg=168),
-                                dict(decode_single_lanes=64)]
+#: 4 shared programs per SM: a 128-register cap (no spills) with 2 stages (<= 57 KB of shared memory)
+_REGS_128 = dict(decode_union_stages=2, decode_union_maxnreg=128)
 SWEEP_CONTEXTS: dict[int, list[dict[str, Any]]] = {
-    1 << 20: [dict(decode_mode="split", **_OLD), dict(decode_pdl=False), *_LANES],
-    1 << 22: [dict(decode_mode="piece", **_OLD), dict(decode_pdl=False), *_LANES],
-    10 << 20: [dict(decode_mode="piece", **_OLD), dict(decode_pdl=False), *_LANES[:2]],
+    1 << 20: [dict(decode_mode="split", **_OLD), dict(decode_pdl=False), _REGS_128],
+    1 << 22: [dict(decode_mode="piece", **_OLD), dict(decode_pdl=False), _REGS_128],
+    10 << 20: [dict(decode_mode="piece", **_OLD), dict(decode_pdl=False)],
 }
 
 
@@ -281,8 +279,8 @@ def timeline_decode(rows: list[dict[str, Any]], rep: int) -> None:
             print(json.dumps(rows[-1]), flush=True)
 
 
-#: what ``--only trace`` compares: the table, and pieces met by one row streamed in lanes
-TRACE_VARIANTS: list[dict[str, Any]] = [{"committed": True}, dict(decode_single_lanes=64, decode_union_maxnreg=168)]
+#: what ``--only trace`` compares: the table, 1024-key pieces, and 4 programs per SM
+TRACE_VARIANTS: list[dict[str, Any]] = [{"committed": True}, dict(decode_chunk=1024), _REGS_128]
 
 
 def _trace_stats(tr: torch.Tensor) -> dict[str, Any]:

@@ -535,8 +535,7 @@ def _decode_shared_part(
     Lkv, G, Hq, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
     R: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     K_VAL: tl.constexpr, NCH: tl.constexpr, PIECE: tl.constexpr, GR: tl.constexpr, BN: tl.constexpr,
-    HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SINGLE_LANES: tl.constexpr,
-    BN_LANES: tl.constexpr,
+    HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Program t = (KV head, span row er, its piece index ei): each piece's keys are read once.
 
@@ -545,9 +544,7 @@ def _decode_shared_part(
     rank is a multiple of GR scores the piece's keys for that rank and the next GR - 1 (one
     ``tl.dot`` per key block, each row masked to its own span) and writes each of those rows'
     parts. Every other program of a used piece has nothing to do; a program past its row's last
-    piece marks the part empty (lse = -inf). With ``SINGLE_LANES``, a piece that only one row meets
-    is streamed for that row with the split stream's per-lane registers, BN_LANES keys per step (no
-    ``tl.dot`` tile of 16 rows for one).
+    piece marks the part empty (lse = -inf).
     """
     RK: tl.constexpr = R * K_VAL
     ei = t % NCH
@@ -573,22 +570,7 @@ def _decode_shared_part(
         # rank of each covering row among the covering rows (exclusive prefix count)
         rank = tl.sum(((f[None, :] < f[:, None]) & cover[None, :]).to(tl.int32), axis=1)
         my_rank = tl.sum(tl.where(mine, rank, 0), axis=0)
-        alone = False
-        if SINGLE_LANES:
-            alone = tl.sum(cover.to(tl.int32), axis=0) == 1
-        if alone:  # the only row on this piece: the per-lane register stream, no tiles
-            d = tl.arange(0, BD)
-            dmask = d < D
-            my_qs = tl.sum(tl.where(mine, qs_f, 0), axis=0)
-            my_qe = tl.sum(tl.where(mine, qe_f, 0), axis=0)
-            q = tl.load(Q2 + b * s_qb + (g * R + er // K_VAL) * s_qh + d, mask=dmask, other=0.0).to(tl.float32)
-            o, lse = _stream_keys(q * sm_scale, K + b * s_kb + g * s_kh, V + b * s_vb + g * s_vh, MASK + b * Lkv,
-                                  tl.maximum(my_qs, p * PIECE), tl.minimum(my_qe, p * PIECE + PIECE - 1), s_kl, s_vl,
-                                  D, BD, BN_LANES, HAS_MASK, True)
-            part = (bg * RK + er) * NCH + ei
-            tl.store(L_SPAN + part, lse)
-            tl.store(O_SPAN + part * D + d, o, mask=dmask)
-        elif my_rank % GR == 0:
+        if my_rank % GR == 0:
             hit = cover[None, :] & (rank[None, :] == my_rank + gi[:, None])  # [group slot, flat row]
             gm = tl.sum(hit.to(tl.int32), axis=1) > 0
             gf = tl.sum(tl.where(hit, f[None, :], 0), axis=1)  # the group's rows (0 for an empty slot)
@@ -625,7 +607,7 @@ def _decode_shared_kernel(
     K_VAL: tl.constexpr, NCH: tl.constexpr, NWCH: tl.constexpr, PIECE: tl.constexpr, GR: tl.constexpr,
     WCHUNK: tl.constexpr, BN: tl.constexpr, BNW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_W: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, POS_ROWS: tl.constexpr, PDL: tl.constexpr,
-    TRACE, DO_TRACE: tl.constexpr, SINGLE_LANES: tl.constexpr, BN_LANES: tl.constexpr,
+    TRACE, DO_TRACE: tl.constexpr,
 ):
     grid_dependency(PDL)
     pid = tl.program_id(0)
@@ -634,8 +616,7 @@ def _decode_shared_kernel(
     if pid < n_shared_progs:
         _decode_shared_part(pid, Q2, K, V, MASK, QS, QE, O_SPAN, L_SPAN,
                             Lkv, G, Hq, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
-                            R, RP, KP, D, BD, K_VAL, NCH, PIECE, GR, BN, HAS_MASK, UPCAST, PRECISION, SINGLE_LANES,
-                            BN_LANES)
+                            R, RP, KP, D, BD, K_VAL, NCH, PIECE, GR, BN, HAS_MASK, UPCAST, PRECISION)
     else:
         pos = tl.load(POS).to(tl.int64)  # with POS_ROWS: replaced by the row's own in the part
         _decode_window_part(pid - n_shared_progs, pos, POS, Q2, K, V, MASK, O_WIN, L_WIN,
@@ -789,7 +770,6 @@ def launch_decode(
     pdl: bool = False,
     trace: torch.Tensor | None = None,
     maxnreg: int = 0,
-    single_lanes: int = 0,
 ) -> None:
     """One decode step for queries [B, Hq, 1, D] against the full cache; writes ``out``.
 
@@ -808,9 +788,7 @@ def launch_decode(
     memory, so launch latency overlaps the previous kernel's tail.
     ``lane_max`` and ``num_stages``: the split stream's running max per key lane, and its
     software-pipelining depth; ``union_warps`` and ``union_stages``: those of the union and shared
-    kernels; ``maxnreg`` (when nonzero): the shared kernel's register cap (more programs per SM);
-    ``single_lanes`` (when nonzero): the shared kernel streams a piece met by one row alone with
-    per-lane registers, ``single_lanes`` keys per step.
+    kernels; ``maxnreg`` (when nonzero): the shared kernel's register cap (more programs per SM).
     ``trace`` ("shared"; CUDA only, for bench/kernels.py): an int64 buffer
     [programs, 3] that each program of the streaming kernel fills with its SM id and its start and
     end on the global nanosecond timer.
@@ -884,8 +862,7 @@ def launch_decode(
             R=R, RP=RP, KP=triton.next_power_of_2(num_spans), D=D, BD=BD, K_VAL=num_spans, NCH=nch, NWCH=nwch,
             PIECE=chunk, GR=16, WCHUNK=wchunk, BN=block_n, BNW=block_nw, HAS_MASK=mask is not None,
             HAS_W=window > 0, UPCAST=upcast, PRECISION=precision, POS_ROWS=pos_rows, PDL=pdl,
-            TRACE=trace if trace is not None else pos, DO_TRACE=trace is not None, SINGLE_LANES=single_lanes > 0,
-            BN_LANES=max(16, single_lanes),
+            TRACE=trace if trace is not None else pos, DO_TRACE=trace is not None,
             num_warps=union_warps, num_stages=union_stages, **pdl_launch(pdl), **({"maxnreg": maxnreg} if maxnreg else {}),
         )
     elif mode in ("piece", "piece-rows"):

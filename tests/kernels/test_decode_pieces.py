@@ -98,29 +98,6 @@ def test_piece_decode_equals_reference(mode: str, chunk: int, lane_max: bool, sm
     assert row_rel_err(out, superlinear_attention_reference(q1, q2, k, v, pos, P_INT2)).max() <= 1e-4
 
 
-@pytest.mark.parametrize(("chunk", "lanes"), [(16, 16), (32, 16), (64, 32)])
-def test_shared_single_row_pieces_in_lanes_equal_reference(chunk: int, lanes: int,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    # the shared design with a piece met by one row streamed in per-lane registers: pieces met by
-    # one row and by several (tiles) in the same call, with a mask, a batch and two KV heads
-    base = span_triton.config_for
-    monkeypatch.setattr(span_triton, "config_for", lambda *a, **kw: dataclasses.replace(
-        base(*a, **kw), decode_mode="shared", decode_chunk=chunk, decode_single_lanes=lanes))
-    q1, q2, k, v = make_inputs(2, 4, 2, 1, 300, 16, torch.float32, seed=23)
-    mask = left_pad_mask(2, 300, 9)
-    pos = torch.tensor([299])
-    s = span_search_reference(q1, k, pos, P_INT2, mask)
-    ok = s.anchors >= 0
-    first, last = torch.where(ok, s.qstart // chunk, -1), torch.where(ok, s.qend // chunk, -2)
-    cover = [[int(((first[b, g * 2:(g + 1) * 2] <= p) & (p <= last[b, g * 2:(g + 1) * 2])).sum())
-              for p in range(300 // chunk + 1)] for b in range(2) for g in range(2)]
-    flat = [c for row in cover for c in row]
-    assert 1 in flat and max(flat) > 1, "pieces met by one row and by several"
-    out = torch.full((2, 4, 1, 16), float("nan"))
-    superlinear_attention_triton(q1, q2, k, v, pos, P_INT2, mask, out=out)
-    assert row_rel_err(out, superlinear_attention_reference(q1, q2, k, v, pos, P_INT2, mask)).max() <= 1e-4
-
-
 @pytest.mark.parametrize("mode", ["piece", "shared"])
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_piece_decode_with_mask_and_batch(name: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
