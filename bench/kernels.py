@@ -164,9 +164,13 @@ def _decode_variant(**changes: Any) -> Iterator[None]:
 _OLD = dict(decode_chunk=1024, decode_small_warps=4, decode_pdl=False)
 #: 4 shared programs per SM: a 128-register cap (no spills) with 2 stages (<= 57 KB of shared memory)
 _REGS_128 = dict(decode_union_stages=2, decode_union_maxnreg=128)
+#: 128-key steps with 4 warps and 2 stages (a longer step for the same chain of reductions), under
+#: the table's 168 registers (3 programs per SM) or uncapped (255: 2 per SM)
+_WIDE4: list[dict[str, Any]] = [dict(decode_block_n=128, decode_union_stages=2, decode_union_maxnreg=168),
+                                dict(decode_block_n=128, decode_union_stages=2)]
 SWEEP_CONTEXTS: dict[int, list[dict[str, Any]]] = {
-    1 << 20: [dict(decode_mode="split", **_OLD), dict(decode_pdl=False), _REGS_128],
-    1 << 22: [dict(decode_mode="piece", **_OLD), dict(decode_pdl=False), _REGS_128],
+    1 << 20: [dict(decode_mode="split", **_OLD), dict(decode_pdl=False), _REGS_128, *_WIDE4],
+    1 << 22: [dict(decode_mode="piece", **_OLD), dict(decode_pdl=False), _REGS_128, *_WIDE4],
     10 << 20: [dict(decode_mode="piece", **_OLD), dict(decode_pdl=False)],
 }
 
