@@ -168,9 +168,12 @@ _REGS_128 = dict(decode_union_stages=2, decode_union_maxnreg=128)
 #: the table's 168 registers (3 programs per SM) or uncapped (255: 2 per SM)
 _WIDE4: list[dict[str, Any]] = [dict(decode_block_n=128, decode_union_stages=2, decode_union_maxnreg=168),
                                 dict(decode_block_n=128, decode_union_stages=2)]
+#: each 64-key step scored as 4 or 2 sub-blocks with their own running softmax (4 barriers a step
+#: instead of 12; 255 registers, 2 programs per SM)
+_KSPLIT: list[dict[str, Any]] = [dict(decode_key_splits=4), dict(decode_key_splits=2)]
 SWEEP_CONTEXTS: dict[int, list[dict[str, Any]]] = {
-    1 << 20: [dict(decode_mode="split", **_OLD), dict(decode_pdl=False), _REGS_128, *_WIDE4],
-    1 << 22: [dict(decode_mode="piece", **_OLD), dict(decode_pdl=False), _REGS_128, *_WIDE4],
+    1 << 20: [dict(decode_mode="split", **_OLD), dict(decode_pdl=False), _REGS_128, *_WIDE4, *_KSPLIT],
+    1 << 22: [dict(decode_mode="piece", **_OLD), dict(decode_pdl=False), _REGS_128, *_WIDE4, *_KSPLIT],
     10 << 20: [dict(decode_mode="piece", **_OLD), dict(decode_pdl=False)],
 }
 
