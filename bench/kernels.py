@@ -158,7 +158,8 @@ def _decode_variant(**changes: Any) -> Iterator[None]:
 #: SM (``_REGS_128``). The sweeps that chose the table (pieces of 1024-8192 keys, 2 / 4 / 8 warps, 2 / 3 /
 #: 4 / 6 stages, 32- and 128-key blocks, 128-key blocks with 8 warps, 32 / 128 stripes per search
 #: split, 1 or 4 stages and 32-key blocks under a 128-register cap, a piece met by one row streamed in
-#: per-lane registers, small blocks or equal shares of each KV head's span union, skipping the keys between a group's spans, the merge or the finalize fused into the shared
+#: per-lane registers, steps scored as sub-blocks with their own softmax, small blocks or equal shares
+#: of each KV head's span union, skipping the keys between a group's spans, the merge or the finalize fused into the shared
 #: kernel, the finalize by the last search program, the inner pieces first, a 100 % shared-memory
 #: carveout) are in bench/RESULTS.md ("kernels").
 _OLD = dict(decode_chunk=1024, decode_small_warps=4, decode_pdl=False)
@@ -168,12 +169,9 @@ _REGS_128 = dict(decode_union_stages=2, decode_union_maxnreg=128)
 #: the table's 168 registers (3 programs per SM) or uncapped (255: 2 per SM)
 _WIDE4: list[dict[str, Any]] = [dict(decode_block_n=128, decode_union_stages=2, decode_union_maxnreg=168),
                                 dict(decode_block_n=128, decode_union_stages=2)]
-#: each 64-key step scored as 4 or 2 sub-blocks with their own running softmax (4 barriers a step
-#: instead of 12; 255 registers, 2 programs per SM)
-_KSPLIT: list[dict[str, Any]] = [dict(decode_key_splits=4), dict(decode_key_splits=2)]
 SWEEP_CONTEXTS: dict[int, list[dict[str, Any]]] = {
-    1 << 20: [dict(decode_mode="split", **_OLD), dict(decode_pdl=False), _REGS_128, *_WIDE4, *_KSPLIT],
-    1 << 22: [dict(decode_mode="piece", **_OLD), dict(decode_pdl=False), _REGS_128, *_WIDE4, *_KSPLIT],
+    1 << 20: [dict(decode_mode="split", **_OLD), dict(decode_pdl=False), _REGS_128, *_WIDE4],
+    1 << 22: [dict(decode_mode="piece", **_OLD), dict(decode_pdl=False), _REGS_128, *_WIDE4],
     10 << 20: [dict(decode_mode="piece", **_OLD), dict(decode_pdl=False)],
 }
 

@@ -142,52 +142,6 @@ def _stream_rows(q, k_base, v_base, m_row, lo, hi, base, rlo, rhi, sm_scale, s_k
 
 
 @triton.jit
-def _stream_rows_split(q, k_base, v_base, m_row, lo, hi, base, rlo, rhi, sm_scale, s_kl, s_vl, M: tl.constexpr,
-                       D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr,
-                       HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """``_stream_rows`` with each BN-key step cut into NS sub-blocks of BN / NS keys, scored as one
-    batched ``tl.dot`` ([NS, M, D] x [NS, D, BN / NS]) with an online softmax per (sub-block, row):
-    the reductions run within a sub-block, and the NS partial results are merged once at the end."""
-    d = tl.arange(0, BD)
-    dmask = d < D
-    SUB: tl.constexpr = BN // NS
-    m_i = tl.full([NS, M], float("-inf"), tl.float32)
-    l_i = tl.full([NS, M], 0.0, tl.float32)
-    acc = tl.full([NS, M, BD], 0.0, tl.float32)
-    cols = tl.arange(0, BN)
-    q3 = tl.broadcast_to(q[None, :, :], [NS, M, BD])
-    sub_cols = tl.reshape(cols, [NS, 1, SUB])
-    for k0 in range(lo, hi + 1, BN):
-        km, kt, vt = _kv_block(k_base, v_base, m_row, k0, hi, cols, d, dmask, s_kl, s_vl, HAS_MASK)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        kt3 = tl.reshape(kt, [NS, SUB, BD])
-        vt3 = tl.reshape(vt, [NS, SUB, BD])
-        sc = tl.dot(q3, tl.permute(kt3, (0, 2, 1)), input_precision=PRECISION) * sm_scale  # [NS, M, SUB]
-        kr = (k0 - base).to(tl.int32) + sub_cols  # [NS, 1, SUB]
-        km3 = tl.reshape(km, [NS, 1, SUB])
-        inside = (kr >= rlo[None, :, None]) & (kr <= rhi[None, :, None]) & km3
-        sc = tl.where(inside, sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=2))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_use)
-        pr = tl.exp(sc - m_use[:, :, None])
-        l_i = l_i * alpha + tl.sum(pr, axis=2)
-        acc = acc * alpha[:, :, None] + tl.dot(pr.to(vt3.dtype), vt3, input_precision=PRECISION)
-        m_i = m_new
-    m = tl.max(m_i, axis=0)  # [M]
-    m_u = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - m_u[None, :]))
-    l_t = tl.sum(l_i * w, axis=0)
-    a_t = tl.sum(acc * w[:, :, None], axis=0)
-    has = l_t > 0
-    o = a_t / tl.where(has, l_t, 1.0)[:, None]
-    lse = tl.where(has, m + tl.log(tl.where(has, l_t, 1.0)), float("-inf"))
-    return o, lse, has
-
-
-@triton.jit
 def _decode_span_part(
     pid, pos, POS, Q2, K, V, MASK, S0, CONSTS, CV, CA, O_SPAN, L_SPAN,
     Lkv, W, Hq, n_cand, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
@@ -581,7 +535,7 @@ def _decode_shared_part(
     Lkv, G, Hq, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
     R: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     K_VAL: tl.constexpr, NCH: tl.constexpr, PIECE: tl.constexpr, GR: tl.constexpr, BN: tl.constexpr,
-    HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, NSPLIT: tl.constexpr,
+    HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Program t = (KV head, span row er, its piece index ei): each piece's keys are read once.
 
@@ -636,14 +590,9 @@ def _decode_shared_part(
                         mask=gm[:, None] & dmask[None, :], other=0.0)
             if UPCAST:
                 q = q.to(tl.float32)
-            if NSPLIT > 1:
-                o, lse, _ = _stream_rows_split(q, K + b * s_kb + g * s_kh, V + b * s_vb + g * s_vh, MASK + b * Lkv,
-                                               lo, hi, base, rlo, rhi, sm_scale, s_kl, s_vl, GR, D, BD, BN, NSPLIT,
-                                               HAS_MASK, UPCAST, PRECISION)
-            else:
-                o, lse, _ = _stream_rows(q, K + b * s_kb + g * s_kh, V + b * s_vb + g * s_vh, MASK + b * Lkv, lo, hi,
-                                         base, rlo, rhi, sm_scale, s_kl, s_vl, GR, D, BD, BN, HAS_MASK, UPCAST,
-                                         PRECISION)
+            o, lse, _ = _stream_rows(q, K + b * s_kb + g * s_kh, V + b * s_vb + g * s_vh, MASK + b * Lkv, lo, hi,
+                                     base, rlo, rhi, sm_scale, s_kl, s_vl, GR, D, BD, BN, HAS_MASK, UPCAST,
+                                     PRECISION)
             part = (bg * RK + hl * K_VAL + gf % KP) * NCH + (p - gfirst)
             tl.store(L_SPAN + part, lse, mask=gm)
             tl.store(O_SPAN + part[:, None] * D + d[None, :], o, mask=gm[:, None] & dmask[None, :])
@@ -658,7 +607,7 @@ def _decode_shared_kernel(
     K_VAL: tl.constexpr, NCH: tl.constexpr, NWCH: tl.constexpr, PIECE: tl.constexpr, GR: tl.constexpr,
     WCHUNK: tl.constexpr, BN: tl.constexpr, BNW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_W: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, POS_ROWS: tl.constexpr, PDL: tl.constexpr,
-    TRACE, DO_TRACE: tl.constexpr, NSPLIT: tl.constexpr,
+    TRACE, DO_TRACE: tl.constexpr,
 ):
     grid_dependency(PDL)
     pid = tl.program_id(0)
@@ -667,7 +616,7 @@ def _decode_shared_kernel(
     if pid < n_shared_progs:
         _decode_shared_part(pid, Q2, K, V, MASK, QS, QE, O_SPAN, L_SPAN,
                             Lkv, G, Hq, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
-                            R, RP, KP, D, BD, K_VAL, NCH, PIECE, GR, BN, HAS_MASK, UPCAST, PRECISION, NSPLIT)
+                            R, RP, KP, D, BD, K_VAL, NCH, PIECE, GR, BN, HAS_MASK, UPCAST, PRECISION)
     else:
         pos = tl.load(POS).to(tl.int64)  # with POS_ROWS: replaced by the row's own in the part
         _decode_window_part(pid - n_shared_progs, pos, POS, Q2, K, V, MASK, O_WIN, L_WIN,
@@ -821,7 +770,6 @@ def launch_decode(
     pdl: bool = False,
     trace: torch.Tensor | None = None,
     maxnreg: int = 0,
-    key_splits: int = 1,
 ) -> None:
     """One decode step for queries [B, Hq, 1, D] against the full cache; writes ``out``.
 
@@ -840,9 +788,7 @@ def launch_decode(
     memory, so launch latency overlaps the previous kernel's tail.
     ``lane_max`` and ``num_stages``: the split stream's running max per key lane, and its
     software-pipelining depth; ``union_warps`` and ``union_stages``: those of the union and shared
-    kernels; ``maxnreg`` (when nonzero): the shared kernel's register cap (more programs per SM);
-    ``key_splits``: the shared kernel's ``block_n``-key steps scored as that many sub-blocks with
-    their own running softmax (one batched ``tl.dot``; fewer cross-warp reductions a step).
+    kernels; ``maxnreg`` (when nonzero): the shared kernel's register cap (more programs per SM).
     ``trace`` ("shared"; CUDA only, for bench/kernels.py): an int64 buffer
     [programs, 3] that each program of the streaming kernel fills with its SM id and its start and
     end on the global nanosecond timer.
@@ -916,7 +862,7 @@ def launch_decode(
             R=R, RP=RP, KP=triton.next_power_of_2(num_spans), D=D, BD=BD, K_VAL=num_spans, NCH=nch, NWCH=nwch,
             PIECE=chunk, GR=16, WCHUNK=wchunk, BN=block_n, BNW=block_nw, HAS_MASK=mask is not None,
             HAS_W=window > 0, UPCAST=upcast, PRECISION=precision, POS_ROWS=pos_rows, PDL=pdl,
-            TRACE=trace if trace is not None else pos, DO_TRACE=trace is not None, NSPLIT=key_splits,
+            TRACE=trace if trace is not None else pos, DO_TRACE=trace is not None,
             num_warps=union_warps, num_stages=union_stages, **pdl_launch(pdl), **({"maxnreg": maxnreg} if maxnreg else {}),
         )
     elif mode in ("piece", "piece-rows"):

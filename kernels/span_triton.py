@@ -73,7 +73,6 @@ class TritonConfig:
     decode_small_warps: int
     decode_pdl: bool
     decode_union_maxnreg: int
-    decode_key_splits: int
     prefill_segment: int
 
 
@@ -83,7 +82,7 @@ _CPU_INTERPRETER = TritonConfig(
     pair_phases=True, pair_tma=True,
     merge_block_m=16, decode_mode="split", decode_split=32, decode_chunk=32, decode_wchunk=16, decode_block_n=16,
     decode_block_nw=16, decode_warps=4, decode_stages=1, decode_lane_max=True, decode_union_chunk=32, decode_union_warps=4, decode_union_stages=1, decode_small_warps=4,
-    decode_pdl=False, decode_union_maxnreg=0, decode_key_splits=1,
+    decode_pdl=False, decode_union_maxnreg=0,
     prefill_segment=1 << 15,
 )
 
@@ -104,13 +103,15 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
     the shared kernel (129.2 / 324.1 us), the finalize done inside every shared program (225 / 804
     us) or by the last search program of each KV head (the search 5 -> 9 us at 1M, 6 -> 50 at 4M),
     the inner pieces run first (111.2 vs 112.6, 216.3 vs 214.9) and a 100 % shared-memory carveout
-    (no change). Slower in the calls of 2026-12-03 18:44-19:03Z (against 110.6-112.0 / 212.0-215.1
+    (no change). Slower in the calls of 2026-12-03 18:44-19:22Z (against 110.6-112.0 / 212.0-215.1
     us for the table): small equal blocks of each KV head's span union handed out by the hardware
     (143-204 / 238-454 us), one wave of equal shares of the union cut by a per-KV-head finalize
     (202 / 373-399 us), 4 shared programs per SM under a 128-register cap with 2 stages (117.1 /
     235.8), 1 stage (166.3 / 317.7), 32-key blocks (145.0 / 270.3), 4 stages (134.9 / 218.2), and
     (19:13Z) a piece met by one row streamed in per-lane registers, the split stream's loop
-    (119.8-121.7 / 226.0-228.0).
+    (119.8-121.7 / 226.0-228.0); (19:22Z) each 64-key step scored as 4 or 2 sub-blocks with their
+    own running softmax (181.5 / 290.3, 214.1 / 339.5; 255 registers). No better: 128-key steps
+    with 4 warps and 2 stages under the 168-register cap (111.4 / 217.4 vs 111.6 / 214.7, 19:18Z).
     The split stream, the pieces per row and the union design stay selectable and
     tested.
 
@@ -160,7 +161,6 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
         decode_small_warps=1,
         decode_pdl=True,
         decode_union_maxnreg=0,
-        decode_key_splits=1,
         prefill_segment=1 << 15,
     )
 
@@ -316,7 +316,7 @@ def superlinear_attention_triton(
             block_n=cfg.decode_block_n, block_nw=cfg.decode_block_nw, upcast=upcast, precision=prec,
             num_warps=cfg.decode_warps, num_stages=cfg.decode_stages, union_warps=cfg.decode_union_warps,
             union_stages=cfg.decode_union_stages, small_warps=cfg.decode_small_warps, pdl=cfg.decode_pdl and pdl_supported(q2.device), lane_max=cfg.decode_lane_max, pos_rows=rows and B > 1,
-            maxnreg=cfg.decode_union_maxnreg, key_splits=cfg.decode_key_splits,
+            maxnreg=cfg.decode_union_maxnreg,
         )
         return out
     ns = torch.searchsorted(offs, pos + 1, right=True).to(torch.int32)

@@ -98,24 +98,6 @@ def test_piece_decode_equals_reference(mode: str, chunk: int, lane_max: bool, sm
     assert row_rel_err(out, superlinear_attention_reference(q1, q2, k, v, pos, P_INT2)).max() <= 1e-4
 
 
-@pytest.mark.parametrize(("block_n", "splits"), [(32, 2), (64, 4), (64, 2)])
-def test_shared_key_splits_equal_reference(block_n: int, splits: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    # each step of the shared stream scored as sub-blocks with their own running softmax, merged at
-    # the end: rows that start or end inside a sub-block, sub-blocks with no key of a row, a mask and
-    # a batch
-    base = span_triton.config_for
-    monkeypatch.setattr(span_triton, "config_for", lambda *a, **kw: dataclasses.replace(
-        base(*a, **kw), decode_mode="shared", decode_chunk=64, decode_block_n=block_n, decode_key_splits=splits))
-    q1, q2, k, v = make_inputs(2, 8, 2, 1, 300, 16, torch.float32, seed=29)
-    mask = left_pad_mask(2, 300, 11)
-    for p in (150, 299):
-        pos = torch.tensor([p])
-        out = torch.full((2, 8, 1, 16), float("nan"))
-        superlinear_attention_triton(q1, q2, k, v, pos, P_INT2, mask, out=out)
-        ref = superlinear_attention_reference(q1, q2, k, v, pos, P_INT2, mask)
-        assert row_rel_err(out, ref).max() <= 1e-4, f"position {p}"
-
-
 @pytest.mark.parametrize("mode", ["piece", "shared"])
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_piece_decode_with_mask_and_batch(name: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
