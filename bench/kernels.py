@@ -169,10 +169,13 @@ _REGS_128 = dict(decode_union_stages=2, decode_union_maxnreg=128)
 #: the table's 168 registers (3 programs per SM) or uncapped (255: 2 per SM)
 _WIDE4: list[dict[str, Any]] = [dict(decode_block_n=128, decode_union_stages=2, decode_union_maxnreg=168),
                                 dict(decode_block_n=128, decode_union_stages=2)]
+#: whole K / V blocks of the shared stream through TMA descriptors (188 registers: 2 programs per
+#: SM; capped at 168: 3, no spills)
+_TMA: list[dict[str, Any]] = [dict(decode_union_tma=True, decode_union_maxnreg=168), dict(decode_union_tma=True)]
 SWEEP_CONTEXTS: dict[int, list[dict[str, Any]]] = {
-    1 << 20: [dict(decode_mode="split", **_OLD), dict(decode_pdl=False), _REGS_128, *_WIDE4],
-    1 << 22: [dict(decode_mode="piece", **_OLD), dict(decode_pdl=False), _REGS_128, *_WIDE4],
-    10 << 20: [dict(decode_mode="piece", **_OLD), dict(decode_pdl=False)],
+    1 << 20: [dict(decode_mode="split", **_OLD), dict(decode_pdl=False), _REGS_128, *_WIDE4, *_TMA],
+    1 << 22: [dict(decode_mode="piece", **_OLD), dict(decode_pdl=False), _REGS_128, *_WIDE4, *_TMA],
+    10 << 20: [dict(decode_mode="piece", **_OLD), dict(decode_pdl=False), *_TMA],
 }
 
 

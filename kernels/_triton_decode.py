@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from secure_run.kernels._triton_common import grid_dependency, pdl_launch, span_bounds
+from secure_run.kernels._triton_prefill import _tma_descriptor
 from secure_run.kernels._triton_search import select_topk
 
 #: the decode designs ``launch_decode`` runs (a sweep variant with any other name is refused)
@@ -107,34 +108,61 @@ def _stream_keys(q, k_base, v_base, m_row, lo, hi, s_kl, s_vl, D: tl.constexpr, 
 
 
 @triton.jit
+def _rows_step(q, kt, vt, km, k0, base, cols, rlo, rhi, m_i, l_i, acc, sm_scale, UPCAST: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """One key block (keys k0 + cols, ``km`` the loaded ones) of ``_stream_rows``' online softmax."""
+    if UPCAST:
+        kt = kt.to(tl.float32)
+        vt = vt.to(tl.float32)
+    sc = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * sm_scale
+    kr = (k0 - base).to(tl.int32) + cols
+    inside = (kr[None, :] >= rlo[:, None]) & (kr[None, :] <= rhi[:, None]) & km[None, :]
+    sc = tl.where(inside, sc, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_use)
+    pr = tl.exp(sc - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(pr, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(pr.to(vt.dtype), vt, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _stream_rows(q, k_base, v_base, m_row, lo, hi, base, rlo, rhi, sm_scale, s_kl, s_vl, M: tl.constexpr,
                  D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, HAS_MASK: tl.constexpr,
-                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr, KD=None, VD=None, rk=0, TMA: tl.constexpr = False):
     """(o, lse) of M query rows ``q`` over keys [lo, hi], each key block read once for all rows
     (``tl.dot``); row i sees only keys base + [rlo[i], rhi[i]] (int32 bounds relative to ``base``:
-    cheap [M, BN] compares in the hot loop). fp32 online softmax per row."""
+    cheap [M, BN] compares in the hot loop). fp32 online softmax per row.
+
+    ``TMA``: the whole BN-key blocks inside [lo, hi] load through the K / V tensor descriptors ``KD``
+    / ``VD`` (rows ``rk`` + key), the last, partial block through masked loads (keys past ``hi`` may
+    be unwritten cache slots)."""
     d = tl.arange(0, BD)
     dmask = d < D
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.full([M], 0.0, tl.float32)
     acc = tl.full([M, BD], 0.0, tl.float32)
     cols = tl.arange(0, BN)
-    for k0 in range(lo, hi + 1, BN):
-        km, kt, vt = _kv_block(k_base, v_base, m_row, k0, hi, cols, d, dmask, s_kl, s_vl, HAS_MASK)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        sc = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * sm_scale
-        kr = (k0 - base).to(tl.int32) + cols
-        inside = (kr[None, :] >= rlo[:, None]) & (kr[None, :] <= rhi[:, None]) & km[None, :]
-        sc = tl.where(inside, sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_use)
-        pr = tl.exp(sc - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(pr, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(vt.dtype), vt, input_precision=PRECISION)
-        m_i = m_new
+    if TMA:
+        full_end = lo + tl.maximum(hi - lo + 1, 0) // BN * BN
+        for k0 in range(lo, full_end, BN):
+            kt = KD.load([(rk + k0).to(tl.int32), 0])
+            vt = VD.load([(rk + k0).to(tl.int32), 0])
+            km = cols >= 0
+            if HAS_MASK:
+                km = tl.load(m_row + k0 + cols) != 0
+            m_i, l_i, acc = _rows_step(q, kt, vt, km, k0, base, cols, rlo, rhi, m_i, l_i, acc, sm_scale, UPCAST,
+                                       PRECISION)
+        if full_end <= hi:
+            km, kt, vt = _kv_block(k_base, v_base, m_row, full_end, hi, cols, d, dmask, s_kl, s_vl, HAS_MASK)
+            m_i, l_i, acc = _rows_step(q, kt, vt, km, full_end, base, cols, rlo, rhi, m_i, l_i, acc, sm_scale,
+                                       UPCAST, PRECISION)
+    else:
+        for k0 in range(lo, hi + 1, BN):
+            km, kt, vt = _kv_block(k_base, v_base, m_row, k0, hi, cols, d, dmask, s_kl, s_vl, HAS_MASK)
+            m_i, l_i, acc = _rows_step(q, kt, vt, km, k0, base, cols, rlo, rhi, m_i, l_i, acc, sm_scale, UPCAST,
+                                       PRECISION)
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
@@ -531,11 +559,11 @@ def _kv_head_rows(QS, QE, bg, R: tl.constexpr, RP: tl.constexpr, KP: tl.constexp
 
 @triton.jit
 def _decode_shared_part(
-    t, Q2, K, V, MASK, QS, QE, O_SPAN, L_SPAN,
+    t, Q2, K, V, KD, VD, MASK, QS, QE, O_SPAN, L_SPAN,
     Lkv, G, Hq, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
     R: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     K_VAL: tl.constexpr, NCH: tl.constexpr, PIECE: tl.constexpr, GR: tl.constexpr, BN: tl.constexpr,
-    HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     """Program t = (KV head, span row er, its piece index ei): each piece's keys are read once.
 
@@ -592,7 +620,7 @@ def _decode_shared_part(
                 q = q.to(tl.float32)
             o, lse, _ = _stream_rows(q, K + b * s_kb + g * s_kh, V + b * s_vb + g * s_vh, MASK + b * Lkv, lo, hi,
                                      base, rlo, rhi, sm_scale, s_kl, s_vl, GR, D, BD, BN, HAS_MASK, UPCAST,
-                                     PRECISION)
+                                     PRECISION, KD, VD, (b * s_kb + g * s_kh) // s_kl, TMA)
             part = (bg * RK + hl * K_VAL + gf % KP) * NCH + (p - gfirst)
             tl.store(L_SPAN + part, lse, mask=gm)
             tl.store(O_SPAN + part[:, None] * D + d[None, :], o, mask=gm[:, None] & dmask[None, :])
@@ -600,23 +628,23 @@ def _decode_shared_part(
 
 @triton.jit
 def _decode_shared_kernel(
-    Q2, K, V, POS, MASK, QS, QE, O_SPAN, L_SPAN, O_WIN, L_WIN,
+    Q2, K, V, KD, VD, POS, MASK, QS, QE, O_SPAN, L_SPAN, O_WIN, L_WIN,
     Lkv, W, G, Hq, n_shared_progs, sm_scale,
     s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
     R: tl.constexpr, RP: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     K_VAL: tl.constexpr, NCH: tl.constexpr, NWCH: tl.constexpr, PIECE: tl.constexpr, GR: tl.constexpr,
     WCHUNK: tl.constexpr, BN: tl.constexpr, BNW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_W: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, POS_ROWS: tl.constexpr, PDL: tl.constexpr,
-    TRACE, DO_TRACE: tl.constexpr,
+    TRACE, DO_TRACE: tl.constexpr, TMA: tl.constexpr,
 ):
     grid_dependency(PDL)
     pid = tl.program_id(0)
     if DO_TRACE:
         _, t0 = _trace_now()
     if pid < n_shared_progs:
-        _decode_shared_part(pid, Q2, K, V, MASK, QS, QE, O_SPAN, L_SPAN,
+        _decode_shared_part(pid, Q2, K, V, KD, VD, MASK, QS, QE, O_SPAN, L_SPAN,
                             Lkv, G, Hq, sm_scale, s_qb, s_qh, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
-                            R, RP, KP, D, BD, K_VAL, NCH, PIECE, GR, BN, HAS_MASK, UPCAST, PRECISION)
+                            R, RP, KP, D, BD, K_VAL, NCH, PIECE, GR, BN, HAS_MASK, UPCAST, PRECISION, TMA)
     else:
         pos = tl.load(POS).to(tl.int64)  # with POS_ROWS: replaced by the row's own in the part
         _decode_window_part(pid - n_shared_progs, pos, POS, Q2, K, V, MASK, O_WIN, L_WIN,
@@ -770,6 +798,7 @@ def launch_decode(
     pdl: bool = False,
     trace: torch.Tensor | None = None,
     maxnreg: int = 0,
+    tma: bool = False,
 ) -> None:
     """One decode step for queries [B, Hq, 1, D] against the full cache; writes ``out``.
 
@@ -788,7 +817,9 @@ def launch_decode(
     memory, so launch latency overlaps the previous kernel's tail.
     ``lane_max`` and ``num_stages``: the split stream's running max per key lane, and its
     software-pipelining depth; ``union_warps`` and ``union_stages``: those of the union and shared
-    kernels; ``maxnreg`` (when nonzero): the shared kernel's register cap (more programs per SM).
+    kernels; ``maxnreg`` (when nonzero): the shared kernel's register cap (more programs per SM);
+    ``tma``: the shared kernel loads whole K / V blocks through TMA descriptors where the layout
+    allows it (``_triton_prefill._tma_descriptor``; the last block of each piece by masked loads).
     ``trace`` ("shared"; CUDA only, for bench/kernels.py): an int64 buffer
     [programs, 3] that each program of the streaming kernel fills with its SM id and its start and
     end on the global nanosecond timer.
@@ -856,13 +887,16 @@ def launch_decode(
         l_span = torch.empty(B * Hq * num_spans * nch, dtype=torch.float32, device=dev)
         n_shared = B * G * R * num_spans * nch
         _, _, qs, qe = spans()
+        kd = _tma_descriptor(k, block_n, BD) if tma and not upcast else None
+        vd = _tma_descriptor(v, block_n, BD) if kd is not None else None
+        use_tma = kd is not None and vd is not None and k.stride() == v.stride()
         _decode_shared_kernel[(n_shared + B * G * nwch,)](
-            q2, k, v, pos, m_arg, qs, qe, o_span, l_span, o_win, l_win,
+            q2, k, v, kd if use_tma else k, vd if use_tma else v, pos, m_arg, qs, qe, o_span, l_span, o_win, l_win,
             Lkv, window, G, Hq, n_shared, 1.0 / (D**0.5), *strides,
             R=R, RP=RP, KP=triton.next_power_of_2(num_spans), D=D, BD=BD, K_VAL=num_spans, NCH=nch, NWCH=nwch,
             PIECE=chunk, GR=16, WCHUNK=wchunk, BN=block_n, BNW=block_nw, HAS_MASK=mask is not None,
             HAS_W=window > 0, UPCAST=upcast, PRECISION=precision, POS_ROWS=pos_rows, PDL=pdl,
-            TRACE=trace if trace is not None else pos, DO_TRACE=trace is not None,
+            TRACE=trace if trace is not None else pos, DO_TRACE=trace is not None, TMA=use_tma,
             num_warps=union_warps, num_stages=union_stages, **pdl_launch(pdl), **({"maxnreg": maxnreg} if maxnreg else {}),
         )
     elif mode in ("piece", "piece-rows"):

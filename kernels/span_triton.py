@@ -73,6 +73,7 @@ class TritonConfig:
     decode_small_warps: int
     decode_pdl: bool
     decode_union_maxnreg: int
+    decode_union_tma: bool
     prefill_segment: int
 
 
@@ -82,7 +83,7 @@ _CPU_INTERPRETER = TritonConfig(
     pair_phases=True, pair_tma=True,
     merge_block_m=16, decode_mode="split", decode_split=32, decode_chunk=32, decode_wchunk=16, decode_block_n=16,
     decode_block_nw=16, decode_warps=4, decode_stages=1, decode_lane_max=True, decode_union_chunk=32, decode_union_warps=4, decode_union_stages=1, decode_small_warps=4,
-    decode_pdl=False, decode_union_maxnreg=0,
+    decode_pdl=False, decode_union_maxnreg=0, decode_union_tma=False,
     prefill_segment=1 << 15,
 )
 
@@ -161,6 +162,7 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
         decode_small_warps=1,
         decode_pdl=True,
         decode_union_maxnreg=0,
+        decode_union_tma=False,
         prefill_segment=1 << 15,
     )
 
@@ -316,7 +318,7 @@ def superlinear_attention_triton(
             block_n=cfg.decode_block_n, block_nw=cfg.decode_block_nw, upcast=upcast, precision=prec,
             num_warps=cfg.decode_warps, num_stages=cfg.decode_stages, union_warps=cfg.decode_union_warps,
             union_stages=cfg.decode_union_stages, small_warps=cfg.decode_small_warps, pdl=cfg.decode_pdl and pdl_supported(q2.device), lane_max=cfg.decode_lane_max, pos_rows=rows and B > 1,
-            maxnreg=cfg.decode_union_maxnreg,
+            maxnreg=cfg.decode_union_maxnreg, tma=cfg.decode_union_tma,
         )
         return out
     ns = torch.searchsorted(offs, pos + 1, right=True).to(torch.int32)

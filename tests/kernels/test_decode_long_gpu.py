@@ -20,12 +20,12 @@ from secure_run.kernels.span_triton import superlinear_attention_triton
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("mode", ["split", "union", "piece", "shared"])
+@pytest.mark.parametrize("mode", ["split", "union", "piece", "shared", "shared-tma"])
 @pytest.mark.parametrize("Lkv", [4 << 20, 10 << 20], ids=["4M", "10M"])
 def test_long_decode_designs_equal_reference(Lkv: int, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     base = span_triton.config_for
-    monkeypatch.setattr(span_triton, "config_for",
-                        lambda *a, **kw: dataclasses.replace(base(*a, **kw), decode_mode=mode))
+    monkeypatch.setattr(span_triton, "config_for", lambda *a, **kw: dataclasses.replace(
+        base(*a, **kw), decode_mode=mode.split("-")[0], decode_union_tma=mode.endswith("-tma")))
     dtype = torch.bfloat16
     q1, q2, k, v = make_inputs(1, HQ, HKV, 1, Lkv, D, dtype, DEV, seed=Lkv % 89)
     for params in (P_RELEASED, P_REL32):
@@ -55,12 +55,13 @@ def test_decode_graph_replay_matches_eager_10m() -> None:
         torch.testing.assert_close(out, eager, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("change", [{}, {"decode_union_stages": 2, "decode_union_maxnreg": 128}],
-                         ids=["table", "regs-128"])
+@pytest.mark.parametrize("change", [{}, {"decode_union_stages": 2, "decode_union_maxnreg": 128},
+                                    {"decode_union_tma": True, "decode_union_maxnreg": 168}],
+                         ids=["table", "regs-128", "tma"])
 def test_stream_trace_records_every_program_and_changes_nothing(change: dict[str, int],
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """bench/kernels.py's trace of the shared stream (with the table's tunables, and with a
-    register cap): every program writes its SM and a start no later than its end, the
+    """bench/kernels.py's trace of the shared stream (with the table's tunables, a register cap,
+    and whole key blocks through TMA): every program writes its SM and a start no later than its end, the
     rows past the grid stay untouched, the result is bit-equal to the untraced call and matches
     the reference."""
     import functools

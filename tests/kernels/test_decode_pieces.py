@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from kernel_helpers import P_INT2, P_INT3_NOFWD, SMALL, left_pad_mask, make_inputs, row_rel_err
+from kernel_helpers import P_INT2, P_INT3_NOFWD, SMALL, TOL, left_pad_mask, make_inputs, row_rel_err
 
 from secure_run.kernels import span_triton
 from secure_run.kernels._triton_decode import _decode_piece_plan_kernel
@@ -96,6 +96,46 @@ def test_piece_decode_equals_reference(mode: str, chunk: int, lane_max: bool, sm
     out = torch.full((1, 8, 1, 16), float("nan"))
     superlinear_attention_triton(q1, q2, k, v, pos, P_INT2, out=out)
     assert row_rel_err(out, superlinear_attention_reference(q1, q2, k, v, pos, P_INT2)).max() <= 1e-4
+
+
+@pytest.mark.parametrize(("name", "with_mask"), [("int2", False), ("int2", True), ("f0.6-nowindow", True)])
+def test_shared_tma_loads_equal_pointer_loads_on_a_poisoned_cache(name: str, with_mask: bool,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # the shared stream with whole key blocks through TMA descriptors and each piece's last block
+    # through masked loads: the unwritten cache slots past the position (NaN / inf) are never read,
+    # also where spans end at the position itself (no window)
+    from secure_run.kernels import _triton_decode
+
+    made: list[bool] = []
+    real = _triton_decode._tma_descriptor
+
+    def spy(x: torch.Tensor, block_n: int, block_d: int) -> object | None:
+        got = real(x, block_n, block_d)
+        made.append(got is not None)
+        return got
+
+    monkeypatch.setattr(_triton_decode, "_tma_descriptor", spy)
+    base = span_triton.config_for
+    q1, q2, k, v = make_inputs(2, 8, 2, 1, 400, 16, torch.float16, seed=37)
+    pos = torch.tensor([330])
+    k[:, :, 331:] = float("nan")
+    v[:, :, 331:] = float("inf")
+    mask = left_pad_mask(2, 400, 13) if with_mask else None
+    params = SMALL[name]
+    if params.window_len == 0:  # the premise: some span ends at the position, next to the poison
+        assert int(span_search_reference(q1, k, pos, params, mask).qend.max()) == 330
+    outs = []
+    for tma in (False, True):
+        monkeypatch.setattr(span_triton, "config_for", lambda *a, tma=tma, **kw: dataclasses.replace(
+            base(*a, **kw), decode_mode="shared", decode_chunk=64, decode_block_n=16, decode_union_tma=tma))
+        out = torch.full((2, 8, 1, 16), float("nan"), dtype=torch.float16)
+        superlinear_attention_triton(q1, q2, k, v, pos, params, mask, out=out)
+        assert not out.isnan().any()
+        outs.append(out)
+    assert made == [True, True], "K and V descriptors made once, for the TMA call"
+    ref = superlinear_attention_reference(q1, q2, k, v, pos, params, mask)
+    assert row_rel_err(outs[1], ref).max() <= TOL[torch.float16]
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("mode", ["piece", "shared"])
