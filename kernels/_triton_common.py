@@ -133,3 +133,20 @@ def span_bounds(a, pos, s0, Lkv, W, CONSTS, FWD: tl.constexpr, HAS_W: tl.constex
     qs = tl.where(a < 0, -1, qs)
     qe = tl.where(a < 0, -1, qe)
     return qs, qe
+
+
+def tma_descriptor(x: torch.Tensor, block_n: int, block_d: int) -> object | None:
+    """A TMA descriptor over ``x`` [B, H, L, D] seen as one [rows, D] matrix (row of (b, h, key) =
+    b * s_b / s_l + h * s_h / s_l + key), or None where that view or TMA does not apply: D must fill
+    the block, 16-bit elements, rows 16-byte aligned, batch and head strides whole rows."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    B, H, L, D = x.shape
+    s_b, s_h, s_l, s_d = x.stride()
+    if (D != block_d or x.element_size() != 2 or s_d != 1 or (s_l * 2) % 16 or x.data_ptr() % 16
+            or s_b % s_l or s_h % s_l):
+        return None
+    rows = ((B - 1) * s_b + (H - 1) * s_h) // s_l + L
+    if rows >= 1 << 31:
+        return None
+    return TensorDescriptor(x, shape=[rows, D], strides=[s_l, 1], block_shape=[block_n, block_d])

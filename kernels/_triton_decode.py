@@ -38,8 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from secure_run.kernels._triton_common import grid_dependency, pdl_launch, span_bounds
-from secure_run.kernels._triton_prefill import _tma_descriptor
+from secure_run.kernels._triton_common import grid_dependency, pdl_launch, span_bounds, tma_descriptor
 from secure_run.kernels._triton_search import select_topk
 
 #: the decode designs ``launch_decode`` runs (a sweep variant with any other name is refused)
@@ -819,7 +818,7 @@ def launch_decode(
     software-pipelining depth; ``union_warps`` and ``union_stages``: those of the union and shared
     kernels; ``maxnreg`` (when nonzero): the shared kernel's register cap (more programs per SM);
     ``tma``: the shared kernel loads whole K / V blocks through TMA descriptors where the layout
-    allows it (``_triton_prefill._tma_descriptor``; the last block of each piece by masked loads).
+    allows it (``_triton_common.tma_descriptor``; the last block of each piece by masked loads).
     ``trace`` ("shared"; CUDA only, for bench/kernels.py): an int64 buffer
     [programs, 3] that each program of the streaming kernel fills with its SM id and its start and
     end on the global nanosecond timer.
@@ -887,8 +886,8 @@ def launch_decode(
         l_span = torch.empty(B * Hq * num_spans * nch, dtype=torch.float32, device=dev)
         n_shared = B * G * R * num_spans * nch
         _, _, qs, qe = spans()
-        kd = _tma_descriptor(k, block_n, BD) if tma and not upcast else None
-        vd = _tma_descriptor(v, block_n, BD) if kd is not None else None
+        kd = tma_descriptor(k, block_n, BD) if tma and not upcast else None
+        vd = tma_descriptor(v, block_n, BD) if kd is not None else None
         use_tma = kd is not None and vd is not None and k.stride() == v.stride()
         _decode_shared_kernel[(n_shared + B * G * nwch,)](
             q2, k, v, kd if use_tma else k, vd if use_tma else v, pos, m_arg, qs, qe, o_span, l_span, o_win, l_win,

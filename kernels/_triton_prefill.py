@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from secure_run.kernels._triton_common import tma_descriptor
+
 _LOG2E = 1.4426950408889634
 
 
@@ -229,23 +231,6 @@ def sort_pairs(
     return order.to(torch.int32), lo, hi
 
 
-def _tma_descriptor(x: torch.Tensor, block_n: int, block_d: int) -> object | None:
-    """A TMA descriptor over ``x`` [B, H, L, D] seen as one [rows, D] matrix (row of (b, h, key) =
-    b * s_b / s_l + h * s_h / s_l + key), or None where that view or TMA does not apply: D must fill
-    the block, 16-bit elements, rows 16-byte aligned, batch and head strides whole rows."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    B, H, L, D = x.shape
-    s_b, s_h, s_l, s_d = x.stride()
-    if (D != block_d or x.element_size() != 2 or s_d != 1 or (s_l * 2) % 16 or x.data_ptr() % 16
-            or s_b % s_l or s_h % s_l):
-        return None
-    rows = ((B - 1) * s_b + (H - 1) * s_h) // s_l + L
-    if rows >= 1 << 31:
-        return None
-    return TensorDescriptor(x, shape=[rows, D], strides=[s_l, 1], block_shape=[block_n, block_d])
-
-
 def launch_prefill_attention(
     q2: torch.Tensor,
     k: torch.Tensor,
@@ -272,7 +257,7 @@ def launch_prefill_attention(
     """Span/window pair attention plus merge for one chunk; writes ``out`` [B, Hq, Lq, D].
 
     ``phases``: unmasked blocks where a tile's rows all cover the keys; ``tma``: those blocks load
-    K / V through TMA descriptors where the layout allows it (see ``_tma_descriptor``).
+    K / V through TMA descriptors where the layout allows it (see ``tma_descriptor``).
     """
     B, Hq, Lq, D = q2.shape
     G = k.shape[1]
@@ -284,8 +269,8 @@ def launch_prefill_attention(
     o_part = torch.empty(B, G, n_pairs, D, dtype=torch.float32, device=q2.device)
     l_part = torch.empty(B, G, n_pairs, dtype=torch.float32, device=q2.device)
     BD = max(16, triton.next_power_of_2(D))
-    kd = _tma_descriptor(k, block_n, BD) if tma and phases and not upcast else None
-    vd = _tma_descriptor(v, block_n, BD) if kd is not None else None
+    kd = tma_descriptor(k, block_n, BD) if tma and phases and not upcast else None
+    vd = tma_descriptor(v, block_n, BD) if kd is not None else None
     use_tma = kd is not None and vd is not None
     _pair_attn_kernel[(triton.cdiv(n_pairs, block_p), B * G)](
         q2, k, v, kd if use_tma else k, vd if use_tma else v, mask if mask is not None else pos, pair, lo, hi,

@@ -55,14 +55,14 @@ def test_inside_run_and_tma_equal_the_masked_loop(dtype: torch.dtype, with_mask:
     assert _inside_run_blocks(q1, k, pos, mask, base.pair_block_p, base.pair_block_n) > 50
 
     made: list[bool] = []
-    real_descriptor = _triton_prefill._tma_descriptor
+    real_descriptor = _triton_prefill.tma_descriptor
 
     def spy(x: torch.Tensor, block_n: int, block_d: int) -> object | None:
         got = real_descriptor(x, block_n, block_d)
         made.append(got is not None)
         return got
 
-    monkeypatch.setattr(_triton_prefill, "_tma_descriptor", spy)
+    monkeypatch.setattr(_triton_prefill, "tma_descriptor", spy)
     outs = {}
     for phases, tma in [(False, False), (True, False), (True, True)]:
         cfg = dataclasses.replace(base, pair_phases=phases, pair_tma=tma)
@@ -82,14 +82,14 @@ def test_inside_run_and_tma_equal_the_masked_loop(dtype: torch.dtype, with_mask:
 
 def test_tma_descriptor_only_for_layouts_it_can_address() -> None:
     k = torch.zeros(2, 3, 40, 16, dtype=torch.float16)
-    d = _triton_prefill._tma_descriptor(k, 16, 16)
+    d = _triton_prefill.tma_descriptor(k, 16, 16)
     assert d is not None and list(d.shape) == [2 * 3 * 40, 16]
     sliced = torch.zeros(2, 3, 64, 16, dtype=torch.bfloat16)[:, :, :40]  # a static cache's first 40 keys
-    d = _triton_prefill._tma_descriptor(sliced, 16, 16)
+    d = _triton_prefill.tma_descriptor(sliced, 16, 16)
     assert d is not None and list(d.shape) == [(1 * 3 * 64 + 2 * 64) + 40, 16]
-    assert _triton_prefill._tma_descriptor(k.float(), 16, 16) is None  # 32-bit elements
-    assert _triton_prefill._tma_descriptor(k, 16, 32) is None  # D does not fill the block
+    assert _triton_prefill.tma_descriptor(k.float(), 16, 16) is None  # 32-bit elements
+    assert _triton_prefill.tma_descriptor(k, 16, 32) is None  # D does not fill the block
     heads_inner = torch.zeros(2, 40, 3, 16, dtype=torch.float16).transpose(1, 2)  # [B, L, H, D] storage
-    assert _triton_prefill._tma_descriptor(heads_inner, 16, 16) is None  # head stride < key stride
+    assert _triton_prefill.tma_descriptor(heads_inner, 16, 16) is None  # head stride < key stride
     odd = torch.zeros(2 * 3 * 40 * 12, dtype=torch.float16).view(2, 3, 40, 12)[..., :8]  # 24-byte rows
-    assert _triton_prefill._tma_descriptor(odd, 16, 8) is None
+    assert _triton_prefill.tma_descriptor(odd, 16, 8) is None
