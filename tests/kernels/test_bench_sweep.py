@@ -44,3 +44,18 @@ def test_every_trace_variant_is_a_valid_table_change() -> None:
         assert set(var) <= fields, f"unknown tunable in {var}"
         cfg = dataclasses.replace(config_for(torch.device("cuda"), 128, torch.float16, 1 << 20), **var)
         assert cfg.decode_mode == "shared", "only the shared streaming kernel is traced"
+
+
+def test_trace_stats_summarise_programs_and_sms() -> None:
+    # 4 programs on 2 SMs (ns): SM 0 runs [0, 10] and [10, 30] us, SM 1 runs [5, 8] and [6, 7] us;
+    # rows with start <= 0 are unused buffer rows
+    us = 1000
+    tr = torch.tensor([[0, 1, 10 * us], [0, 10 * us, 30 * us], [1, 5 * us, 8 * us], [1, 6 * us, 7 * us],
+                       [-1, -1, -1], [-1, -1, -1]], dtype=torch.int64)
+    st = _bench()._trace_stats(tr)
+    assert st["programs"] == 4 and st["sms"] == 2
+    assert st["working_over_2us"] == 3  # the 1 us program is not
+    assert st["end_q0_50_90_100"][0] == 7.0 and st["end_q0_50_90_100"][3] == 30.0
+    assert st["dur_q0_50_90_100"][3] == 20.0
+    assert st["sm_end_q0_50_90_100"] == [8.0, 19.0, 27.8, 30.0]  # SM 1 ends at 8 us, SM 0 at 30 us
+    assert st["sm_busy_q0_50_90_100"][0] == 4.0 and st["sm_busy_q0_50_90_100"][3] == 30.0
