@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 
@@ -104,3 +105,18 @@ def tiny_mamba_mixer(seed: int):  # type: ignore[no-untyped-def]
         return MambaState(conv=torch.zeros(1, cfg.mamba_conv_dim, 4), ssm=torch.zeros(1, 4, 16, 16))
 
     return mixer, new_state
+
+
+def spy_tma_descriptors(monkeypatch: Any, module: Any) -> list[bool]:
+    """Replace ``module.tma_descriptor`` by a wrapper that records, for each descriptor asked
+    for, whether one was made; returns that (growing) record."""
+    made: list[bool] = []
+    real = module.tma_descriptor
+
+    def spy(x: torch.Tensor, block_n: int, block_d: int) -> object | None:
+        got = real(x, block_n, block_d)
+        made.append(got is not None)
+        return got
+
+    monkeypatch.setattr(module, "tma_descriptor", spy)
+    return made

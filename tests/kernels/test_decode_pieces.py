@@ -104,17 +104,11 @@ def test_shared_tma_loads_equal_pointer_loads_on_a_poisoned_cache(name: str, wit
     # the shared stream with whole key blocks through TMA descriptors and each piece's last block
     # through masked loads: the unwritten cache slots past the position (NaN / inf) are never read,
     # also where spans end at the position itself (no window)
+    from kernel_helpers import spy_tma_descriptors
+
     from secure_run.kernels import _triton_decode
 
-    made: list[bool] = []
-    real = _triton_decode.tma_descriptor
-
-    def spy(x: torch.Tensor, block_n: int, block_d: int) -> object | None:
-        got = real(x, block_n, block_d)
-        made.append(got is not None)
-        return got
-
-    monkeypatch.setattr(_triton_decode, "tma_descriptor", spy)
+    made = spy_tma_descriptors(monkeypatch, _triton_decode)
     base = span_triton.config_for
     q1, q2, k, v = make_inputs(2, 8, 2, 1, 400, 16, torch.float16, seed=37)
     pos = torch.tensor([330])

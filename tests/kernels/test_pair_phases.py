@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from kernel_helpers import TOL, left_pad_mask, make_inputs, row_rel_err
+from kernel_helpers import TOL, left_pad_mask, make_inputs, row_rel_err, spy_tma_descriptors
 
 from secure_run.kernels import SpanParams, _triton_prefill, span_triton
 from secure_run.kernels.reference import span_search_reference, superlinear_attention_reference
@@ -54,15 +54,7 @@ def test_inside_run_and_tma_equal_the_masked_loop(dtype: torch.dtype, with_mask:
     base = span_triton.config_for(k.device, D, dtype, Lmax)
     assert _inside_run_blocks(q1, k, pos, mask, base.pair_block_p, base.pair_block_n) > 50
 
-    made: list[bool] = []
-    real_descriptor = _triton_prefill.tma_descriptor
-
-    def spy(x: torch.Tensor, block_n: int, block_d: int) -> object | None:
-        got = real_descriptor(x, block_n, block_d)
-        made.append(got is not None)
-        return got
-
-    monkeypatch.setattr(_triton_prefill, "tma_descriptor", spy)
+    made = spy_tma_descriptors(monkeypatch, _triton_prefill)
     outs = {}
     for phases, tma in [(False, False), (True, False), (True, True)]:
         cfg = dataclasses.replace(base, pair_phases=phases, pair_tma=tma)
