@@ -25,11 +25,11 @@ of the rows covering a piece, the program of every 16th (by row index) scores th
 itself and the next 15 covering rows with ``tl.dot`` tiles, each row masked to its own span, and
 writes their parts for the split merge. No plan kernel, no work list, a fixed grid.
 
-Two designs that size the shared reads evenly were measured on the H200 and dropped (bench/RESULTS.md,
-2026-12-03 18:44-18:57Z): small equal items handed out by the hardware (one program per 256- to
-2048-key block of a KV head's span union: 143-204 us at 1M), and one wave of equal shares of the
-union cut by a per-KV-head finalize (202 us at 1M; the stream alone no faster than "shared", ~100
-us, at the same ~25 GB/s per SM).
+Streams measured on the H200 and dropped (bench/RESULTS.md, 2026-12-03; ``config_for`` lists them):
+small equal blocks of each KV head's span union handed out by the hardware, one wave of equal
+shares of the union, a per-lane register loop for pieces one row meets, and each step scored as
+sub-blocks with their own softmax. Optional in the shared kernel: a register cap (``maxnreg``) and
+TMA loads of whole K / V blocks (``tma``).
 """
 
 from __future__ import annotations
