@@ -154,14 +154,15 @@ def _decode_variant(**changes: Any) -> Iterator[None]:
 
 #: What ``--only sweep`` times: the committed table first, then the previous table's designs at
 #: their measured best (the split stream at 1M, the pieces per row at 4M and 10M: 1024-key pieces,
-#: 4-warp small kernels, plain launches), the table with plain launches, and 4 shared programs per
-#: SM (``_REGS_128``). The sweeps that chose the table (pieces of 1024-8192 keys, 2 / 4 / 8 warps, 2 / 3 /
-#: 4 / 6 stages, 32- and 128-key blocks, 128-key blocks with 8 warps, 32 / 128 stripes per search
-#: split, 1 or 4 stages and 32-key blocks under a 128-register cap, a piece met by one row streamed in
-#: per-lane registers, steps scored as sub-blocks with their own softmax, small blocks or equal shares
-#: of each KV head's span union, skipping the keys between a group's spans, the merge or the finalize fused into the shared
-#: kernel, the finalize by the last search program, the inner pieces first, a 100 % shared-memory
-#: carveout) are in bench/RESULTS.md ("kernels").
+#: 4-warp small kernels, plain launches), the table with plain launches, 4 shared programs per SM
+#: (``_REGS_128``), 128-key steps with 4 warps (``_WIDE4``) and TMA loads (``_TMA``). The sweeps
+#: that chose the table (pieces of 1024-8192 keys, 2 / 4 / 8 warps, 2 / 3 / 4 / 6 stages, 32- and
+#: 128-key blocks, 128-key blocks with 8 warps, 32 / 128 stripes per search split, 1 or 4 stages and
+#: 32-key blocks under a 128-register cap, a piece met by one row streamed in per-lane registers,
+#: steps scored as sub-blocks with their own softmax, small blocks or equal shares of each KV head's
+#: span union, skipping the keys between a group's spans, the merge or the finalize fused into the
+#: shared kernel, the finalize by the last search program, the inner pieces first, a 100 % shared-
+#: memory carveout) are in bench/RESULTS.md ("kernels").
 _OLD = dict(decode_chunk=1024, decode_small_warps=4, decode_pdl=False)
 #: 4 shared programs per SM: a 128-register cap (no spills) with 2 stages (<= 57 KB of shared memory)
 _REGS_128 = dict(decode_union_stages=2, decode_union_maxnreg=128)
