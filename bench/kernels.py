@@ -21,6 +21,10 @@ Prints a table last and writes JSON to ``$OUT/kernels_bench.json`` (or ``--out``
 ``--only search`` (issue 11, K3 / K4): the prefill search variants alone (anchors compared with the
 previous table's on every row), the pair-tile variants alone, then the whole layer with the previous
 table, the current table and the fastest variants, in one process (bench/RESULTS.md "kernels").
+``--only sweep``: the decode tables and variants (``SWEEP_CONTEXTS``) with the graph-floor rows;
+``--only timeline``: the profiler timeline of one graphed decode call; ``--only trace``: each
+program of the shared decode stream with its SM, start and end (``TRACE_VARIANTS``); ``--only
+floor``: the graph-floor rows alone.
 
 Run: ``python bench/kernels.py [--quick] [--skip-upstream]`` with ``secure_run`` importable.
 """
