@@ -113,7 +113,7 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
     (119.8-121.7 / 226.0-228.0); (19:22Z) each 64-key step scored as 4 or 2 sub-blocks with their
     own running softmax (181.5 / 290.3, 214.1 / 339.5; 255 registers). No better: 128-key steps
     with 4 warps and 2 stages under the 168-register cap (111.4 / 217.4 vs 111.6 / 214.7, 19:18Z).
-    Within the run-to-run spread of the table (110.6-111.9 / 211.6-214.9 over this stop's calls),
+    Within the run-to-run spread of the table (110.6-112.0 / 211.6-215.1 over this stop's calls),
     so not taken: whole K / V blocks of the shared stream through TMA descriptors under the
     168-register cap (``decode_union_tma``; 19:33Z: 110.1 / 209.6 / 344.2 vs 110.9 / 212.1 / 345.0
     at 10M; uncapped, 188 registers: 135.1 / 215.5 / 344.3).
