@@ -24,7 +24,8 @@ table, the current table and the fastest variants, in one process (bench/RESULTS
 ``--only sweep``: the decode tables and variants (``SWEEP_CONTEXTS``) with the graph-floor rows;
 ``--only timeline``: the profiler timeline of one graphed decode call; ``--only trace``: each
 program of the shared decode stream with its SM, start and end (``TRACE_VARIANTS``); ``--only
-floor``: the graph-floor rows alone.
+floor``: the graph-floor rows alone; ``--only pattern``: the same bytes read by a few hundred
+long-lived programs, contiguous or interleaved (``PATTERN_SHAPES``).
 
 Run: ``python bench/kernels.py [--quick] [--skip-upstream]`` with ``secure_run`` importable.
 """
@@ -231,6 +232,65 @@ def graph_floor(rows: list[dict[str, Any]], rep: int) -> None:
         rows.append(best)
         print(json.dumps(rows[-1]), flush=True)
         del big, g
+
+
+@triton.jit
+def _stream_read_kernel(K, V, OUT, n_blocks, per, n_prog, BN: tl.constexpr, D: tl.constexpr,
+                        INTERLEAVE: tl.constexpr, DOT: tl.constexpr, STAGES: tl.constexpr):
+    """Streaming read of K and V ([n_blocks * BN, D] each) by ``n_prog`` long-lived programs, ``per``
+    BN-key blocks each: contiguous (program p reads blocks p * per ...) or interleaved (blocks p,
+    p + n_prog, ...). ``DOT``: every block goes through two ``tl.dot`` (16 rows), as in the shared
+    decode stream, so Triton stages it through shared memory in a ``STAGES``-deep cp.async pipeline;
+    otherwise plain register loads."""
+    p = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BN)
+    d = tl.arange(0, D)
+    if DOT:
+        q = tl.full([16, D], 1.0, tl.float16)
+        acc = tl.zeros([16, D], tl.float32)
+    else:
+        acc = tl.zeros([BN, D], tl.float32)
+    for i in tl.range(0, per, num_stages=STAGES):
+        b = i * n_prog + p if INTERLEAVE else p * per + i
+        offs = (b * BN + rows)[:, None] * D + d[None, :]
+        km = (rows >= 0)[:, None] & (b < n_blocks)
+        kt = tl.load(K + offs, mask=km, other=0.0)
+        vt = tl.load(V + offs, mask=km, other=0.0)
+        if DOT:
+            sc = tl.dot(q, tl.trans(kt))
+            acc += tl.dot(sc.to(tl.float16), vt)
+        else:
+            acc += kt.to(tl.float32) + vt.to(tl.float32)
+    tl.store(OUT + p, tl.sum(tl.sum(acc, axis=1), axis=0))
+
+
+#: (programs, interleaved, through tl.dot) of ``pattern_floor``: 3 or 2 programs per SM of the H200
+PATTERN_SHAPES = [(n, inter, dot) for n in (396, 264) for inter in (False, True) for dot in (False, True)]
+
+
+def pattern_floor(rows: list[dict[str, Any]], rep: int) -> None:
+    """Does the access pattern of the shared stream cost bandwidth? The distinct K / V bytes of one
+    decode call at 1M and 4M read by a few hundred long-lived programs (the stream's shape: one
+    wave, each program a long run of 64-key blocks of K and of V), each program's blocks contiguous
+    or interleaved with the other programs', through plain loads or through ``tl.dot`` (the
+    stream's cp.async pipeline, 3 stages, 4 warps); graphed, do_bench and read-flush medians."""
+    bn = 64
+    for mb in (306, 756):
+        n_blocks = (mb << 20) // (2 * bn * D * 2)
+        k = torch.ones(n_blocks * bn, D, dtype=torch.float16, device=DEV)
+        v = torch.ones_like(k)
+        for n_prog, inter, dot in PATTERN_SHAPES:
+            per = triton.cdiv(n_blocks, n_prog)
+            out = torch.empty(n_prog, dtype=torch.float32, device=DEV)
+            g = _graphed(lambda k=k, v=v, out=out, per=per, n_prog=n_prog, inter=inter, dot=dot:
+                         _stream_read_kernel[(n_prog,)](k, v, out, n_blocks, per, n_prog, BN=bn, D=D,
+                                                        INTERLEAVE=inter, DOT=dot, STAGES=3 if dot else 1,
+                                                        num_warps=4))
+            rows.append({"work": f"pattern read {mb} MB", "kind": "floor", "graph_us": _ms(g, rep) * 1e3,
+                         "graph_read_us": _ms_read_flush(g) * 1e3,
+                         "shape": [n_prog, "interleaved" if inter else "contiguous", "dot" if dot else "load"]})
+            print(json.dumps(rows[-1]), flush=True)
+        del k, v
 
 
 def _compiled(fn: Any) -> list[Any]:
@@ -628,7 +688,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
     ap.add_argument("--skip-upstream", action="store_true")
-    ap.add_argument("--only", default="", help="comma list: decode,prefill,chunk,check,sweep,search,timeline,trace,floor")
+    ap.add_argument("--only", default="", help="comma list: decode,prefill,chunk,check,sweep,search,timeline,trace,floor,pattern")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     a = ap.parse_args()
     upstream = None
@@ -659,6 +719,8 @@ def main() -> None:
         guarded("decode timeline", lambda: timeline_decode(rows, 150))
     if "trace" in only:
         guarded("decode trace", lambda: trace_decode(rows, 150))
+    if "pattern" in only:
+        guarded("pattern floor", lambda: pattern_floor(rows, 150))
     if "floor" in only and "sweep" not in only:  # the sweep measures the floor first
         guarded("graph floor", lambda: graph_floor(rows, 150))
     if not only or "decode" in only:
