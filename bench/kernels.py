@@ -282,7 +282,7 @@ def pattern_floor(rows: list[dict[str, Any]], rep: int) -> None:
         for n_prog, inter, dot in PATTERN_SHAPES:
             per = triton.cdiv(n_blocks, n_prog)
             out = torch.empty(n_prog, dtype=torch.float32, device=DEV)
-            g = _graphed(lambda k=k, v=v, out=out, per=per, n_prog=n_prog, inter=inter, dot=dot:
+            g = _graphed(lambda k=k, v=v, out=out, per=per, n_blocks=n_blocks, n_prog=n_prog, inter=inter, dot=dot:
                          _stream_read_kernel[(n_prog,)](k, v, out, n_blocks, per, n_prog, BN=bn, D=D,
                                                         INTERLEAVE=inter, DOT=dot, STAGES=3 if dot else 1,
                                                         num_warps=4))
