@@ -178,9 +178,14 @@ _WIDE4: list[dict[str, Any]] = [dict(decode_block_n=128, decode_union_stages=2, 
 #: whole K / V blocks of the shared stream through TMA descriptors (188 registers: 2 programs per
 #: SM; capped at 168: 3, no spills)
 _TMA: list[dict[str, Any]] = [dict(decode_union_tma=True, decode_union_maxnreg=168), dict(decode_union_tma=True)]
+#: pieces between the swept powers of two: the longest program of the stream streams one whole
+#: piece, and at 1M a 2048-key piece (1 MB of K / V) is 1.3 x the 306 MB's share of one of 396
+#: program slots, while 1024-key pieces double the working programs (bench/RESULTS.md, 2026-12-03)
+_PIECES_MID: list[dict[str, Any]] = [dict(decode_chunk=c) for c in (1280, 1536, 1792, 2560, 3072)] + [
+    dict(decode_chunk=1536, decode_union_tma=True, decode_union_maxnreg=168)]
 SWEEP_CONTEXTS: dict[int, list[dict[str, Any]]] = {
-    1 << 20: [dict(decode_mode="split", **_OLD), dict(decode_pdl=False), _REGS_128, *_WIDE4, *_TMA],
-    1 << 22: [dict(decode_mode="piece", **_OLD), dict(decode_pdl=False), _REGS_128, *_WIDE4, *_TMA],
+    1 << 20: [dict(decode_mode="split", **_OLD), dict(decode_pdl=False), _REGS_128, *_WIDE4, *_TMA, *_PIECES_MID],
+    1 << 22: [dict(decode_mode="piece", **_OLD), dict(decode_pdl=False), _REGS_128, *_WIDE4, *_TMA, *_PIECES_MID],
     10 << 20: [dict(decode_mode="piece", **_OLD), dict(decode_pdl=False), *_TMA],
 }
 
@@ -353,7 +358,7 @@ def timeline_decode(rows: list[dict[str, Any]], rep: int) -> None:
 
 
 #: what ``--only trace`` compares: the table, 1024-key pieces, and 4 programs per SM
-TRACE_VARIANTS: list[dict[str, Any]] = [{"committed": True}, dict(decode_chunk=1024), _REGS_128]
+TRACE_VARIANTS: list[dict[str, Any]] = [{"committed": True}, dict(decode_chunk=1024), dict(decode_chunk=1536)]
 
 
 def _trace_stats(tr: torch.Tensor) -> dict[str, Any]:

@@ -83,7 +83,7 @@ def _use_pieces(monkeypatch: pytest.MonkeyPatch, mode: str, chunk: int, lane_max
 @pytest.mark.parametrize(("mode", "chunk", "lane_max", "small_warps"),
                          [("piece", 32, True, 4), ("piece", 16, False, 4), ("piece-rows", 32, True, 4),
                           ("shared", 32, True, 4), ("shared", 16, True, 4), ("shared", 32, True, 1),
-                          ("shared", 64, True, 4)])
+                          ("shared", 64, True, 4), ("shared", 48, True, 4)])
 def test_piece_decode_equals_reference(mode: str, chunk: int, lane_max: bool, small_warps: int,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     _use_pieces(monkeypatch, mode, chunk, lane_max, small_warps)
