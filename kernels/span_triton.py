@@ -116,7 +116,10 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
     Within the run-to-run spread of the table (110.6-112.0 / 211.6-215.1 over this stop's calls),
     so not taken: whole K / V blocks of the shared stream through TMA descriptors under the
     168-register cap (``decode_union_tma``; 19:33Z: 110.1 / 209.6 / 344.2 vs 110.9 / 212.1 / 345.0
-    at 10M; uncapped, 188 registers: 135.1 / 215.5 / 344.3).
+    at 10M; uncapped, 188 registers: 135.1 / 215.5 / 344.3; again at 21:03Z: 111.4 / 212.8 / 349.9 vs
+    112.0 / 215.2 / 351.0, ~1 %, not taken into the model's path). Slower or no better at 21:03Z:
+    pieces between the powers of two, 1280 / 1536 / 1792 / 2560 / 3072 keys (1M 127.4 / 121.3 /
+    110.7 / 115.1 / 123.8 us, 4M 217.5 / 226.4 / 226.2 / 228.4 / 242.9, against 112.0 / 215.2).
     The split stream, the pieces per row and the union design stay selectable and
     tested.
 
