@@ -357,7 +357,7 @@ def timeline_decode(rows: list[dict[str, Any]], rep: int) -> None:
             print(json.dumps(rows[-1]), flush=True)
 
 
-#: what ``--only trace`` compares: the table, 1024-key pieces, and 4 programs per SM
+#: what ``--only trace`` compares: the table, 1024-key and 1536-key pieces
 TRACE_VARIANTS: list[dict[str, Any]] = [{"committed": True}, dict(decode_chunk=1024), dict(decode_chunk=1536)]
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 
 from secure_run.kernels._triton_decode import DECODE_MODES
@@ -59,3 +61,31 @@ def test_trace_stats_summarise_programs_and_sms() -> None:
     assert st["dur_q0_50_90_100"][3] == 20.0
     assert st["sm_end_q0_50_90_100"] == [8.0, 19.0, 27.8, 30.0]  # SM 1 ends at 8 us, SM 0 at 30 us
     assert st["sm_busy_q0_50_90_100"][0] == 4.0 and st["sm_busy_q0_50_90_100"][3] == 30.0
+
+
+
+def test_pattern_read_covers_every_block_once() -> None:
+    """The read-pattern floor (``--only pattern``) reads each K / V block exactly once, contiguous
+    or interleaved, also where the programs do not divide the blocks. Under the CPU interpreter the
+    plain-load path; on a GPU also the tl.dot path (its sum is scaled by the 16 x 128 ones of q)."""
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    if not interp and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU and TRITON_INTERPRET is not 1")
+    dev = "cpu" if interp else "cuda"
+    bench = _bench()
+    bn, d = 64, 128
+    for n_blocks, n_prog in ((10, 3), (7, 4), (8, 8)):
+        gen = torch.Generator().manual_seed(n_blocks)
+        k = (torch.rand(n_blocks * bn, d, generator=gen) / 64).half().to(dev)
+        v = (torch.rand(n_blocks * bn, d, generator=gen) / 64).half().to(dev)
+        per = -(-n_blocks // n_prog)
+        for inter in (False, True):
+            for dot in ((False,) if interp else (False, True)):
+                out = torch.empty(n_prog, device=dev)
+                bench._stream_read_kernel[(n_prog,)](k, v, out, n_blocks, per, n_prog, BN=bn, D=d, INTERLEAVE=inter,
+                                                     DOT=dot, STAGES=3 if dot else 1, num_warps=4)
+                kd, vd = k.double().cpu(), v.double().cpu()
+                # tl.dot path: sum over rows and dims of (1 x K^T) V = 16 * sum_j (sum_d K[j, d]) (sum_d V[j, d])
+                want = float(16 * (kd.sum(1) * vd.sum(1)).sum()) if dot else float(kd.sum() + vd.sum())
+                got = float(out.double().sum())
+                assert abs(got - want) <= 2e-3 * abs(want), (n_blocks, n_prog, inter, dot, got, want)
