@@ -25,7 +25,8 @@ table, the current table and the fastest variants, in one process (bench/RESULTS
 ``--only timeline``: the profiler timeline of one graphed decode call; ``--only trace``: each
 program of the shared decode stream with its SM, start and end (``TRACE_VARIANTS``); ``--only
 floor``: the graph-floor rows alone; ``--only pattern``: the same bytes read by a few hundred
-long-lived programs, contiguous or interleaved (``PATTERN_SHAPES``).
+long-lived programs, contiguous or interleaved (``PATTERN_SHAPES``); ``--only layers``: one
+layer's decode call inside a graph of the model's six, against the single-call graph.
 
 Run: ``python bench/kernels.py [--quick] [--skip-upstream]`` with ``secure_run`` importable.
 """
@@ -417,6 +418,44 @@ def trace_decode(rows: list[dict[str, Any]], rep: int) -> None:
         torch.cuda.empty_cache()
 
 
+#: the span-attention layers of Superlinear-Exp-v0.1 (the ``*`` of its hybrid pattern): one decode token
+#: runs the decode call once per layer, each on its own cache, inside one CUDA graph
+MODEL_ATTN_LAYERS = 6
+
+
+def _decode_layers(qset: list[tuple[torch.Tensor, torch.Tensor]], caches: list[tuple[torch.Tensor, torch.Tensor]],
+                   pos: torch.Tensor) -> None:
+    """One decode call per layer: layer i's queries against layer i's cache."""
+    for (a, b), (k, v) in zip(qset, caches, strict=True):
+        superlinear_attention(a, b, k, v, pos, P)
+
+
+def layers_decode(rows: list[dict[str, Any]], rep: int) -> None:
+    """What one layer's decode call costs inside a graph of the model's ``MODEL_ATTN_LAYERS`` calls
+    (each on its own K / V cache, so nothing is shared through L2), against the single-call graph
+    that K1 / K2 are recorded with, in the same process: the per-layer time is the graph's median /
+    layers. The single-call row also pays one graph launch and, with do_bench's flush, the write-back
+    of the flush's dirty lines; a layer inside the model's token graph pays neither."""
+    n = MODEL_ATTN_LAYERS
+    for Lkv in (1 << 20, 1 << 22):
+        caches = [(_rand(1, HKV, Lkv, D, seed=1 + 2 * i), _rand(1, HKV, Lkv, D, seed=2 + 2 * i)) for i in range(n)]
+        pos = torch.tensor([Lkv - 1], device=DEV)
+        qsets = [[(_rand(1, HQ, 1, D, seed=100 + 10 * i + j), _rand(1, HQ, 1, D, seed=200 + 10 * i + j))
+                  for j in range(n)] for i in range(4)]
+
+        for layers in (1, n):
+            fns = [_graphed(lambda qset=qset, layers=layers, caches=caches, pos=pos:
+                            _decode_layers(qset[:layers], caches[:layers], pos)) for qset in qsets]
+            t = _ms(_rotating(fns), rep) * 1e3
+            t_read = _ms_read_flush(_rotating(fns)) * 1e3
+            rows.append({"work": f"layers @{Lkv // 1024}K", "kind": "layers", "layers": layers, "graph_us": t,
+                         "graph_read_us": t_read, "per_layer_us": t / layers, "per_layer_read_us": t_read / layers})
+            print(json.dumps(rows[-1]), flush=True)
+            del fns
+        del caches, qsets
+        torch.cuda.empty_cache()
+
+
 def sweep_decode(rows: list[dict[str, Any]], rep: int, profile: bool = False) -> None:
     """Graphed decode time of each variant of SWEEP_CONTEXTS (the committed table first)."""
     graph_floor(rows, rep)
@@ -693,7 +732,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
     ap.add_argument("--skip-upstream", action="store_true")
-    ap.add_argument("--only", default="", help="comma list: decode,prefill,chunk,check,sweep,search,timeline,trace,floor,pattern")
+    ap.add_argument("--only", default="", help="comma list: decode,prefill,chunk,check,sweep,search,timeline,trace,floor,pattern,layers")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     a = ap.parse_args()
     upstream = None
@@ -726,6 +765,8 @@ def main() -> None:
         guarded("decode trace", lambda: trace_decode(rows, 150))
     if "pattern" in only:
         guarded("pattern floor", lambda: pattern_floor(rows, 150))
+    if "layers" in only:
+        guarded("decode layers", lambda: layers_decode(rows, 150))
     if "floor" in only and "sweep" not in only:  # the sweep measures the floor first
         guarded("graph floor", lambda: graph_floor(rows, 150))
     if not only or "decode" in only:
@@ -769,6 +810,10 @@ def main() -> None:
         if r["kind"] == "compiled":
             print(f"{r['name'][:32]:<34} regs {r['n_regs']}, spills {r['n_spills']}, shared {r['shared']} B, "
                   f"{r['num_warps']} warps")
+            continue
+        if r["kind"] == "layers":
+            print(f"{r['work']:<14}{r['layers']} call(s) in one graph: {r['graph_us']:>7.1f} us, per layer "
+                  f"{r['per_layer_us']:.1f} us (read flush {r['per_layer_read_us']:.1f})")
             continue
         if r["kind"] == "floor":
             print(f"{r['work']:<30}{r['graph_us']:>7.1f} us (read flush {r['graph_read_us']:.1f})"
