@@ -18,8 +18,8 @@ from secure_run.kernels.span_triton import TritonConfig, config_for
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "kernels.py"
 
 
-def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
+def _bench(path: Path = BENCH) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -89,3 +89,21 @@ def test_pattern_read_covers_every_block_once() -> None:
                 want = float(16 * (kd.sum(1) * vd.sum(1)).sum()) if dot else float(kd.sum() + vd.sum())
                 got = float(out.double().sum())
                 assert abs(got - want) <= 2e-3 * abs(want), (n_blocks, n_prog, inter, dot, got, want)
+
+
+def test_layers_graph_runs_each_layer_on_its_own_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--only layers`` divides a graph of the model's attention layers by their count: each call
+    must pair layer i's queries with layer i's cache (a repeated cache would be read from L2), and
+    the count must be the model's number of ``*`` layers."""
+    mod = _bench()
+    released = _bench(BENCH.with_name("model.py")).FULL  # Superlinear-Exp-v0.1's config
+    assert mod.MODEL_ATTN_LAYERS == released["hybrid_override_pattern"].count("*")
+    seen: list[tuple[int, int, int, int]] = []
+    monkeypatch.setattr(mod, "superlinear_attention",
+                        lambda a, b, k, v, pos, p: seen.append((id(a), id(b), id(k), id(v))))
+    qset = [(torch.zeros(1), torch.zeros(1)) for _ in range(3)]
+    caches = [(torch.zeros(1), torch.zeros(1)) for _ in range(3)]
+    mod._decode_layers(qset, caches, torch.zeros(1))
+    assert seen == [(id(a), id(b), id(k), id(v)) for (a, b), (k, v) in zip(qset, caches, strict=True)]
+    with pytest.raises(ValueError):
+        mod._decode_layers(qset[:2], caches, torch.zeros(1))
