@@ -26,7 +26,8 @@ table, the current table and the fastest variants, in one process (bench/RESULTS
 program of the shared decode stream with its SM, start and end (``TRACE_VARIANTS``); ``--only
 floor``: the graph-floor rows alone; ``--only pattern``: the same bytes read by a few hundred
 long-lived programs, contiguous or interleaved (``PATTERN_SHAPES``); ``--only layers``: one
-layer's decode call inside a graph of the model's six, against the single-call graph.
+layer's decode call inside a graph of the model's six, against the single-call graph; ``--only
+merge``: the merge kernel's variants (``MERGE_CONTEXTS``).
 
 Run: ``python bench/kernels.py [--quick] [--skip-upstream]`` with ``secure_run`` importable.
 """
@@ -184,6 +185,13 @@ _TMA: list[dict[str, Any]] = [dict(decode_union_tma=True, decode_union_maxnreg=1
 #: program slots, while 1024-key pieces double the working programs (bench/RESULTS.md, 2026-12-03)
 _PIECES_MID: list[dict[str, Any]] = [dict(decode_chunk=c) for c in (1280, 1536, 1792, 2560, 3072)] + [
     dict(decode_chunk=1536, decode_union_tma=True, decode_union_maxnreg=168)]
+#: ``--only merge``: the table's merge (every slot's parts loaded at once, 2 warps) against 1, 4 and
+#: 8 warps and against the previous table's merge, slot by slot with 1 warp (the small kernels' count)
+#: or 4 (the merge ended 4.7 / 6.8 us after the stream at 1M / 4M, timeline of 2026-12-03 17:18Z)
+MERGE_CONTEXTS: dict[int, list[dict[str, Any]]] = {
+    n: [dict(decode_merge_all=False, decode_merge_warps=0), dict(decode_merge_all=False, decode_merge_warps=4),
+        *[dict(decode_merge_warps=w) for w in (1, 4, 8)]]
+    for n in (1 << 20, 1 << 22, 10 << 20)}
 SWEEP_CONTEXTS: dict[int, list[dict[str, Any]]] = {
     1 << 20: [dict(decode_mode="split", **_OLD), dict(decode_pdl=False), _REGS_128, *_WIDE4, *_TMA, *_PIECES_MID],
     1 << 22: [dict(decode_mode="piece", **_OLD), dict(decode_pdl=False), _REGS_128, *_WIDE4, *_TMA, *_PIECES_MID],
@@ -456,10 +464,13 @@ def layers_decode(rows: list[dict[str, Any]], rep: int) -> None:
         torch.cuda.empty_cache()
 
 
-def sweep_decode(rows: list[dict[str, Any]], rep: int, profile: bool = False) -> None:
-    """Graphed decode time of each variant of SWEEP_CONTEXTS (the committed table first)."""
-    graph_floor(rows, rep)
-    for Lkv, variants in SWEEP_CONTEXTS.items():
+def sweep_decode(rows: list[dict[str, Any]], rep: int, profile: bool = False,
+                 contexts: dict[int, list[dict[str, Any]]] | None = None) -> None:
+    """Graphed decode time of each variant of ``contexts`` (default SWEEP_CONTEXTS, after the floor
+    rows; the committed table first)."""
+    if contexts is None:
+        graph_floor(rows, rep)
+    for Lkv, variants in (SWEEP_CONTEXTS if contexts is None else contexts).items():
         k, v = _rand(1, HKV, Lkv, D, seed=1), _rand(1, HKV, Lkv, D, seed=2)
         pos = torch.tensor([Lkv - 1], device=DEV)
         qs = [(_rand(1, HQ, 1, D, seed=10 + i), _rand(1, HQ, 1, D, seed=20 + i)) for i in range(4)]
@@ -732,7 +743,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
     ap.add_argument("--skip-upstream", action="store_true")
-    ap.add_argument("--only", default="", help="comma list: decode,prefill,chunk,check,sweep,search,timeline,trace,floor,pattern,layers")
+    ap.add_argument("--only", default="", help="comma list: decode,prefill,chunk,check,sweep,search,timeline,trace,floor,pattern,layers,merge")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     a = ap.parse_args()
     upstream = None
@@ -765,6 +776,8 @@ def main() -> None:
         guarded("decode trace", lambda: trace_decode(rows, 150))
     if "pattern" in only:
         guarded("pattern floor", lambda: pattern_floor(rows, 150))
+    if "merge" in only:
+        guarded("decode merge", lambda: sweep_decode(rows, 150, profile=True, contexts=MERGE_CONTEXTS))
     if "layers" in only:
         guarded("decode layers", lambda: layers_decode(rows, 150))
     if "floor" in only and "sweep" not in only:  # the sweep measures the floor first

@@ -693,12 +693,44 @@ def _decode_attn_kernel(
 
 
 @triton.jit
+def _all_slot_parts(L_SPAN, O_SPAN, bh, sc, sm, kc, d, dmask, K_VAL: tl.constexpr, NCH: tl.constexpr, D: tl.constexpr):
+    """Every slot's span parts of row ``bh`` in one load each: lse [KP, NCHP] and o [KP, NCHP, BD]
+    (-inf / 0 for padding slots and parts)."""
+    at = (bh * K_VAL + kc[:, None]) * NCH + sc[None, :]
+    pm = (kc < K_VAL)[:, None] & sm[None, :]
+    ls = tl.load(L_SPAN + at, mask=pm, other=float("-inf"))
+    os_ = tl.load(O_SPAN + at[:, :, None] * D + d[None, None, :], mask=pm[:, :, None] & dmask[None, None, :],
+                  other=0.0)
+    return ls, os_
+
+
+@triton.jit
+def _merge_all_slots(ls, os_, lw, ow, gate):
+    """sum_j gate_j * (slot j's span parts ``ls`` / ``os_`` LSE-merged with the window parts ``lw`` /
+    ``ow``), every slot at once. Padding slots have gate 0; parts with lse = -inf may hold anything
+    and are masked out."""
+    mx = tl.maximum(tl.max(lw, axis=0), tl.max(ls, axis=1))  # [KP]
+    mu = tl.where(mx == float("-inf"), 0.0, mx)
+    ew = tl.exp(lw[None, :] - mu[:, None])  # [KP, NWCHP]
+    es = tl.exp(ls - mu[:, None])  # [KP, NCHP]
+    den = tl.sum(ew, axis=1) + tl.sum(es, axis=1)
+    num = tl.sum(ew[:, :, None] * ow[None, :, :], axis=1) + tl.sum(
+        tl.where((ls > float("-inf"))[:, :, None], es[:, :, None] * os_, 0.0), axis=1)  # [KP, BD]
+    return tl.sum(gate[:, None] * (num / tl.where(den > 0, den, 1.0)[:, None]), axis=0)
+
+
+@triton.jit
 def _decode_merge_kernel(
     CV, CA, O_SPAN, L_SPAN, O_WIN, L_WIN, OUT,
     n_cand, s_ob, s_oh, Hq,
     K_VAL: tl.constexpr, KP: tl.constexpr, NC: tl.constexpr, NCH: tl.constexpr, NWCH: tl.constexpr,
     NCHP: tl.constexpr, NWCHP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr,
+    ALL_PARTS: tl.constexpr,
 ):
+    """LSE merge of (b, h)'s window parts with each slot's span parts, then the search-value gate.
+
+    ``ALL_PARTS``: every slot's parts are loaded as one [KP, NCHP(, BD)] block before any arithmetic,
+    so all the part loads are in flight at once after the stream ends (otherwise slot by slot)."""
     grid_dependency(PDL)
     bh = tl.program_id(0).to(tl.int64)
     b = bh // Hq
@@ -712,6 +744,9 @@ def _decode_merge_kernel(
     ow = tl.load(O_WIN + (bh * NWCH + wc)[:, None] * D + d[None, :], mask=wm[:, None] & dmask[None, :], other=0.0)
     sc = tl.arange(0, NCHP)
     sm = sc < NCH
+    kc = tl.arange(0, KP)
+    if ALL_PARTS:  # issued before any arithmetic: every part load in flight at once
+        ls_all, os_all = _all_slot_parts(L_SPAN, O_SPAN, bh, sc, sm, kc, d, dmask, K_VAL, NCH, D)
     # the gate: softmax over the top-K search values (-1e9 for an empty slot), one pass over the
     # candidates; no load below depends on it, so every part load can be in flight at once
     idx = tl.arange(0, NC)
@@ -719,7 +754,6 @@ def _decode_merge_kernel(
     cv = tl.load(CV + bh * n_cand + idx, mask=cm, other=float("-inf"))
     ca = tl.load(CA + bh * n_cand + idx, mask=cm, other=-1)
     gate = tl.full([KP], float("-inf"), tl.float32)
-    kc = tl.arange(0, KP)
     for jj in tl.static_range(K_VAL):
         mv, am = tl.max(cv, axis=0, return_indices=True)
         ma = tl.sum(tl.where(idx == am, ca, 0), axis=0)
@@ -727,20 +761,23 @@ def _decode_merge_kernel(
         cv = tl.where(idx == am, float("-inf"), cv)
     gate = tl.exp(gate - tl.max(gate, axis=0))
     gsum = tl.sum(gate, axis=0)
-    out = tl.full([BD], 0.0, tl.float32)
-    for jj in tl.static_range(K_VAL):
-        ls = tl.load(L_SPAN + (bh * K_VAL + jj) * NCH + sc, mask=sm, other=float("-inf"))
-        # parts with lse = -inf may hold anything (the piece design leaves them unwritten)
-        os_ = tl.load(O_SPAN + ((bh * K_VAL + jj) * NCH + sc)[:, None] * D + d[None, :],
-                      mask=sm[:, None] & dmask[None, :], other=0.0)
-        mx = tl.maximum(tl.max(lw, axis=0), tl.max(ls, axis=0))
-        mu = tl.where(mx == float("-inf"), 0.0, mx)
-        ew = tl.exp(lw - mu)
-        es = tl.exp(ls - mu)
-        den = tl.sum(ew, axis=0) + tl.sum(es, axis=0)
-        num = tl.sum(ew[:, None] * ow, axis=0) + tl.sum(tl.where((ls > float("-inf"))[:, None], es[:, None] * os_, 0.0), axis=0)
-        gj = tl.sum(tl.where(kc == jj, gate, 0.0), axis=0)
-        out += gj * (num / tl.where(den > 0, den, 1.0))
+    if ALL_PARTS:
+        out = _merge_all_slots(ls_all, os_all, lw, ow, gate)
+    else:
+        out = tl.full([BD], 0.0, tl.float32)
+        for jj in tl.static_range(K_VAL):
+            ls = tl.load(L_SPAN + (bh * K_VAL + jj) * NCH + sc, mask=sm, other=float("-inf"))
+            # parts with lse = -inf may hold anything (the piece design leaves them unwritten)
+            os_ = tl.load(O_SPAN + ((bh * K_VAL + jj) * NCH + sc)[:, None] * D + d[None, :],
+                          mask=sm[:, None] & dmask[None, :], other=0.0)
+            mx = tl.maximum(tl.max(lw, axis=0), tl.max(ls, axis=0))
+            mu = tl.where(mx == float("-inf"), 0.0, mx)
+            ew = tl.exp(lw - mu)
+            es = tl.exp(ls - mu)
+            den = tl.sum(ew, axis=0) + tl.sum(es, axis=0)
+            num = tl.sum(ew[:, None] * ow, axis=0) + tl.sum(tl.where((ls > float("-inf"))[:, None], es[:, None] * os_, 0.0), axis=0)
+            gj = tl.sum(tl.where(kc == jj, gate, 0.0), axis=0)
+            out += gj * (num / tl.where(den > 0, den, 1.0))
     out = out / gsum
     tl.store(OUT + b * s_ob + h * s_oh + d, out.to(OUT.dtype.element_ty), mask=dmask)
 
@@ -798,6 +835,8 @@ def launch_decode(
     trace: torch.Tensor | None = None,
     maxnreg: int = 0,
     tma: bool = False,
+    merge_all: bool = False,
+    merge_warps: int = 0,
 ) -> None:
     """One decode step for queries [B, Hq, 1, D] against the full cache; writes ``out``.
 
@@ -819,6 +858,9 @@ def launch_decode(
     kernels; ``maxnreg`` (when nonzero): the shared kernel's register cap (more programs per SM);
     ``tma``: the shared kernel loads whole K / V blocks through TMA descriptors where the layout
     allows it (``_triton_common.tma_descriptor``; the last block of each piece by masked loads).
+    ``merge_all``: the merge kernel loads every slot's span parts at once (one [slots, parts, D]
+    block) instead of slot by slot; ``merge_warps`` (when nonzero): its warps in place of
+    ``small_warps``.
     ``trace`` ("shared"; CUDA only, for bench/kernels.py): an int64 buffer
     [programs, 3] that each program of the streaming kernel fills with its SM id and its start and
     end on the global nanosecond timer.
@@ -942,5 +984,6 @@ def launch_decode(
         n_cand, out.stride(0), out.stride(1), Hq,
         K_VAL=num_spans, KP=triton.next_power_of_2(num_spans), NC=NC, NCH=nch, NWCH=nwch,
         NCHP=max(2, triton.next_power_of_2(nch)),
-        NWCHP=max(2, triton.next_power_of_2(nwch)), D=D, BD=BD, PDL=pdl, num_warps=small_warps, **pdl_launch(pdl),
+        NWCHP=max(2, triton.next_power_of_2(nwch)), D=D, BD=BD, PDL=pdl, ALL_PARTS=merge_all,
+        num_warps=merge_warps or small_warps, **pdl_launch(pdl),
     )

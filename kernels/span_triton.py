@@ -74,6 +74,8 @@ class TritonConfig:
     decode_pdl: bool
     decode_union_maxnreg: int
     decode_union_tma: bool
+    decode_merge_all: bool
+    decode_merge_warps: int
     prefill_segment: int
 
 
@@ -83,7 +85,7 @@ _CPU_INTERPRETER = TritonConfig(
     pair_phases=True, pair_tma=True,
     merge_block_m=16, decode_mode="split", decode_split=32, decode_chunk=32, decode_wchunk=16, decode_block_n=16,
     decode_block_nw=16, decode_warps=4, decode_stages=1, decode_lane_max=True, decode_union_chunk=32, decode_union_warps=4, decode_union_stages=1, decode_small_warps=4,
-    decode_pdl=False, decode_union_maxnreg=0, decode_union_tma=False,
+    decode_pdl=False, decode_union_maxnreg=0, decode_union_tma=False, decode_merge_all=False, decode_merge_warps=0,
     prefill_segment=1 << 15,
 )
 
@@ -121,7 +123,11 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
     pieces between the powers of two, 1280 / 1536 / 1792 / 2560 / 3072 keys (1M 127.4 / 121.3 /
     110.7 / 115.1 / 123.8 us, 4M 217.5 / 226.4 / 226.2 / 228.4 / 242.9, against 112.0 / 215.2).
     The split stream, the pieces per row and the union design stay selectable and
-    tested.
+    tested. The merge kernel (2026-12-04, ``--only merge``, same process) loads every slot's span
+    parts as one block before any arithmetic, with 2 warps (``decode_merge_all``,
+    ``decode_merge_warps``): 111.6 / 213.0 / 347.9 us at 1M / 4M / 10M against 112.0 / 215.1 / 350.8
+    slot by slot with 1 warp (the previous table); 1, 4 and 8 warps: 111.3-113.6 / 213.2-214.7 /
+    347.3-350.1; slot by slot with 4 warps: 120.6 / 220.0 / 355.4.
 
     Prefill (H200, fp16, released shapes, ``bench/kernels.py --only search``, bench/RESULTS.md
     "kernels", 2026-12-02): the single-program search with 2 warps instead of 4 (K3 32K chunk at
@@ -170,6 +176,8 @@ def config_for(device: torch.device, head_dim: int, dtype: torch.dtype, kv_len: 
         decode_pdl=True,
         decode_union_maxnreg=0,
         decode_union_tma=False,
+        decode_merge_all=True,
+        decode_merge_warps=2,
         prefill_segment=1 << 15,
     )
 
@@ -325,7 +333,8 @@ def superlinear_attention_triton(
             block_n=cfg.decode_block_n, block_nw=cfg.decode_block_nw, upcast=upcast, precision=prec,
             num_warps=cfg.decode_warps, num_stages=cfg.decode_stages, union_warps=cfg.decode_union_warps,
             union_stages=cfg.decode_union_stages, small_warps=cfg.decode_small_warps, pdl=cfg.decode_pdl and pdl_supported(q2.device), lane_max=cfg.decode_lane_max, pos_rows=rows and B > 1,
-            maxnreg=cfg.decode_union_maxnreg, tma=cfg.decode_union_tma,
+            maxnreg=cfg.decode_union_maxnreg, tma=cfg.decode_union_tma, merge_all=cfg.decode_merge_all,
+            merge_warps=cfg.decode_merge_warps,
         )
         return out
     ns = torch.searchsorted(offs, pos + 1, right=True).to(torch.int32)

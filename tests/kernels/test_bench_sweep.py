@@ -26,10 +26,11 @@ def _bench(path: Path = BENCH) -> ModuleType:
     return mod
 
 
-def test_every_sweep_variant_is_a_valid_table_change() -> None:
+@pytest.mark.parametrize("contexts", ["SWEEP_CONTEXTS", "MERGE_CONTEXTS"])
+def test_every_sweep_variant_is_a_valid_table_change(contexts: str) -> None:
     fields = {f.name for f in dataclasses.fields(TritonConfig)}
     base = config_for(torch.device("cuda"), 128, torch.float16, 1 << 20)
-    for lkv, variants in _bench().SWEEP_CONTEXTS.items():
+    for lkv, variants in getattr(_bench(), contexts).items():
         assert variants, f"no variants at {lkv}"
         for var in variants:
             assert set(var) <= fields, f"unknown tunable in {var}"

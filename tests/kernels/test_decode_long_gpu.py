@@ -20,12 +20,13 @@ from secure_run.kernels.span_triton import superlinear_attention_triton
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("mode", ["split", "union", "piece", "shared", "shared-tma"])
+@pytest.mark.parametrize("mode", ["split", "union", "piece", "shared", "shared-tma", "shared-mergeall", "piece-mergeall"])
 @pytest.mark.parametrize("Lkv", [4 << 20, 10 << 20], ids=["4M", "10M"])
 def test_long_decode_designs_equal_reference(Lkv: int, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     base = span_triton.config_for
     monkeypatch.setattr(span_triton, "config_for", lambda *a, **kw: dataclasses.replace(
-        base(*a, **kw), decode_mode=mode.split("-")[0], decode_union_tma=mode.endswith("-tma")))
+        base(*a, **kw), decode_mode=mode.split("-")[0], decode_union_tma=mode.endswith("-tma"),
+        **({"decode_merge_all": True, "decode_merge_warps": 4} if mode.endswith("-mergeall") else {})))
     dtype = torch.bfloat16
     q1, q2, k, v = make_inputs(1, HQ, HKV, 1, Lkv, D, dtype, DEV, seed=Lkv % 89)
     for params in (P_RELEASED, P_REL32):

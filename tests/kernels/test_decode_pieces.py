@@ -179,3 +179,36 @@ def test_unknown_decode_mode_is_refused(monkeypatch: pytest.MonkeyPatch) -> None
     q1, q2, k, v = make_inputs(1, 4, 2, 1, 70, 16, torch.float32, seed=3)
     with pytest.raises(ValueError, match="decode mode 'pieces': expected one of split, union, piece, piece-rows, shared"):
         superlinear_attention_triton(q1, q2, k, v, torch.tensor([68]), P_INT2)
+
+
+@pytest.mark.parametrize("mode", ["split", "piece", "shared"])
+@pytest.mark.parametrize("name", ["int2", "f0.6-nowindow"])
+def test_merge_of_all_slots_at_once_equals_slot_by_slot(mode: str, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the merge kernel with every slot's parts loaded as one block (decode_merge_all) against the
+    # reference and against the slot-by-slot merge, with a mask, a batch, empty slots (the piece
+    # design leaves their parts unwritten: the scratch is poisoned with NaN here) and, without a
+    # window, rows whose window parts are all empty
+    from secure_run.kernels import _triton_decode
+
+    empty = torch.empty
+
+    def poisoned(*a: object, **kw: object) -> torch.Tensor:
+        t = empty(*a, **kw)  # type: ignore[call-overload]
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(_triton_decode.torch, "empty", poisoned)
+    params = SMALL[name]
+    q1, q2, k, v = make_inputs(2, 8, 2, 1, 300, 16, torch.float32, seed=43)
+    mask = left_pad_mask(2, 300, 9)
+    pos = torch.tensor([260])
+    base = span_triton.config_for
+    outs = []
+    for merge_all in (False, True):
+        monkeypatch.setattr(span_triton, "config_for", lambda *a, m=merge_all, **kw: dataclasses.replace(
+            base(*a, **kw), decode_mode=mode, decode_chunk=32, decode_merge_all=m, decode_merge_warps=2))
+        out = torch.full((2, 8, 1, 16), float("nan"))
+        superlinear_attention_triton(q1, q2, k, v, pos, params, mask, out=out)
+        outs.append(out)
+    ref = superlinear_attention_reference(q1, q2, k, v, pos, params, mask)
+    assert row_rel_err(outs[1], ref).max() <= 1e-4
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
