@@ -748,7 +748,8 @@ def _decode_merge_kernel(
     if ALL_PARTS:  # issued before any arithmetic: every part load in flight at once
         ls_all, os_all = _all_slot_parts(L_SPAN, O_SPAN, bh, sc, sm, kc, d, dmask, K_VAL, NCH, D)
     # the gate: softmax over the top-K search values (-1e9 for an empty slot), one pass over the
-    # candidates; no load below depends on it, so every part load can be in flight at once
+    # candidates (no part load depends on it; slot by slot, each slot's loads still wait for the
+    # previous slot's arithmetic, which is what ALL_PARTS removes)
     idx = tl.arange(0, NC)
     cm = idx < n_cand
     cv = tl.load(CV + bh * n_cand + idx, mask=cm, other=float("-inf"))
@@ -858,8 +859,8 @@ def launch_decode(
     kernels; ``maxnreg`` (when nonzero): the shared kernel's register cap (more programs per SM);
     ``tma``: the shared kernel loads whole K / V blocks through TMA descriptors where the layout
     allows it (``_triton_common.tma_descriptor``; the last block of each piece by masked loads).
-    ``merge_all``: the merge kernel loads every slot's span parts at once (one [slots, parts, D]
-    block) instead of slot by slot; ``merge_warps`` (when nonzero): its warps in place of
+    ``merge_all``: the merge kernel of every design but "union" loads every slot's span parts at
+    once (one [slots, parts, D] block) instead of slot by slot; ``merge_warps`` (when nonzero): its warps in place of
     ``small_warps``.
     ``trace`` ("shared"; CUDA only, for bench/kernels.py): an int64 buffer
     [programs, 3] that each program of the streaming kernel fills with its SM id and its start and
