@@ -22,7 +22,8 @@ the page cache does not hold a second copy); the cost is that the folder lives i
 
 Errors are :class:`~secure_run.manifests.folder.FolderError` (exit 1) with the rules
 ``folder.unpinned`` (not a sealed file of this folder), ``folder.unsealed`` (a descriptor that is
-not a sealed, unchangeable copy of the pinned size and identity), ``folder.digest`` (bytes that do
+not a sealed, unchangeable copy of the pinned size and identity, or a copy the kernel would not
+let us seal), ``folder.digest`` (bytes that do
 not have the pinned sha256) and ``folder.memory`` (the folder does not fit in memory).
 """
 
@@ -33,6 +34,7 @@ import fcntl
 import hashlib
 import os
 import stat
+import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,6 +50,8 @@ __all__ = ["SEALS", "SealedCopy", "SealedFolder", "check_memory", "copy_and_seal
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 #: ``sendfile`` step (the page-cache pages of each step are dropped after it).
 COPY_STEP = 64 << 20
+#: Pauses (seconds) between tries to seal a copy whose pages the kernel still holds (``EBUSY``).
+SEAL_PAUSES = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 #: Largest share of the host's available memory the sealed copies may take.
 MEMORY_SHARE = 0.9
 
@@ -78,11 +82,41 @@ def copy_and_seal(src_fd: int, name: str, size: int) -> int:
             offset += n
             if offset > size:  # grew while copied: one byte past is enough to tell
                 break
-        fcntl.fcntl(mfd, fcntl.F_ADD_SEALS, SEALS)
+        _seal(mfd, name)
     except BaseException:
         os.close(mfd)
         raise
     return mfd
+
+
+def _seal(mfd: int, name: str) -> None:
+    """Add every seal to ``mfd``, waiting out pages the kernel still holds for a moment.
+
+    ``F_SEAL_WRITE`` fails with ``EBUSY`` while any page of the file has a reference beyond the page
+    cache's own. The kernel waits ~75 ms for such references to go before it gives up, but on a
+    loaded host a freshly written page can stay referenced longer (a per-CPU LRU batch of another
+    CPU, migration, compaction); CI saw this once in ~2000 tests. Nobody else holds this descriptor,
+    so the references are the kernel's own and transient: try again after :data:`SEAL_PAUSES`, then
+    refuse with ``folder.unsealed``.
+
+    Raises:
+        FolderError: ``folder.unsealed`` (still busy after every pause, or any other error).
+    """
+    for pause in (*SEAL_PAUSES, None):
+        try:
+            fcntl.fcntl(mfd, fcntl.F_ADD_SEALS, SEALS)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise _refuse(name, "folder.unsealed", f"its memory copy cannot be sealed ({exc.strerror})",
+                              "the kernel refuses memory-file seals here; secure-run needs Linux >= 3.17 "
+                              "with memfd sealing") from None
+            if pause is None:
+                raise _refuse(name, "folder.unsealed", f"its memory copy cannot be sealed ({exc.strerror} after "
+                              f"{len(SEAL_PAUSES) + 1} tries over {sum(SEAL_PAUSES):.2f} s)",
+                              "the kernel still holds pages of the copy; run the command again on a less "
+                              "loaded host") from None
+        time.sleep(pause)
 
 
 def _copy_step(dst: int, src: int, offset: int, count: int) -> int:
