@@ -282,8 +282,10 @@ def test_a_copy_that_stays_busy_is_refused_with_the_rule_and_nothing_leaks(tmp_p
     with pytest.raises(FolderError) as info:
         seal_folder(tmp_path, sorted(data), workers=2)
     err = info.value.to_json()
-    assert err["rule"] == "folder.unsealed" and "cannot be sealed" in err["message"]
-    assert f"{len(sealed.SEAL_PAUSES) + 1} tries" in err["message"] and err["hint"]
+    assert err["rule"] == "folder.unsealed" and err["path"] in data and err["exit_code"] == 1
+    assert err["message"] == (f"{err['path']}: its memory copy cannot be sealed (Device or resource busy after "
+                              f"{len(sealed.SEAL_PAUSES) + 1} tries over 3.90 s)")
+    assert err["hint"] == "the kernel still holds pages of the copy; run the command again on a less loaded host"
     assert _open_fds() == before
     assert sorted(slept) == sorted(sealed.SEAL_PAUSES * len(data))  # every file tried after every pause
 
@@ -293,4 +295,7 @@ def test_a_seal_refused_for_another_reason_is_not_retried(tmp_path: Path, monkey
     slept = _busy_seals(monkeypatch, busy=1, err=errno.EPERM)
     with pytest.raises(FolderError) as info:
         seal_folder(tmp_path, sorted(data), workers=1)
-    assert info.value.to_json()["rule"] == "folder.unsealed" and slept == []
+    err = info.value.to_json()
+    assert err["rule"] == "folder.unsealed" and err["path"] == "config.json" and slept == []
+    assert err["message"] == "config.json: its memory copy cannot be sealed (Operation not permitted)"
+    assert err["hint"] == "the kernel refuses memory-file seals here; secure-run needs Linux >= 3.17 with memfd sealing"
